@@ -1,0 +1,26 @@
+# The two commands of the README: `make demo` and `make test`.
+# Each creates .venv (once per change of pyproject.toml) with nothing but Python 3.11.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# Multi-device code paths run on 4 fake CPU devices in tests.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=4 TF_CPP_MIN_LOG_LEVEL=2
+
+.PHONY: demo test env clean-env
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: env
+	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m cace_jax.datasets.prepare --dataset synthetic_details
+
+test: env
+	$(TEST_ENV) $(BIN)/python -m pytest -q
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,210 @@
+"""tf.data input: P×K identity batches for training, ordered padded batches for evaluation.
+
+Training batches are shaped [local_devices, P·K, H, W, 3]: every device holds
+P whole identities with K images each, so the pair stage and the batch-hard
+triplet losses see complete identities on each device.
+
+The batch order is a deterministic function of (seed, epoch), computed
+identically by every process of a multi-host run; a process reads only the
+device batches of its own devices. Augmentation seeds come from an image's
+position in that global stream, so a run resumed at step n sees exactly the
+images and augmentations an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cace_jax import augment
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitData:
+  """One split held in memory: encoded JPEGs and their metadata, in file order."""
+  images: np.ndarray  # [N] object (bytes)
+  labels: np.ndarray  # [N] int32; -1 outside train
+  pids: np.ndarray  # [N] int32
+  camids: np.ndarray  # [N] int32
+  file_names: np.ndarray  # [N] object (str)
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+def load_split(builder: tfds.core.DatasetBuilder, split: str) -> SplitData:
+  """Reads a prepared split without decoding images, sorted by file name.
+
+  Encoded images are small (Market-1501's training split is ~80 MB), so holding
+  them lets the sampler address any image without a shuffle buffer.
+  """
+  dataset = builder.as_dataset(split=split, shuffle_files=False,
+                               decoders={'image': tfds.decode.SkipDecoding()})
+  rows = sorted(tfds.as_numpy(dataset), key=lambda row: row['file_name'])
+  return SplitData(
+      images=np.array([r['image'] for r in rows], dtype=object),
+      labels=np.array([r['label'] for r in rows], dtype=np.int32),
+      pids=np.array([r['pid'] for r in rows], dtype=np.int32),
+      camids=np.array([r['camid'] for r in rows], dtype=np.int32),
+      file_names=np.array([r['file_name'].decode() for r in rows], dtype=object),
+  )
+
+
+def sample_identity_batches(labels: np.ndarray, p: int, k: int, seed: int, epoch: int,
+                            drop_small_ids: bool = False) -> np.ndarray:
+  """One epoch of P×K batches, as the official RandomIdentitySampler defines it.
+
+  Each identity's images are shuffled and cut into chunks of K (identities
+  with fewer than K images are drawn with replacement up to K, or dropped
+  when `drop_small_ids`); the last incomplete chunk is dropped. Batches take
+  one chunk from each of P identities drawn at random among those with
+  chunks left; the epoch ends when fewer than P identities have any.
+
+  Returns:
+    [num_batches, P·K] int64 indices into `labels`; deterministic in (seed, epoch).
+  """
+  rng = np.random.default_rng([seed, epoch])
+  chunks = {}
+  for label in np.unique(labels):
+    indices = np.flatnonzero(labels == label)
+    if len(indices) < k:
+      if drop_small_ids:
+        continue
+      indices = rng.choice(indices, size=k, replace=True)
+    indices = rng.permutation(indices)
+    chunks[int(label)] = [indices[i:i + k] for i in range(0, len(indices) - k + 1, k)]
+  if len(chunks) < p:
+    raise ValueError(f'P={p} identities per batch but only {len(chunks)} identities have '
+                     f'at least K={k} images' if drop_small_ids else
+                     f'P={p} identities per batch but the split has {len(chunks)}')
+  available = sorted(chunks)
+  batches = []
+  while len(available) >= p:
+    chosen = rng.choice(len(available), size=p, replace=False)
+    picked = [available[i] for i in chosen]
+    batches.append(np.concatenate([chunks[label].pop() for label in picked]))
+    available = [label for label in available if chunks[label]]
+  return np.stack(batches).astype(np.int64)
+
+
+def steps_per_epoch(labels: np.ndarray, p: int, k: int, num_devices: int,
+                    drop_small_ids: bool = False) -> int:
+  """Nominal training steps of one epoch (for schedules): all chunks over P·devices."""
+  counts = np.unique(labels, return_counts=True)[1]
+  if drop_small_ids:
+    counts = counts[counts >= k]
+  num_chunks = int(np.sum(np.maximum(counts, k) // k))
+  return max(1, num_chunks // (p * num_devices))
+
+
+def _device_batch_stream(labels, p, k, seed, drop_small_ids, start: int):
+  """(position, device batch) pairs of the endless stream of epochs, from `start`."""
+  position, epoch = 0, 0
+  while True:
+    batches = sample_identity_batches(labels, p, k, seed, epoch, drop_small_ids)
+    for batch in batches:
+      if position >= start:
+        yield position, batch
+      position += 1
+    epoch += 1
+
+
+def create_train_dataset(data: SplitData, *, image_size, p: int, k: int, seed: int,
+                         num_devices: int, local_devices: int, process_index: int = 0,
+                         start_step: int = 0, drop_small_ids: bool = False,
+                         flip: bool = True, padding: int = 10,
+                         erasing_probability: float = 0.5) -> tf.data.Dataset:
+  """Endless training batches for this process, starting at global step `start_step`.
+
+  Args:
+    data: the training split.
+    image_size: (height, width).
+    p, k: identities per device batch and images per identity.
+    seed: the run's seed; fixes batch order and augmentations.
+    num_devices: devices over all processes; a global step takes that many
+      device batches from the stream.
+    local_devices: devices of this process; it reads device batches
+      [process_index·local_devices, ...) of each step.
+    process_index: this process's rank.
+    start_step: the global step to resume from.
+    drop_small_ids, flip, padding, erasing_probability: see the recipe.
+
+  Returns:
+    A dataset of dicts with 'image' [local_devices, P·K, H, W, 3] float32,
+    'label', 'pid', 'camid' [local_devices, P·K] int32.
+  """
+  batch_size = p * k
+  first_device = process_index * local_devices
+
+  def local_indices():
+    stream = _device_batch_stream(data.labels, p, k, seed, drop_small_ids,
+                                  start_step * num_devices)
+    for position, batch in stream:
+      if first_device <= position % num_devices < first_device + local_devices:
+        yield batch, np.arange(position * batch_size, (position + 1) * batch_size)
+
+  indices = tf.data.Dataset.from_generator(
+      local_indices, output_signature=(tf.TensorSpec([batch_size], tf.int64),
+                                       tf.TensorSpec([batch_size], tf.int64)))
+  images = tf.constant(data.images.tolist(), dtype=tf.string)
+  labels = tf.constant(data.labels)
+  pids = tf.constant(data.pids)
+  camids = tf.constant(data.camids)
+
+  def load(index, stream_position):
+    image_seed = tf.stack([tf.cast(seed, tf.int64), stream_position])
+    image = augment.preprocess_train(
+        tf.gather(images, index), image_seed, image_size, flip=flip, padding=padding,
+        erasing_probability=erasing_probability)
+    return {'image': image, 'label': tf.gather(labels, index),
+            'pid': tf.gather(pids, index), 'camid': tf.gather(camids, index)}
+
+  dataset = indices.unbatch().map(load, num_parallel_calls=tf.data.AUTOTUNE,
+                                  deterministic=True)
+  dataset = dataset.batch(batch_size).batch(local_devices)
+  return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def create_eval_dataset(data: SplitData, *, image_size, batch_size: int, num_devices: int,
+                        local_devices: int, process_index: int = 0) -> tf.data.Dataset:
+  """Every image of a split exactly once, in order, in padded per-device batches.
+
+  A global batch holds `batch_size` images per device over all devices; the
+  final one is padded with copies of image 0 whose 'mask' is False (never
+  dropped). Image i of the split sits at global batch i // (devices·batch),
+  device (i // batch) % devices.
+
+  Returns:
+    A dataset of dicts with 'image' [local_devices, batch, H, W, 3] float32 and
+    'index' (position in the split, -1 for padding), 'pid', 'camid' int32,
+    'mask' bool, each [local_devices, batch].
+  """
+  global_batch = batch_size * num_devices
+  num_batches = -(-len(data) // global_batch)
+  index = np.full(num_batches * global_batch, -1, np.int32)
+  index[:len(data)] = np.arange(len(data))
+  index = index.reshape(num_batches, num_devices, batch_size)
+  local = index[:, process_index * local_devices:(process_index + 1) * local_devices]
+  images = tf.constant(data.images.tolist(), dtype=tf.string)
+  pids = tf.constant(data.pids)
+  camids = tf.constant(data.camids)
+
+  def load(i):
+    safe = tf.maximum(i, 0)
+    return {'image': augment.preprocess_eval(tf.gather(images, safe), image_size),
+            'index': i, 'pid': tf.where(i >= 0, tf.gather(pids, safe), -1),
+            'camid': tf.where(i >= 0, tf.gather(camids, safe), -1), 'mask': i >= 0}
+
+  dataset = tf.data.Dataset.from_tensor_slices(local.reshape(-1))
+  dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  dataset = dataset.batch(batch_size).batch(local_devices)
+  return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def iterate_numpy(dataset: tf.data.Dataset) -> Iterator[dict]:
+  """The dataset as dicts of numpy arrays (what the JAX steps consume)."""
+  return iter(tfds.as_numpy(dataset))

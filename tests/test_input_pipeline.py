@@ -1,0 +1,179 @@
+"""The P×K sampler, the augmentation ops and the train/eval tf.data pipelines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cace_jax import augment
+from cace_jax import input_pipeline as ip
+
+SIZE = (32, 16)
+
+
+@pytest.fixture(scope='module')
+def train_data(pipeline_builder):
+  return ip.load_split(pipeline_builder, 'train')
+
+
+def check_identity_batch(labels, p, k):
+  values, counts = np.unique(labels, return_counts=True)
+  assert len(values) == p and np.all(counts == k), labels
+
+
+def test_sampler_batches_are_p_identities_times_k(train_data):
+  for epoch in range(3):
+    batches = ip.sample_identity_batches(train_data.labels, 3, 2, seed=7, epoch=epoch)
+    assert batches.shape[1] == 6 and len(batches) >= 1
+    for batch in batches:
+      check_identity_batch(train_data.labels[batch], 3, 2)
+      # Images of one identity are distinct unless the identity had fewer than K.
+      for label in np.unique(train_data.labels[batch]):
+        members = batch[train_data.labels[batch] == label]
+        if np.sum(train_data.labels == label) >= 2:
+          assert len(set(members)) == 2
+
+
+def test_sampler_is_deterministic_and_epochs_differ(train_data):
+  a = ip.sample_identity_batches(train_data.labels, 2, 4, seed=3, epoch=0)
+  b = ip.sample_identity_batches(train_data.labels, 2, 4, seed=3, epoch=0)
+  c = ip.sample_identity_batches(train_data.labels, 2, 4, seed=3, epoch=1)
+  np.testing.assert_array_equal(a, b)
+  assert a.shape != c.shape or not np.array_equal(a, c)
+
+
+def test_small_identities_replaced_or_dropped(train_data):
+  small = train_data.labels[np.flatnonzero(train_data.labels == 3)[0]]  # pid 4: 2 images
+  assert np.sum(train_data.labels == small) == 2
+  kept = ip.sample_identity_batches(train_data.labels, 2, 3, seed=0, epoch=0)
+  dropped = ip.sample_identity_batches(train_data.labels, 2, 3, seed=0, epoch=0,
+                                       drop_small_ids=True)
+  assert small not in train_data.labels[dropped]
+  used = [b for b in kept if small in train_data.labels[b]]
+  # With replacement the small identity still fills K=3 slots from its 2 images.
+  for batch in used:
+    members = batch[train_data.labels[batch] == small]
+    assert len(members) == 3 and len(set(members)) <= 2
+  with pytest.raises(ValueError, match='P=9'):
+    ip.sample_identity_batches(train_data.labels, 9, 2, seed=0, epoch=0)
+
+
+def test_train_batches_shape_dtype_and_identities(train_data):
+  dataset = ip.create_train_dataset(train_data, image_size=SIZE, p=2, k=2, seed=1,
+                                    num_devices=2, local_devices=2)
+  for batch in dataset.take(3).as_numpy_iterator():
+    assert batch['image'].shape == (2, 4, *SIZE, 3) and batch['image'].dtype == np.float32
+    assert batch['label'].shape == (2, 4) and batch['label'].dtype == np.int32
+    for device in range(2):
+      check_identity_batch(batch['label'][device], 2, 2)
+    assert np.abs(batch['image']).max() < 3.0  # ImageNet-normalised
+
+
+def take_numpy(dataset, n):
+  return list(dataset.take(n).as_numpy_iterator())
+
+
+def test_processes_read_disjoint_shares_of_the_same_stream(train_data):
+  kwargs = dict(image_size=SIZE, p=2, k=2, seed=5, num_devices=4)
+  whole = take_numpy(ip.create_train_dataset(train_data, local_devices=4, **kwargs), 3)
+  parts = [take_numpy(ip.create_train_dataset(train_data, local_devices=2, process_index=i,
+                                               **kwargs), 3) for i in (0, 1)]
+  for step in range(3):
+    for key in ('image', 'label'):
+      joined = np.concatenate([parts[0][step][key], parts[1][step][key]])
+      np.testing.assert_array_equal(joined, whole[step][key])
+
+
+def test_resume_replays_the_same_batches(train_data):
+  kwargs = dict(image_size=SIZE, p=2, k=2, seed=11, num_devices=2, local_devices=2)
+  steps = ip.steps_per_epoch(train_data.labels, 2, 2, num_devices=2)
+  total = steps + 3  # crosses an epoch boundary
+  uninterrupted = take_numpy(ip.create_train_dataset(train_data, **kwargs), total)
+  resumed = take_numpy(ip.create_train_dataset(train_data, start_step=steps - 1, **kwargs), 4)
+  for a, b in zip(uninterrupted[steps - 1:], resumed):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+
+
+def image_and_seed():
+  rng = np.random.default_rng(0)
+  image = tf.constant(rng.uniform(0, 255, size=(24, 12, 3)).astype(np.float32))
+  return image, tf.constant([4, 2], tf.int64)
+
+
+@pytest.mark.parametrize('op', [
+    lambda x, s: augment.random_flip(x, s),
+    lambda x, s: augment.pad_and_random_crop(x, s, 4),
+    lambda x, s: augment.random_erasing(x, s, probability=1.0),
+])
+def test_ops_equal_eagerly_and_inside_tf_data(op):
+  image, seed = image_and_seed()
+  for offset in range(4):
+    seed_i = seed + offset
+    eager = op(image, seed_i).numpy()
+    graph = next(iter(tf.data.Dataset.from_tensors((image, seed_i)).map(op))).numpy()
+    np.testing.assert_array_equal(eager, graph)
+
+
+def test_full_train_preprocessing_equal_eagerly_and_in_tf_data(train_data):
+  seed = tf.constant([1, 9], tf.int64)
+  fn = lambda b, s: augment.preprocess_train(b, s, SIZE)
+  eager = fn(tf.constant(train_data.images[0]), seed).numpy()
+  graph = next(iter(tf.data.Dataset.from_tensors(
+      (tf.constant(train_data.images[0]), seed)).map(fn))).numpy()
+  np.testing.assert_array_equal(eager, graph)
+
+
+def test_random_erasing_fills_one_box_with_the_mean():
+  image, seed = image_and_seed()
+  untouched = augment.random_erasing(image, seed, probability=0.0).numpy()
+  np.testing.assert_array_equal(untouched, image.numpy())
+  fractions = []
+  for i in range(20):
+    out = augment.random_erasing(image, seed + i, probability=1.0).numpy()
+    erased = np.all(out == np.array(augment.IMAGENET_MEAN_PIXEL, np.float32), axis=-1)
+    rows, cols = np.nonzero(erased)
+    assert rows.size > 0
+    # One axis-aligned rectangle.
+    assert erased[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    fractions.append(erased.mean())
+  assert 0.01 < min(fractions) and max(fractions) < 0.5
+
+
+def test_flip_and_crop_actually_change_images():
+  image, seed = image_and_seed()
+  flips = [np.array_equal(augment.random_flip(image, seed + i).numpy(),
+                          image.numpy()[:, ::-1]) for i in range(20)]
+  assert 0 < sum(flips) < 20
+  crops = {augment.pad_and_random_crop(image, seed + i, 4).numpy().tobytes()
+           for i in range(10)}
+  assert len(crops) > 1
+
+
+@pytest.mark.parametrize('local_devices,batch', [(1, 4), (3, 2)])
+def test_eval_yields_every_image_once_in_order(pipeline_builder, local_devices, batch):
+  gallery = ip.load_split(pipeline_builder, 'gallery')
+  seen = []
+  for step in ip.create_eval_dataset(gallery, image_size=SIZE, batch_size=batch,
+                                     num_devices=local_devices,
+                                     local_devices=local_devices).as_numpy_iterator():
+    assert step['image'].shape == (local_devices, batch, *SIZE, 3)
+    flat_index = step['index'].reshape(-1)
+    np.testing.assert_array_equal(step['mask'].reshape(-1), flat_index >= 0)
+    valid = flat_index[flat_index >= 0]
+    np.testing.assert_array_equal(step['pid'].reshape(-1)[flat_index >= 0],
+                                  gallery.pids[valid])
+    seen.extend(valid.tolist())
+  assert seen == list(range(len(gallery)))
+
+
+def test_eval_shards_across_processes(pipeline_builder):
+  query = ip.load_split(pipeline_builder, 'query')
+  kwargs = dict(image_size=SIZE, batch_size=1, num_devices=4)
+  indices = [np.concatenate([b['index'] for b in ip.create_eval_dataset(
+      query, local_devices=2, process_index=i, **kwargs).as_numpy_iterator()])
+             for i in (0, 1)]
+  joined = np.concatenate([indices[0].reshape(-1, 2), indices[1].reshape(-1, 2)], axis=1)
+  valid = joined.reshape(-1)
+  assert valid[valid >= 0].tolist() == list(range(len(query)))
