@@ -142,3 +142,17 @@ def test_corrupt_image_is_named_and_prepared_data_survives(market_manual_dir, tm
   # Preparing again is a no-op on the finished dataset, whatever the manual folder holds.
   again = prepare.prepare_dataset('market1501', records, str(corrupt_manual))
   assert summary(again) == before
+
+
+def test_synthetic_details_is_generated_and_read_by_the_market_code_path(tmp_path):
+  manual = str(tmp_path / 'manual')
+  builder = prepare.prepare_dataset('synthetic_details/tiny', str(tmp_path / 'records'), manual)
+  rows = summary(builder)
+  raw = os.path.join(manual, 'synthetic_details', 'tiny', 'bounding_box_train')
+  raw_train = [n for n in os.listdir(raw) if n.endswith('.jpg') and not n.startswith('-1')]
+  assert sorted(r[0] for r in rows['train']) == sorted(raw_train)
+  assert sorted({r[2] for r in rows['train']}) == list(range(len({r[1] for r in rows['train']})))
+  assert {r[1] for r in rows['query']} <= {r[1] for r in rows['gallery']}
+  assert 0 in {r[1] for r in rows['gallery']}  # distractors kept
+  image = read_split(builder, 'query')[0]['image']
+  assert image.shape == (128, 64, 3)

@@ -47,8 +47,11 @@ def prepare_dataset(name: str, data_dir: str = DEFAULT_DATA_DIR,
     if preset not in synthetic.PRESETS:
       raise DatasetError(f'unknown synthetic_details preset {preset!r}: expected one of '
                          f'{", ".join(synthetic.PRESETS)}')
-    synthetic.generate_dataset(builders.raw_synthetic_dir(manual_dir, preset),
-                               synthetic.PRESETS[preset])
+    raw_dir = builders.raw_synthetic_dir(manual_dir, preset)
+    try:
+      synthetic.generate_dataset(raw_dir, synthetic.PRESETS[preset])
+    except FileExistsError as e:  # Something else lives there: never overwrite it.
+      raise DatasetError(f'cannot generate synthetic_details into {raw_dir}: {e}') from e
   elif not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
     instructions = builders.BUILDERS[builder_name].MANUAL_DOWNLOAD_INSTRUCTIONS
     raise DatasetError(f'manual directory {manual_dir} is missing or empty. {instructions}')

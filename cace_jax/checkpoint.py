@@ -1,0 +1,76 @@
+"""Orbax checkpoints of a training run: the last k, plus the best by mAP.
+
+A checkpoint holds the train state (step, params, batch_stats, opt_state) and
+a small JSON record (data position, RNG seed, config, metrics). Orbax writes
+each step into a temporary directory and renames it when complete, so an
+interrupted save is never listed as a checkpoint; such leftovers are cleaned
+up when the manager is created.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+BEST_METRIC = 'mAP'
+
+
+def create_manager(workdir: str, keep_last: int = 3, keep_best: bool = True,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+  """A CheckpointManager over `<workdir>/checkpoints`.
+
+  Args:
+    workdir: the run's directory.
+    keep_last: the newest checkpoints to keep.
+    keep_best: also keep the checkpoint with the highest mAP among those saved
+      with metrics (periodic evaluation).
+    read_only: for evaluation: restore only, never write or delete.
+  """
+  policies = [ocp.checkpoint_managers.LatestN(n=keep_last)]
+  if keep_best:
+    policies.append(ocp.checkpoint_managers.BestN(
+        get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1,
+        keep_checkpoints_without_metrics=False))
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+      create=not read_only, read_only=read_only, enable_async_checkpointing=False)
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  return ocp.CheckpointManager(directory, options=options,
+                               item_names=('state', 'record'))
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any,
+                    record: dict, metrics: dict | None = None) -> None:
+  """Saves `state` and the JSON-serialisable `record` at `step` (blocking).
+
+  `metrics` (with 'mAP') makes the checkpoint a candidate for "best".
+  """
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)),
+               metrics=metrics, force=True)
+  manager.wait_until_finished()
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, target: Any,
+                       step: int | None = None) -> tuple[Any, dict] | None:
+  """Restores the latest (or given) checkpoint into the structure of `target`.
+
+  Args:
+    manager: from `create_manager`.
+    target: a state with the expected tree, shapes, dtypes and shardings
+      (arrays or jax.ShapeDtypeStruct).
+    step: which checkpoint; the latest if None.
+
+  Returns:
+    (state, record), or None when the directory holds no checkpoint.
+  """
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    return None
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
+  return restored['state'], restored['record']
