@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+# Generates and prepares synthetic_details, trains configs/synthetic.py on the CPU,
+# evaluates, prints the results table and writes runs/synthetic/results.json.
 demo: env
-	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m cace_jax.datasets.prepare --dataset synthetic_details
+	$(BIN)/python train.py --config configs/synthetic.py --workdir runs/synthetic
 
 test: env
 	$(TEST_ENV) $(BIN)/python -m pytest -q

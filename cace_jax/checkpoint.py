@@ -74,3 +74,33 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: Any,
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
   return restored['state'], restored['record']
+
+
+def read_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict, dict]:
+  """Reads a checkpoint without knowing its structure (evaluation, porting, tests).
+
+  Works whatever topology saved it (e.g. two processes of two devices): the
+  arrays are restored onto this process's first device.
+
+  Returns:
+    (step, state as nested dicts of arrays, record). Raises FileNotFoundError
+    naming the directory when it holds no such checkpoint.
+  """
+  manager = create_manager(workdir, read_only=True)
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+      raise FileNotFoundError(
+          f'no checkpoint{"" if step is None else f" at step {step}"} in '
+          f'{manager.directory} (available: {list(manager.all_steps())})')
+    record = manager.restore(step, args=ocp.args.Composite(
+        record=ocp.args.JsonRestore()))['record']
+    state_dir = os.path.join(str(manager.directory), str(step), 'state')
+  finally:
+    manager.close()
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(state_dir).item_metadata
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          metadata)
+  return step, checkpointer.restore(state_dir, abstract), record

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 import zipfile
+
+# Multi-device paths run on 4 fake CPU devices (`make test` sets this too), and
+# identical programs compiled by several tests (or their subprocesses) are
+# compiled once. Both must be set before JAX initialises.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='jax_cache_'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import numpy as np
 from PIL import Image
@@ -117,3 +126,12 @@ def pipeline_builder(tmp_path_factory):
   base = tmp_path_factory.mktemp('pipeline')
   write_files(str(base / 'manual'), pipeline_fixture_files('Market-1501-v15.09.15'))
   return prepare.prepare_dataset('market1501', str(base / 'records'), str(base / 'manual'))
+
+
+@pytest.fixture(scope='session')
+def tiny_data_dir(tmp_path_factory):
+  """A data dir with synthetic_details/tiny prepared (the tiny config's dataset)."""
+  from cace_jax.datasets import prepare
+  data_dir = str(tmp_path_factory.mktemp('tiny_data'))
+  prepare.prepare_dataset('synthetic_details/tiny', data_dir)
+  return data_dir

@@ -60,6 +60,7 @@ def prepare_dataset(name: str, data_dir: str = DEFAULT_DATA_DIR,
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DatasetError(f'unknown dataset config {name!r}: {e}') from e
   if not builder.is_prepared():
+    tfds.disable_progress_bar()  # One line per split in logs, not a bar per shard.
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder

@@ -1,0 +1,169 @@
+"""Forward+backward throughput of CACE-Net against its backbone.
+
+    python benchmarks/model_step.py                       # ResNet-50, 256x128, B=16 (P=4, K=4)
+    python benchmarks/model_step.py --steps 2 --height 128 --width 64   # quicker
+
+Configurations (all train mode, jit, gradients w.r.t. all parameters):
+  backbone    ResNet-50 (last stride 1) with a sum-of-squares loss on the map
+  individual  + pooling/embedding/BN/classifier, label-smoothed CE + triplet
+  full_avg    + pair stage over all B^2 ordered pairs, average pooling (the
+              fast linear shortcut), every loss
+  full_gem    the same with GeM pooling (conditional maps built one row of
+              pairs at a time)
+
+Configurations are compiled first, then timed round-robin (median of
+`--steps` rounds) so that load from other processes affects all alike. Prints
+a table with each configuration's step time and XLA-counted FLOPs relative to
+the backbone, and writes benchmarks/results/model_step.json. Expect 6-12 s per
+step on a 2-core CPU at the default size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cace_jax import losses  # noqa: E402
+from cace_jax.models import CACENet, make_resnet  # noqa: E402
+
+CONFIGS = ('backbone', 'individual', 'full_avg', 'full_gem')
+
+
+def build_loss_fn(name: str, args):
+  """(model, loss_fn(params, batch_stats, images, labels, key) -> scalar)."""
+  if name == 'backbone':
+    model = make_resnet(args.depth, last_stride=1, non_local=args.non_local)
+
+    def loss_fn(params, batch_stats, images, labels, key):
+      del labels, key
+      fmap, _ = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
+                            mutable=['batch_stats'])[0]
+      return jnp.mean(jnp.square(fmap.astype(jnp.float32)))
+
+    return model, loss_fn
+  settings = {'individual': dict(gcn='none', pooling='avg'),
+              'full_avg': dict(pooling='avg'),
+              'full_gem': dict(pooling='gem', pair_block=args.pair_block or None)}[name]
+  model = CACENet(depth=args.depth, non_local=args.non_local, num_classes=args.num_classes,
+                  adjacency=args.adjacency, **settings)
+
+  def loss_fn(params, batch_stats, images, labels, key):
+    outputs, _ = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
+                             rngs={'dropout': key}, mutable=['batch_stats'])
+    return losses.total_loss(outputs, labels)[0]
+
+  return model, loss_fn
+
+
+def compile_config(name: str, args) -> dict:
+  """Builds, compiles and warms up one configuration; returns its runner and static facts."""
+  batch = args.identities * args.instances
+  images = jax.random.uniform(jax.random.key(0), (batch, args.height, args.width, 3))
+  labels = jnp.repeat(jnp.arange(args.identities), args.instances)
+  model, loss_fn = build_loss_fn(name, args)
+  variables = jax.jit(model.init)(jax.random.key(1), images[:2])
+  params, batch_stats = variables['params'], variables['batch_stats']
+  start = time.perf_counter()
+  step = jax.jit(jax.value_and_grad(loss_fn)).lower(
+      params, batch_stats, images, labels, jax.random.key(2)).compile()
+  compile_s = time.perf_counter() - start
+  cost = step.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  run = lambda key: jax.block_until_ready(step(params, batch_stats, images, labels, key))
+  for _ in range(args.warmup):
+    run(jax.random.key(2))
+  return {'run': run, 'batch': batch, 'compile_s': compile_s,
+          'gflop_per_step': float(cost.get('flops', float('nan'))) / 1e9,
+          'num_params': sum(x.size for x in jax.tree.leaves(params))}
+
+
+def time_configs(names, args) -> dict:
+  """Times all configurations round-robin, so load from other processes hits all alike."""
+  compiled = {}
+  for name in names:
+    compiled[name] = compile_config(name, args)
+    print(f'compiled {name} in {compiled[name]["compile_s"]:.1f} s', flush=True)
+  times = {name: [] for name in names}
+  for i in range(args.steps):
+    for name in names:
+      start = time.perf_counter()
+      compiled[name]['run'](jax.random.key(3 + i))
+      times[name].append(time.perf_counter() - start)
+    print(f'round {i + 1}: ' + ', '.join(f'{n} {times[n][-1]:.2f} s' for n in names), flush=True)
+  results = {}
+  for name in names:
+    info = compiled[name]
+    median = statistics.median(times[name])
+    results[name] = {'step_time_s': median, 'step_times_s': times[name],
+                     'images_per_s': info['batch'] / median, 'compile_s': info['compile_s'],
+                     'gflop_per_step': info['gflop_per_step'], 'num_params': info['num_params']}
+    if name == 'full_gem' and args.pair_block != info['batch']:
+      results[name]['gflop_note'] = ('lax.map loop body counted once by XLA: the pair-stage '
+                                     'GFLOP is undercounted; run with --pair_block=P*K')
+  return results
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--configs', default=','.join(CONFIGS))
+  parser.add_argument('--depth', type=int, default=50)
+  parser.add_argument('--height', type=int, default=256)
+  parser.add_argument('--width', type=int, default=128)
+  parser.add_argument('--identities', type=int, default=4, help='P')
+  parser.add_argument('--instances', type=int, default=4, help='K')
+  parser.add_argument('--num_classes', type=int, default=751)
+  parser.add_argument('--adjacency', default='projected')
+  parser.add_argument('--non_local', action='store_true', help='official non-local backbone')
+  parser.add_argument('--pair_block', type=int, default=0,
+                      help='pair rows per lax.map step for full_gem; 0 = model default (one '
+                      'row); P*K = all pairs at once (the only setting whose GFLOP is exact: '
+                      'XLA counts a loop body once)')
+  parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--warmup', type=int, default=1)
+  parser.add_argument('--output', default=os.path.join(os.path.dirname(__file__), 'results',
+                                                       'model_step.json'))
+  args = parser.parse_args(argv)
+
+  load_before = os.getloadavg()[0]
+  results = time_configs(args.configs.split(','), args)
+  base = results.get('backbone')
+  print(f'\n{"config":>11} | {"s/step":>7} | {"img/s":>6} | {"x time":>6} | {"GFLOP":>7} | '
+        f'{"x FLOP":>6} | params')
+  print('-' * 72)
+  for name, r in results.items():
+    r['ratio_to_backbone'] = r['step_time_s'] / base['step_time_s'] if base else float('nan')
+    r['flop_ratio_to_backbone'] = (r['gflop_per_step'] / base['gflop_per_step'] if base
+                                   else float('nan'))
+    print(f'{name:>11} | {r["step_time_s"]:7.2f} | {r["images_per_s"]:6.2f} | '
+          f'{r["ratio_to_backbone"]:6.2f} | {r["gflop_per_step"]:7.1f} | '
+          f'{r["flop_ratio_to_backbone"]:6.3f} | {r["num_params"]:,}'
+          + ('  (GFLOP undercounted: loop)' if 'gflop_note' in r else ''))
+  print(f'load average before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f} '
+        f'(2 cores; > 2 means other processes shared the CPU)')
+  report = {
+      'command': ' '.join(['python', 'benchmarks/model_step.py'] + (argv or sys.argv[1:])),
+      'settings': vars(args) | {'batch': args.identities * args.instances},
+      'load_average': {'before': load_before, 'after': os.getloadavg()[0]},
+      'platform': {'jax': jax.__version__, 'backend': jax.default_backend(),
+                   'devices': [str(d) for d in jax.devices()], 'cpu_count': os.cpu_count(),
+                   'machine': platform.machine()},
+      'results': results,
+  }
+  os.makedirs(os.path.dirname(args.output), exist_ok=True)
+  with open(args.output, 'w') as f:
+    json.dump(report, f, indent=2)
+  print(f'\nwrote {args.output}')
+
+
+if __name__ == '__main__':
+  main()

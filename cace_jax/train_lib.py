@@ -1,0 +1,293 @@
+"""Training: per-device CACE-Net steps over a `data` mesh, SGD, checkpoints, evaluation.
+
+The step is written for one device's P·K batch and mapped over the devices
+with `jax.shard_map` (pmap's successor): each device forms its own B² pairs,
+gradients are averaged with `lax.pmean`, and BatchNorm normalises with each
+device's own batch statistics (PyTorch DDP behaviour) unless
+`model.sync_bn`. Running BN averages are averaged across devices after each
+step so every replica holds the same state.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from typing import Any
+
+from flax import struct
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from cace_jax import checkpoint, eval_lib, input_pipeline, losses
+from cace_jax.datasets import prepare
+from cace_jax.models import CACENet
+from cace_jax.run_logger import RunLogger
+
+AXIS = 'data'
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field."""
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a step changes. `rng` is raw key data (checkpointable)."""
+  step: jnp.ndarray
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jnp.ndarray
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int | None,
+                 sync_bn: bool | None = None) -> CACENet:
+  """The CACENet described by `config.model`."""
+  model = config.model
+  sync_bn = model.sync_bn if sync_bn is None else sync_bn
+  if model.dtype not in ('float32', 'bfloat16'):
+    raise ConfigError(f'model.dtype={model.dtype!r}: expected float32 or bfloat16')
+  depth = int(model.depth) if str(model.depth).isdigit() else model.depth
+  return CACENet(
+      depth=depth, width=model.width, last_stride=model.last_stride,
+      non_local=model.non_local, pooling=model.pooling, embed_dim=model.embed_dim,
+      num_classes=num_classes, adjacency=model.adjacency, topk=model.topk, gcn=model.gcn,
+      gcn_depth=model.gcn_depth, reduction=model.reduction, dropout_rate=model.dropout_rate,
+      dtype=jnp.dtype(model.dtype), bn_axis_name=AXIS if sync_bn else None)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                     global_batch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """SGD with momentum and coupled L2 weight decay; linear warm-up then cosine to 0.
+
+  The learning rate is `lr_per_16` scaled linearly with the global batch.
+  """
+  optim = config.optim
+  total = total_steps(config, steps_per_epoch)
+  warmup = min(int(round(optim.warmup_epochs * steps_per_epoch)), total - 1)
+  peak = optim.lr_per_16 * global_batch / 16
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=max(warmup, 0), decay_steps=total,
+      end_value=0.0)
+  parts = []
+  if optim.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(optim.grad_clip))
+  # Added to the gradient before momentum: PyTorch SGD's weight_decay, not AdamW-style.
+  parts.append(optax.add_decayed_weights(optim.weight_decay))
+  parts.append(optax.sgd(schedule, momentum=optim.momentum))
+  return optax.chain(*parts), schedule
+
+
+def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  if config.train.num_steps > 0:
+    return int(config.train.num_steps)
+  return int(config.optim.epochs * steps_per_epoch)
+
+
+def check_config(config: ml_collections.ConfigDict, num_identities: int) -> None:
+  """Fails early, naming the field, on values that cannot train."""
+  data = config.data
+  if data.k < 2:
+    raise ConfigError(f'data.k={data.k}: batch-hard triplets need K >= 2 images per identity')
+  if data.p < 2:
+    raise ConfigError(f'data.p={data.p}: triplets need P >= 2 identities per device batch')
+  if data.p > num_identities:
+    raise ConfigError(f'data.p={data.p} identities per batch but {data.dataset} has only '
+                      f'{num_identities} training identities')
+  if config.train.num_steps <= 0 and config.optim.epochs <= 0:
+    raise ConfigError('optim.epochs and train.num_steps are both <= 0: nothing to train')
+
+
+def init_state(model: CACENet, tx: optax.GradientTransformation, image_size, seed: int
+               ) -> TrainState:
+  """Initial variables (on the host; replicated by the caller)."""
+  init_key, dropout_key, step_key = jax.random.split(jax.random.key(seed), 3)
+  images = jnp.zeros((2, *image_size, 3), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      {'params': init_key, 'dropout': dropout_key}, images)
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                    rng=jax.random.key_data(step_key))
+
+
+def loss_kwargs_from(loss_config: ml_collections.ConfigDict) -> dict:
+  """`losses.total_loss` keyword arguments from `config.loss`."""
+  return dict(label_smoothing=loss_config.label_smoothing, margin=loss_config.margin,
+              pair_margin=loss_config.pair_margin, alpha=loss_config.alpha,
+              weights=dict(loss_config.weights))
+
+
+def compute_gradients(model: CACENet, loss_kwargs: dict, params, batch_stats, images,
+                      labels, dropout_key):
+  """One device's loss, loss parts, new BN statistics and gradients.
+
+  Args:
+    images: [P·K, H, W, 3]; labels: [P·K].
+
+  Returns:
+    (loss, parts, batch_stats, grads).
+  """
+
+  def loss_fn(params):
+    outputs, updates = model.apply(
+        {'params': params, 'batch_stats': batch_stats}, images, train=True,
+        rngs={'dropout': dropout_key}, mutable=['batch_stats'])
+    loss, parts = losses.total_loss(outputs, labels, **loss_kwargs)
+    return loss, (parts, updates['batch_stats'])
+
+  (loss, (parts, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return loss, parts, new_stats, grads
+
+
+def step_dropout_key(state: TrainState, device_index):
+  """Dropout key of a device at the state's step: folded from step, then device."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  return jax.random.fold_in(key, device_index)
+
+
+def make_train_step(model: CACENet, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, loss_config: ml_collections.ConfigDict,
+                    mesh: jax.sharding.Mesh):
+  """The jitted global step: (state, batch) -> (state, metrics), state donated.
+
+  `batch` arrays are [devices, P·K, ...], sharded over the mesh's `data` axis;
+  the state is replicated. Each device computes gradients on its own P·K
+  images (its own B² pairs); the update uses their mean.
+  """
+  loss_kwargs = loss_kwargs_from(loss_config)
+
+  def device_step(state: TrainState, batch: dict):
+    images, labels = batch['image'][0], batch['label'][0]  # this device's [P·K, ...]
+    dropout_key = step_dropout_key(state, jax.lax.axis_index(AXIS))
+    loss, parts, batch_stats, grads = compute_gradients(
+        model, loss_kwargs, state.params, state.batch_stats, images, labels, dropout_key)
+    grads = jax.lax.pmean(grads, AXIS)
+    # Replicas keep identical running averages (their mean), as the state is replicated.
+    batch_stats = jax.lax.pmean(batch_stats, AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = jax.lax.pmean({'loss': loss, **parts}, AXIS)
+    metrics['lr'] = schedule(state.step)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  spec = jax.sharding.PartitionSpec
+  step = jax.shard_map(device_step, mesh=mesh, in_specs=(spec(), spec(AXIS)),
+                       out_specs=(spec(), spec()))
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def global_batch(local: dict, mesh: jax.sharding.Mesh) -> dict:
+  """This process's [local_devices, ...] arrays -> global arrays sharded over `data`."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def check_finite(metrics: dict, step: int, last_checkpoint: int | None) -> None:
+  """Stops training on a NaN/inf loss part, naming the step and the part."""
+  for name, value in metrics.items():
+    if not math.isfinite(float(value)):
+      kept = (f'the last good checkpoint (step {last_checkpoint}) is kept'
+              if last_checkpoint is not None else 'no checkpoint was written yet')
+      raise FloatingPointError(
+          f'non-finite {name}={value} at step {step}; training stopped, {kept}')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
+
+  Returns:
+    The final evaluation results (see `eval_lib.evaluate`), or {} if disabled.
+  """
+  mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
+  num_devices, local_devices = jax.device_count(), jax.local_device_count()
+  builder = prepare_on_first_process(config)
+  train_data = input_pipeline.load_split(builder, 'train')
+  num_classes = int(train_data.labels.max()) + 1
+  check_config(config, num_classes)
+
+  data = config.data
+  images_per_step = data.p * data.k * num_devices
+  steps_per_epoch = input_pipeline.steps_per_epoch(train_data.labels, data.p, data.k,
+                                                   num_devices, data.drop_small_ids)
+  num_steps = total_steps(config, steps_per_epoch)
+  model = create_model(config, num_classes)
+  tx, schedule = create_optimizer(config, steps_per_epoch, images_per_step)
+  state = init_state(model, tx, data.image_size, config.seed)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = jax.device_put(state, replicated)
+
+  manager = checkpoint.create_manager(workdir, keep_last=config.train.keep_last)
+  restored = checkpoint.restore_checkpoint(manager, state)
+  logger = RunLogger(workdir, num_steps, 0, images_per_step)
+  if restored is not None:
+    state, record = restored
+    logger.info(f'resumed from {workdir} at step {record["step"]}')
+  start_step = int(state.step)
+  logger.advance(start_step)
+  logger.info(f'{num_classes} identities, {len(train_data)} images, {steps_per_epoch} '
+              f'steps/epoch, {num_steps} steps, {num_devices} devices × {data.p}×{data.k}')
+
+  train_step = make_train_step(model, tx, schedule, config.loss, mesh)
+  dataset = input_pipeline.create_train_dataset(
+      train_data, image_size=data.image_size, p=data.p, k=data.k, seed=config.seed,
+      num_devices=num_devices, local_devices=local_devices,
+      process_index=jax.process_index(), start_step=start_step,
+      drop_small_ids=data.drop_small_ids, flip=data.flip, padding=data.padding,
+      erasing_probability=data.erasing_probability)
+  batches = input_pipeline.iterate_numpy(dataset)
+  last_checkpoint = manager.latest_step()
+  eval_every = config.train.eval_every_epochs * steps_per_epoch
+  results = {}
+  for step in range(start_step + 1, num_steps + 1):
+    local = next(batches)
+    state, metrics = train_step(state, global_batch(
+        {'image': local['image'], 'label': local['label']}, mesh))
+    metrics = jax.device_get(metrics)
+    check_finite(metrics, step, last_checkpoint)
+    logger.advance(step)
+    if step % config.train.log_every == 0 or step == num_steps:
+      logger.scalars(step, metrics)
+    metrics_for_best = None
+    if step == num_steps or (eval_every and step % eval_every == 0):
+      results = eval_lib.evaluate(model, state, builder, config, mesh)
+      logger.scalars(step, eval_lib.flatten_results(results), prefix='eval')
+      logger.info(eval_lib.format_table(results, title=f'step {step}'))
+      metrics_for_best = {'mAP': results['individual']['mAP']}
+    if (step % config.train.checkpoint_every == 0 or step % steps_per_epoch == 0
+        or step == num_steps):
+      record = {'step': step, 'epoch': step / steps_per_epoch, 'seed': config.seed,
+                'num_classes': num_classes, 'config': config.to_json()}
+      checkpoint.save_checkpoint(manager, step, state, record, metrics_for_best)
+      last_checkpoint = step
+  if start_step >= num_steps:  # Already trained: report the final model again.
+    logger.info(f'{workdir} is already trained to step {start_step}; evaluating it')
+    results = eval_lib.evaluate(model, state, builder, config, mesh)
+    logger.info(eval_lib.format_table(results, title=f'step {start_step}'))
+  if results and jax.process_index() == 0:
+    with open(os.path.join(workdir, 'results.json'), 'w', encoding='utf-8') as f:
+      json.dump({'step': max(start_step, num_steps), 'dataset': config.data.dataset,
+                 'results': results}, f, indent=2)
+  logger.close()
+  manager.close()
+  return results
+
+
+def prepare_on_first_process(config: ml_collections.ConfigDict):
+  """Prepares the dataset on process 0 first, so processes never race on the records."""
+  data = config.data
+  manual_dir = data.manual_dir or None
+  if jax.process_index() == 0:
+    builder = prepare.prepare_dataset(data.dataset, data.data_dir, manual_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('dataset prepared')
+  if jax.process_index() != 0:
+    builder = prepare.prepare_dataset(data.dataset, data.data_dir, manual_dir)
+  return builder

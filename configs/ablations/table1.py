@@ -1,0 +1,31 @@
+"""Paper Table 1 (DukeMTMC-reID): what each stage of CACE-Net adds.
+
+  python train.py --config configs/ablations/table1.py:individual --workdir runs/t1_individual
+  python train.py --config configs/ablations/table1.py:individual_gcn --workdir runs/t1_intra
+  python train.py --config configs/ablations/table1.py:normal_gcn --workdir runs/t1_normal
+  python train.py --config configs/ablations/table1.py:discrepancy_gcn --workdir runs/t1_full
+
+The "+ Visual Clue Alignment" row is a way of scoring pairs, not a model:
+eval.py reports it for any model with correspondence attention.
+Expected runtime: not measured here (no GPU); each as configs/duke.py.
+"""
+
+from configs.ablations import paper
+
+VARIANTS = {
+    'individual': dict(gcn='none'),  # Individual feature embedding only.
+    'individual_gcn': dict(adjacency='intra'),  # Cross-image edges dropped.
+    'normal_gcn': dict(gcn='normal'),  # Smoothing GCN (I + N A N).
+    'discrepancy_gcn': dict(gcn='discrepancy'),  # The full model.
+}
+
+
+def get_config(arg='discrepancy_gcn'):
+  """`arg`: one of VARIANTS."""
+  arg = arg or 'discrepancy_gcn'
+  if arg not in VARIANTS:
+    raise ValueError(f'table1 variant {arg!r}: expected one of {", ".join(VARIANTS)}')
+  config = paper.get_config()
+  for field, value in VARIANTS[arg].items():
+    setattr(config.model, field, value)
+  return config

@@ -1,0 +1,18 @@
+"""DukeMTMC-reID with the paper's recipe (Sec. 4.2) and the official model choices.
+
+  python train.py --config configs/duke.py --workdir runs/duke
+  python eval.py --config configs/duke.py --workdir runs/duke
+
+Expected runtime: not measured here (no GPU on the development machine);
+80 epochs over 16,522 training images at 384×128, ResNet-50, batch 16 per device.
+Needs data/manual/ populated (see data/README.md) and an ImageNet ResNet-50:
+  --config.init.backbone=/path/to/resnet50-0676ba61.pth
+"""
+
+from configs import default
+
+
+def get_config(arg=None):
+  config = default.get_config(arg)
+  config.data.dataset = 'dukemtmc_reid'
+  return config

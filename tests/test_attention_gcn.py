@@ -1,0 +1,209 @@
+"""Adjacencies (dense vs per-image/cross-block form) and the discrepancy / normal GCN."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cace_jax.models import attention, gcn
+from cace_jax.models.attention import ADJACENCY_KINDS, ClueAttention, cross_block, make_adjacency
+
+N_PIX, CHANNELS = 6, 32  # pixels per image, channels
+
+
+def random_nodes(seed, shape=(3, N_PIX, CHANNELS)):
+  """Post-ReLU-like features with some exact zeros."""
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(np.maximum(rng.normal(size=shape), 0.0) + 0.05 * rng.uniform(size=shape),
+                     jnp.float32)
+
+
+def init_attention(kind, nodes_u, nodes_v, **kwargs):
+  module = make_adjacency(kind, CHANNELS, **kwargs)
+  variables = module.init(jax.random.key(0, impl='rbg'), nodes_u, nodes_v)
+  if kind in ('correspondence', 'intra'):  # move W, W' away from their all-ones init
+    rng = np.random.default_rng(1)
+    variables = jax.tree.map(lambda w: jnp.asarray(rng.normal(size=w.shape), jnp.float32),
+                             variables)
+  return module, variables
+
+
+def assemble_blocks(module, variables, nodes_u, nodes_v):
+  """[[A_uu, A_uv], [A_uv^T, A_vv]] from image_keys + cross_block."""
+  keys_u = module.apply(variables, nodes_u, method=ClueAttention.image_keys)
+  keys_v = module.apply(variables, nodes_v, method=ClueAttention.image_keys)
+  cross = cross_block(module.kind, keys_u['query'], keys_v['key'], module.topk)
+  top = jnp.concatenate([keys_u['intra'], cross], -1)
+  bottom = jnp.concatenate([jnp.swapaxes(cross, -1, -2), keys_v['intra']], -1)
+  return jnp.concatenate([top, bottom], -2)
+
+
+@pytest.mark.parametrize('kind', ADJACENCY_KINDS)
+def test_blocked_adjacency_equals_dense_definition(kind):
+  nodes_u, nodes_v = random_nodes(0), random_nodes(1)
+  module, variables = init_attention(kind, nodes_u, nodes_v, topk=2)
+  dense = attention.zero_diagonal(module.apply(variables, nodes_u, nodes_v))
+  blocks = assemble_blocks(module, variables, nodes_u, nodes_v)
+  assert dense.shape == (3, 2 * N_PIX, 2 * N_PIX)
+  np.testing.assert_allclose(blocks, dense, atol=1e-6)
+  np.testing.assert_allclose(dense, jnp.swapaxes(dense, -1, -2), atol=1e-6)  # undirected
+  assert float(dense.min()) >= 0.0
+
+
+def test_fixed_adjacencies_have_the_documented_structure():
+  nodes_u, nodes_v = random_nodes(0), random_nodes(1)
+  dense = {}
+  for kind in ('none', 'part', 'full', 'topk', 'intra'):
+    module, variables = init_attention(kind, nodes_u, nodes_v)
+    dense[kind] = np.asarray(module.apply(variables, nodes_u, nodes_v))[0]
+  n = N_PIX
+  np.testing.assert_array_equal(dense['none'], 0.0)
+  np.testing.assert_array_equal(dense['full'], 1.0)
+  eye, zeros = np.eye(n), np.zeros((n, n))
+  np.testing.assert_array_equal(dense['part'], np.block([[zeros, eye], [eye, zeros]]))
+  np.testing.assert_array_equal(dense['intra'][:n, n:], 0.0)  # Individual-GCN: no cross edges
+  assert dense['intra'][:n, :n].max() > 0
+  topk = dense['topk']
+  assert set(np.unique(topk)) <= {0.0, 1.0}
+  np.testing.assert_array_equal(topk[:n, :n], 0.0)
+  assert (topk[:n, n:].sum(1) >= 1).all() and (topk[n:, :n].sum(1) >= 1).all()
+
+
+def test_topk_links_each_pixel_to_its_most_similar_pixel():
+  # u's pixel i is a noisy copy of v's pixel perm[i]: top-1 must recover perm.
+  rng = np.random.default_rng(0)
+  base = rng.uniform(size=(N_PIX, CHANNELS))
+  perm = rng.permutation(N_PIX)
+  nodes_v = jnp.asarray(base, jnp.float32)[None]
+  nodes_u = jnp.asarray(base[perm] + 0.01 * rng.normal(size=base.shape), jnp.float32)[None]
+  keys = lambda x: ClueAttention(kind='topk', in_features=CHANNELS).apply(
+      {}, x, method=ClueAttention.image_keys)
+  block = np.asarray(cross_block('topk', keys(nodes_u)['query'], keys(nodes_v)['key'], 1))[0]
+  np.testing.assert_array_equal(block, np.eye(N_PIX)[perm])
+
+
+def test_correspondence_attention_starts_as_relu_cosine():
+  nodes_u, nodes_v = random_nodes(0), random_nodes(1)
+  module = make_adjacency('correspondence', CHANNELS)
+  variables = module.init(jax.random.key(0, impl='rbg'), nodes_u, nodes_v)
+  np.testing.assert_array_equal(variables['params']['w_intra'], 1.0)
+  x = np.concatenate([nodes_u, nodes_v], 1)
+  x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+  expected = np.maximum(x @ x.transpose(0, 2, 1), 0.0)
+  np.testing.assert_allclose(module.apply(variables, nodes_u, nodes_v), expected, atol=1e-5)
+
+
+def test_projected_attention_uses_y_without_bias():
+  nodes = random_nodes(0)
+  module = make_adjacency('projected', CHANNELS)
+  params = module.init(jax.random.key(0, impl='rbg'), nodes, nodes)['params']
+  assert jax.tree.map(jnp.shape, params) == {'y': {'kernel': (1, 1, CHANNELS, CHANNELS // 16)}}
+
+
+def test_unknown_adjacency_is_rejected():
+  with pytest.raises(ValueError, match='unknown adjacency'):
+    make_adjacency('semantic', CHANNELS)
+
+
+def random_adjacency(seed, size=10):
+  rng = np.random.default_rng(seed)
+  a = rng.uniform(size=(size, size))
+  return jnp.asarray((a + a.T) / 2, jnp.float32)
+
+
+def test_discrepancy_operator_annihilates_the_degree_weighted_constant():
+  a = random_adjacency(0)
+  operator = gcn.graph_operator(a, 'discrepancy')
+  degree = np.asarray(attention.zero_diagonal(a)).sum(1)
+  # N (D - A) N has null vector D^1/2 1 (the constant signal after N's rescaling).
+  np.testing.assert_allclose(operator @ np.sqrt(degree), 0.0, atol=1e-5)
+  assert np.abs(np.asarray(operator @ np.ones(10))).max() > 1e-3  # irregular graph
+  assert np.abs(np.asarray(operator @ np.arange(10.0))).max() > 1e-2
+  normal = gcn.graph_operator(a, 'normal')
+  assert np.abs(np.asarray(normal @ np.sqrt(degree))).max() > 1.0  # smoothing keeps it
+
+
+@pytest.mark.parametrize('kind', ['full', 'part'])
+def test_discrepancy_sends_constants_to_zero_on_regular_graphs(kind):
+  nodes = random_nodes(0, (1, N_PIX, CHANNELS))
+  module, variables = init_attention(kind, nodes, nodes)
+  operator = gcn.graph_operator(module.apply(variables, nodes, nodes)[0], 'discrepancy')
+  np.testing.assert_allclose(operator @ jnp.full((2 * N_PIX, 4), 3.0), 0.0, atol=1e-5)
+
+
+def test_isolated_nodes_get_unit_normaliser_and_no_update():
+  a = jnp.zeros((4, 4)).at[0, 1].set(2.0).at[1, 0].set(2.0)  # nodes 2, 3 isolated
+  operator = gcn.graph_operator(a, 'discrepancy')
+  np.testing.assert_allclose(operator, np.array(
+      [[1, -1, 0, 0], [-1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]), atol=1e-6)
+  np.testing.assert_array_equal(gcn.graph_operator(jnp.zeros((3, 3))), 0.0)  # 'none' graph
+
+
+def test_degree_normaliser_is_held_constant_for_gradients():
+  a = random_adjacency(1, 6)
+  weights = jnp.asarray(np.random.default_rng(2).normal(size=(6, 6)), jnp.float32)
+  n = np.asarray(1.0 / np.sqrt(np.asarray(attention.zero_diagonal(a)).sum(1)))
+
+  def frozen(a):
+    a = attention.zero_diagonal(a)
+    return jnp.sum(weights * (n[:, None] * (jnp.diag(a.sum(1)) - a) * n[None, :]))
+
+  grad = jax.grad(lambda a: jnp.sum(weights * gcn.graph_operator(a)))(a)
+  np.testing.assert_allclose(grad, jax.grad(frozen)(a), rtol=1e-5, atol=1e-6)
+
+
+def random_blocks(seed, n=5, r=3, depth=2):
+  rng = np.random.default_rng(seed)
+  sym = lambda m: (m + m.T) / 2 * (1 - np.eye(n))
+  arr = lambda x: jnp.asarray(x, jnp.float32)
+  return (arr(sym(rng.uniform(size=(n, n)))), arr(sym(rng.uniform(size=(n, n)))),
+          arr(rng.uniform(size=(n, n)) * (rng.uniform(size=(n, n)) > 0.3)),
+          arr(rng.normal(size=(depth, n, r))), arr(rng.normal(size=(depth, n, r))))
+
+
+@pytest.mark.parametrize('kind', ['discrepancy', 'normal'])
+def test_blocked_operator_and_readout_match_dense_operator(kind):
+  intra_u, intra_v, cross, g_u, g_v = random_blocks(0)
+  dense = jnp.block([[intra_u, cross], [cross.T, intra_v]])
+  operator = gcn.graph_operator(dense, kind)
+  z = jnp.concatenate([g_u[0], g_v[0]])
+  out_u, out_v = gcn.apply_operator_blocks(kind, intra_u, intra_v, cross, g_u[0], g_v[0])
+  np.testing.assert_allclose(jnp.concatenate([out_u, out_v]), operator @ z, atol=1e-5)
+  w_u, w_v = gcn.readout_weights(kind, intra_u, intra_v, cross)
+  np.testing.assert_allclose(w_u @ g_u[0] + w_v @ g_v[0], (operator @ z)[:5].mean(0), atol=1e-5)
+
+
+@pytest.mark.parametrize('pooled', [True, False])
+def test_propagate_pair_matches_dense_stacked_layers(pooled):
+  n, r, channels, depth = 5, 3, 8, 2
+  rng = np.random.default_rng(3)
+  intra_u, intra_v, cross, _, _ = random_blocks(1, n, r, depth)
+  nodes = jnp.asarray(rng.normal(size=(2 * n, channels)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(depth, channels, r)), jnp.float32)
+  o = jnp.asarray(rng.normal(size=(depth, r, channels)), jnp.float32)
+  operator = gcn.graph_operator(jnp.block([[intra_u, cross], [cross.T, intra_v]]))
+  x = nodes
+  for layer in range(depth):  # the dense definition, C-wide
+    x = x + operator @ (x @ g[layer]) @ o[layer]
+  projections = jnp.einsum('nc,lcr->lnr', nodes, g)
+  mix = jnp.einsum('mrc,lcs->mlrs', o, g)
+  increments = gcn.propagate_pair('discrepancy', intra_u, intra_v, cross, projections[:, :n],
+                                  projections[:, n:], mix, pooled=pooled)
+  if pooled:
+    np.testing.assert_allclose(nodes[:n].mean(0) + jnp.einsum('lr,lrc->c', increments, o),
+                               x[:n].mean(0), rtol=1e-4, atol=1e-4)
+  else:
+    np.testing.assert_allclose(nodes[:n] + jnp.einsum('lnr,lrc->nc', increments, o), x[:n],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_pair_gcn_starts_as_identity_and_names_layers_like_official():
+  nodes = random_nodes(0, (2, 2 * N_PIX, CHANNELS))
+  operator = gcn.graph_operator(random_adjacency(0, 2 * N_PIX))
+  module = gcn.PairGCN(CHANNELS, depth=2)
+  variables = module.init(jax.random.key(0, impl='rbg'), nodes, operator)
+  assert set(variables['params']) == {'g', 'o', 'g_1', 'o_1'}
+  assert variables['params']['g']['kernel'].shape == (1, 1, CHANNELS, CHANNELS // 16)
+  np.testing.assert_array_equal(module.apply(variables, nodes, operator), nodes)
+  params = jax.tree.map(jnp.ones_like, variables['params'])
+  assert np.abs(np.asarray(module.apply({'params': params}, nodes, operator) - nodes)).max() > 1e-3

@@ -1,0 +1,266 @@
+"""Training: per-device steps, multi-host, resume, NaN guard, config errors."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cace_jax import checkpoint, input_pipeline, train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import tiny  # pylint: disable=wrong-import-position
+
+NUM_CLASSES = 9
+
+
+def tiny_config(data_dir, **overrides):
+  config = tiny.get_config()
+  config.data.data_dir = data_dir
+  for path, value in overrides.items():
+    section, field = path.split('.')
+    setattr(config[section], field, value)
+  return config
+
+
+def random_batch(seed, devices=4, p=2, k=2, size=(64, 32)):
+  rng = np.random.default_rng(seed)
+  labels = np.stack([np.repeat(rng.choice(NUM_CLASSES, p, replace=False), k)
+                     for _ in range(devices)]).astype(np.int32)
+  images = rng.normal(size=(devices, p * k, *size, 3)).astype(np.float32)
+  return {'image': images, 'label': labels}
+
+
+def setup_step(config, devices):
+  mesh = jax.make_mesh((devices,), (train_lib.AXIS,), devices=jax.devices()[:devices])
+  model = train_lib.create_model(config, NUM_CLASSES)
+  tx, schedule = train_lib.create_optimizer(config, steps_per_epoch=3, global_batch=4 * devices)
+  state = train_lib.init_state(model, tx, config.data.image_size, config.seed)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # A copy: the step donates its state, and tests keep using `state` as a reference.
+  return mesh, model, tx, schedule, state, jax.device_put(jax.tree.map(np.array, state),
+                                                          replicated)
+
+
+def test_four_devices_loss_goes_down(tiny_data_dir):
+  assert jax.device_count() == 4
+  config = tiny_config(tiny_data_dir, **{'optim.lr_per_16': 0.05, 'optim.warmup_epochs': 0})
+  mesh, model, tx, schedule, _, state = setup_step(config, 4)
+  step = train_lib.make_train_step(model, tx, schedule, config.loss, mesh)
+  batch = train_lib.global_batch(random_batch(0), mesh)
+  losses = []
+  for _ in range(8):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], losses
+  assert {'id', 'triplet', 'mixup_uv', 'mixup_vu', 'pair_triplet', 'lr'} <= set(metrics)
+
+
+def test_multi_device_update_is_the_mean_of_per_device_gradients(tiny_data_dir):
+  config = tiny_config(tiny_data_dir)
+  mesh, model, tx, schedule, host_state, state = setup_step(config, 4)
+  batch = random_batch(1)
+  step = train_lib.make_train_step(model, tx, schedule, config.loss, mesh)
+  new_state, _ = step(state, train_lib.global_batch(batch, mesh))
+
+  # Reference without shard_map: each device's gradients on its own P·K images.
+  kwargs = train_lib.loss_kwargs_from(config.loss)
+  gradients = jax.jit(lambda images, labels, key: train_lib.compute_gradients(
+      model, kwargs, host_state.params, host_state.batch_stats, images, labels, key))
+  results = [gradients(batch['image'][d], batch['label'][d],
+                       train_lib.step_dropout_key(host_state, d)) for d in range(4)]
+  mean = lambda trees: jax.tree.map(lambda *x: sum(x) / len(x), *trees)
+  grads = mean([r[3] for r in results])
+  updates, _ = tx.update(grads, host_state.opt_state, host_state.params)
+  expected_params = optax.apply_updates(host_state.params, updates)
+  expected_stats = mean([r[2] for r in results])
+  chex_close = lambda a, b: jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6), a, b)
+  chex_close(jax.device_get(new_state.params), expected_params)
+  chex_close(jax.device_get(new_state.batch_stats), expected_stats)
+  # Per-device semantics matter: the devices' gradients really differ.
+  first, second = jax.tree.leaves(results[0][3]), jax.tree.leaves(results[1][3])
+  assert any(not np.allclose(a, b) for a, b in zip(first, second))
+
+
+def test_synced_batchnorm_equals_one_device_on_the_whole_batch(tiny_data_dir):
+  config = tiny_config(tiny_data_dir, **{'model.gcn': 'none'})
+  mesh = jax.make_mesh((4,), (train_lib.AXIS,))
+  synced = train_lib.create_model(config, NUM_CLASSES, sync_bn=True)
+  single = train_lib.create_model(config, NUM_CLASSES, sync_bn=False)
+  variables = single.init(jax.random.key(0), jnp.zeros((2, 64, 32, 3)), train=False)
+  batch = random_batch(2)
+
+  def train_forward(model, images):
+    out, updates = model.apply(variables, images, train=True, mutable=['batch_stats'],
+                               rngs={'dropout': jax.random.key(1)})
+    return out['embedding'], updates['batch_stats']
+
+  spec = jax.sharding.PartitionSpec
+  sharded = jax.jit(jax.shard_map(
+      lambda x: jax.tree.map(lambda t: t[None], train_forward(synced, x[0])), mesh=mesh,
+      in_specs=spec(train_lib.AXIS), out_specs=spec(train_lib.AXIS)))
+  images = train_lib.global_batch({'image': batch['image']}, mesh)['image']
+  emb_multi, stats_multi = sharded(images)
+  emb_single, stats_single = jax.jit(lambda x: train_forward(single, x))(
+      batch['image'].reshape(16, 64, 32, 3))
+  np.testing.assert_allclose(np.asarray(emb_multi).reshape(16, -1), emb_single, rtol=1e-4,
+                             atol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-4, atol=1e-5),
+               jax.device_get(stats_multi), stats_single)
+
+
+def final_params(workdir):
+  step, state, _ = checkpoint.read_checkpoint(workdir)
+  return step, state['params']
+
+
+def assert_trees_equal(a, b):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tiny_data_dir, tmp_path, monkeypatch):
+  config = tiny_config(tiny_data_dir, **{'train.eval_every_epochs': 0})
+  uninterrupted = str(tmp_path / 'uninterrupted')
+  train_lib.train_and_evaluate(config, uninterrupted)
+
+  real_iterate = input_pipeline.iterate_numpy
+
+  def dying_iterator(dataset):
+    for index, batch in enumerate(real_iterate(dataset)):
+      if index == 3:  # the process dies while fetching step 4's batch
+        raise KeyboardInterrupt
+      yield batch
+
+  interrupted = str(tmp_path / 'interrupted')
+  monkeypatch.setattr(input_pipeline, 'iterate_numpy', dying_iterator)
+  with pytest.raises(KeyboardInterrupt):
+    train_lib.train_and_evaluate(config, interrupted)
+  assert final_params(interrupted)[0] == 3
+  monkeypatch.setattr(input_pipeline, 'iterate_numpy', real_iterate)
+  train_lib.train_and_evaluate(config, interrupted)
+
+  with open(os.path.join(uninterrupted, 'results.json')) as f:
+    assert 0.0 <= json.load(f)['results']['individual']['mAP'] <= 100.0
+  step_a, params_a = final_params(uninterrupted)
+  step_b, params_b = final_params(interrupted)
+  assert step_a == step_b == 6
+  assert_trees_equal(params_a, params_b)
+  logged = lambda workdir: [line for line in open(os.path.join(workdir, 'train.log'))
+                            if '"step": 6' in line and '"split": "train"' in line]
+  assert logged(uninterrupted)[0].split('"images_per_s"')[0] == logged(
+      interrupted)[-1].split('"images_per_s"')[0]
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoint(tiny_data_dir, tmp_path):
+  config = tiny_config(tiny_data_dir, **{'optim.lr_per_16': 1e30, 'optim.warmup_epochs': 0,
+                                        'train.checkpoint_every': 1,
+                                        'train.eval_every_epochs': 0})
+  workdir = str(tmp_path / 'nan')
+  with pytest.raises(FloatingPointError, match=r'non-finite \w+=\S+ at step \d+') as error:
+    train_lib.train_and_evaluate(config, workdir)
+  bad_step = int(str(error.value).split(' at step ')[1].split(';')[0])
+  saved = final_params(workdir)
+  assert saved[0] == bad_step - 1
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(saved[1]))
+
+
+def run_train_cli(args, env=None, devices=4):
+  env = dict(os.environ, **(env or {}))
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return subprocess.Popen([sys.executable, 'train.py', *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def tiny_cli_args(data_dir, workdir):
+  return ['--config', 'configs/tiny.py', '--workdir', workdir,
+          f'--config.data.data_dir={data_dir}', '--config.train.eval_every_epochs=0']
+
+
+@pytest.mark.slow
+def test_two_processes_over_gloo_match_one_process(tiny_data_dir, tmp_path):
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  multi = str(tmp_path / 'multi')
+  # All-reduces over gloo and within one process sum in different orders. Those
+  # last-bit differences can flip a batch-hard triplet's choice among near-equal
+  # distances (at initialisation all distances are close), a discrete jump in the
+  # update; the smooth losses (ID and mix-up) carry the comparison instead.
+  stable = ['--config.optim.lr_per_16=0.001', '--config.train.num_steps=3',
+            '--config.train.checkpoint_every=1', '--config.loss.weights.triplet=0',
+            '--config.loss.weights.pair_triplet=0']
+  workers = [run_train_cli(tiny_cli_args(tiny_data_dir, multi) + stable + [
+      f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+                           devices=2) for i in range(2)]
+  single = run_train_cli(tiny_cli_args(tiny_data_dir, str(tmp_path / 'single')) + stable,
+                         devices=4)
+  for process in workers + [single]:
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+  step_multi, params_multi = final_params(multi)
+  step_single, params_single = final_params(str(tmp_path / 'single'))
+  assert step_multi == step_single == 3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               params_multi, params_single)
+  # Not vacuous: training moved the parameters far more than the tolerance.
+  _, earlier, _ = checkpoint.read_checkpoint(str(tmp_path / 'single'), step=1)
+  moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
+      jax.tree.leaves(params_single), jax.tree.leaves(earlier['params'])))
+  assert moved > 1e-3, moved
+
+
+def test_unknown_config_field_lists_valid_ones(tmp_path):
+  process = run_train_cli(['--config', 'configs/tiny.py', '--workdir', str(tmp_path),
+                           '--config.optim.lr=1'])
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 2
+  assert "unknown config field 'optim.lr'" in stderr and 'lr_per_16' in stderr
+
+
+def test_impossible_batch_split_is_a_config_error(tiny_data_dir, tmp_path):
+  with pytest.raises(train_lib.ConfigError, match='data.p=10'):
+    train_lib.train_and_evaluate(tiny_config(tiny_data_dir, **{'data.p': 10}), str(tmp_path))
+  with pytest.raises(train_lib.ConfigError, match='data.k=1'):
+    train_lib.train_and_evaluate(tiny_config(tiny_data_dir, **{'data.k': 1}), str(tmp_path))
+  assert not glob.glob(str(tmp_path / 'checkpoints' / '*'))
+
+
+CONFIG_ARGS = [('default.py', None), ('market.py', None), ('duke.py', None),
+               ('msmt17.py', None), ('occluded_duke.py', None), ('synthetic.py', None),
+               ('tiny.py', None), ('ablations/paper.py', 'market1501')] + [
+                   ('ablations/table1.py', v) for v in
+                   ('individual', 'individual_gcn', 'normal_gcn', 'discrepancy_gcn')] + [
+                       ('ablations/table2.py', v) for v in
+                       ('none', 'part', 'topk', 'full', 'correspondence')] + [
+                           ('ablations/table3.py', v) for v in ('1.0', '0.95', '0.6')]
+
+
+@pytest.mark.parametrize('path,arg', CONFIG_ARGS)
+def test_every_config_loads_and_builds_its_model(path, arg):
+  spec = importlib.util.spec_from_file_location('config_under_test',
+                                                os.path.join(ROOT, 'configs', path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  assert config.data.dataset and config.optim.epochs > 0
+  model = train_lib.create_model(config, num_classes=5)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(
+      (2, 64, 32, 3)), train=False))
+  assert 'params' in shapes
+  with pytest.raises(AttributeError):
+    config.optim.no_such_field = 1  # locked: typos fail loudly
