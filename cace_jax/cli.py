@@ -98,7 +98,7 @@ def run_reporting_errors(function: Callable, *args) -> int:
   from cace_jax.train_lib import ConfigError  # pylint: disable=import-outside-toplevel
   try:
     function(*args)
-  except (DatasetError, ConfigError, FloatingPointError) as e:
+  except (DatasetError, ConfigError, FloatingPointError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0

@@ -1,11 +1,16 @@
 """Evaluation: features of every query and gallery image, ranking, metrics, a table.
 
-Stage 1 of the paper's inference (Sec. 3.5): individual embeddings of all
-images (batched per device over the `data` mesh), cosine distances, the
-standard metrics. Each row of the results table is one way of scoring pairs.
+The paper's two-stage inference (Sec. 3.5): stage 1 extracts individual
+embeddings of all images (batched per device over the `data` mesh) and ranks
+by cosine distance; stage 2 (`pair_scoring`) re-sorts each query's top-K by
+conditional embeddings computed from compact per-image caches. Each row of the
+results table is one way of scoring pairs.
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import jax
 from jax.experimental import multihost_utils
@@ -13,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cace_jax import input_pipeline, metrics
+from cace_jax import input_pipeline, metrics, pair_scoring
 from cace_jax.models import CACENet
 
 AXIS = 'data'
@@ -24,58 +29,67 @@ def _l2_normalize(x):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def individual_features(model: CACENet, images):
-  """Eval-mode individual embeddings only, skipping the pair stage: images -> [B, E].
+def individual_features(model: CACENet, images, with_cache: bool = False):
+  """Eval-mode individual embeddings [B, E], skipping the pair stage.
 
-  Used as `model.apply(variables, images, method=individual_features)`.
+  Used as `model.apply(variables, images, method=individual_features)`. With
+  `with_cache`, also returns the compact per-image cache stage 2 needs.
   """
   fmap, _ = model.backbone(images, train=False)
   batch, height, width, channels = fmap.shape
   nodes = fmap.reshape(batch, height * width, channels).astype(jnp.float32)
   _, embedding = model.embed(model.pool(nodes), train=False)
+  if with_cache:
+    return embedding, model.compute_image_cache(fmap)
   return embedding
 
 
-def make_embed_step(model: CACENet, mesh: jax.sharding.Mesh, flip: bool):
-  """Jitted (variables, images [devices, b, H, W, 3]) -> embeddings [devices, b, E].
+def make_embed_step(model: CACENet, mesh: jax.sharding.Mesh, flip: bool, with_cache: bool):
+  """Jitted (variables, images [devices, b, H, W, 3]) -> (embeddings [devices, b, E], cache).
 
   With `flip`, the embedding is the renormalised mean of the L2-normalised
-  embeddings of the image and its mirror (flip test-time augmentation).
+  embeddings of the image and its mirror (flip test-time augmentation); the
+  stage-2 cache (None unless `with_cache`) comes from the unflipped image.
   """
 
   def device_fn(variables, images):
     images = images[0]
-    embed = lambda x: model.apply(variables, x, method=individual_features)
-    embedding = embed(images)
+    embedding, cache = model.apply(variables, images, True, method=individual_features)
     if flip:
-      embedding = _l2_normalize(_l2_normalize(embedding) + _l2_normalize(embed(images[:, :, ::-1])))
-    return embedding[None]
+      mirrored = model.apply(variables, images[:, :, ::-1], method=individual_features)
+      embedding = _l2_normalize(_l2_normalize(embedding) + _l2_normalize(mirrored))
+    add_device_axis = lambda tree: jax.tree.map(lambda x: x[None], tree)
+    return add_device_axis(embedding), add_device_axis(cache if with_cache else {})
 
   spec = jax.sharding.PartitionSpec
   return jax.jit(jax.shard_map(device_fn, mesh=mesh, in_specs=(spec(), spec(AXIS)),
                                out_specs=spec(AXIS)))
 
 
-def extract_embeddings(embed_step, variables, data: input_pipeline.SplitData,
-                       config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> np.ndarray:
-  """Embeddings [N, E] of every image of `data`, in split order, on every process."""
+def extract_features(embed_step, variables, data: input_pipeline.SplitData,
+                     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                     ) -> tuple[np.ndarray, dict]:
+  """Embeddings [N, E] (and stage-2 caches, leading axis N) of every image, in order."""
   dataset = input_pipeline.create_eval_dataset(
       data, image_size=config.data.image_size, batch_size=config.data.eval_batch_size,
       num_devices=jax.device_count(), local_devices=jax.local_device_count(),
       process_index=jax.process_index())
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-  embeddings = None
+  embeddings, caches = None, None
   for batch in input_pipeline.iterate_numpy(dataset):
     images = jax.make_array_from_process_local_data(sharding, batch['image'])
     index = jax.make_array_from_process_local_data(sharding, batch['index'])
-    output = embed_step(variables, images)
-    output, index = _to_host(output), _to_host(index)
-    output, index = output.reshape(-1, output.shape[-1]), index.reshape(-1)
+    output, cache = embed_step(variables, images)
+    flat = lambda x: _to_host(x).reshape((-1,) + x.shape[2:])
+    output, cache, index = flat(output), jax.tree.map(flat, cache), flat(index)
     if embeddings is None:
       embeddings = np.zeros((len(data), output.shape[-1]), np.float32)
+      caches = jax.tree.map(lambda x: np.zeros((len(data),) + x.shape[1:], x.dtype), cache)
     valid = index >= 0
     embeddings[index[valid]] = output[valid]
-  return embeddings
+    for stored, new in zip(jax.tree.leaves(caches), jax.tree.leaves(cache)):
+      stored[index[valid]] = new[valid]
+  return embeddings, caches
 
 
 def _to_host(array: jax.Array) -> np.ndarray:
@@ -97,26 +111,46 @@ def evaluate(model: CACENet, state, builder, config: ml_collections.ConfigDict,
              mesh: jax.sharding.Mesh) -> dict:
   """Evaluates `state` on the query/gallery splits of `builder`.
 
+  Rows (each a way of scoring pairs; stage-2 rows re-sort each query's
+  `config.eval.stage2_k` nearest gallery images and need a pair stage):
+    'individual': cosine distance of individual embeddings (stage 1).
+    'clue_alignment': adjacency-weighted similarity of aligned pixel pairs
+      (Table 1's "+ visual clue alignment"; adjacencies that compare features).
+    'cacenet': distance between f(q|g) and f(g|q) (the full two-stage inference).
+
   Returns:
-    {row name: {'rank1', 'rank5', 'rank10', 'mAP', 'mINP'}} in percent; row
-    'individual' ranks by the cosine distance of individual embeddings.
+    {row: {'rank1', 'rank5', 'rank10', 'mAP', 'mINP'}} in percent, plus
+    '_info' with cache bytes per image and K.
   """
   query = input_pipeline.load_split(builder, 'query')
   gallery = input_pipeline.load_split(builder, 'gallery')
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  embed_step = make_embed_step(model, mesh, config.eval.flip)
-  q_emb = extract_embeddings(embed_step, variables, query, config, mesh)
-  g_emb = extract_embeddings(embed_step, variables, gallery, config, mesh)
+  k = config.eval.stage2_k if model.gcn != 'none' else 0
+  embed_step = make_embed_step(model, mesh, config.eval.flip, with_cache=k > 0)
+  q_emb, q_cache = extract_features(embed_step, variables, query, config, mesh)
+  g_emb, g_cache = extract_features(embed_step, variables, gallery, config, mesh)
   distmat = metrics.cosine_distance(q_emb, g_emb)
-  individual = metrics.evaluate_rank(distmat, query.pids, gallery.pids, query.camids,
-                                     gallery.camids)
-  return {'individual': summarize(individual)}
+  rank = lambda d: summarize(metrics.evaluate_rank(d, query.pids, gallery.pids, query.camids,
+                                                   gallery.camids))
+  results = {'individual': rank(distmat)}
+  if k > 0:
+    scorers = {'cacenet': pair_scoring.conditional_distance}
+    if pair_scoring.has_alignment_keys(q_cache):
+      scorers = {'clue_alignment': pair_scoring.alignment_distance, **scorers}
+    for row, score in scorers.items():
+      step = pair_scoring.make_pair_step(model, score)
+      pair_distances = lambda q, g, step=step: step(
+          variables, jax.tree.map(lambda c: c[q], q_cache), jax.tree.map(lambda c: c[g], g_cache))
+      results[row] = rank(pair_scoring.rerank_top_k(distmat, k, pair_distances))
+    results['_info'] = {'stage2_k': k, 'cache_bytes_per_image': pair_scoring.cache_nbytes(
+        g_cache, len(gallery))}
+  return results
 
 
 def flatten_results(results: dict) -> dict:
   """{'individual': {'mAP': x}} -> {'individual/mAP': x} (for scalar logging)."""
   return {f'{row}/{name}': value for row, values in results.items()
-          for name, value in values.items()}
+          if not row.startswith('_') for name, value in values.items()}
 
 
 def format_table(results: dict, title: str = '') -> str:
@@ -127,5 +161,40 @@ def format_table(results: dict, title: str = '') -> str:
   lines.append(f'{"":<{width}}  ' + '  '.join(f'{c:>7}' for c in
                                              ['R-1', 'R-5', 'R-10', 'mAP', 'mINP']))
   for row, values in results.items():
+    if row.startswith('_'):
+      continue
     lines.append(f'{row:<{width}}  ' + '  '.join(f'{values[c]:7.2f}' for c in columns))
   return '\n'.join(lines)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        step: int | None = None) -> dict:
+  """Evaluates a checkpoint of `workdir`, writes `<workdir>/results.json`, prints the table.
+
+  Args:
+    config: the run's config (model fields must match the checkpoint).
+    workdir: the training run's directory.
+    step: which checkpoint; the latest if None.
+  """
+  from cace_jax import checkpoint, train_lib  # pylint: disable=import-outside-toplevel
+  step, state, record = checkpoint.read_checkpoint(workdir, step)
+  model = train_lib.create_model(config, record['num_classes'])
+  builder = train_lib.prepare_on_first_process(config)
+  mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  variables = jax.device_put({'params': state['params'], 'batch_stats': state['batch_stats']},
+                             replicated)
+  results = evaluate(model, _Variables(**variables), builder, config, mesh)
+  if jax.process_index() == 0:
+    print(format_table(results, title=f'{config.data.dataset}, {workdir} step {step}'))
+    with open(os.path.join(workdir, 'results.json'), 'w', encoding='utf-8') as f:
+      json.dump({'step': step, 'dataset': config.data.dataset, 'results': results}, f,
+                indent=2)
+  return results
+
+
+class _Variables:
+  """The two fields of a train state that evaluation reads."""
+
+  def __init__(self, params, batch_stats):
+    self.params, self.batch_stats = params, batch_stats

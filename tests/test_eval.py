@@ -1,0 +1,108 @@
+"""Two-stage inference: stage 2 re-sorting, compact caches, eval.py end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cace_jax import pair_scoring, train_lib
+from cace_jax.models import CACENet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import tiny  # pylint: disable=wrong-import-position
+
+
+def random_distmat(seed=0, shape=(6, 20)):
+  return np.random.default_rng(seed).uniform(0, 2, size=shape).astype(np.float32)
+
+
+def test_stage2_with_k_zero_is_stage1():
+  distmat = random_distmat()
+  out = pair_scoring.rerank_top_k(distmat, 0, lambda q, g: np.zeros(len(q)))
+  np.testing.assert_array_equal(out, distmat)
+
+
+@pytest.mark.parametrize('k', [1, 5, 20])
+def test_stage2_only_reorders_within_top_k(k):
+  distmat = random_distmat(1)
+  rng = np.random.default_rng(2)
+  table = rng.uniform(size=distmat.shape).astype(np.float32)
+  out = pair_scoring.rerank_top_k(distmat, k, lambda q, g: table[q, g], batch_size=7)
+  before = np.argsort(distmat, axis=1, kind='stable')
+  after = np.argsort(out, axis=1, kind='stable')
+  for row in range(len(distmat)):
+    assert set(before[row, :k]) == set(after[row, :k])
+    np.testing.assert_array_equal(before[row, k:], after[row, k:])
+    # Within the top-k, the order is the pair scores' order.
+    scores = table[row, after[row, :k]]
+    assert np.all(np.diff(scores) >= 0)
+
+
+@pytest.mark.parametrize('pooling,adjacency', [('avg', 'projected'), ('gem', 'correspondence')])
+def test_compact_cache_equals_full_feature_maps(pooling, adjacency):
+  model = CACENet(depth='tiny', width=8, non_local=False, pooling=pooling, embed_dim=16,
+                  num_classes=5, adjacency=adjacency)
+  images = jax.random.normal(jax.random.key(0), (4, 64, 32, 3))
+  variables = model.init(jax.random.key(1), images, train=False)
+  # o starts at zero (conditional = individual); perturb it so the GCN matters.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape)
+      if 'pair_graph' in jax.tree_util.keystr(path) else x, variables['params'])
+  variables = {'params': params, 'batch_stats': variables['batch_stats']}
+  fmap = model.apply(variables, images, train=False)['fmap']
+  q, g = jnp.array([0, 0, 1, 3]), jnp.array([1, 2, 3, 2])
+  cache = model.apply(variables, fmap, method=CACENet.compute_image_cache)
+  take = lambda index: jax.tree.map(lambda c: c[index], cache)
+  compact = model.apply(variables, take(q), take(g), method=pair_scoring.conditional_distance)
+  full = model.apply(variables, fmap[q], fmap[g], method=CACENet.pair_features)
+  normalize = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  expected = 1 - jnp.sum(normalize(full['embedding_uv']) * normalize(full['embedding_vu']), -1)
+  np.testing.assert_allclose(compact, expected, rtol=1e-4, atol=1e-5)
+  assert float(jnp.std(compact)) > 1e-4  # the pairs really differ
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tiny_data_dir, tmp_path_factory):
+  config = tiny.get_config()
+  config.data.data_dir = tiny_data_dir
+  config.train.num_steps = 2
+  config.train.eval_every_epochs = 0
+  workdir = str(tmp_path_factory.mktemp('trained'))
+  train_lib.train_and_evaluate(config, workdir)
+  os.remove(os.path.join(workdir, 'results.json'))
+  return workdir
+
+
+def test_eval_py_end_to_end(trained_workdir, tiny_data_dir):
+  result = subprocess.run(
+      [sys.executable, 'eval.py', '--config', 'configs/tiny.py', '--workdir', trained_workdir,
+       f'--config.data.data_dir={tiny_data_dir}', '--config.eval.stage2_k=5'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'cacenet' in result.stdout and 'mAP' in result.stdout
+  with open(os.path.join(trained_workdir, 'results.json')) as f:
+    saved = json.load(f)
+  assert saved['step'] == 2
+  assert set(saved['results']) == {'individual', 'clue_alignment', 'cacenet', '_info'}
+  assert saved['results']['_info']['stage2_k'] == 5
+  assert saved['results']['_info']['cache_bytes_per_image'] > 0
+  for row in ('individual', 'clue_alignment', 'cacenet'):
+    values = saved['results'][row]
+    assert 0 <= values['mAP'] <= 100 and values['rank1'] <= values['rank5'] <= values['rank10']
+
+
+def test_eval_py_missing_checkpoint_is_one_line_error(tmp_path, tiny_data_dir):
+  result = subprocess.run(
+      [sys.executable, 'eval.py', '--config', 'configs/tiny.py', '--workdir', str(tmp_path),
+       f'--config.data.data_dir={tiny_data_dir}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert f'error: no checkpoint in {tmp_path}' in result.stderr
