@@ -151,6 +151,22 @@ def step_dropout_key(state: TrainState, device_index):
   return jax.random.fold_in(key, device_index)
 
 
+def init_backbone(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
+  """Loads ImageNet weights from a torchvision ResNet file into the backbone (`init.backbone`)."""
+  from cace_jax import port  # pylint: disable=import-outside-toplevel
+  depth = config.model.depth
+  if not str(depth).isdigit():
+    raise ConfigError(f'init.backbone needs a torchvision depth, not model.depth={depth!r}')
+  try:
+    params, batch_stats = port.load_backbone_into(
+        jax.device_get(state.params), jax.device_get(state.batch_stats), config.init.backbone,
+        int(depth))
+  except (port.PortError, OSError) as e:
+    raise ConfigError(f'init.backbone={config.init.backbone}: {e}') from e
+  as_float32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+  return state.replace(params=as_float32(params), batch_stats=as_float32(batch_stats))
+
+
 def make_train_step(model: CACENet, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, loss_config: ml_collections.ConfigDict,
                     mesh: jax.sharding.Mesh):
@@ -225,6 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = jax.device_put(state, replicated)
 
   manager = checkpoint.create_manager(workdir, keep_last=config.train.keep_last)
+  if config.init.backbone and manager.latest_step() is None:  # a checkpoint wins on resume
+    state = jax.device_put(init_backbone(state, config), replicated)
   restored = checkpoint.restore_checkpoint(manager, state)
   logger = RunLogger(workdir, num_steps, 0, images_per_step)
   if restored is not None:
@@ -260,7 +278,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       results = eval_lib.evaluate(model, state, builder, config, mesh)
       logger.scalars(step, eval_lib.flatten_results(results), prefix='eval')
       logger.info(eval_lib.format_table(results, title=f'step {step}'))
-      metrics_for_best = {'mAP': results['individual']['mAP']}
+      if 'individual' in results:
+        metrics_for_best = {'mAP': results['individual']['mAP']}
     if (step % config.train.checkpoint_every == 0 or step % steps_per_epoch == 0
         or step == num_steps):
       record = {'step': step, 'epoch': step / steps_per_epoch, 'seed': config.seed,

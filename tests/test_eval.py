@@ -84,17 +84,19 @@ def trained_workdir(tiny_data_dir, tmp_path_factory):
 def test_eval_py_end_to_end(trained_workdir, tiny_data_dir):
   result = subprocess.run(
       [sys.executable, 'eval.py', '--config', 'configs/tiny.py', '--workdir', trained_workdir,
-       f'--config.data.data_dir={tiny_data_dir}', '--config.eval.stage2_k=5'],
+       f'--config.data.data_dir={tiny_data_dir}', '--config.eval.stage2_k=5',
+       '--config.eval.rerank=True'],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'cacenet' in result.stdout and 'mAP' in result.stdout
   with open(os.path.join(trained_workdir, 'results.json')) as f:
     saved = json.load(f)
   assert saved['step'] == 2
-  assert set(saved['results']) == {'individual', 'clue_alignment', 'cacenet', '_info'}
+  assert set(saved['results']) == {'individual', 'clue_alignment', 'cacenet', 'individual+kr',
+                                   'clue_alignment+kr', 'cacenet+kr', '_info'}
   assert saved['results']['_info']['stage2_k'] == 5
   assert saved['results']['_info']['cache_bytes_per_image'] > 0
-  for row in ('individual', 'clue_alignment', 'cacenet'):
+  for row in ('individual', 'clue_alignment', 'cacenet', 'individual+kr', 'cacenet+kr'):
     values = saved['results'][row]
     assert 0 <= values['mAP'] <= 100 and values['rank1'] <= values['rank5'] <= values['rank10']
 
