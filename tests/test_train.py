@@ -264,3 +264,20 @@ def test_every_config_loads_and_builds_its_model(path, arg):
   assert 'params' in shapes
   with pytest.raises(AttributeError):
     config.optim.no_such_field = 1  # locked: typos fail loudly
+
+
+def test_bfloat16_compute_keeps_float32_parameters(tiny_data_dir):
+  config = tiny_config(tiny_data_dir, **{'model.dtype': 'bfloat16'})
+  mesh, model, tx, schedule, _, state = setup_step(config, 4)
+  step = train_lib.make_train_step(model, tx, schedule, config.loss, mesh)
+  state, metrics = step(state, train_lib.global_batch(random_batch(3), mesh))
+  assert np.isfinite(float(metrics['loss']))
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype('float32')}
+  fmap = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                     jnp.zeros((2, 64, 32, 3)), train=False)['fmap']
+  assert fmap.dtype == jnp.bfloat16
+
+
+def test_unknown_dtype_is_a_config_error(tiny_data_dir):
+  with pytest.raises(train_lib.ConfigError, match="model.dtype='float16'"):
+    train_lib.create_model(tiny_config(tiny_data_dir, **{'model.dtype': 'float16'}), 5)
