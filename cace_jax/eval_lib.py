@@ -108,7 +108,7 @@ def summarize(result: dict) -> dict:
 
 
 def evaluate(model: CACENet, state, builder, config: ml_collections.ConfigDict,
-             mesh: jax.sharding.Mesh) -> dict:
+             mesh: jax.sharding.Mesh, figures_dir: str | None = None) -> dict:
   """Evaluates `state` on the query/gallery splits of `builder`.
 
   Rows (each a way of scoring pairs; stage-2 rows re-sort each query's
@@ -119,6 +119,9 @@ def evaluate(model: CACENet, state, builder, config: ml_collections.ConfigDict,
     'cacenet': distance between f(q|g) and f(g|q) (the full two-stage inference).
     '<row>+kr' with `config.eval.rerank`: the same after k-reciprocal re-ranking
       of stage 1 (k1 20, k2 6, lambda 0.3).
+
+  With `figures_dir`, also writes the figures of `eval_figures` for the last
+  row (the full model's ranking when it has a pair stage).
 
   Returns:
     {row: {'rank1', 'rank5', 'rank10', 'mAP', 'mINP'}} in percent, plus
@@ -132,8 +135,13 @@ def evaluate(model: CACENet, state, builder, config: ml_collections.ConfigDict,
   q_emb, q_cache = extract_features(embed_step, variables, query, config, mesh)
   g_emb, g_cache = extract_features(embed_step, variables, gallery, config, mesh)
   distmat = metrics.cosine_distance(q_emb, g_emb)
-  rank = lambda d: summarize(metrics.evaluate_rank(d, query.pids, gallery.pids, query.camids,
-                                                   gallery.camids))
+  last = {}
+
+  def rank(distances):
+    last.update(distmat=distances, result=metrics.evaluate_rank(
+        distances, query.pids, gallery.pids, query.camids, gallery.camids))
+    return summarize(last['result'])
+
   stage1 = {'individual': distmat}
   if config.eval.rerank:  # k-reciprocal re-ranking of stage 1; stage 2 then re-sorts its top-K
     stage1['individual+kr'] = rerank.k_reciprocal_rerank_features(q_emb, g_emb, metric='cosine')
@@ -151,6 +159,13 @@ def evaluate(model: CACENet, state, builder, config: ml_collections.ConfigDict,
         results[row + suffix] = rank(pair_scoring.rerank_top_k(base, k, pair_distances))
     results['_info'] = {'stage2_k': k, 'cache_bytes_per_image': pair_scoring.cache_nbytes(
         g_cache, len(gallery))}
+  if figures_dir and jax.process_index() == 0:
+    from cace_jax import eval_figures  # pylint: disable=import-outside-toplevel
+    if config.eval.rerank:  # the last row is then k-reciprocal; show the plain one
+      rank(pair_scoring.rerank_top_k(distmat, k, pair_distances) if k > 0 else distmat)
+    eval_figures.write_figures(model, variables, query, gallery, last['distmat'],
+                               last['result']['per_query_ap'], config.data.image_size,
+                               figures_dir)
   return results
 
 
@@ -191,7 +206,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   variables = jax.device_put({'params': state['params'], 'batch_stats': state['batch_stats']},
                              replicated)
-  results = evaluate(model, _Variables(**variables), builder, config, mesh)
+  results = evaluate(model, _Variables(**variables), builder, config, mesh,
+                     figures_dir=workdir)
   if jax.process_index() == 0:
     print(format_table(results, title=f'{config.data.dataset}, {workdir} step {step}'))
     with open(os.path.join(workdir, 'results.json'), 'w', encoding='utf-8') as f:

@@ -44,7 +44,8 @@ def evaluate_rank(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
 
   Returns:
     {'cmc': float [min(max_rank, num_gallery)], 'mAP': float, 'mINP': float,
-     'num_valid_queries': int}. Metrics are fractions in [0, 1].
+     'num_valid_queries': int, 'per_query_ap': float [num_query] (NaN for
+     queries left out)}. Metrics are fractions in [0, 1].
 
   Raises:
     ValueError: shapes disagree, or no query has a true match.
@@ -84,12 +85,14 @@ def evaluate_rank(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
     nth = np.arange(ranks.shape[1])[None, :]
     precision = np.where(nth < num_matches[:, None], (nth + 1) / ranks, 0.0)
     last = ranks[np.arange(len(ranks)), num_matches - 1]
-    return ranks[:, 0], precision.sum(axis=1) / num_matches, num_matches / last
+    return ranks[:, 0], precision.sum(axis=1) / num_matches, num_matches / last, has_match
 
   # numpy's sort releases the GIL: chunks run on all cores.
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
     results = list(pool.map(evaluate_chunk, range(0, num_q, chunk_size)))
-  first_match, average_precision, inverse_negative = zip(*results)
+  first_match, average_precision, inverse_negative, has_match = zip(*results)
+  per_query_ap = np.full(num_q, np.nan)
+  per_query_ap[np.concatenate(has_match)] = np.concatenate(average_precision)
   first_match = np.concatenate(first_match)
   if first_match.size == 0:
     raise ValueError('no query has a true match in the gallery (after removing '
@@ -100,6 +103,7 @@ def evaluate_rank(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
       'mAP': float(np.mean(np.concatenate(average_precision))),
       'mINP': float(np.mean(np.concatenate(inverse_negative))),
       'num_valid_queries': int(first_match.size),
+      'per_query_ap': per_query_ap,
   }
 
 

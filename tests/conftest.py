@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# torchvision (CUDA build of torch 2.14.1) segfaults inside triton when imported
+# after TensorFlow; imported first, both work. The porting tests need it.
+import torch  # pylint: disable=unused-import
+import torchvision  # pylint: disable=unused-import
+
 import io
 import os
 import sys

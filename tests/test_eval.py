@@ -96,6 +96,9 @@ def test_eval_py_end_to_end(trained_workdir, tiny_data_dir):
                                    'clue_alignment+kr', 'cacenet+kr', '_info'}
   assert saved['results']['_info']['stage2_k'] == 5
   assert saved['results']['_info']['cache_bytes_per_image'] > 0
+  for figure in ('ranked_lists.png', 'correspondences.png', 'conditional_maps.png'):
+    path = os.path.join(trained_workdir, figure)
+    assert os.path.getsize(path) > 1000, figure
   for row in ('individual', 'clue_alignment', 'cacenet', 'individual+kr', 'cacenet+kr'):
     values = saved['results'][row]
     assert 0 <= values['mAP'] <= 100 and values['rank1'] <= values['rank5'] <= values['rank10']

@@ -41,6 +41,7 @@ def test_query_without_valid_match_is_left_out():
   result = metrics.evaluate_rank(distmat, np.array([1, 2]), np.array([1, 2]),
                                  np.array([1, 1]), np.array([1, 2]), max_rank=2)
   assert result['num_valid_queries'] == 1
+  assert np.isnan(result['per_query_ap'][0]) and result['per_query_ap'][1] == 1.0
   np.testing.assert_allclose(result['cmc'], [1.0, 1.0])
   assert result['mAP'] == 1.0
   with pytest.raises(ValueError, match='no query has a true match'):
