@@ -275,7 +275,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logger.scalars(step, metrics)
     metrics_for_best = None
     if step == num_steps or (eval_every and step % eval_every == 0):
-      results = eval_lib.evaluate(model, state, builder, config, mesh)
+      results = eval_lib.evaluate(model, state, builder, config, mesh,
+                                  figures_dir=workdir if step == num_steps else None)
       logger.scalars(step, eval_lib.flatten_results(results), prefix='eval')
       logger.info(eval_lib.format_table(results, title=f'step {step}'))
       if 'individual' in results:
@@ -288,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       last_checkpoint = step
   if start_step >= num_steps:  # Already trained: report the final model again.
     logger.info(f'{workdir} is already trained to step {start_step}; evaluating it')
-    results = eval_lib.evaluate(model, state, builder, config, mesh)
+    results = eval_lib.evaluate(model, state, builder, config, mesh, figures_dir=workdir)
     logger.info(eval_lib.format_table(results, title=f'step {start_step}'))
   if results and jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w', encoding='utf-8') as f:
