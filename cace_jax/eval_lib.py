@@ -19,14 +19,11 @@ import ml_collections
 import numpy as np
 
 from cace_jax import input_pipeline, metrics, pair_scoring, rerank
+from cace_jax.losses import l2_normalize
 from cace_jax.models import CACENet
 
 AXIS = 'data'
 RANKS = (1, 5, 10)
-
-
-def _l2_normalize(x):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def individual_features(model: CACENet, images, with_cache: bool = False):
@@ -57,7 +54,7 @@ def make_embed_step(model: CACENet, mesh: jax.sharding.Mesh, flip: bool, with_ca
     embedding, cache = model.apply(variables, images, True, method=individual_features)
     if flip:
       mirrored = model.apply(variables, images[:, :, ::-1], method=individual_features)
-      embedding = _l2_normalize(_l2_normalize(embedding) + _l2_normalize(mirrored))
+      embedding = l2_normalize(l2_normalize(embedding) + l2_normalize(mirrored))
     add_device_axis = lambda tree: jax.tree.map(lambda x: x[None], tree)
     return add_device_axis(embedding), add_device_axis(cache if with_cache else {})
 
@@ -107,9 +104,9 @@ def summarize(result: dict) -> dict:
   return summary
 
 
-def evaluate(model: CACENet, state, builder, config: ml_collections.ConfigDict,
+def evaluate(model: CACENet, variables: dict, builder, config: ml_collections.ConfigDict,
              mesh: jax.sharding.Mesh, figures_dir: str | None = None) -> dict:
-  """Evaluates `state` on the query/gallery splits of `builder`.
+  """Evaluates the model's `variables` (params, batch_stats) on `builder`'s query/gallery.
 
   Rows (each a way of scoring pairs; stage-2 rows re-sort each query's
   `config.eval.stage2_k` nearest gallery images and need a pair stage):
@@ -129,7 +126,6 @@ def evaluate(model: CACENet, state, builder, config: ml_collections.ConfigDict,
   """
   query = input_pipeline.load_split(builder, 'query')
   gallery = input_pipeline.load_split(builder, 'gallery')
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
   k = config.eval.stage2_k if model.gcn != 'none' else 0
   embed_step = make_embed_step(model, mesh, config.eval.flip, with_cache=k > 0)
   q_emb, q_cache = extract_features(embed_step, variables, query, config, mesh)
@@ -206,18 +202,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   variables = jax.device_put({'params': state['params'], 'batch_stats': state['batch_stats']},
                              replicated)
-  results = evaluate(model, _Variables(**variables), builder, config, mesh,
-                     figures_dir=workdir)
+  results = evaluate(model, variables, builder, config, mesh, figures_dir=workdir)
   if jax.process_index() == 0:
     print(format_table(results, title=f'{config.data.dataset}, {workdir} step {step}'))
     with open(os.path.join(workdir, 'results.json'), 'w', encoding='utf-8') as f:
       json.dump({'step': step, 'dataset': config.data.dataset, 'results': results}, f,
                 indent=2)
   return results
-
-
-class _Variables:
-  """The two fields of a train state that evaluation reads."""
-
-  def __init__(self, params, batch_stats):
-    self.params, self.batch_stats = params, batch_stats

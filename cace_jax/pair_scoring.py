@@ -19,15 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cace_jax.losses import l2_normalize
 from cace_jax.models import CACENet, cross_block
 
 # Re-sorted entries are moved below every stage-1 distance (cosine distances
 # lie in [0, 2]) so they stay ahead of the rest of the list.
 _TOPK_OFFSET = -10.0
-
-
-def _l2_normalize(x):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def conditional_distance(module: CACENet, cache_q: dict, cache_g: dict):
@@ -37,7 +34,7 @@ def conditional_distance(module: CACENet, cache_q: dict, cache_g: dict):
   L2-normalised embeddings is a monotone function of it).
   """
   out = module.embed_cached_pairs(cache_q, cache_g)
-  return 1.0 - jnp.sum(_l2_normalize(out['embedding_uv']) * _l2_normalize(out['embedding_vu']),
+  return 1.0 - jnp.sum(l2_normalize(out['embedding_uv']) * l2_normalize(out['embedding_vu']),
                        axis=-1)
 
 
@@ -49,8 +46,8 @@ def alignment_distance(module: CACENet, cache_q: dict, cache_g: dict):
   normalised projections for 'projected').
   """
   cross = cross_block(module.adjacency, cache_q['query'], cache_g['key'], module.topk)
-  similarity = jnp.einsum('...ik,...jk->...ij', _l2_normalize(cache_q['key']),
-                          _l2_normalize(cache_g['key']))
+  similarity = jnp.einsum('...ik,...jk->...ij', l2_normalize(cache_q['key']),
+                          l2_normalize(cache_g['key']))
   weight = jnp.sum(cross, axis=(-2, -1))
   score = jnp.sum(cross * similarity, axis=(-2, -1)) / jnp.maximum(weight, 1e-12)
   return 1.0 - score

@@ -200,6 +200,11 @@ def make_train_step(model: CACENet, tx: optax.GradientTransformation,
   return jax.jit(step, donate_argnums=(0,))
 
 
+def variables_of(state: TrainState) -> dict:
+  """The model variables of a train state (what `model.apply` takes)."""
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
 def global_batch(local: dict, mesh: jax.sharding.Mesh) -> dict:
   """This process's [local_devices, ...] arrays -> global arrays sharded over `data`."""
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
@@ -275,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logger.scalars(step, metrics)
     metrics_for_best = None
     if step == num_steps or (eval_every and step % eval_every == 0):
-      results = eval_lib.evaluate(model, state, builder, config, mesh,
+      results = eval_lib.evaluate(model, variables_of(state), builder, config, mesh,
                                   figures_dir=workdir if step == num_steps else None)
       logger.scalars(step, eval_lib.flatten_results(results), prefix='eval')
       logger.info(eval_lib.format_table(results, title=f'step {step}'))
@@ -289,7 +294,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       last_checkpoint = step
   if start_step >= num_steps:  # Already trained: report the final model again.
     logger.info(f'{workdir} is already trained to step {start_step}; evaluating it')
-    results = eval_lib.evaluate(model, state, builder, config, mesh, figures_dir=workdir)
+    results = eval_lib.evaluate(model, variables_of(state), builder, config, mesh,
+                                figures_dir=workdir)
     logger.info(eval_lib.format_table(results, title=f'step {start_step}'))
   if results and jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w', encoding='utf-8') as f:
