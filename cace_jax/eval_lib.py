@@ -130,6 +130,10 @@ def evaluate(model: CACENet, variables: dict, builder, config: ml_collections.Co
   embed_step = make_embed_step(model, mesh, config.eval.flip, with_cache=k > 0)
   q_emb, q_cache = extract_features(embed_step, variables, query, config, mesh)
   g_emb, g_cache = extract_features(embed_step, variables, gallery, config, mesh)
+  if k > 0:
+    cache_dtype = jnp.dtype(config.eval.cache_dtype)
+    q_cache = pair_scoring.compact_cache(q_cache, cache_dtype)
+    g_cache = pair_scoring.compact_cache(g_cache, cache_dtype)
   distmat = metrics.cosine_distance(q_emb, g_emb)
   last = {}
 

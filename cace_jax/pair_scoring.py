@@ -58,10 +58,33 @@ def has_alignment_keys(cache: dict) -> bool:
   return cache['key'].shape[-1] > 0
 
 
+def compact_cache(cache: dict, dtype=np.float32) -> dict:
+  """The form a gallery cache is kept in on the host between the two stages.
+
+  Drops 'query' where it is the same array as 'key' (the projected-cosine
+  adjacency compares one projection with itself) and stores floats as
+  `dtype` (bfloat16 halves the bytes). `expand_cache` undoes both.
+  """
+  stored = dict(cache)
+  if np.array_equal(stored['query'], stored['key']):
+    del stored['query']
+  return {name: np.asarray(value).astype(dtype) for name, value in stored.items()}
+
+
+def expand_cache(cache: dict) -> dict:
+  """The model's cache form (float32, with 'query') from `compact_cache`'s."""
+  expanded = {name: jnp.asarray(value, jnp.float32) for name, value in cache.items()}
+  expanded.setdefault('query', expanded['key'])
+  return expanded
+
+
 def make_pair_step(model: CACENet, score: Callable) -> Callable:
-  """Jitted (variables, cache_q, cache_g) -> [N] distances with `score` as the method."""
+  """Jitted (variables, cache_q, cache_g) -> [N] distances with `score` as the method.
+
+  The caches may be in `compact_cache` form; they are expanded on the device.
+  """
   return jax.jit(lambda variables, cache_q, cache_g: model.apply(
-      variables, cache_q, cache_g, method=score))
+      variables, expand_cache(cache_q), expand_cache(cache_g), method=score))
 
 
 def rerank_top_k(distmat: np.ndarray, k: int, pair_distances: Callable[[np.ndarray, np.ndarray],

@@ -76,5 +76,6 @@ def get_config(arg=None):
   config.eval = ml_collections.ConfigDict()
   config.eval.flip = True  # Flip test-time augmentation.
   config.eval.stage2_k = 10  # Gallery images re-ranked by conditional features.
+  config.eval.cache_dtype = 'bfloat16'  # Host copy of the stage-2 caches ('float32' exact).
   config.eval.rerank = False  # k-reciprocal re-ranking as well.
   return config.lock()

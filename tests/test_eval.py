@@ -52,10 +52,13 @@ def test_compact_cache_equals_full_feature_maps(pooling, adjacency):
                   num_classes=5, adjacency=adjacency)
   images = jax.random.normal(jax.random.key(0), (4, 64, 32, 3))
   variables = model.init(jax.random.key(1), images, train=False)
-  # o starts at zero (conditional = individual); perturb it so the GCN matters.
+  # o starts at zero (conditional = individual) and W' at ones (query = key):
+  # perturb them so the GCN matters and the cache's query differs from its key.
+  perturbed = lambda path: any(name in jax.tree_util.keystr(path)
+                               for name in ('pair_graph', 'w_inter'))
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape)
-      if 'pair_graph' in jax.tree_util.keystr(path) else x, variables['params'])
+      if perturbed(path) else x, variables['params'])
   variables = {'params': params, 'batch_stats': variables['batch_stats']}
   fmap = model.apply(variables, images, train=False)['fmap']
   q, g = jnp.array([0, 0, 1, 3]), jnp.array([1, 2, 3, 2])
@@ -67,6 +70,18 @@ def test_compact_cache_equals_full_feature_maps(pooling, adjacency):
   expected = 1 - jnp.sum(normalize(full['embedding_uv']) * normalize(full['embedding_vu']), -1)
   np.testing.assert_allclose(compact, expected, rtol=1e-4, atol=1e-5)
   assert float(jnp.std(compact)) > 1e-4  # the pairs really differ
+
+  # The host form between the stages: exact in float32 (with 'query' dropped when it
+  # repeats 'key'), close in bfloat16 at half the bytes or less.
+  step = pair_scoring.make_pair_step(model, pair_scoring.conditional_distance)
+  host = jax.device_get(cache)
+  for dtype, tolerance in ((np.float32, 1e-6), (jnp.bfloat16, 2e-2)):
+    stored = pair_scoring.compact_cache(host, dtype)
+    assert ('query' in stored) == (adjacency == 'correspondence')
+    pick = lambda index: jax.tree.map(lambda c: c[np.asarray(index)], stored)
+    np.testing.assert_allclose(step(variables, pick(q), pick(g)), compact, atol=tolerance)
+  assert (pair_scoring.cache_nbytes(pair_scoring.compact_cache(host, jnp.bfloat16), 4)
+          <= 0.5 * pair_scoring.cache_nbytes(host, 4))
 
 
 @pytest.fixture(scope='module')
