@@ -9,6 +9,7 @@ results table is one way of scoring pairs.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -17,6 +18,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
 from cace_jax import input_pipeline, metrics, pair_scoring, rerank
 from cace_jax.losses import l2_normalize
@@ -41,6 +43,7 @@ def individual_features(model: CACENet, images, with_cache: bool = False):
   return embedding
 
 
+@functools.lru_cache(maxsize=4)  # periodic evaluations reuse one compiled step
 def make_embed_step(model: CACENet, mesh: jax.sharding.Mesh, flip: bool, with_cache: bool):
   """Jitted (variables, images [devices, b, H, W, 3]) -> (embeddings [devices, b, E], cache).
 
@@ -104,6 +107,13 @@ def summarize(result: dict) -> dict:
   return summary
 
 
+@functools.lru_cache(maxsize=2)  # periodic evaluations read the splits once
+def load_eval_splits(data_dir: str):
+  """(query, gallery) `SplitData` of the prepared dataset in `data_dir`."""
+  builder = tfds.builder_from_directory(data_dir)
+  return input_pipeline.load_split(builder, 'query'), input_pipeline.load_split(builder, 'gallery')
+
+
 def evaluate(model: CACENet, variables: dict, builder, config: ml_collections.ConfigDict,
              mesh: jax.sharding.Mesh, figures_dir: str | None = None) -> dict:
   """Evaluates the model's `variables` (params, batch_stats) on `builder`'s query/gallery.
@@ -124,8 +134,7 @@ def evaluate(model: CACENet, variables: dict, builder, config: ml_collections.Co
     {row: {'rank1', 'rank5', 'rank10', 'mAP', 'mINP'}} in percent, plus
     '_info' with cache bytes per image and K.
   """
-  query = input_pipeline.load_split(builder, 'query')
-  gallery = input_pipeline.load_split(builder, 'gallery')
+  query, gallery = load_eval_splits(str(builder.data_dir))
   k = config.eval.stage2_k if model.gcn != 'none' else 0
   embed_step = make_embed_step(model, mesh, config.eval.flip, with_cache=k > 0)
   q_emb, q_cache = extract_features(embed_step, variables, query, config, mesh)

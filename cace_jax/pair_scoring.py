@@ -13,6 +13,7 @@ weighted by the adjacency, with no GCN.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -78,6 +79,7 @@ def expand_cache(cache: dict) -> dict:
   return expanded
 
 
+@functools.lru_cache(maxsize=4)  # periodic evaluations reuse one compiled step
 def make_pair_step(model: CACENet, score: Callable) -> Callable:
   """Jitted (variables, cache_q, cache_g) -> [N] distances with `score` as the method.
 
