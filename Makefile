@@ -16,9 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-# Tests also need pytest and torch (porting parity tests run, never skip).
+# Tests also need pytest, torch and onnx (porting and export tests run, never skip).
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e '.[test,torch]'
+	$(BIN)/pip install --quiet -e '.[test,torch,onnx]'
 	touch $@
 
 # Generates and prepares synthetic_details, trains configs/synthetic.py on the CPU,

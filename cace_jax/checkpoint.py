@@ -104,3 +104,43 @@ def read_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict, d
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           metadata)
   return step, checkpointer.restore(state_dir, abstract), record
+
+
+def merge_variables(target: dict, source: dict, replaceable: tuple[str, ...] = ()
+                    ) -> tuple[dict, list[str]]:
+  """`source`'s variables in `target`'s tree; every mismatch is an error, naming each.
+
+  Args:
+    target: {'params', 'batch_stats'} of the model being initialised.
+    source: the same collections read from a checkpoint.
+    replaceable: '/'-joined path prefixes (e.g. 'params/classifier') whose
+      leaves may be absent from `source` or differ in shape; they keep the
+      target's value (a classifier over another dataset's identities).
+
+  Returns:
+    (merged variables, the replaceable paths that kept the target's value).
+
+  Raises:
+    ValueError: listing every missing, unexpected and mis-shaped variable.
+  """
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  flat_target = traverse_util.flatten_dict(target, sep='/')
+  flat_source = traverse_util.flatten_dict(source, sep='/')
+  is_replaceable = lambda path: any(path.startswith(prefix + '/') for prefix in replaceable)
+  merged, kept, problems = {}, [], []
+  for path, value in flat_target.items():
+    found = flat_source.get(path)
+    if found is not None and found.shape == value.shape:
+      merged[path] = found
+    elif is_replaceable(path):
+      merged[path] = value
+      kept.append(path)
+    elif found is None:
+      problems.append(f'missing {path}')
+    else:
+      problems.append(f'{path} has shape {tuple(found.shape)}, expected {tuple(value.shape)}')
+  problems += [f'unexpected {path}' for path in flat_source
+               if path not in flat_target and not is_replaceable(path)]
+  if problems:
+    raise ValueError('; '.join(problems))
+  return traverse_util.unflatten_dict(merged, sep='/'), kept

@@ -95,10 +95,11 @@ def _in_cluster() -> bool:
 def run_reporting_errors(function: Callable, *args) -> int:
   """Runs `function(*args)`; known user errors become one `error:` line and exit 2."""
   from cace_jax.datasets.manual_source import DatasetError  # pylint: disable=import-outside-toplevel
+  from cace_jax.port import PortError  # pylint: disable=import-outside-toplevel
   from cace_jax.train_lib import ConfigError  # pylint: disable=import-outside-toplevel
   try:
     function(*args)
-  except (DatasetError, ConfigError, FloatingPointError, FileNotFoundError) as e:
+  except (DatasetError, ConfigError, PortError, FloatingPointError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0

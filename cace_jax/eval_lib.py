@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import tempfile
 
 import jax
 from jax.experimental import multihost_utils
@@ -49,17 +50,23 @@ def make_embed_step(model: CACENet, mesh: jax.sharding.Mesh, flip: bool, with_ca
 
   With `flip`, the embedding is the renormalised mean of the L2-normalised
   embeddings of the image and its mirror (flip test-time augmentation); the
-  stage-2 cache (None unless `with_cache`) comes from the unflipped image.
+  stage-2 cache ({} unless `with_cache`) comes from the unflipped image,
+  without 'query' where the adjacency uses one array as query and key.
   """
 
   def device_fn(variables, images):
     images = images[0]
-    embedding, cache = model.apply(variables, images, True, method=individual_features)
+    if with_cache:
+      embedding, cache = model.apply(variables, images, True, method=individual_features)
+      if cache['query'] is cache['key']:  # one traced value: keep one copy
+        cache = {name: value for name, value in cache.items() if name != 'query'}
+    else:
+      embedding, cache = model.apply(variables, images, method=individual_features), {}
     if flip:
       mirrored = model.apply(variables, images[:, :, ::-1], method=individual_features)
       embedding = l2_normalize(l2_normalize(embedding) + l2_normalize(mirrored))
     add_device_axis = lambda tree: jax.tree.map(lambda x: x[None], tree)
-    return add_device_axis(embedding), add_device_axis(cache if with_cache else {})
+    return add_device_axis(embedding), add_device_axis(cache)
 
   spec = jax.sharding.PartitionSpec
   return jax.jit(jax.shard_map(device_fn, mesh=mesh, in_specs=(spec(), spec(AXIS)),
@@ -67,9 +74,14 @@ def make_embed_step(model: CACENet, mesh: jax.sharding.Mesh, flip: bool, with_ca
 
 
 def extract_features(embed_step, variables, data: input_pipeline.SplitData,
-                     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
-                     ) -> tuple[np.ndarray, dict]:
-  """Embeddings [N, E] (and stage-2 caches, leading axis N) of every image, in order."""
+                     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                     cache_dir: str | None = None) -> tuple[np.ndarray, dict]:
+  """Embeddings [N, E] and stage-2 caches (leading axis N) of every image, in order.
+
+  The caches are stored in `config.eval.cache_dtype` as they arrive, in
+  memory, or as memory-mapped files in `cache_dir` when they would exceed
+  `config.eval.cache_memory_gb` (`pair_scoring.allocate_host_cache`).
+  """
   dataset = input_pipeline.create_eval_dataset(
       data, image_size=config.data.image_size, batch_size=config.data.eval_batch_size,
       num_devices=jax.device_count(), local_devices=jax.local_device_count(),
@@ -84,7 +96,9 @@ def extract_features(embed_step, variables, data: input_pipeline.SplitData,
     output, cache, index = flat(output), jax.tree.map(flat, cache), flat(index)
     if embeddings is None:
       embeddings = np.zeros((len(data), output.shape[-1]), np.float32)
-      caches = jax.tree.map(lambda x: np.zeros((len(data),) + x.shape[1:], x.dtype), cache)
+      caches = pair_scoring.allocate_host_cache(
+          {name: value.shape[1:] for name, value in cache.items()}, len(data),
+          jnp.dtype(config.eval.cache_dtype), cache_dir, config.eval.cache_memory_gb)
     valid = index >= 0
     embeddings[index[valid]] = output[valid]
     for stored, new in zip(jax.tree.leaves(caches), jax.tree.leaves(cache)):
@@ -115,7 +129,8 @@ def load_eval_splits(data_dir: str):
 
 
 def evaluate(model: CACENet, variables: dict, builder, config: ml_collections.ConfigDict,
-             mesh: jax.sharding.Mesh, figures_dir: str | None = None) -> dict:
+             mesh: jax.sharding.Mesh, figures_dir: str | None = None,
+             scratch_dir: str | None = None) -> dict:
   """Evaluates the model's `variables` (params, batch_stats) on `builder`'s query/gallery.
 
   Rows (each a way of scoring pairs; stage-2 rows re-sort each query's
@@ -128,21 +143,29 @@ def evaluate(model: CACENet, variables: dict, builder, config: ml_collections.Co
       of stage 1 (k1 20, k2 6, lambda 0.3).
 
   With `figures_dir`, also writes the figures of `eval_figures` for the last
-  row (the full model's ranking when it has a pair stage).
+  row (the full model's ranking when it has a pair stage). Stage-2 caches too
+  large for memory go to a temporary directory in `scratch_dir` (the system's
+  temporary directory if None), removed afterwards.
 
   Returns:
     {row: {'rank1', 'rank5', 'rank10', 'mAP', 'mINP'}} in percent, plus
     '_info' with cache bytes per image and K.
   """
+  if scratch_dir:
+    os.makedirs(scratch_dir, exist_ok=True)
+  with tempfile.TemporaryDirectory(prefix='stage2_cache_', dir=scratch_dir) as cache_dir:
+    return _evaluate(model, variables, builder, config, mesh, figures_dir, cache_dir)
+
+
+def _evaluate(model, variables, builder, config, mesh, figures_dir, cache_dir) -> dict:
+  """`evaluate` with the stage-2 cache files (if any) in `cache_dir`."""
   query, gallery = load_eval_splits(str(builder.data_dir))
   k = config.eval.stage2_k if model.gcn != 'none' else 0
   embed_step = make_embed_step(model, mesh, config.eval.flip, with_cache=k > 0)
-  q_emb, q_cache = extract_features(embed_step, variables, query, config, mesh)
-  g_emb, g_cache = extract_features(embed_step, variables, gallery, config, mesh)
-  if k > 0:
-    cache_dtype = jnp.dtype(config.eval.cache_dtype)
-    q_cache = pair_scoring.compact_cache(q_cache, cache_dtype)
-    g_cache = pair_scoring.compact_cache(g_cache, cache_dtype)
+  q_emb, q_cache = extract_features(embed_step, variables, query, config, mesh,
+                                    os.path.join(cache_dir, 'query'))
+  g_emb, g_cache = extract_features(embed_step, variables, gallery, config, mesh,
+                                    os.path.join(cache_dir, 'gallery'))
   distmat = metrics.cosine_distance(q_emb, g_emb)
   last = {}
 
@@ -167,7 +190,8 @@ def evaluate(model: CACENet, variables: dict, builder, config: ml_collections.Co
         suffix = name[len('individual'):]
         results[row + suffix] = rank(pair_scoring.rerank_top_k(base, k, pair_distances))
     results['_info'] = {'stage2_k': k, 'cache_bytes_per_image': pair_scoring.cache_nbytes(
-        g_cache, len(gallery))}
+        g_cache, len(gallery)), 'cache_on_disk': isinstance(
+            jax.tree.leaves(g_cache)[0], np.memmap)}
   if figures_dir and jax.process_index() == 0:
     from cace_jax import eval_figures  # pylint: disable=import-outside-toplevel
     if config.eval.rerank:  # the last row is then k-reciprocal; show the plain one
@@ -215,7 +239,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   variables = jax.device_put({'params': state['params'], 'batch_stats': state['batch_stats']},
                              replicated)
-  results = evaluate(model, variables, builder, config, mesh, figures_dir=workdir)
+  results = evaluate(model, variables, builder, config, mesh, figures_dir=workdir,
+                     scratch_dir=workdir)
   if jax.process_index() == 0:
     print(format_table(results, title=f'{config.data.dataset}, {workdir} step {step}'))
     with open(os.path.join(workdir, 'results.json'), 'w', encoding='utf-8') as f:

@@ -1,15 +1,30 @@
-"""Our models out: PyTorch state_dicts (torchvision / official keys), .safetensors, ONNX.
+"""Our models out: PyTorch state_dicts, .safetensors, ONNX and `jax.export` artifacts.
 
-The key tables live in `cace_jax.port`; exporting runs them backwards
-(`port.flax_to_torch`), so port-in then export-out gives back the same
-tensors bit for bit. Exporting refuses variables the table does not cover
-entirely (a silently dropped tensor would make a different network).
+Torch weights: the key tables live in `cace_jax.port`; exporting runs them
+backwards (`port.flax_to_torch`), so port-in then export-out gives back the
+same tensors bit for bit. Exporting refuses variables the table does not
+cover entirely (a silently dropped tensor would make a different network).
+
+Deployment (`export_deployment`): the two stages of the paper's inference as
+two models each, ONNX (`onnx_graph`, for onnxruntime / TensorRT) and
+serialized `jax.export` modules (for JAX serving, no Python model code needed):
+
+  features  images [batch, H, W, 3] RGB 0-255 -> embedding [batch, E], fmap [batch, h, w, C]
+  pair      fmap_query, fmap_gallery [pairs, h, w, C] -> distance [pairs] (+ f(q|g), f(g|q))
+
+Command line:
+
+  python -m cace_jax.export deploy runs/market [--out DIR] [--step N]
+  python -m cace_jax.export torch runs/market --out cacenet.safetensors
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-from typing import Mapping
+import os
+import sys
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -116,3 +131,205 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None) -> dict:
     import torch  # pylint: disable=import-outside-toplevel
     torch.save({'epoch': record.get('epoch', 0), 'state_dict': to_torch_state_dict(exported)}, out)
   return exported
+
+
+# ----------------------------------------------------------------------------- deployment
+
+
+def model_from_record(record: Mapping):
+  """(CACENet in float32, image size or None, flip) of a trained or ported checkpoint."""
+  from cace_jax import train_lib  # pylint: disable=import-outside-toplevel
+  from cace_jax.models import CACENet  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  if record.get('model'):
+    kwargs = dict(record['model'])
+    if 'resnet_depth' in kwargs:
+      raise PortError('the checkpoint holds a bare torchvision ResNet; deployment export needs '
+                      'a CACE-Net checkpoint (trained, or ported with `port official`)')
+    return CACENet(**kwargs), None, True
+  config = ml_collections.ConfigDict(json.loads(record['config']))
+  model = train_lib.create_model(config, record.get('num_classes'), sync_bn=False)
+  # Exported graphs compute in float32 whatever the training compute dtype was.
+  return model.clone(dtype=np.float32), tuple(config.data.image_size), bool(config.eval.flip)
+
+
+def _features_method(module, images):
+  """Eval-mode (embedding [B, E], fmap [B, h, w, C]) of normalised images."""
+  fmap, _ = module.backbone(images, train=False)
+  batch, height, width, channels = fmap.shape
+  _, embedding = module.embed(module.pool(fmap.reshape(batch, height * width, channels)))
+  return embedding, fmap
+
+
+def feature_function(model, variables: Mapping, flip: bool) -> Callable:
+  """images [B, H, W, 3] RGB 0-255 -> (L2-normalised embedding [B, E], fmap [B, h, w, C]).
+
+  The same embedding `eval_lib` ranks with (flip-averaged if `flip`); the map
+  is the unflipped image's, the pair stage's input.
+  """
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from cace_jax.losses import l2_normalize  # pylint: disable=import-outside-toplevel
+  from cace_jax.augment import IMAGENET_MEAN_PIXEL, IMAGENET_STD  # pylint: disable=import-outside-toplevel
+  mean, std = np.float32(IMAGENET_MEAN_PIXEL), 255 * np.float32(IMAGENET_STD)
+
+  def features(images):
+    normalized = (images - mean) / std  # augment.normalize, as the eval pipeline
+    embedding, fmap = model.apply(variables, normalized, method=_features_method)
+    embedding = l2_normalize(embedding)
+    if flip:
+      mirrored, _ = model.apply(variables, normalized[:, :, ::-1], method=_features_method)
+      embedding = l2_normalize(embedding + l2_normalize(mirrored))
+    return embedding, fmap.astype(jnp.float32)
+
+  return features
+
+
+def pair_function(model, variables: Mapping) -> Callable:
+  """(fmap_query, fmap_gallery) [N, h, w, C] -> (distance [N], f(q|g) [N, E], f(g|q) [N, E])."""
+  from cace_jax.pair_scoring import embedding_distance  # pylint: disable=import-outside-toplevel
+
+  def embed_pairs(module, fmap_query, fmap_gallery):
+    return module.embed_cached_pairs(module.compute_image_cache(fmap_query),
+                                     module.compute_image_cache(fmap_gallery))
+
+  def pair(fmap_query, fmap_gallery):
+    out = model.apply(variables, fmap_query, fmap_gallery, method=embed_pairs)
+    return (embedding_distance(out['embedding_uv'], out['embedding_vu']),
+            out['embedding_uv'], out['embedding_vu'])
+
+  return pair
+
+
+def export_jax_functions(model, variables: Mapping, image_size: Sequence[int], flip: bool,
+                         platforms: Sequence[str] = ('cpu', 'cuda', 'tpu')) -> dict:
+  """Serialized `jax.export` modules {'features', 'pair'} with symbolic batch axes.
+
+  Weights are embedded as constants; `jax.export.deserialize(data).call(...)`
+  runs them on any of `platforms` without this package.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  height, width = image_size
+  fmap_shape = jax.eval_shape(feature_function(model, variables, flip=False),
+                              jax.ShapeDtypeStruct((1, height, width, 3), np.float32))[1].shape[1:]
+  batch, = jax.export.symbolic_shape('batch')
+  pairs, = jax.export.symbolic_shape('pairs')
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)
+  features = jax.export.export(jax.jit(feature_function(model, variables, flip)),
+                               platforms=platforms)(spec(batch, height, width, 3))
+  pair = jax.export.export(jax.jit(pair_function(model, variables)), platforms=platforms)(
+      spec(pairs, *fmap_shape), spec(pairs, *fmap_shape))
+  return {'features': features.serialize(), 'pair': pair.serialize()}
+
+
+def verify_onnx(model, variables: Mapping, image_size: Sequence[int], flip: bool,
+                features_path: str, pair_path: str, batch: int = 3, seed: int = 0) -> dict:
+  """Runs both ONNX models in onnxruntime and JAX on the same random images.
+
+  Returns:
+    Largest absolute differences: 'embedding' (unit vectors), 'fmap'
+    (relative to the map's largest value) and 'distance' (pairs of the
+    images with each other).
+  """
+  import onnxruntime  # pylint: disable=import-outside-toplevel
+  images = np.random.default_rng(seed).uniform(0, 255, (batch, *image_size, 3)).astype(np.float32)
+  embedding, fmap = map(np.asarray, feature_function(model, variables, flip)(images))
+  run = lambda path, feeds: onnxruntime.InferenceSession(
+      path, providers=['CPUExecutionProvider']).run(None, feeds)
+  onnx_embedding, onnx_fmap = run(features_path, {'images': images})
+  query, gallery = np.arange(batch), np.roll(np.arange(batch), 1)
+  distance = np.asarray(pair_function(model, variables)(fmap[query], fmap[gallery])[0])
+  onnx_distance = run(pair_path, {'fmap_query': fmap[query], 'fmap_gallery': fmap[gallery]})[0]
+  return {'embedding': float(np.abs(onnx_embedding - embedding).max()),
+          'fmap': float(np.abs(onnx_fmap - fmap).max() / max(np.abs(fmap).max(), 1e-12)),
+          'distance': float(np.abs(onnx_distance - distance).max())}
+
+
+def export_deployment(workdir: str, out: str | None = None, step: int | None = None,
+                      image_size: Sequence[int] | None = None, verify: bool = True) -> dict:
+  """Writes features/pair models of a checkpoint as ONNX and `jax.export` files.
+
+  Files in `out` (default `<workdir>/export`): features.onnx, pair.onnx,
+  features.jax_export, pair.jax_export and export.json (shapes, the source
+  checkpoint and, with `verify`, the onnxruntime-vs-JAX differences).
+  Existing files of the same names are replaced; nothing else is touched.
+
+  Args:
+    image_size: (H, W); needed for ported checkpoints, else the training config's.
+  """
+  from cace_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  try:
+    from cace_jax import onnx_graph  # pylint: disable=import-outside-toplevel
+    if verify:
+      import onnxruntime  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError as e:
+    raise PortError(f'deployment export needs the onnx extra ({e}): '
+                    "pip install -e '.[onnx]'") from e
+  step, state, record = checkpoint.read_checkpoint(workdir, step)
+  model, trained_size, flip = model_from_record(record)
+  image_size = tuple(image_size or trained_size or ())
+  if len(image_size) != 2:
+    raise PortError(f'{workdir} holds a ported checkpoint: give --image_size H W')
+  if model.gcn == 'none':
+    raise PortError(f'{workdir}: model.gcn is "none", so there is no pair stage to export')
+  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  out = out or os.path.join(workdir, 'export')
+  os.makedirs(out, exist_ok=True)
+  paths = {name: os.path.join(out, name) for name in (
+      'features.onnx', 'pair.onnx', 'features.jax_export', 'pair.jax_export', 'export.json')}
+  fmap_shape = onnx_graph.feature_map_shape(model, image_size)
+  _write_bytes(paths['features.onnx'],
+               onnx_graph.feature_graph(model, variables, image_size, flip).SerializeToString())
+  _write_bytes(paths['pair.onnx'],
+               onnx_graph.pair_graph(model, variables, fmap_shape).SerializeToString())
+  for name, data in export_jax_functions(model, variables, image_size, flip).items():
+    _write_bytes(paths[f'{name}.jax_export'], bytes(data))
+  summary = {'workdir': workdir, 'step': step, 'image_size': list(image_size), 'flip': flip,
+             'fmap_shape': list(fmap_shape), 'embed_dim': model.embed_dim,
+             'files': sorted(name for name in paths if name != 'export.json')}
+  if verify:
+    summary['max_abs_diff_onnx_vs_jax'] = verify_onnx(
+        model, variables, image_size, flip, paths['features.onnx'], paths['pair.onnx'])
+  with open(paths['export.json'], 'w', encoding='utf-8') as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+  """Writes atomically, so an interrupted export never leaves half a model."""
+  with open(path + '.tmp', 'wb') as f:
+    f.write(data)
+  os.replace(path + '.tmp', path)
+
+
+def main(argv=None) -> int:
+  """`python -m cace_jax.export {deploy,torch} WORKDIR ...` (see module docstring)."""
+  parser = argparse.ArgumentParser(prog='python -m cace_jax.export', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest='command', required=True)
+  deploy = sub.add_parser('deploy', help='ONNX + jax.export models of both inference stages')
+  deploy.add_argument('workdir')
+  deploy.add_argument('--out', default=None, help='directory (default WORKDIR/export)')
+  deploy.add_argument('--step', type=int, default=None)
+  deploy.add_argument('--image_size', type=int, nargs=2, default=None, metavar=('H', 'W'))
+  deploy.add_argument('--no_verify', action='store_true', help='skip the onnxruntime check')
+  weights = sub.add_parser('torch', help='torch weights (official keys): .safetensors or .pth')
+  weights.add_argument('workdir')
+  weights.add_argument('--out', required=True)
+  weights.add_argument('--step', type=int, default=None)
+  args = parser.parse_args(argv)
+  from cace_jax.cli import run_reporting_errors  # pylint: disable=import-outside-toplevel
+
+  def run():
+    if args.command == 'deploy':
+      result = export_deployment(args.workdir, args.out, args.step, args.image_size,
+                                 verify=not args.no_verify)
+    else:
+      export_checkpoint(args.workdir, args.out, args.step)
+      result = {'out': args.out}
+    print(json.dumps(result, indent=2))
+
+  return run_reporting_errors(run)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

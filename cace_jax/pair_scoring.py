@@ -14,6 +14,7 @@ weighted by the adjacency, with no GCN.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable
 
 import jax
@@ -35,8 +36,12 @@ def conditional_distance(module: CACENet, cache_q: dict, cache_g: dict):
   L2-normalised embeddings is a monotone function of it).
   """
   out = module.embed_cached_pairs(cache_q, cache_g)
-  return 1.0 - jnp.sum(l2_normalize(out['embedding_uv']) * l2_normalize(out['embedding_vu']),
-                       axis=-1)
+  return embedding_distance(out['embedding_uv'], out['embedding_vu'])
+
+
+def embedding_distance(embedding_uv, embedding_vu):
+  """Cosine distance of f(u|v) and f(v|u), row by row: [N, E] x 2 -> [N]."""
+  return 1.0 - jnp.sum(l2_normalize(embedding_uv) * l2_normalize(embedding_vu), axis=-1)
 
 
 def alignment_distance(module: CACENet, cache_q: dict, cache_g: dict):
@@ -70,6 +75,24 @@ def compact_cache(cache: dict, dtype=np.float32) -> dict:
   if np.array_equal(stored['query'], stored['key']):
     del stored['query']
   return {name: np.asarray(value).astype(dtype) for name, value in stored.items()}
+
+
+def allocate_host_cache(shapes: dict, num_images: int, dtype, directory: str | None = None,
+                        memory_limit_gb: float = 8.0) -> dict:
+  """Zeroed host arrays {name: [num_images, *shape]} of `dtype` for a split's caches.
+
+  In memory while they fit in `memory_limit_gb`; else `np.memmap` files in
+  `directory`, so caches of full maps (GeM on MSMT17: ~60 GB in bfloat16)
+  stream from disk: stage 2 reads only the rows of the pairs it scores. The
+  files are the caller's to delete.
+  """
+  dtype = np.dtype(dtype)
+  total = num_images * sum(int(np.prod(shape)) for shape in shapes.values()) * dtype.itemsize
+  if directory is None or total <= memory_limit_gb * 2 ** 30:
+    return {name: np.zeros((num_images, *shape), dtype) for name, shape in shapes.items()}
+  os.makedirs(directory, exist_ok=True)
+  return {name: np.memmap(os.path.join(directory, f'{name}.bin'), dtype=dtype, mode='w+',
+                          shape=(num_images, *shape)) for name, shape in shapes.items()}
 
 
 def expand_cache(cache: dict) -> dict:

@@ -101,6 +101,9 @@ def check_config(config: ml_collections.ConfigDict, num_identities: int) -> None
                       f'{num_identities} training identities')
   if config.train.num_steps <= 0 and config.optim.epochs <= 0:
     raise ConfigError('optim.epochs and train.num_steps are both <= 0: nothing to train')
+  if config.init.backbone and config.init.checkpoint:
+    raise ConfigError('init.backbone and init.checkpoint are both set: the checkpoint would '
+                      'replace the backbone; set one')
 
 
 def init_state(model: CACENet, tx: optax.GradientTransformation, image_size, seed: int
@@ -165,6 +168,38 @@ def init_backbone(state: TrainState, config: ml_collections.ConfigDict) -> Train
     raise ConfigError(f'init.backbone={config.init.backbone}: {e}') from e
   as_float32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
   return state.replace(params=as_float32(params), batch_stats=as_float32(batch_stats))
+
+
+CLASSIFIERS = ('params/classifier', 'params/pair_classifier')
+
+
+def init_from_checkpoint(state: TrainState, config: ml_collections.ConfigDict
+                         ) -> tuple[TrainState, list[str]]:
+  """Starts from every variable of a checkpoint (`init.checkpoint`: a workdir).
+
+  The workdir may hold a port (`python -m cace_jax.port official ...`) or
+  another run. All variables must match the model exactly, except the two
+  classifiers, which are kept freshly initialised when their number of
+  identities differs (fine-tuning on another dataset). Optimizer state and
+  step start afresh.
+
+  Returns:
+    (state, the classifier variables that were not loaded).
+  """
+  from cace_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  source_dir = config.init.checkpoint
+  try:
+    _, source, _ = checkpoint.read_checkpoint(source_dir)
+    target = {'params': jax.device_get(state.params),
+              'batch_stats': jax.device_get(state.batch_stats)}
+    merged, kept = checkpoint.merge_variables(
+        target, {'params': source['params'], 'batch_stats': source['batch_stats']},
+        replaceable=CLASSIFIERS)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f'init.checkpoint={source_dir}: {e}') from e
+  as_float32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+  return state.replace(params=as_float32(merged['params']),
+                       batch_stats=as_float32(merged['batch_stats'])), kept
 
 
 def make_train_step(model: CACENet, tx: optax.GradientTransformation,
@@ -246,10 +281,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = jax.device_put(state, replicated)
 
   manager = checkpoint.create_manager(workdir, keep_last=config.train.keep_last)
-  if config.init.backbone and manager.latest_step() is None:  # a checkpoint wins on resume
-    state = jax.device_put(init_backbone(state, config), replicated)
+  fresh_classifiers = []
+  if manager.latest_step() is None:  # on resume, the run's own checkpoint wins
+    if config.init.backbone:
+      state = init_backbone(state, config)
+    if config.init.checkpoint:
+      state, fresh_classifiers = init_from_checkpoint(state, config)
+    state = jax.device_put(state, replicated)
   restored = checkpoint.restore_checkpoint(manager, state)
   logger = RunLogger(workdir, num_steps, 0, images_per_step)
+  if config.init.checkpoint and restored is None:
+    logger.info(f'initialised from {config.init.checkpoint}; classifiers kept at their '
+                f'initial values: {fresh_classifiers or "none"}')
   if restored is not None:
     state, record = restored
     logger.info(f'resumed from {workdir} at step {record["step"]}')
@@ -281,7 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     metrics_for_best = None
     if step == num_steps or (eval_every and step % eval_every == 0):
       results = eval_lib.evaluate(model, variables_of(state), builder, config, mesh,
-                                  figures_dir=workdir if step == num_steps else None)
+                                  figures_dir=workdir if step == num_steps else None,
+                                  scratch_dir=workdir)
       logger.scalars(step, eval_lib.flatten_results(results), prefix='eval')
       logger.info(eval_lib.format_table(results, title=f'step {step}'))
       if 'individual' in results:
@@ -295,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if start_step >= num_steps:  # Already trained: report the final model again.
     logger.info(f'{workdir} is already trained to step {start_step}; evaluating it')
     results = eval_lib.evaluate(model, variables_of(state), builder, config, mesh,
-                                figures_dir=workdir)
+                                figures_dir=workdir, scratch_dir=workdir)
     logger.info(eval_lib.format_table(results, title=f'step {start_step}'))
   if results and jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w', encoding='utf-8') as f:

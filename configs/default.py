@@ -72,10 +72,15 @@ def get_config(arg=None):
 
   config.init = ml_collections.ConfigDict()
   config.init.backbone = ''  # torchvision ResNet .pth / .safetensors (ImageNet).
+  # Workdir of a ported or trained checkpoint: all variables (classifiers if sizes match).
+  config.init.checkpoint = ''
 
   config.eval = ml_collections.ConfigDict()
   config.eval.flip = True  # Flip test-time augmentation.
   config.eval.stage2_k = 10  # Gallery images re-ranked by conditional features.
   config.eval.cache_dtype = 'bfloat16'  # Host copy of the stage-2 caches ('float32' exact).
+  # Per split; larger stage-2 caches are memory-mapped files in the workdir while
+  # evaluating (deleted after); 0 always uses files.
+  config.eval.cache_memory_gb = 8.0
   config.eval.rerank = False  # k-reciprocal re-ranking as well.
   return config.lock()

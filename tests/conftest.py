@@ -143,3 +143,18 @@ def tiny_data_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp('tiny_data'))
   prepare.prepare_dataset('synthetic_details/tiny', data_dir)
   return data_dir
+
+
+@pytest.fixture(scope='session')
+def trained_workdir(tiny_data_dir, tmp_path_factory):
+  """A workdir holding a 2-step configs/tiny.py checkpoint (no results.json)."""
+  from cace_jax import train_lib
+  from configs import tiny
+  config = tiny.get_config()
+  config.data.data_dir = tiny_data_dir
+  config.train.num_steps = 2
+  config.train.eval_every_epochs = 0
+  workdir = str(tmp_path_factory.mktemp('trained'))
+  train_lib.train_and_evaluate(config, workdir)
+  os.remove(os.path.join(workdir, 'results.json'))
+  return workdir

@@ -12,12 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cace_jax import pair_scoring, train_lib
+from cace_jax import pair_scoring
 from cace_jax.models import CACENet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import tiny  # pylint: disable=wrong-import-position
 
 
 def random_distmat(seed=0, shape=(6, 20)):
@@ -84,18 +82,6 @@ def test_compact_cache_equals_full_feature_maps(pooling, adjacency):
           <= 0.5 * pair_scoring.cache_nbytes(host, 4))
 
 
-@pytest.fixture(scope='module')
-def trained_workdir(tiny_data_dir, tmp_path_factory):
-  config = tiny.get_config()
-  config.data.data_dir = tiny_data_dir
-  config.train.num_steps = 2
-  config.train.eval_every_epochs = 0
-  workdir = str(tmp_path_factory.mktemp('trained'))
-  train_lib.train_and_evaluate(config, workdir)
-  os.remove(os.path.join(workdir, 'results.json'))
-  return workdir
-
-
 def test_eval_py_end_to_end(trained_workdir, tiny_data_dir):
   result = subprocess.run(
       [sys.executable, 'eval.py', '--config', 'configs/tiny.py', '--workdir', trained_workdir,
@@ -126,3 +112,30 @@ def test_eval_py_missing_checkpoint_is_one_line_error(tmp_path, tiny_data_dir):
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2
   assert f'error: no checkpoint in {tmp_path}' in result.stderr
+
+
+def test_stage2_caches_stream_from_disk_with_the_same_results(trained_workdir, tiny_data_dir,
+                                                              tmp_path):
+  """Caches over `eval.cache_memory_gb` become memory-mapped files, removed afterwards."""
+  from cace_jax import checkpoint, eval_lib, train_lib  # pylint: disable=import-outside-toplevel
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  config = tiny.get_config()
+  config.data.data_dir = tiny_data_dir
+  config.eval.stage2_k = 5
+  _, state, record = checkpoint.read_checkpoint(trained_workdir)
+  model = train_lib.create_model(config, record['num_classes'])
+  builder = train_lib.prepare_on_first_process(config)
+  mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  variables = jax.device_put({'params': state['params'], 'batch_stats': state['batch_stats']},
+                             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  results = {}
+  for limit in (8.0, 0.0):
+    config.eval.cache_memory_gb = limit
+    results[limit] = eval_lib.evaluate(model, variables, builder, config, mesh,
+                                       scratch_dir=str(tmp_path))
+  assert not results[8.0]['_info']['cache_on_disk'] and results[0.0]['_info']['cache_on_disk']
+  info = lambda r: {k: v for k, v in r['_info'].items() if k != 'cache_on_disk'}
+  assert info(results[8.0]) == info(results[0.0])
+  for row in ('individual', 'clue_alignment', 'cacenet'):
+    assert results[8.0][row] == results[0.0][row], row
+  assert os.listdir(tmp_path) == []

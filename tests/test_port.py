@@ -384,3 +384,45 @@ def test_training_hook_loads_imagenet_backbone(tmp_path, tiny_data_dir):
   with pytest.raises(train_lib.ConfigError, match='init.backbone='):
     train_lib.init_backbone(train_lib.init_state(train_lib.create_model(config, 9), tx,
                                                  (64, 32), 0), config)
+
+
+def test_training_starts_from_a_whole_checkpoint(trained_workdir, tiny_data_dir, tmp_path):
+  """`init.checkpoint` loads every variable; only classifiers of another size stay fresh."""
+  from cace_jax import train_lib  # pylint: disable=import-outside-toplevel
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  _, source, record = checkpoint.read_checkpoint(trained_workdir)
+  config = tiny.get_config()
+  config.data.data_dir = tiny_data_dir
+  config.init.checkpoint = trained_workdir
+  tx, _ = train_lib.create_optimizer(config, 3, 4)
+
+  def fresh(num_classes, **model_fields):
+    changed = config.copy_and_resolve_references()
+    changed.model.update(model_fields)
+    return train_lib.init_state(train_lib.create_model(changed, num_classes), tx, (64, 32), 7)
+
+  state, kept = train_lib.init_from_checkpoint(fresh(record['num_classes']), config)
+  assert kept == []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(source['params']):
+    np.testing.assert_array_equal(
+        np.asarray(functools.reduce(lambda t, k: t[k.key], path, state.params)), leaf,
+        err_msg=jax.tree_util.keystr(path))
+
+  other_dataset = fresh(record['num_classes'] + 3)
+  state, kept = train_lib.init_from_checkpoint(other_dataset, config)
+  assert kept == ['params/classifier/kernel', 'params/pair_classifier/kernel']
+  np.testing.assert_array_equal(state.params['classifier']['kernel'],
+                                other_dataset.params['classifier']['kernel'])
+  np.testing.assert_array_equal(state.params['embedding_conv']['kernel'],
+                                source['params']['embedding_conv']['kernel'])
+
+  with pytest.raises(train_lib.ConfigError,
+                     match=r'missing params/gemp/p.*unexpected params/pair_attention/y'):
+    train_lib.init_from_checkpoint(fresh(5, pooling='gem', adjacency='correspondence'), config)
+
+  # Through train_and_evaluate: the log says where the run started from.
+  config.train.num_steps, config.train.eval_every_epochs = 1, 0
+  workdir = str(tmp_path / 'finetune')
+  train_lib.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, 'train.log'), encoding='utf-8') as f:
+    assert f'initialised from {trained_workdir}' in f.read()

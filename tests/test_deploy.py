@@ -1,0 +1,128 @@
+"""Deployment export: ONNX graphs and `jax.export` modules of both inference stages.
+
+Tolerance: onnxruntime and JAX agree to 1e-5 on L2-normalised embeddings and
+pair distances, and to 1e-5 of the largest value on feature maps (float32;
+the ONNX graphs fold BatchNorm into the convolutions, so the sums round
+differently; observed gaps are ~5e-7).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnxruntime
+import pytest
+
+from cace_jax import checkpoint, export, onnx_graph, port
+from cace_jax.models import CACENet
+
+TOLERANCE = 1e-5
+IMAGE_SIZE = (64, 32)
+
+
+def perturbed_variables(model: CACENet, seed: int = 0) -> dict:
+  """Initial variables moved off their init values: BN statistics, o (zero at init) and p."""
+  variables = model.init(jax.random.key(seed), jnp.zeros((1, *IMAGE_SIZE, 3)))
+  rng = np.random.default_rng(seed)
+
+  def perturb(path, leaf):
+    noise = 0.1 * rng.standard_normal(leaf.shape).astype(np.float32)
+    if 'var' in jax.tree_util.keystr(path):
+      return np.abs(leaf + noise) + 0.5
+    return leaf + noise
+
+  return jax.tree_util.tree_map_with_path(perturb, variables)
+
+
+def run_onnx(model_proto, feeds: dict) -> list:
+  session = onnxruntime.InferenceSession(model_proto.SerializeToString(),
+                                         providers=['CPUExecutionProvider'])
+  return session.run(None, feeds)
+
+
+# The official configuration (projected, GeM, non-local) and one of each other kind.
+CASES = [
+    dict(adjacency='projected', pooling='gem', non_local=True),
+    dict(adjacency='correspondence', pooling='avg', non_local=False, gcn_depth=2),
+    dict(adjacency='intra', pooling='avgmax', gcn='normal'),
+    dict(adjacency='topk', topk=2, pooling='gem'),
+    dict(adjacency='part', pooling='avg', depth=18, last_stride=2),
+]
+
+
+@pytest.mark.parametrize('case', CASES, ids=lambda case: '-'.join(map(str, case.values())))
+def test_onnx_models_match_jax(case, tmp_path):
+  model = CACENet(**{'depth': 'tiny', 'width': 8, 'embed_dim': 32, 'num_classes': 5, **case})
+  variables = perturbed_variables(model)
+  flip = case['pooling'] != 'avg'  # both settings across the cases
+  features = onnx_graph.feature_graph(model, variables, IMAGE_SIZE, flip)
+  pair = onnx_graph.pair_graph(model, variables, onnx_graph.feature_map_shape(model, IMAGE_SIZE))
+  features_path, pair_path = str(tmp_path / 'features.onnx'), str(tmp_path / 'pair.onnx')
+  with open(features_path, 'wb') as f:
+    f.write(features.SerializeToString())
+  with open(pair_path, 'wb') as f:
+    f.write(pair.SerializeToString())
+  gaps = export.verify_onnx(model, variables, IMAGE_SIZE, flip, features_path, pair_path)
+  assert max(gaps.values()) <= TOLERANCE, gaps
+
+  # The batch axis is dynamic: one image alone gives the same as within a batch.
+  images = np.random.default_rng(1).uniform(0, 255, (4, *IMAGE_SIZE, 3)).astype(np.float32)
+  batch_embedding, batch_fmap = run_onnx(features, {'images': images})
+  single_embedding, _ = run_onnx(features, {'images': images[2:3]})
+  np.testing.assert_allclose(single_embedding[0], batch_embedding[2], atol=TOLERANCE)
+  # The pair stage is not the individual distance (the GCN changed the features).
+  distance, emb_qg, emb_gq = run_onnx(pair, {'fmap_query': batch_fmap[:3],
+                                             'fmap_gallery': batch_fmap[1:]})
+  individual = 1.0 - np.sum(batch_embedding[:3] * batch_embedding[1:], axis=-1)
+  assert distance.shape == (3,) and emb_qg.shape == emb_gq.shape == (3, 32)
+  assert np.abs(distance - individual).max() > 1e-3
+
+
+def test_pair_graph_needs_a_pair_stage():
+  model = CACENet(depth='tiny', width=8, embed_dim=32, gcn='none')
+  with pytest.raises(ValueError, match='no pair stage'):
+    onnx_graph.pair_graph(model, perturbed_variables(model), (4, 2, 256))
+
+
+def test_deploy_cli_writes_models_that_agree(trained_workdir, tmp_path, capsys):
+  out = str(tmp_path / 'export')
+  assert export.main(['deploy', trained_workdir, '--out', out]) == 0
+  summary = json.loads(capsys.readouterr().out)
+  assert sorted(os.listdir(out)) == ['export.json', 'features.jax_export', 'features.onnx',
+                                     'pair.jax_export', 'pair.onnx']
+  assert summary['image_size'] == list(IMAGE_SIZE) and summary['step'] == 2
+  assert max(summary['max_abs_diff_onnx_vs_jax'].values()) <= TOLERANCE
+
+  # The jax.export modules need no model code, take any batch size and match ONNX.
+  load = lambda name: jax.export.deserialize(bytearray(open(os.path.join(out, name), 'rb').read()))
+  features, pair = load('features.jax_export'), load('pair.jax_export')
+  assert set(features.platforms) == {'cpu', 'cuda', 'tpu'}
+  images = np.random.default_rng(2).uniform(0, 255, (5, *IMAGE_SIZE, 3)).astype(np.float32)
+  embedding, fmap = features.call(images)
+  session = lambda name: onnxruntime.InferenceSession(os.path.join(out, name),
+                                                      providers=['CPUExecutionProvider'])
+  onnx_embedding, _ = session('features.onnx').run(None, {'images': images})
+  np.testing.assert_allclose(np.asarray(embedding), onnx_embedding, atol=TOLERANCE)
+  distance = pair.call(fmap[:2], fmap[3:])[0]
+  onnx_distance = session('pair.onnx').run(None, {'fmap_query': np.asarray(fmap[:2]),
+                                                  'fmap_gallery': np.asarray(fmap[3:])})[0]
+  np.testing.assert_allclose(np.asarray(distance), onnx_distance, atol=TOLERANCE)
+
+
+def test_deploy_errors_are_one_line(tmp_path, capsys):
+  assert export.main(['deploy', str(tmp_path)]) == 2
+  assert f'error: no checkpoint in {tmp_path}' in capsys.readouterr().err
+  # A bare torchvision port is no CACE-Net; nothing is written next to it.
+  variables = port.load_torchvision_resnet(
+      {k: v.numpy() for k, v in __import__('torchvision').models.resnet18().state_dict().items()},
+      18)
+  workdir = str(tmp_path / 'resnet')
+  port.write_ported_checkpoint(workdir, variables, {'resnet_depth': 18, 'include_fc': True}, 'x')
+  assert export.main(['deploy', workdir]) == 2
+  assert 'bare torchvision ResNet' in capsys.readouterr().err
+  assert not os.path.exists(os.path.join(workdir, 'export'))
+  assert checkpoint.read_checkpoint(workdir)[0] == 0
