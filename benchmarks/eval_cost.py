@@ -9,6 +9,11 @@ split (3,368 queries, 15,913 gallery images), the metric time at that size
 (random distances), and the cache's bytes per gallery image (as computed on
 the device, and as stored between the stages). Network weights
 are random: costs do not depend on them.
+
+Streaming (`eval.cache_memory_gb`): the host time per query to gather its K
+gallery cache rows from memory and from memory-mapped bfloat16 files read
+cold (file pages evicted with posix_fadvise first), and the stored cache size
+of MSMT17 (11,659 + 82,161 images) it is there for.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 
 import jax
@@ -28,6 +34,7 @@ from cace_jax import eval_lib, metrics, pair_scoring, train_lib  # pylint: disab
 from configs import market  # pylint: disable=wrong-import-position
 
 NUM_QUERY, NUM_GALLERY = 3368, 15913
+MSMT17_IMAGES = 11659 + 82161
 
 
 def median_time(fn, repeats: int) -> float:
@@ -52,6 +59,8 @@ def measure_pooling(pooling: str, batch: int, repeats: int, ks) -> dict:
   stage1 = median_time(lambda: extract(variables, images), repeats) / batch
   _, cache = extract(variables, images)
   cache = jax.device_get(cache)
+  if np.array_equal(cache['query'], cache['key']):
+    del cache['query']  # as eval_lib's embed step returns it
   result = {'stage1_s_per_image': stage1,
             'cache_bytes_per_image': pair_scoring.cache_nbytes(cache, batch),
             'stored_cache_bytes_per_image': pair_scoring.cache_nbytes(
@@ -67,6 +76,36 @@ def measure_pooling(pooling: str, batch: int, repeats: int, ks) -> dict:
     result['stage2_s_per_query'][k] = per_query
     result['stage2_over_stage1_market'][k] = (NUM_QUERY * per_query) / (
         (NUM_QUERY + NUM_GALLERY) * stage1)
+  return result, cache
+
+
+def measure_streaming(cache: dict, ks, num_images: int, queries: int = 50) -> dict:
+  """Seconds per query to gather K gallery rows: in-memory arrays vs cold memory-mapped files."""
+  stored = pair_scoring.compact_cache(cache, jax.numpy.bfloat16)
+  shapes = {name: value.shape[1:] for name, value in stored.items()}
+  dtype = jax.numpy.bfloat16
+  rng = np.random.default_rng(0)
+  result = {'num_images': num_images, 'memory_s_per_query': {}, 'disk_cold_s_per_query': {}}
+  with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(__file__))) as directory:
+    on_disk = pair_scoring.allocate_host_cache(shapes, num_images, dtype, directory, 0.0)
+    in_memory = pair_scoring.allocate_host_cache(shapes, num_images, dtype)
+    batch = len(next(iter(stored.values())))
+    for name, rows in stored.items():
+      for start in range(0, num_images, batch):
+        stop = min(start + batch, num_images)
+        on_disk[name][start:stop] = in_memory[name][start:stop] = rows[:stop - start]
+      on_disk[name].flush()
+    for k in ks:
+      picks = [rng.choice(num_images, k, replace=False) for _ in range(queries)]
+      for name in on_disk:  # evict the files' pages: every read below goes to the disk
+        with open(os.path.join(directory, f'{name}.bin'), 'rb') as f:
+          os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+      for label, arrays in (('disk_cold_s_per_query', on_disk),
+                            ('memory_s_per_query', in_memory)):
+        start = time.perf_counter()
+        for index in picks:
+          jax.tree.map(lambda c, index=index: np.array(c[index]), arrays)
+        result[label][k] = (time.perf_counter() - start) / queries
   return result
 
 
@@ -76,6 +115,9 @@ def main():
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--poolings', default='avg,gem')
   parser.add_argument('--out', default='benchmarks/results/eval_cost.json')
+  parser.add_argument('--stream_pooling', default='gem', help='whose caches to stream')
+  parser.add_argument('--stream_images', type=int, default=2000,
+                      help='gallery rows written to the memory-mapped files')
   args = parser.parse_args()
   ks = (10, 50, 100)
 
@@ -91,7 +133,11 @@ def main():
             'machine': platform.machine(), 'jax': jax.__version__,
             'load_average': os.getloadavg()[0], 'poolings': {}}
   for pooling in args.poolings.split(','):
-    report['poolings'][pooling] = measure_pooling(pooling, args.batch, args.repeats, ks)
+    report['poolings'][pooling], cache = measure_pooling(pooling, args.batch, args.repeats, ks)
+    stored = report['poolings'][pooling]['stored_cache_bytes_per_image']
+    report['poolings'][pooling]['stored_cache_gb_msmt17'] = stored * MSMT17_IMAGES / 2 ** 30
+    if pooling == args.stream_pooling:
+      report['streaming'] = measure_streaming(cache, ks, args.stream_images)
 
   print(f'metric (evaluate_rank) at {NUM_QUERY}×{NUM_GALLERY}: {metric_seconds:.2f} s')
   for pooling, r in report['poolings'].items():
@@ -101,6 +147,13 @@ def main():
     for k in ks:
       print(f'[{pooling}]   K={k:3d}: stage 2 {r["stage2_s_per_query"][k] * 1e3:8.1f} ms/query, '
             f'stage2/stage1 on Market {r["stage2_over_stage1_market"][k]:.3f}')
+    print(f'[{pooling}]   stored caches of MSMT17: {r["stored_cache_gb_msmt17"]:.1f} GB')
+  if 'streaming' in report:
+    r = report['streaming']
+    for k in ks:
+      print(f'[{args.stream_pooling} streaming] K={k:3d}: gather {r["memory_s_per_query"][k] * 1e3:.2f} '
+            f'ms/query from memory, {r["disk_cold_s_per_query"][k] * 1e3:.2f} ms/query from '
+            f'cold memory-mapped files')
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, 'w') as f:
     json.dump(report, f, indent=2)

@@ -27,6 +27,7 @@ from cace_jax.models import CACENet
 
 AXIS = 'data'
 RANKS = (1, 5, 10)
+STAGE2_PAIRS_PER_CALL = 256  # rounded up to a multiple of the device count
 
 
 def individual_features(model: CACENet, images, with_cache: bool = False):
@@ -182,20 +183,26 @@ def _evaluate(model, variables, builder, config, mesh, figures_dir, cache_dir) -
     scorers = {'cacenet': pair_scoring.conditional_distance}
     if pair_scoring.has_alignment_keys(q_cache):
       scorers = {'clue_alignment': pair_scoring.alignment_distance, **scorers}
+    # One process: the pairs of each call are split over the devices. Several
+    # processes each hold all caches and score all pairs, as one replicated program.
+    pair_mesh = mesh if jax.process_count() == 1 else None
+    pairs_per_call = -(-STAGE2_PAIRS_PER_CALL // mesh.size) * mesh.size
     for row, score in scorers.items():
-      step = pair_scoring.make_pair_step(model, score)
+      step = pair_scoring.make_pair_step(model, score, pair_mesh)
       pair_distances = lambda q, g, step=step: step(
           variables, jax.tree.map(lambda c: c[q], q_cache), jax.tree.map(lambda c: c[g], g_cache))
       for name, base in stage1.items():
         suffix = name[len('individual'):]
-        results[row + suffix] = rank(pair_scoring.rerank_top_k(base, k, pair_distances))
+        results[row + suffix] = rank(pair_scoring.rerank_top_k(base, k, pair_distances,
+                                                               pairs_per_call))
     results['_info'] = {'stage2_k': k, 'cache_bytes_per_image': pair_scoring.cache_nbytes(
         g_cache, len(gallery)), 'cache_on_disk': isinstance(
             jax.tree.leaves(g_cache)[0], np.memmap)}
   if figures_dir and jax.process_index() == 0:
     from cace_jax import eval_figures  # pylint: disable=import-outside-toplevel
     if config.eval.rerank:  # the last row is then k-reciprocal; show the plain one
-      rank(pair_scoring.rerank_top_k(distmat, k, pair_distances) if k > 0 else distmat)
+      rank(pair_scoring.rerank_top_k(distmat, k, pair_distances, pairs_per_call)
+           if k > 0 else distmat)
     eval_figures.write_figures(model, variables, query, gallery, last['distmat'],
                                last['result']['per_query_ap'], config.data.image_size,
                                figures_dir)

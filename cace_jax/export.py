@@ -245,7 +245,8 @@ def verify_onnx(model, variables: Mapping, image_size: Sequence[int], flip: bool
 
 
 def export_deployment(workdir: str, out: str | None = None, step: int | None = None,
-                      image_size: Sequence[int] | None = None, verify: bool = True) -> dict:
+                      image_size: Sequence[int] | None = None, flip: bool | None = None,
+                      verify: bool = True) -> dict:
   """Writes features/pair models of a checkpoint as ONNX and `jax.export` files.
 
   Files in `out` (default `<workdir>/export`): features.onnx, pair.onnx,
@@ -255,6 +256,7 @@ def export_deployment(workdir: str, out: str | None = None, step: int | None = N
 
   Args:
     image_size: (H, W); needed for ported checkpoints, else the training config's.
+    flip: flip-average the embedding; None: the config's `eval.flip` (True for ports).
   """
   from cace_jax import checkpoint  # pylint: disable=import-outside-toplevel
   try:
@@ -265,7 +267,8 @@ def export_deployment(workdir: str, out: str | None = None, step: int | None = N
     raise PortError(f'deployment export needs the onnx extra ({e}): '
                     "pip install -e '.[onnx]'") from e
   step, state, record = checkpoint.read_checkpoint(workdir, step)
-  model, trained_size, flip = model_from_record(record)
+  model, trained_size, config_flip = model_from_record(record)
+  flip = config_flip if flip is None else flip
   image_size = tuple(image_size or trained_size or ())
   if len(image_size) != 2:
     raise PortError(f'{workdir} holds a ported checkpoint: give --image_size H W')
@@ -311,6 +314,8 @@ def main(argv=None) -> int:
   deploy.add_argument('--out', default=None, help='directory (default WORKDIR/export)')
   deploy.add_argument('--step', type=int, default=None)
   deploy.add_argument('--image_size', type=int, nargs=2, default=None, metavar=('H', 'W'))
+  deploy.add_argument('--no_flip', action='store_true',
+                      help='no flip averaging (default: the config\'s eval.flip)')
   deploy.add_argument('--no_verify', action='store_true', help='skip the onnxruntime check')
   weights = sub.add_parser('torch', help='torch weights (official keys): .safetensors or .pth')
   weights.add_argument('workdir')
@@ -322,6 +327,7 @@ def main(argv=None) -> int:
   def run():
     if args.command == 'deploy':
       result = export_deployment(args.workdir, args.out, args.step, args.image_size,
+                                 flip=False if args.no_flip else None,
                                  verify=not args.no_verify)
     else:
       export_checkpoint(args.workdir, args.out, args.step)

@@ -72,7 +72,7 @@ def compact_cache(cache: dict, dtype=np.float32) -> dict:
   `dtype` (bfloat16 halves the bytes). `expand_cache` undoes both.
   """
   stored = dict(cache)
-  if np.array_equal(stored['query'], stored['key']):
+  if 'query' in stored and np.array_equal(stored['query'], stored['key']):
     del stored['query']
   return {name: np.asarray(value).astype(dtype) for name, value in stored.items()}
 
@@ -82,7 +82,7 @@ def allocate_host_cache(shapes: dict, num_images: int, dtype, directory: str | N
   """Zeroed host arrays {name: [num_images, *shape]} of `dtype` for a split's caches.
 
   In memory while they fit in `memory_limit_gb`; else `np.memmap` files in
-  `directory`, so caches of full maps (GeM on MSMT17: ~60 GB in bfloat16)
+  `directory`, so caches of full maps (GeM on MSMT17: ~84 GB in bfloat16)
   stream from disk: stage 2 reads only the rows of the pairs it scores. The
   files are the caller's to delete.
   """
@@ -103,13 +103,31 @@ def expand_cache(cache: dict) -> dict:
 
 
 @functools.lru_cache(maxsize=4)  # periodic evaluations reuse one compiled step
-def make_pair_step(model: CACENet, score: Callable) -> Callable:
+def make_pair_step(model: CACENet, score: Callable,
+                   mesh: jax.sharding.Mesh | None = None) -> Callable:
   """Jitted (variables, cache_q, cache_g) -> [N] distances with `score` as the method.
 
   The caches may be in `compact_cache` form; they are expanded on the device.
+  With a (one-axis, single-process) `mesh`, the N pairs are split over its
+  devices, so N must be a multiple of the mesh size; variables are replicated.
   """
-  return jax.jit(lambda variables, cache_q, cache_g: model.apply(
-      variables, expand_cache(cache_q), expand_cache(cache_g), method=score))
+  def score_pairs(variables, cache_q, cache_g):
+    return model.apply(variables, expand_cache(cache_q), expand_cache(cache_g), method=score)
+
+  if mesh is None:
+    return jax.jit(score_pairs)
+  spec = jax.sharding.PartitionSpec
+  pairs = spec(mesh.axis_names[0])
+  step = jax.jit(jax.shard_map(score_pairs, mesh=mesh, in_specs=(spec(), pairs, pairs),
+                               out_specs=pairs))
+  by_pair = jax.sharding.NamedSharding(mesh, pairs)
+  replicated = jax.sharding.NamedSharding(mesh, spec())
+
+  def sharded_step(variables, cache_q, cache_g):
+    return step(jax.device_put(variables, replicated), jax.device_put(cache_q, by_pair),
+                jax.device_put(cache_g, by_pair))
+
+  return sharded_step
 
 
 def rerank_top_k(distmat: np.ndarray, k: int, pair_distances: Callable[[np.ndarray, np.ndarray],

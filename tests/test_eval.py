@@ -81,6 +81,11 @@ def test_compact_cache_equals_full_feature_maps(pooling, adjacency):
   assert (pair_scoring.cache_nbytes(pair_scoring.compact_cache(host, jnp.bfloat16), 4)
           <= 0.5 * pair_scoring.cache_nbytes(host, 4))
 
+  # Split over the 4 devices, the same pairs give the same distances.
+  mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  sharded = pair_scoring.make_pair_step(model, pair_scoring.conditional_distance, mesh)
+  np.testing.assert_allclose(sharded(variables, take(q), take(g)), compact, atol=1e-6)
+
 
 def test_eval_py_end_to_end(trained_workdir, tiny_data_dir):
   result = subprocess.run(

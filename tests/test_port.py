@@ -426,3 +426,26 @@ def test_training_starts_from_a_whole_checkpoint(trained_workdir, tiny_data_dir,
   train_lib.train_and_evaluate(config, workdir)
   with open(os.path.join(workdir, 'train.log'), encoding='utf-8') as f:
     assert f'initialised from {trained_workdir}' in f.read()
+
+
+def test_official_checkpoint_to_onnx_matches_pytorch(tmp_path):
+  """Official .pth -> port -> ONNX: onnxruntime reproduces the PyTorch model's embeddings."""
+  import onnxruntime  # pylint: disable=import-outside-toplevel
+  from cace_jax import augment  # pylint: disable=import-outside-toplevel
+  model, (_, f, _, f_1) = official_case()
+  source, workdir = str(tmp_path / 'official.pth'), str(tmp_path / 'ported')
+  save_official(model, source)
+  port.main(['official', source, '--out', workdir])
+  out = str(tmp_path / 'export')
+  assert export.main(['deploy', workdir, '--out', out, '--image_size', '64', '32',
+                      '--no_flip']) == 0
+  # The ONNX model takes 0-255 pixels and normalises them itself.
+  pixels = (IMAGES_NCHW.transpose(0, 2, 3, 1) * 255 * np.float32(augment.IMAGENET_STD)
+            + np.float32(augment.IMAGENET_MEAN_PIXEL)).astype(np.float32)
+  run = lambda name, feeds: onnxruntime.InferenceSession(
+      os.path.join(out, name), providers=['CPUExecutionProvider']).run(None, feeds)
+  embedding, fmap = run('features.onnx', {'images': pixels})
+  assert_close(embedding, f / np.linalg.norm(f, axis=-1, keepdims=True))
+  # Pair (u, v) = (0, 1) is official pair k = 0 * B + 1, whose f_1 is f(u|v).
+  _, emb_qg, _ = run('pair.onnx', {'fmap_query': fmap[:1], 'fmap_gallery': fmap[1:2]})
+  assert_close(emb_qg[0], f_1[1])
