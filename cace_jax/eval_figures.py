@@ -4,8 +4,8 @@
                        green frame = right identity, red = wrong
   correspondences.png  the strongest aligned pixel pairs of a (query, gallery)
                        pair (the paper's Figure 5)
-  conditional_maps.png one query's conditional feature maps against several
-                       gallery images (the paper's Figure 4)
+  conditional_maps.png one query's conditional feature maps against two true
+                       matches and three hard negatives (the paper's Figure 4)
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from cace_jax import augment, input_pipeline, visualize
 from cace_jax.models import CACENet
 
 NUM_HEATMAP_GALLERY = 5
+NUM_HEATMAP_MATCHES = 2  # the other columns are wrong identities
 
 
 def decode_image(data: input_pipeline.SplitData, index: int, size) -> np.ndarray:
@@ -59,26 +60,33 @@ def write_figures(model: CACENet, variables, query: input_pipeline.SplitData,
   if model.gcn == 'none':
     return paths  # no pair stage: no alignment or conditional maps to show
 
-  # The best-ranked query shows what the model aligns when it is right.
+  # The best-ranked query shows what the model aligns when it is right; its
+  # conditional maps are shown against its first true matches and the
+  # highest-ranked wrong identities (the hard negatives stage 2 must push down).
   query_index = int(chosen[-1]) if len(chosen) else 0
-  gallery_indices = [int(g) for g in ranking[query_index] if not (
-      gallery.pids[g] == query.pids[query_index]
-      and gallery.camids[g] == query.camids[query_index])][:NUM_HEATMAP_GALLERY]
+  query_pid = query.pids[query_index]
+  valid = [int(g) for g in ranking[query_index] if not (
+      gallery.pids[g] == query_pid and gallery.camids[g] == query.camids[query_index])]
+  matches = [g for g in valid if gallery.pids[g] == query_pid][:NUM_HEATMAP_MATCHES]
+  others = [g for g in valid if gallery.pids[g] != query_pid]
+  gallery_indices = sorted(matches + others[:NUM_HEATMAP_GALLERY - len(matches)],
+                           key=valid.index)
+  shown = gallery_indices.index(matches[0]) if matches else 0  # in correspondences.png
   fmap_q = _feature_maps(model, variables, query, [query_index], image_size)
   fmap_g = _feature_maps(model, variables, gallery, gallery_indices, image_size)
   pairs = model.apply(variables, jnp.repeat(fmap_q, len(gallery_indices), axis=0), fmap_g,
                       method=CACENet.pair_features)
   height, width = fmap_q.shape[1:3]
   nodes = height * width
-  cross = np.asarray(pairs['adjacency'][0, :nodes, nodes:])
+  cross = np.asarray(pairs['adjacency'][shown, :nodes, nodes:])
   paths.append(visualize.plot_correspondences(
-      decode_q(query_index), decode_g(gallery_indices[0]), cross, (height, width),
+      decode_q(query_index), decode_g(gallery_indices[shown]), cross, (height, width),
       os.path.join(workdir, 'correspondences.png'), num_lines=20,
-      title=f'query {query.pids[query_index]} vs gallery {gallery.pids[gallery_indices[0]]}'))
+      title=f'query {query_pid} vs gallery {gallery.pids[gallery_indices[shown]]}'))
   paths.append(visualize.plot_conditional_heatmaps(
       decode_q(query_index), [decode_g(g) for g in gallery_indices],
       np.asarray(jax.device_get(pairs['cond_fmap_u']), np.float32),
       os.path.join(workdir, 'conditional_maps.png'),
       individual_map=np.asarray(fmap_q[0], np.float32),
-      gallery_pids=gallery.pids[gallery_indices], query_pid=query.pids[query_index]))
+      gallery_pids=gallery.pids[gallery_indices], query_pid=query_pid))
   return paths

@@ -1,0 +1,103 @@
+"""Speed of the exported models: onnxruntime against JAX on the same CPU, printed and saved.
+
+  python benchmarks/deploy_speed.py          # the Market recipe (ResNet-50, GeM, non-local), 384×128
+
+Builds the configured CACE-Net with random weights (speed does not depend on
+them), writes its `features` and `pair` ONNX graphs (`cace_jax.onnx_graph`)
+and times, at the same batch size:
+  * features: images -> embedding + maps, onnxruntime vs jitted JAX
+    (`export.feature_function`, what the `jax.export` module runs);
+  * pair: maps of K (query, gallery) pairs -> distances, onnxruntime (the
+    dense 2n x 2n pair graph) vs jitted JAX (`export.pair_function`, the
+    per-image-cache path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import onnxruntime
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cace_jax import export, onnx_graph, train_lib  # pylint: disable=wrong-import-position
+from configs import market  # pylint: disable=wrong-import-position
+
+
+def median_seconds(fn, repeats: int) -> float:
+  fn()  # compile / warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--pairs', type=int, default=10, help='K pairs per pair-model call')
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--out', default='benchmarks/results/deploy_speed.json')
+  args = parser.parse_args()
+
+  config = market.get_config()
+  image_size = tuple(config.data.image_size)
+  model = train_lib.create_model(config, num_classes=751)
+  images = np.random.default_rng(0).uniform(0, 255, (args.batch, *image_size, 3)).astype(
+      np.float32)
+  variables = jax.jit(lambda: model.init(jax.random.key(0), images[:1], train=False))()
+  fmap_shape = onnx_graph.feature_map_shape(model, image_size)
+
+  with tempfile.TemporaryDirectory() as directory:
+    paths = {name: os.path.join(directory, f'{name}.onnx') for name in ('features', 'pair')}
+    graphs = {'features': onnx_graph.feature_graph(model, variables, image_size, flip=False),
+              'pair': onnx_graph.pair_graph(model, variables, fmap_shape)}
+    for name, graph in graphs.items():
+      with open(paths[name], 'wb') as f:
+        f.write(graph.SerializeToString())
+    sessions = {name: onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+                for name, path in paths.items()}
+
+    features = jax.jit(export.feature_function(model, variables, flip=False))
+    _, fmap = features(images)
+    fmap = np.asarray(fmap)
+    index = np.arange(args.pairs) % args.batch
+    query, gallery = fmap[np.zeros_like(index)], fmap[index]
+    pair = jax.jit(export.pair_function(model, variables))
+    report = {
+        'config': 'configs/market.py', 'image_size': list(image_size), 'batch': args.batch,
+        'pairs': args.pairs, 'cpu_count': os.cpu_count(), 'machine': platform.machine(),
+        'jax': jax.__version__, 'onnxruntime': onnxruntime.__version__,
+        'load_average': os.getloadavg()[0],
+        'features_s_per_image': {
+            'onnxruntime': median_seconds(lambda: sessions['features'].run(
+                None, {'images': images}), args.repeats) / args.batch,
+            'jax': median_seconds(lambda: features(images), args.repeats) / args.batch},
+        'pair_s_per_pair': {
+            'onnxruntime': median_seconds(lambda: sessions['pair'].run(
+                None, {'fmap_query': query, 'fmap_gallery': gallery}), args.repeats) / args.pairs,
+            'jax': median_seconds(lambda: pair(query, gallery), args.repeats) / args.pairs},
+    }
+
+  for part, unit in (('features_s_per_image', 'image'), ('pair_s_per_pair', 'pair')):
+    timings = report[part]
+    print(f'{part.split("_")[0]:>8}: onnxruntime {timings["onnxruntime"] * 1e3:8.2f} ms/{unit}, '
+          f'JAX {timings["jax"] * 1e3:8.2f} ms/{unit} '
+          f'(onnxruntime / JAX = {timings["onnxruntime"] / timings["jax"]:.2f})')
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, 'w', encoding='utf-8') as f:
+    json.dump(report, f, indent=2)
+  print(f'saved {args.out}')
+
+
+if __name__ == '__main__':
+  main()
