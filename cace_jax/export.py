@@ -205,7 +205,8 @@ def export_jax_functions(model, variables: Mapping, image_size: Sequence[int], f
   """Serialized `jax.export` modules {'features', 'pair'} with symbolic batch axes.
 
   Weights are embedded as constants; `jax.export.deserialize(data).call(...)`
-  runs them on any of `platforms` without this package.
+  runs them on any of `platforms` without this package. No 'pair' for a
+  model without a pair stage (gcn 'none').
   """
   import jax  # pylint: disable=import-outside-toplevel
   height, width = image_size
@@ -216,19 +217,22 @@ def export_jax_functions(model, variables: Mapping, image_size: Sequence[int], f
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)
   features = jax.export.export(jax.jit(feature_function(model, variables, flip)),
                                platforms=platforms)(spec(batch, height, width, 3))
+  if model.gcn == 'none':
+    return {'features': features.serialize()}
   pair = jax.export.export(jax.jit(pair_function(model, variables)), platforms=platforms)(
       spec(pairs, *fmap_shape), spec(pairs, *fmap_shape))
   return {'features': features.serialize(), 'pair': pair.serialize()}
 
 
 def verify_onnx(model, variables: Mapping, image_size: Sequence[int], flip: bool,
-                features_path: str, pair_path: str, batch: int = 3, seed: int = 0) -> dict:
-  """Runs both ONNX models in onnxruntime and JAX on the same random images.
+                features_path: str, pair_path: str | None, batch: int = 3, seed: int = 0
+                ) -> dict:
+  """Runs the ONNX models in onnxruntime and JAX on the same random images.
 
   Returns:
     Largest absolute differences: 'embedding' (unit vectors), 'fmap'
-    (relative to the map's largest value) and 'distance' (pairs of the
-    images with each other).
+    (relative to the map's largest value) and, with `pair_path`, 'distance'
+    (pairs of the images with each other).
   """
   import onnxruntime  # pylint: disable=import-outside-toplevel
   images = np.random.default_rng(seed).uniform(0, 255, (batch, *image_size, 3)).astype(np.float32)
@@ -236,12 +240,15 @@ def verify_onnx(model, variables: Mapping, image_size: Sequence[int], flip: bool
   run = lambda path, feeds: onnxruntime.InferenceSession(
       path, providers=['CPUExecutionProvider']).run(None, feeds)
   onnx_embedding, onnx_fmap = run(features_path, {'images': images})
-  query, gallery = np.arange(batch), np.roll(np.arange(batch), 1)
-  distance = np.asarray(pair_function(model, variables)(fmap[query], fmap[gallery])[0])
-  onnx_distance = run(pair_path, {'fmap_query': fmap[query], 'fmap_gallery': fmap[gallery]})[0]
-  return {'embedding': float(np.abs(onnx_embedding - embedding).max()),
-          'fmap': float(np.abs(onnx_fmap - fmap).max() / max(np.abs(fmap).max(), 1e-12)),
-          'distance': float(np.abs(onnx_distance - distance).max())}
+  gaps = {'embedding': float(np.abs(onnx_embedding - embedding).max()),
+          'fmap': float(np.abs(onnx_fmap - fmap).max() / max(np.abs(fmap).max(), 1e-12))}
+  if pair_path:
+    query, gallery = np.arange(batch), np.roll(np.arange(batch), 1)
+    distance = np.asarray(pair_function(model, variables)(fmap[query], fmap[gallery])[0])
+    onnx_distance = run(pair_path, {'fmap_query': fmap[query],
+                                    'fmap_gallery': fmap[gallery]})[0]
+    gaps['distance'] = float(np.abs(onnx_distance - distance).max())
+  return gaps
 
 
 def export_deployment(workdir: str, out: str | None = None, step: int | None = None,
@@ -250,9 +257,10 @@ def export_deployment(workdir: str, out: str | None = None, step: int | None = N
   """Writes features/pair models of a checkpoint as ONNX and `jax.export` files.
 
   Files in `out` (default `<workdir>/export`): features.onnx, pair.onnx,
-  features.jax_export, pair.jax_export and export.json (shapes, the source
-  checkpoint and, with `verify`, the onnxruntime-vs-JAX differences).
-  Existing files of the same names are replaced; nothing else is touched.
+  features.jax_export, pair.jax_export (no pair.* for gcn 'none') and
+  export.json (shapes, the source checkpoint and, with `verify`, the
+  onnxruntime-vs-JAX differences). Existing files of the same names are
+  replaced; nothing else is touched.
 
   Args:
     image_size: (H, W); needed for ported checkpoints, else the training config's.
@@ -272,27 +280,27 @@ def export_deployment(workdir: str, out: str | None = None, step: int | None = N
   image_size = tuple(image_size or trained_size or ())
   if len(image_size) != 2:
     raise PortError(f'{workdir} holds a ported checkpoint: give --image_size H W')
-  if model.gcn == 'none':
-    raise PortError(f'{workdir}: model.gcn is "none", so there is no pair stage to export')
+  stages = ('features', 'pair') if model.gcn != 'none' else ('features',)
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
   out = out or os.path.join(workdir, 'export')
   os.makedirs(out, exist_ok=True)
-  paths = {name: os.path.join(out, name) for name in (
-      'features.onnx', 'pair.onnx', 'features.jax_export', 'pair.jax_export', 'export.json')}
+  paths = {f'{stage}.{kind}': os.path.join(out, f'{stage}.{kind}')
+           for stage in stages for kind in ('onnx', 'jax_export')}
   fmap_shape = onnx_graph.feature_map_shape(model, image_size)
   _write_bytes(paths['features.onnx'],
                onnx_graph.feature_graph(model, variables, image_size, flip).SerializeToString())
-  _write_bytes(paths['pair.onnx'],
-               onnx_graph.pair_graph(model, variables, fmap_shape).SerializeToString())
+  if 'pair' in stages:
+    _write_bytes(paths['pair.onnx'],
+                 onnx_graph.pair_graph(model, variables, fmap_shape).SerializeToString())
   for name, data in export_jax_functions(model, variables, image_size, flip).items():
     _write_bytes(paths[f'{name}.jax_export'], bytes(data))
   summary = {'workdir': workdir, 'step': step, 'image_size': list(image_size), 'flip': flip,
              'fmap_shape': list(fmap_shape), 'embed_dim': model.embed_dim,
-             'files': sorted(name for name in paths if name != 'export.json')}
+             'files': sorted(paths)}
   if verify:
     summary['max_abs_diff_onnx_vs_jax'] = verify_onnx(
-        model, variables, image_size, flip, paths['features.onnx'], paths['pair.onnx'])
-  with open(paths['export.json'], 'w', encoding='utf-8') as f:
+        model, variables, image_size, flip, paths['features.onnx'], paths.get('pair.onnx'))
+  with open(os.path.join(out, 'export.json'), 'w', encoding='utf-8') as f:
     json.dump(summary, f, indent=2)
   return summary
 

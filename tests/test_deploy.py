@@ -126,3 +126,15 @@ def test_deploy_errors_are_one_line(tmp_path, capsys):
   assert 'bare torchvision ResNet' in capsys.readouterr().err
   assert not os.path.exists(os.path.join(workdir, 'export'))
   assert checkpoint.read_checkpoint(workdir)[0] == 0
+
+
+def test_deploy_without_pair_stage_writes_the_features_model(tmp_path, capsys):
+  """A ported individual-only model (gcn 'none') exports stage 1 alone."""
+  kwargs = {'depth': 'tiny', 'width': 8, 'embed_dim': 32, 'gcn': 'none', 'pooling': 'avg'}
+  workdir, out = str(tmp_path / 'ported'), str(tmp_path / 'export')
+  port.write_ported_checkpoint(workdir, perturbed_variables(CACENet(**kwargs)), kwargs, 'test')
+  assert export.main(['deploy', workdir, '--out', out, '--image_size', *map(str, IMAGE_SIZE)]) == 0
+  summary = json.loads(capsys.readouterr().out)
+  assert sorted(os.listdir(out)) == ['export.json', 'features.jax_export', 'features.onnx']
+  assert set(summary['max_abs_diff_onnx_vs_jax']) == {'embedding', 'fmap'}
+  assert summary['flip'] and max(summary['max_abs_diff_onnx_vs_jax'].values()) <= TOLERANCE
