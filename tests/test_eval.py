@@ -144,3 +144,20 @@ def test_stage2_caches_stream_from_disk_with_the_same_results(trained_workdir, t
   for row in ('individual', 'clue_alignment', 'cacenet'):
     assert results[8.0][row] == results[0.0][row], row
   assert os.listdir(tmp_path) == []
+
+
+def test_model_without_pair_stage_evaluates_stage_one_only(tiny_data_dir):
+  """gcn 'none' (Table 1's baseline): no caches are computed and only 'individual' is reported."""
+  from cace_jax import eval_lib, train_lib  # pylint: disable=import-outside-toplevel
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  config = tiny.get_config()
+  config.data.data_dir = tiny_data_dir
+  config.model.gcn = 'none'
+  model = train_lib.create_model(config, num_classes=4)
+  mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  variables = jax.device_put(model.init(jax.random.key(0), jnp.zeros((1, 64, 32, 3))),
+                             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  results = eval_lib.evaluate(model, variables, train_lib.prepare_on_first_process(config),
+                              config, mesh)
+  assert set(results) == {'individual'}
+  assert 0 < results['individual']['mAP'] <= 100
