@@ -29,16 +29,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from cace_jax.models.gcn import DEGREE_EPS
 from cace_jax.models.resnet import RESNET_SPECS, non_local_positions, output_channels
 
 OPSET = 17
 BN_EPS = 1e-5
 L2_EPS = 1e-12
-DEGREE_EPS = 1e-3  # models.gcn.DEGREE_EPS
-GEM_EPS = 1e-6
+GEM_EPS = 1e-6  # models.cacenet.GeM.eps
 IMAGENET_MEAN_PIXEL = np.array([0.485, 0.456, 0.406], np.float32) * 255  # augment.normalize
 IMAGENET_STD_PIXEL = np.array([0.229, 0.224, 0.225], np.float32) * 255
-ONNX_ADJACENCIES = ('projected', 'correspondence', 'intra', 'none', 'part', 'topk', 'full')
 
 
 class GraphWriter:
@@ -58,10 +57,12 @@ class GraphWriter:
     self.initializers.append(numpy_helper.from_array(array, name))
     return name
 
-  def op(self, op_type: str, *inputs: str, output: str | None = None, **attrs) -> str:
-    output = output or self._name(op_type.lower())
-    self.nodes.append(helper.make_node(op_type, list(inputs), [output], **attrs))
-    return output
+  def op(self, op_type: str, *inputs: str, output: str | None = None, num_outputs: int = 1,
+         **attrs):
+    """Appends a node; returns its output name (a tuple of names if `num_outputs` > 1)."""
+    outputs = [output] if output else [self._name(op_type.lower()) for _ in range(num_outputs)]
+    self.nodes.append(helper.make_node(op_type, list(inputs), outputs, **attrs))
+    return outputs[0] if num_outputs == 1 else tuple(outputs)
 
   def model(self, inputs: Sequence, outputs: Mapping[str, tuple], doc: str) -> onnx.ModelProto:
     """inputs: value infos; outputs: {graph output name: (tensor name, shape)}."""
@@ -253,7 +254,8 @@ def _adjacency(w: GraphWriter, model, params: Mapping, nodes: str, n: int) -> st
     similarity = w.op('MatMul', x, transpose(x))
     masked = w.op('Where', w.const(same_image.astype(bool)), w.const(np.float32(-np.inf)),
                   similarity)
-    _, index = _top_k(w, masked, model.topk)
+    _, index = w.op('TopK', masked, w.const(np.array([model.topk], np.int64)), axis=-1,
+                    num_outputs=2)
     ones = w.op('ConstantOfShape', w.op('Shape', index),
                 value=numpy_helper.from_array(np.ones(1, np.float32)))
     picks = w.op('ScatterElements', w.op('Mul', similarity, w.const(np.float32(0))), index,
@@ -269,14 +271,6 @@ def _adjacency(w: GraphWriter, model, params: Mapping, nodes: str, n: int) -> st
   mixed = w.op('Add', w.op('Mul', s_intra, w.const(same_image, 'same_image')),
                w.op('Mul', s_inter, w.const(1.0 - same_image, 'other_image')))
   return w.op('Relu', mixed)
-
-
-def _top_k(w: GraphWriter, x: str, k: int) -> tuple[str, str]:
-  """(values, indices) of the k largest entries along the last axis."""
-  values, indices = w._name('topk_values'), w._name('topk_indices')  # pylint: disable=protected-access
-  w.nodes.append(helper.make_node('TopK', [x, w.const(np.array([k], np.int64))],
-                                  [values, indices], axis=-1))
-  return values, indices
 
 
 def _graph_operator(w: GraphWriter, adjacency: str, kind: str, n: int) -> str:
