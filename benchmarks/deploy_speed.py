@@ -15,30 +15,20 @@ and times, at the same batch size:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import tempfile
-import time
 
 import jax
 import numpy as np
 import onnxruntime
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import median_seconds, save_report  # pylint: disable=wrong-import-position
 from cace_jax import export, onnx_graph, train_lib  # pylint: disable=wrong-import-position
+from cace_jax.models.resnet import feature_map_shape  # pylint: disable=wrong-import-position
 from configs import market  # pylint: disable=wrong-import-position
-
-
-def median_seconds(fn, repeats: int) -> float:
-  fn()  # compile / warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def main():
@@ -55,7 +45,7 @@ def main():
   images = np.random.default_rng(0).uniform(0, 255, (args.batch, *image_size, 3)).astype(
       np.float32)
   variables = jax.jit(lambda: model.init(jax.random.key(0), images[:1], train=False))()
-  fmap_shape = onnx_graph.feature_map_shape(model, image_size)
+  fmap_shape = feature_map_shape(image_size, model.depth, model.width, model.last_stride)
 
   with tempfile.TemporaryDirectory() as directory:
     paths = {name: os.path.join(directory, f'{name}.onnx') for name in ('features', 'pair')}
@@ -93,10 +83,7 @@ def main():
     print(f'{part.split("_")[0]:>8}: onnxruntime {timings["onnxruntime"] * 1e3:8.2f} ms/{unit}, '
           f'JAX {timings["jax"] * 1e3:8.2f} ms/{unit} '
           f'(onnxruntime / JAX = {timings["onnxruntime"] / timings["jax"]:.2f})')
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w', encoding='utf-8') as f:
-    json.dump(report, f, indent=2)
-  print(f'saved {args.out}')
+  save_report(report, args.out)
 
 
 if __name__ == '__main__':

@@ -19,7 +19,6 @@ of MSMT17 (11,659 + 82,161 images) it is there for.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -30,6 +29,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import median_seconds, save_report  # pylint: disable=wrong-import-position
 from cace_jax import eval_lib, metrics, pair_scoring, train_lib  # pylint: disable=wrong-import-position
 from configs import market  # pylint: disable=wrong-import-position
 
@@ -37,17 +37,12 @@ NUM_QUERY, NUM_GALLERY = 3368, 15913
 MSMT17_IMAGES = 11659 + 82161
 
 
-def median_time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+def measure_pooling(pooling: str, batch: int, repeats: int, ks) -> tuple[dict, dict]:
+  """Stage-1 and stage-2 costs for one pooling choice of the market config.
 
-
-def measure_pooling(pooling: str, batch: int, repeats: int, ks) -> dict:
-  """Stage-1 and stage-2 costs for one pooling choice of the market config."""
+  Returns:
+    (the figures, the `batch` images' caches in their stored bfloat16 form).
+  """
   config = market.get_config()
   config.model.pooling = pooling
   model = train_lib.create_model(config, num_classes=751)
@@ -55,35 +50,36 @@ def measure_pooling(pooling: str, batch: int, repeats: int, ks) -> dict:
       np.float32)
   variables = jax.jit(lambda: model.init(jax.random.key(0), images[:2], train=False))()
   extract = jax.jit(lambda v, x: model.apply(v, x, True, method=eval_lib.individual_features))
-  jax.block_until_ready(extract(variables, images))
-  stage1 = median_time(lambda: extract(variables, images), repeats) / batch
-  _, cache = extract(variables, images)
-  cache = jax.device_get(cache)
-  if np.array_equal(cache['query'], cache['key']):
-    del cache['query']  # as eval_lib's embed step returns it
+  stage1 = median_seconds(lambda: extract(variables, images), repeats) / batch
+  cache = jax.device_get(extract(variables, images)[1])
+  on_device = pair_scoring.compact_cache(cache)  # float32 without a repeated query, as evaluated
+  stored = pair_scoring.compact_cache(cache, jax.numpy.bfloat16)
+  stored_bytes = pair_scoring.cache_nbytes(stored, batch)
   result = {'stage1_s_per_image': stage1,
-            'cache_bytes_per_image': pair_scoring.cache_nbytes(cache, batch),
-            'stored_cache_bytes_per_image': pair_scoring.cache_nbytes(
-                pair_scoring.compact_cache(cache, jax.numpy.bfloat16), batch),
+            'cache_bytes_per_image': pair_scoring.cache_nbytes(on_device, batch),
+            'stored_cache_bytes_per_image': stored_bytes,
+            'stored_cache_gb_msmt17': stored_bytes * MSMT17_IMAGES / 2 ** 30,
             'stage2_s_per_query': {}, 'stage2_over_stage1_market': {}}
   step = pair_scoring.make_pair_step(model, pair_scoring.conditional_distance)
   for k in ks:
     index = np.arange(k) % batch  # K pairs (query, gallery) drawn from the cached images
     pairs_q = jax.tree.map(lambda c: c[np.zeros(k, int)], cache)
     pairs_g = jax.tree.map(lambda c: c[index], cache)
-    jax.block_until_ready(step(variables, pairs_q, pairs_g))
-    per_query = median_time(lambda: step(variables, pairs_q, pairs_g), repeats)
+    per_query = median_seconds(lambda: step(variables, pairs_q, pairs_g), repeats)
     result['stage2_s_per_query'][k] = per_query
     result['stage2_over_stage1_market'][k] = (NUM_QUERY * per_query) / (
         (NUM_QUERY + NUM_GALLERY) * stage1)
-  return result, cache
+  return result, stored
 
 
-def measure_streaming(cache: dict, ks, num_images: int, queries: int = 50) -> dict:
-  """Seconds per query to gather K gallery rows: in-memory arrays vs cold memory-mapped files."""
-  stored = pair_scoring.compact_cache(cache, jax.numpy.bfloat16)
+def measure_streaming(stored: dict, ks, num_images: int, queries: int = 50) -> dict:
+  """Seconds per query to gather K gallery rows: in-memory arrays vs cold memory-mapped files.
+
+  `stored` holds a few images' caches as kept between the stages; they are
+  repeated to `num_images` rows.
+  """
   shapes = {name: value.shape[1:] for name, value in stored.items()}
-  dtype = jax.numpy.bfloat16
+  dtype = next(iter(stored.values())).dtype
   rng = np.random.default_rng(0)
   result = {'num_images': num_images, 'memory_s_per_query': {}, 'disk_cold_s_per_query': {}}
   with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(__file__))) as directory:
@@ -133,11 +129,9 @@ def main():
             'machine': platform.machine(), 'jax': jax.__version__,
             'load_average': os.getloadavg()[0], 'poolings': {}}
   for pooling in args.poolings.split(','):
-    report['poolings'][pooling], cache = measure_pooling(pooling, args.batch, args.repeats, ks)
-    stored = report['poolings'][pooling]['stored_cache_bytes_per_image']
-    report['poolings'][pooling]['stored_cache_gb_msmt17'] = stored * MSMT17_IMAGES / 2 ** 30
+    report['poolings'][pooling], stored = measure_pooling(pooling, args.batch, args.repeats, ks)
     if pooling == args.stream_pooling:
-      report['streaming'] = measure_streaming(cache, ks, args.stream_images)
+      report['streaming'] = measure_streaming(stored, ks, args.stream_images)
 
   print(f'metric (evaluate_rank) at {NUM_QUERY}×{NUM_GALLERY}: {metric_seconds:.2f} s')
   for pooling, r in report['poolings'].items():
@@ -154,10 +148,7 @@ def main():
       print(f'[{args.stream_pooling} streaming] K={k:3d}: gather {r["memory_s_per_query"][k] * 1e3:.2f} '
             f'ms/query from memory, {r["disk_cold_s_per_query"][k] * 1e3:.2f} ms/query from '
             f'cold memory-mapped files')
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(report, f, indent=2)
-  print(f'saved {args.out}')
+  save_report(report, args.out)
 
 
 if __name__ == '__main__':

@@ -12,15 +12,17 @@ benchmarks/results/input_pipeline.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
+import sys
 import time
 
 import tensorflow as tf
 
-from cace_jax import input_pipeline as ip
-from cace_jax.datasets import prepare
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import save_report  # pylint: disable=wrong-import-position
+from cace_jax import input_pipeline as ip  # pylint: disable=wrong-import-position
+from cace_jax.datasets import prepare  # pylint: disable=wrong-import-position
 
 
 def time_batches(dataset: tf.data.Dataset, steps: int, warmup: int) -> float:
@@ -77,10 +79,7 @@ def main():
         f'({train_images} images)')
   print(f'  eval pipeline:  {result["eval_images_per_s"]:8.1f} images/s '
         f'({eval_images} images)')
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(result, f, indent=2)
-  print(f'saved {args.out}')
+  save_report(result, args.out)
 
 
 if __name__ == '__main__':

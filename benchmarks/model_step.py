@@ -21,7 +21,6 @@ step on a 2-core CPU at the default size.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import save_report  # noqa: E402
 from cace_jax import losses  # noqa: E402
 from cace_jax.models import CACENet, make_resnet  # noqa: E402
 
@@ -159,10 +159,7 @@ def main(argv=None):
                    'machine': platform.machine()},
       'results': results,
   }
-  os.makedirs(os.path.dirname(args.output), exist_ok=True)
-  with open(args.output, 'w') as f:
-    json.dump(report, f, indent=2)
-  print(f'\nwrote {args.output}')
+  save_report(report, args.output)
 
 
 if __name__ == '__main__':

@@ -12,7 +12,6 @@ yours.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ import jax
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import save_report  # pylint: disable=wrong-import-position
 from cace_jax import checkpoint, cli, eval_lib, metrics, pair_scoring, train_lib  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string('workdir', None, 'The training run directory (its latest checkpoint).')
@@ -80,10 +80,7 @@ def main(argv):
     for k, r in by_k.items():
       print(f'{row:>16} {k:>4} {r["rank1"]:7.2f} {r["rank5"]:7.2f} {r["mAP"]:7.2f} '
             f'{r["mINP"]:7.2f} {r["stage2_s_per_query"] * 1e3:9.2f}')
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w', encoding='utf-8') as f:
-    json.dump(report, f, indent=2)
-  print(f'saved {args.out}')
+  save_report(report, args.out)
 
 
 if __name__ == '__main__':

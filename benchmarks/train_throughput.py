@@ -23,6 +23,7 @@ import tempfile
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import save_report  # pylint: disable=wrong-import-position
 from cace_jax import train_lib  # pylint: disable=wrong-import-position
 from configs import market, synthetic  # pylint: disable=wrong-import-position
 
@@ -68,10 +69,7 @@ def main():
             'jax': jax.__version__, 'steps': args.steps}
   for name, value in results.items():
     print(f'{name:>24}: {value:7.2f} images/s (training, input pipeline included)')
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(report, f, indent=2)
-  print(f'saved {args.out}')
+  save_report(report, args.out)
 
 
 if __name__ == '__main__':

@@ -17,6 +17,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Random erasing fills with the ImageNet mean, i.e. zeros after `normalize`.
 IMAGENET_MEAN_PIXEL = tuple(255.0 * m for m in IMAGENET_MEAN)
+IMAGENET_STD_PIXEL = tuple(255.0 * s for s in IMAGENET_STD)
 
 
 def decode_and_resize(image_bytes: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
@@ -82,7 +83,7 @@ def random_erasing(image: tf.Tensor, seed: tf.Tensor, probability: float = 0.5,
 def normalize(image: tf.Tensor) -> tf.Tensor:
   """[0, 255] -> ImageNet-normalised float32."""
   mean = tf.constant(IMAGENET_MEAN_PIXEL, tf.float32)
-  std = tf.constant([255.0 * s for s in IMAGENET_STD], tf.float32)
+  std = tf.constant(IMAGENET_STD_PIXEL, tf.float32)
   return (image - mean) / std
 
 

@@ -30,16 +30,25 @@ RANKS = (1, 5, 10)
 STAGE2_PAIRS_PER_CALL = 256  # rounded up to a multiple of the device count
 
 
+def embedding_and_maps(model: CACENet, images):
+  """Eval-mode (individual embeddings [B, E], backbone maps [B, h, w, C]), no pair stage.
+
+  Used as `model.apply(variables, images, method=embedding_and_maps)`.
+  """
+  fmap, _ = model.backbone(images, train=False)
+  batch, height, width, channels = fmap.shape
+  nodes = fmap.reshape(batch, height * width, channels).astype(jnp.float32)
+  _, embedding = model.embed(model.pool(nodes), train=False)
+  return embedding, fmap
+
+
 def individual_features(model: CACENet, images, with_cache: bool = False):
   """Eval-mode individual embeddings [B, E], skipping the pair stage.
 
   Used as `model.apply(variables, images, method=individual_features)`. With
   `with_cache`, also returns the compact per-image cache stage 2 needs.
   """
-  fmap, _ = model.backbone(images, train=False)
-  batch, height, width, channels = fmap.shape
-  nodes = fmap.reshape(batch, height * width, channels).astype(jnp.float32)
-  _, embedding = model.embed(model.pool(nodes), train=False)
+  embedding, fmap = embedding_and_maps(model, images)
   if with_cache:
     return embedding, model.compute_image_cache(fmap)
   return embedding

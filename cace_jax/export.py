@@ -15,7 +15,8 @@ serialized `jax.export` modules (for JAX serving, no Python model code needed):
 Command line:
 
   python -m cace_jax.export deploy runs/market [--out DIR] [--step N]
-  python -m cace_jax.export torch runs/market --out cacenet.safetensors
+
+(Torch weights go out through `python -m cace_jax.port export`.)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from cace_jax.models.resnet import feature_map_shape
 from cace_jax.port import (OFFICIAL_PREFIX, PortError, _get_path, _leaf_paths, cacenet_key_table,
                            flax_to_torch, resnet_key_table)
 
@@ -153,14 +155,6 @@ def model_from_record(record: Mapping):
   return model.clone(dtype=np.float32), tuple(config.data.image_size), bool(config.eval.flip)
 
 
-def _features_method(module, images):
-  """Eval-mode (embedding [B, E], fmap [B, h, w, C]) of normalised images."""
-  fmap, _ = module.backbone(images, train=False)
-  batch, height, width, channels = fmap.shape
-  _, embedding = module.embed(module.pool(fmap.reshape(batch, height * width, channels)))
-  return embedding, fmap
-
-
 def feature_function(model, variables: Mapping, flip: bool) -> Callable:
   """images [B, H, W, 3] RGB 0-255 -> (L2-normalised embedding [B, E], fmap [B, h, w, C]).
 
@@ -169,15 +163,16 @@ def feature_function(model, variables: Mapping, flip: bool) -> Callable:
   """
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from cace_jax.losses import l2_normalize  # pylint: disable=import-outside-toplevel
-  from cace_jax.augment import IMAGENET_MEAN_PIXEL, IMAGENET_STD  # pylint: disable=import-outside-toplevel
-  mean, std = np.float32(IMAGENET_MEAN_PIXEL), 255 * np.float32(IMAGENET_STD)
+  from cace_jax.augment import IMAGENET_MEAN_PIXEL, IMAGENET_STD_PIXEL  # pylint: disable=import-outside-toplevel
+  from cace_jax.eval_lib import embedding_and_maps  # pylint: disable=import-outside-toplevel
+  mean, std = np.float32(IMAGENET_MEAN_PIXEL), np.float32(IMAGENET_STD_PIXEL)
 
   def features(images):
     normalized = (images - mean) / std  # augment.normalize, as the eval pipeline
-    embedding, fmap = model.apply(variables, normalized, method=_features_method)
+    embedding, fmap = model.apply(variables, normalized, method=embedding_and_maps)
     embedding = l2_normalize(embedding)
     if flip:
-      mirrored, _ = model.apply(variables, normalized[:, :, ::-1], method=_features_method)
+      mirrored, _ = model.apply(variables, normalized[:, :, ::-1], method=embedding_and_maps)
       embedding = l2_normalize(embedding + l2_normalize(mirrored))
     return embedding, fmap.astype(jnp.float32)
 
@@ -210,8 +205,7 @@ def export_jax_functions(model, variables: Mapping, image_size: Sequence[int], f
   """
   import jax  # pylint: disable=import-outside-toplevel
   height, width = image_size
-  fmap_shape = jax.eval_shape(feature_function(model, variables, flip=False),
-                              jax.ShapeDtypeStruct((1, height, width, 3), np.float32))[1].shape[1:]
+  fmap_shape = feature_map_shape(image_size, model.depth, model.width, model.last_stride)
   batch, = jax.export.symbolic_shape('batch')
   pairs, = jax.export.symbolic_shape('pairs')
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)
@@ -286,7 +280,7 @@ def export_deployment(workdir: str, out: str | None = None, step: int | None = N
   os.makedirs(out, exist_ok=True)
   paths = {f'{stage}.{kind}': os.path.join(out, f'{stage}.{kind}')
            for stage in stages for kind in ('onnx', 'jax_export')}
-  fmap_shape = onnx_graph.feature_map_shape(model, image_size)
+  fmap_shape = feature_map_shape(image_size, model.depth, model.width, model.last_stride)
   _write_bytes(paths['features.onnx'],
                onnx_graph.feature_graph(model, variables, image_size, flip).SerializeToString())
   if 'pair' in stages:
@@ -313,7 +307,7 @@ def _write_bytes(path: str, data: bytes) -> None:
 
 
 def main(argv=None) -> int:
-  """`python -m cace_jax.export {deploy,torch} WORKDIR ...` (see module docstring)."""
+  """`python -m cace_jax.export deploy WORKDIR ...` (see module docstring)."""
   parser = argparse.ArgumentParser(prog='python -m cace_jax.export', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest='command', required=True)
@@ -325,22 +319,13 @@ def main(argv=None) -> int:
   deploy.add_argument('--no_flip', action='store_true',
                       help='no flip averaging (default: the config\'s eval.flip)')
   deploy.add_argument('--no_verify', action='store_true', help='skip the onnxruntime check')
-  weights = sub.add_parser('torch', help='torch weights (official keys): .safetensors or .pth')
-  weights.add_argument('workdir')
-  weights.add_argument('--out', required=True)
-  weights.add_argument('--step', type=int, default=None)
   args = parser.parse_args(argv)
   from cace_jax.cli import run_reporting_errors  # pylint: disable=import-outside-toplevel
 
   def run():
-    if args.command == 'deploy':
-      result = export_deployment(args.workdir, args.out, args.step, args.image_size,
-                                 flip=False if args.no_flip else None,
-                                 verify=not args.no_verify)
-    else:
-      export_checkpoint(args.workdir, args.out, args.step)
-      result = {'out': args.out}
-    print(json.dumps(result, indent=2))
+    summary = export_deployment(args.workdir, args.out, args.step, args.image_size,
+                                flip=False if args.no_flip else None, verify=not args.no_verify)
+    print(json.dumps(summary, indent=2))
 
   return run_reporting_errors(run)
 

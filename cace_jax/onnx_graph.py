@@ -13,7 +13,7 @@ Why a writer of our own: the converters that exist do not fit this stack
 (jax2onnx 0.17 requires orbax-checkpoint < 0.11.37, and jax2tf in JAX 0.10 only
 emits `XlaCallModule`, which tf2onnx cannot convert), and a CACE-Net is a
 short list of standard operators. Writing them here keeps export independent
-of torch and TensorFlow and makes every operator visible. The graphs compute
+of torch and of any converter, and makes every operator visible. The graphs compute
 what `eval_lib.individual_features` and `pair_scoring.conditional_distance`
 compute, in float32, with BatchNorm folded into the preceding convolution or
 projection; tests compare them with JAX through onnxruntime.
@@ -29,15 +29,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from cace_jax.augment import IMAGENET_MEAN_PIXEL, IMAGENET_STD_PIXEL
 from cace_jax.models.gcn import DEGREE_EPS
-from cace_jax.models.resnet import RESNET_SPECS, non_local_positions, output_channels
+from cace_jax.models.resnet import RESNET_SPECS, feature_map_shape, non_local_positions
 
 OPSET = 17
 BN_EPS = 1e-5
 L2_EPS = 1e-12
 GEM_EPS = 1e-6  # models.cacenet.GeM.eps
-IMAGENET_MEAN_PIXEL = np.array([0.485, 0.456, 0.406], np.float32) * 255  # augment.normalize
-IMAGENET_STD_PIXEL = np.array([0.229, 0.224, 0.225], np.float32) * 255
 
 
 class GraphWriter:
@@ -182,17 +181,6 @@ def _backbone(w: GraphWriter, x: str, model, params: Mapping, stats: Mapping) ->
   return x
 
 
-def feature_map_shape(model, image_size: Sequence[int]) -> tuple[int, int, int]:
-  """(h, w, C) of the backbone maps for images of `image_size`: every stride-2 layer rounds up."""
-  strides = (2, 2, 2, 2, model.last_stride)  # conv1, max pool, layer2, layer3, layer4
-  sizes = []
-  for size in image_size:
-    for stride in strides:
-      size = -(-size // stride)
-    sizes.append(size)
-  return sizes[0], sizes[1], output_channels(model.depth, model.width)
-
-
 def feature_graph(model, variables: Mapping, image_size: Sequence[int],
                   flip: bool = False) -> onnx.ModelProto:
   """The stage-1 model: images [batch, H, W, 3] (RGB, 0-255) -> embedding, fmap.
@@ -207,7 +195,7 @@ def feature_graph(model, variables: Mapping, image_size: Sequence[int],
   params, stats = variables['params'], variables['batch_stats']
   w = GraphWriter()
   images = helper.make_tensor_value_info('images', TensorProto.FLOAT, ['batch', height, width, 3])
-  x = w.op('Div', w.op('Sub', 'images', w.const(IMAGENET_MEAN_PIXEL, 'mean')),
+  x = w.op('Div', w.op('Sub', 'images', w.const(IMAGENET_MEAN_PIXEL, 'mean')),  # augment.normalize
            w.const(IMAGENET_STD_PIXEL, 'std'))
   if flip:  # mirrored copies after the originals: one backbone pass over 2B images
     batch = w.op('Shape', 'images', end=1)
@@ -226,7 +214,8 @@ def feature_graph(model, variables: Mapping, image_size: Sequence[int],
     fmap = first(fmap)
   fmap_nhwc = w.op('Transpose', fmap, perm=[0, 2, 3, 1])
   outputs = {'embedding': (embedding, ['batch', model.embed_dim]),
-             'fmap': (fmap_nhwc, ['batch', *feature_map_shape(model, image_size)])}
+             'fmap': (fmap_nhwc, ['batch', *feature_map_shape(
+                 image_size, model.depth, model.width, model.last_stride)])}
   return w.model([images], outputs, doc='CACE-Net stage 1: images (RGB 0-255, NHWC) -> '
                  'L2-normalised embedding and backbone feature maps')
 

@@ -154,6 +154,12 @@ def step_dropout_key(state: TrainState, device_index):
   return jax.random.fold_in(key, device_index)
 
 
+def with_variables(state: TrainState, params, batch_stats) -> TrainState:
+  """`state` with loaded (host, any float dtype) variables, as float32 jax arrays."""
+  as_float32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+  return state.replace(params=as_float32(params), batch_stats=as_float32(batch_stats))
+
+
 def init_backbone(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
   """Loads ImageNet weights from a torchvision ResNet file into the backbone (`init.backbone`)."""
   from cace_jax import port  # pylint: disable=import-outside-toplevel
@@ -166,8 +172,7 @@ def init_backbone(state: TrainState, config: ml_collections.ConfigDict) -> Train
         int(depth))
   except (port.PortError, OSError) as e:
     raise ConfigError(f'init.backbone={config.init.backbone}: {e}') from e
-  as_float32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
-  return state.replace(params=as_float32(params), batch_stats=as_float32(batch_stats))
+  return with_variables(state, params, batch_stats)
 
 
 CLASSIFIERS = ('params/classifier', 'params/pair_classifier')
@@ -197,9 +202,7 @@ def init_from_checkpoint(state: TrainState, config: ml_collections.ConfigDict
         replaceable=CLASSIFIERS)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f'init.checkpoint={source_dir}: {e}') from e
-  as_float32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
-  return state.replace(params=as_float32(merged['params']),
-                       batch_stats=as_float32(merged['batch_stats'])), kept
+  return with_variables(state, merged['params'], merged['batch_stats']), kept
 
 
 def make_train_step(model: CACENet, tx: optax.GradientTransformation,

@@ -19,8 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from cace_jax.augment import IMAGENET_MEAN, IMAGENET_STD
 GREEN = (0, 190, 0)
 RED = (220, 0, 0)
 NEUTRAL = (128, 128, 128)

@@ -19,6 +19,7 @@ import pytest
 
 from cace_jax import checkpoint, export, onnx_graph, port
 from cace_jax.models import CACENet
+from cace_jax.models.resnet import feature_map_shape
 
 TOLERANCE = 1e-5
 IMAGE_SIZE = (64, 32)
@@ -60,7 +61,8 @@ def test_onnx_models_match_jax(case, tmp_path):
   variables = perturbed_variables(model)
   flip = case['pooling'] != 'avg'  # both settings across the cases
   features = onnx_graph.feature_graph(model, variables, IMAGE_SIZE, flip)
-  pair = onnx_graph.pair_graph(model, variables, onnx_graph.feature_map_shape(model, IMAGE_SIZE))
+  pair = onnx_graph.pair_graph(model, variables, feature_map_shape(
+      IMAGE_SIZE, model.depth, model.width, model.last_stride))
   features_path, pair_path = str(tmp_path / 'features.onnx'), str(tmp_path / 'pair.onnx')
   with open(features_path, 'wb') as f:
     f.write(features.SerializeToString())

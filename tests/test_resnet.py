@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cace_jax.models import resnet
-from cace_jax.models.resnet import NonLocal, make_resnet
+from cace_jax.models.resnet import NonLocal, feature_map_shape, make_resnet
 
 # Test computations are tiny: skip LLVM's optimisation passes, which halves compile time.
 jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
@@ -131,6 +131,16 @@ def test_feature_map_shape_resnet50(last_stride, expected_hw):
   assert fmap.shape == (2, *expected_hw, 2048)
   assert features['layer3'].shape == (2, 16, 8, 1024)
   assert features['stem'].shape == (2, 64, 32, 64)
+
+
+@pytest.mark.parametrize('last_stride', [1, 2])
+@pytest.mark.parametrize('image_size', [(64, 32), (61, 29)])
+def test_feature_map_shape_formula_matches_the_network(image_size, last_stride):
+  model = make_resnet('tiny', width=8, last_stride=last_stride)
+  shape = (1, *image_size, 3)
+  fmap, _ = jax.eval_shape(lambda v, x: model.apply(v, x), abstract_variables(model, shape),
+                           jax.ShapeDtypeStruct(shape, jnp.float32))
+  assert fmap.shape[1:] == feature_map_shape(image_size, 'tiny', 8, last_stride)
 
 
 def test_bottleneck_stride_is_on_conv2():

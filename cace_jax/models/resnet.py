@@ -61,6 +61,20 @@ def output_channels(depth: int | str, width: int = 64) -> int:
   return width * 8 * _EXPANSION[block]
 
 
+def feature_map_shape(image_size: Sequence[int], depth: int | str, width: int = 64,
+                      last_stride: int = 1) -> tuple[int, int, int]:
+  """(h, w, C) of the final maps for images of `image_size` (H, W).
+
+  Each stride-2 layer (conv1, the max pool, layer2, layer3 and layer4 unless
+  `last_stride` is 1) rounds its input size up, as padded convolutions do.
+  """
+  strides = (2, 2, 2, 2, last_stride)
+  height, width_px = image_size
+  for stride in strides:
+    height, width_px = -(-height // stride), -(-width_px // stride)
+  return height, width_px, output_channels(depth, width)
+
+
 def non_local_positions(stage_sizes: Sequence[int]) -> tuple[str, ...]:
   """Blocks followed by a non-local block: the second-to-last block of stages 2-4.
 
