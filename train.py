@@ -10,29 +10,30 @@ host.
 
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from cace_jax import cli
-
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
-flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
-flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
-flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
-config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
-                                lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
-FLAGS = flags.FLAGS
+from cace_jax import cli, train_lib
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  cli.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from cace_jax import train_lib  # pylint: disable=import-outside-toplevel
-  return cli.run_reporting_errors(train_lib.train_and_evaluate, FLAGS.config, FLAGS.workdir)
+def define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.',
+                      flag_values=flag_values)
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).',
+                       flag_values=flag_values)
+  flags.DEFINE_integer('process_id', None, 'This process (multi-host).', flag_values=flag_values)
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
+                                  flag_values=flag_values, lock_config=True)
+  flags.mark_flags_as_required(['config', 'workdir'], flag_values=flag_values)
+
+
+def main(args: flags.FlagValues, positional: list[str]) -> None:
+  cli.expect_arguments(positional, [])
+  cli.init_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  train_lib.train_and_evaluate(args.config, args.workdir)
 
 
 if __name__ == '__main__':
-  sys.exit(app.run(main, flags_parser=cli.parse_flags))
+  sys.exit(cli.run(sys.argv, define_flags, main, __doc__))

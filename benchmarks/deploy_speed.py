@@ -3,45 +3,52 @@
   python benchmarks/deploy_speed.py          # the Market recipe (ResNet-50, GeM, non-local), 384×128
 
 Builds the configured CACE-Net with random weights (speed does not depend on
-them), writes its `features` and `pair` ONNX graphs (`cace_jax.onnx_graph`)
+them), writes its `features` and `pair` ONNX graphs (`cace_jax.interop.onnx_graph`)
 and times, at the same batch size:
   * features: images -> embedding + maps, onnxruntime vs jitted JAX
-    (`export.feature_function`, what the `jax.export` module runs);
+    (`deploy.feature_function`, what the `jax.export` module runs);
   * pair: maps of K (query, gallery) pairs -> distances, onnxruntime (the
-    dense 2n x 2n pair graph) vs jitted JAX (`export.pair_function`, the
+    dense 2n x 2n pair graph) vs jitted JAX (`deploy.pair_function`, the
     per-image-cache path).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
 import tempfile
 
+from absl import flags
 import jax
 import numpy as np
 import onnxruntime
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import median_seconds, save_report  # pylint: disable=wrong-import-position
-from cace_jax import export, onnx_graph, train_lib  # pylint: disable=wrong-import-position
-from cace_jax.models.resnet import feature_map_shape  # pylint: disable=wrong-import-position
+from cace_jax import cli  # pylint: disable=wrong-import-position
+from cace_jax.interop import deploy, onnx_graph  # pylint: disable=wrong-import-position
+from cace_jax.models import build_model, feature_map_shape  # pylint: disable=wrong-import-position
 from configs import market  # pylint: disable=wrong-import-position
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--pairs', type=int, default=10, help='K pairs per pair-model call')
-  parser.add_argument('--repeats', type=int, default=3)
-  parser.add_argument('--out', default='benchmarks/results/deploy_speed.json')
-  args = parser.parse_args()
+def define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_integer('batch', 8, 'Images per call.',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('pairs', 10, 'K pairs per pair-model call',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('repeats', 3, 'Timed repeats (median).',
+                      flag_values=flag_values)
+  flags.DEFINE_string('out', 'benchmarks/results/deploy_speed.json', 'JSON report.',
+                     flag_values=flag_values)
+
+
+def main(args: flags.FlagValues, positional: list[str]) -> None:
+  cli.expect_arguments(positional, [])
 
   config = market.get_config()
   image_size = tuple(config.data.image_size)
-  model = train_lib.create_model(config, num_classes=751)
+  model = build_model(config.model, num_classes=751)
   images = np.random.default_rng(0).uniform(0, 255, (args.batch, *image_size, 3)).astype(
       np.float32)
   variables = jax.jit(lambda: model.init(jax.random.key(0), images[:1], train=False))()
@@ -57,12 +64,12 @@ def main():
     sessions = {name: onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
                 for name, path in paths.items()}
 
-    features = jax.jit(export.feature_function(model, variables, flip=False))
+    features = jax.jit(deploy.feature_function(model, variables, flip=False))
     _, fmap = features(images)
     fmap = np.asarray(fmap)
     index = np.arange(args.pairs) % args.batch
     query, gallery = fmap[np.zeros_like(index)], fmap[index]
-    pair = jax.jit(export.pair_function(model, variables))
+    pair = jax.jit(deploy.pair_function(model, variables))
     report = {
         'config': 'configs/market.py', 'image_size': list(image_size), 'batch': args.batch,
         'pairs': args.pairs, 'cpu_count': os.cpu_count(), 'machine': platform.machine(),
@@ -87,4 +94,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(cli.run(sys.argv, define_flags, main, __doc__))

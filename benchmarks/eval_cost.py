@@ -18,19 +18,21 @@ of MSMT17 (11,659 + 82,161 images) it is there for.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
 import tempfile
 import time
 
+from absl import flags
 import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import median_seconds, save_report  # pylint: disable=wrong-import-position
-from cace_jax import eval_lib, metrics, pair_scoring, train_lib  # pylint: disable=wrong-import-position
+from cace_jax import cli  # pylint: disable=wrong-import-position
+from cace_jax.evaluation import metrics, stage1, stage2  # pylint: disable=wrong-import-position
+from cace_jax.models import build_model  # pylint: disable=wrong-import-position
 from configs import market  # pylint: disable=wrong-import-position
 
 NUM_QUERY, NUM_GALLERY = 3368, 15913
@@ -45,22 +47,22 @@ def measure_pooling(pooling: str, batch: int, repeats: int, ks) -> tuple[dict, d
   """
   config = market.get_config()
   config.model.pooling = pooling
-  model = train_lib.create_model(config, num_classes=751)
+  model = build_model(config.model, num_classes=751)
   images = np.random.default_rng(0).normal(size=(batch, *config.data.image_size, 3)).astype(
       np.float32)
   variables = jax.jit(lambda: model.init(jax.random.key(0), images[:2], train=False))()
-  extract = jax.jit(lambda v, x: model.apply(v, x, True, method=eval_lib.individual_features))
+  extract = jax.jit(lambda v, x: model.apply(v, x, False, True, method=stage1.embed_and_cache))
   stage1 = median_seconds(lambda: extract(variables, images), repeats) / batch
   cache = jax.device_get(extract(variables, images)[1])
-  on_device = pair_scoring.compact_cache(cache)  # float32 without a repeated query, as evaluated
-  stored = pair_scoring.compact_cache(cache, jax.numpy.bfloat16)
-  stored_bytes = pair_scoring.cache_nbytes(stored, batch)
+  on_device = stage2.compact_cache(cache)  # float32 without a repeated query, as evaluated
+  stored = stage2.compact_cache(cache, jax.numpy.bfloat16)
+  stored_bytes = stage2.cache_nbytes(stored, batch)
   result = {'stage1_s_per_image': stage1,
-            'cache_bytes_per_image': pair_scoring.cache_nbytes(on_device, batch),
+            'cache_bytes_per_image': stage2.cache_nbytes(on_device, batch),
             'stored_cache_bytes_per_image': stored_bytes,
             'stored_cache_gb_msmt17': stored_bytes * MSMT17_IMAGES / 2 ** 30,
             'stage2_s_per_query': {}, 'stage2_over_stage1_market': {}}
-  step = pair_scoring.make_pair_step(model, pair_scoring.conditional_distance)
+  step = stage2.make_pair_step(model, stage2.conditional_distance)
   for k in ks:
     index = np.arange(k) % batch  # K pairs (query, gallery) drawn from the cached images
     pairs_q = jax.tree.map(lambda c: c[np.zeros(k, int)], cache)
@@ -83,8 +85,8 @@ def measure_streaming(stored: dict, ks, num_images: int, queries: int = 50) -> d
   rng = np.random.default_rng(0)
   result = {'num_images': num_images, 'memory_s_per_query': {}, 'disk_cold_s_per_query': {}}
   with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(__file__))) as directory:
-    on_disk = pair_scoring.allocate_host_cache(shapes, num_images, dtype, directory, 0.0)
-    in_memory = pair_scoring.allocate_host_cache(shapes, num_images, dtype)
+    on_disk = stage1.allocate_host_cache(shapes, num_images, dtype, directory, 0.0)
+    in_memory = stage1.allocate_host_cache(shapes, num_images, dtype)
     batch = len(next(iter(stored.values())))
     for name, rows in stored.items():
       for start in range(0, num_images, batch):
@@ -105,16 +107,23 @@ def measure_streaming(stored: dict, ks, num_images: int, queries: int = 50) -> d
   return result
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--repeats', type=int, default=3)
-  parser.add_argument('--poolings', default='avg,gem')
-  parser.add_argument('--out', default='benchmarks/results/eval_cost.json')
-  parser.add_argument('--stream_pooling', default='gem', help='whose caches to stream')
-  parser.add_argument('--stream_images', type=int, default=2000,
-                      help='gallery rows written to the memory-mapped files')
-  args = parser.parse_args()
+def define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_integer('batch', 8, 'Images per call.',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('repeats', 3, 'Timed repeats (median).',
+                      flag_values=flag_values)
+  flags.DEFINE_string('poolings', 'avg,gem', 'Comma-separated poolings to measure.',
+                     flag_values=flag_values)
+  flags.DEFINE_string('out', 'benchmarks/results/eval_cost.json', 'JSON report.',
+                     flag_values=flag_values)
+  flags.DEFINE_string('stream_pooling', 'gem', 'whose caches to stream',
+                     flag_values=flag_values)
+  flags.DEFINE_integer('stream_images', 2000, 'gallery rows written to the memory-mapped files',
+                      flag_values=flag_values)
+
+
+def main(args: flags.FlagValues, positional: list[str]) -> None:
+  cli.expect_arguments(positional, [])
   ks = (10, 50, 100)
 
   rng = np.random.default_rng(0)
@@ -152,4 +161,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(cli.run(sys.argv, define_flags, main, __doc__))

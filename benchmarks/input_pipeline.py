@@ -11,16 +11,17 @@ benchmarks/results/input_pipeline.json.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
 import time
 
+from absl import flags
 import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import save_report  # pylint: disable=wrong-import-position
+from cace_jax import cli  # pylint: disable=wrong-import-position
 from cace_jax import input_pipeline as ip  # pylint: disable=wrong-import-position
 from cace_jax.datasets import prepare  # pylint: disable=wrong-import-position
 
@@ -36,19 +37,31 @@ def time_batches(dataset: tf.data.Dataset, steps: int, warmup: int) -> float:
   return time.perf_counter() - start
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--dataset', default='synthetic_details')
-  parser.add_argument('--data_dir', default='data')
-  parser.add_argument('--height', type=int, default=384)
-  parser.add_argument('--width', type=int, default=128)
-  parser.add_argument('--p', type=int, default=4)
-  parser.add_argument('--k', type=int, default=4)
-  parser.add_argument('--devices', type=int, default=1, help='device batches per step')
-  parser.add_argument('--steps', type=int, default=100)
-  parser.add_argument('--warmup', type=int, default=10)
-  parser.add_argument('--out', default='benchmarks/results/input_pipeline.json')
-  args = parser.parse_args()
+def define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_string('dataset', 'synthetic_details', 'TFDS name, optionally with /config.',
+                     flag_values=flag_values)
+  flags.DEFINE_string('data_dir', 'data', 'TFDS data_dir.',
+                     flag_values=flag_values)
+  flags.DEFINE_integer('height', 384, 'Image height.',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('width', 128, 'Image width.',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('p', 4, 'Identities per device batch.',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('k', 4, 'Images per identity.',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('devices', 1, 'device batches per step',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('steps', 100, 'Timed steps.',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('warmup', 10, 'Untimed steps first (compilation).',
+                      flag_values=flag_values)
+  flags.DEFINE_string('out', 'benchmarks/results/input_pipeline.json', 'JSON report.',
+                     flag_values=flag_values)
+
+
+def main(args: flags.FlagValues, positional: list[str]) -> None:
+  cli.expect_arguments(positional, [])
 
   builder = prepare.prepare_dataset(args.dataset, args.data_dir)
   size = (args.height, args.width)
@@ -83,4 +96,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(cli.run(sys.argv, define_flags, main, __doc__))

@@ -20,21 +20,21 @@ step on a 2-core CPU at the default size.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
 import sys
 import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import save_report  # noqa: E402
-from cace_jax import losses  # noqa: E402
-from cace_jax.models import CACENet, make_resnet  # noqa: E402
+from cace_jax import cli, losses  # noqa: E402
+from cace_jax.models import build_model, make_resnet  # noqa: E402
 
 CONFIGS = ('backbone', 'individual', 'full_avg', 'full_gem')
 
@@ -54,8 +54,8 @@ def build_loss_fn(name: str, args):
   settings = {'individual': dict(gcn='none', pooling='avg'),
               'full_avg': dict(pooling='avg'),
               'full_gem': dict(pooling='gem', pair_block=args.pair_block or None)}[name]
-  model = CACENet(depth=args.depth, non_local=args.non_local, num_classes=args.num_classes,
-                  adjacency=args.adjacency, **settings)
+  model = build_model(dict(depth=args.depth, non_local=args.non_local,
+                           adjacency=args.adjacency, **settings), args.num_classes)
 
   def loss_fn(params, batch_stats, images, labels, key):
     outputs, _ = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
@@ -113,26 +113,37 @@ def time_configs(names, args) -> dict:
   return results
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--configs', default=','.join(CONFIGS))
-  parser.add_argument('--depth', type=int, default=50)
-  parser.add_argument('--height', type=int, default=256)
-  parser.add_argument('--width', type=int, default=128)
-  parser.add_argument('--identities', type=int, default=4, help='P')
-  parser.add_argument('--instances', type=int, default=4, help='K')
-  parser.add_argument('--num_classes', type=int, default=751)
-  parser.add_argument('--adjacency', default='projected')
-  parser.add_argument('--non_local', action='store_true', help='official non-local backbone')
-  parser.add_argument('--pair_block', type=int, default=0,
-                      help='pair rows per lax.map step for full_gem; 0 = model default (one '
-                      'row); P*K = all pairs at once (the only setting whose GFLOP is exact: '
-                      'XLA counts a loop body once)')
-  parser.add_argument('--steps', type=int, default=3)
-  parser.add_argument('--warmup', type=int, default=1)
-  parser.add_argument('--output', default=os.path.join(os.path.dirname(__file__), 'results',
-                                                       'model_step.json'))
-  args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_string('configs', ','.join(CONFIGS), 'Comma-separated configurations.',
+                     flag_values=flag_values)
+  flags.DEFINE_integer('depth', 50, 'ResNet depth.',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('height', 256, 'Image height.',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('width', 128, 'Image width.',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('identities', 4, 'P',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('instances', 4, 'K',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('num_classes', 751, 'Identities of the classifiers.',
+                      flag_values=flag_values)
+  flags.DEFINE_string('adjacency', 'projected', 'Adjacency kind.',
+                     flag_values=flag_values)
+  flags.DEFINE_boolean('non_local', False, 'official non-local backbone',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('pair_block', 0, 'pair rows per lax.map step for full_gem; 0 = model default (one row); P*K = all pairs at once (the only setting whose GFLOP is exact: XLA counts a loop body once)',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('steps', 3, 'Timed steps.',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('warmup', 1, 'Untimed steps first (compilation).',
+                      flag_values=flag_values)
+  flags.DEFINE_string('output', os.path.join(os.path.dirname(__file__), 'results', 'model_step.json'), 'JSON report.',
+                     flag_values=flag_values)
+
+
+def main(args: flags.FlagValues, positional: list[str]) -> None:
+  cli.expect_arguments(positional, [])
 
   load_before = os.getloadavg()[0]
   results = time_configs(args.configs.split(','), args)
@@ -151,8 +162,8 @@ def main(argv=None):
   print(f'load average before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f} '
         f'(2 cores; > 2 means other processes shared the CPU)')
   report = {
-      'command': ' '.join(['python', 'benchmarks/model_step.py'] + (argv or sys.argv[1:])),
-      'settings': vars(args) | {'batch': args.identities * args.instances},
+      'command': ' '.join(['python', 'benchmarks/model_step.py'] + sys.argv[1:]),
+      'settings': args.flag_values_dict() | {'batch': args.identities * args.instances},
       'load_average': {'before': load_before, 'after': os.getloadavg()[0]},
       'platform': {'jax': jax.__version__, 'backend': jax.default_backend(),
                    'devices': [str(d) for d in jax.devices()], 'cpu_count': os.cpu_count(),
@@ -163,4 +174,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(cli.run(sys.argv, define_flags, main, __doc__))

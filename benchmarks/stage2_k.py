@@ -16,63 +16,55 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
-import jax
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import save_report  # pylint: disable=wrong-import-position
-from cace_jax import checkpoint, cli, eval_lib, metrics, pair_scoring, train_lib  # pylint: disable=wrong-import-position
-
-flags.DEFINE_string('workdir', None, 'The training run directory (its latest checkpoint).')
-flags.DEFINE_string('ks', '1,3,5,10,20,50', 'Comma-separated K values.')
-flags.DEFINE_string('out', 'benchmarks/results/stage2_k.json', 'JSON report.')
-config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
-                                lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
-FLAGS = flags.FLAGS
+from cace_jax import checkpoint, cli, input_pipeline, sharding  # pylint: disable=wrong-import-position
+from cace_jax.evaluation import evaluate, metrics, stage1, stage2  # pylint: disable=wrong-import-position
 
 
-def main(argv):
-  del argv
-  config, args = FLAGS.config, FLAGS
+def define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_string('workdir', None, 'The training run directory (its latest checkpoint).',
+                      flag_values=flag_values)
+  flags.DEFINE_string('ks', '1,3,5,10,20,50', 'Comma-separated K values.',
+                      flag_values=flag_values)
+  flags.DEFINE_string('out', 'benchmarks/results/stage2_k.json', 'JSON report.',
+                      flag_values=flag_values)
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
+                                  flag_values=flag_values, lock_config=True)
+  flags.mark_flags_as_required(['config', 'workdir'], flag_values=flag_values)
+
+
+def main(args: flags.FlagValues, positional: list[str]) -> None:
+  cli.expect_arguments(positional, [])
+  config = args.config
   ks = [int(k) for k in args.ks.split(',')]
-
-  step, state, record = checkpoint.read_checkpoint(args.workdir)
-  model = train_lib.create_model(config, record['num_classes'])
-  builder = train_lib.prepare_on_first_process(config)
-  mesh = jax.make_mesh((jax.device_count(),), (eval_lib.AXIS,))
-  variables = jax.device_put({'params': state['params'], 'batch_stats': state['batch_stats']},
-                             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  query, gallery = eval_lib.load_eval_splits(str(builder.data_dir))
-  embed_step = eval_lib.make_embed_step(model, mesh, config.eval.flip, with_cache=True)
-  q_emb, q_cache = eval_lib.extract_features(embed_step, variables, query, config, mesh)
-  g_emb, g_cache = eval_lib.extract_features(embed_step, variables, gallery, config, mesh)
+  mesh = sharding.make_mesh()
+  run = checkpoint.load_run(args.workdir, None, config.model, mesh)
+  query, gallery = input_pipeline.load_eval_splits(input_pipeline.prepare_on_first_process(config))
+  q_emb, q_cache = stage1.extract_features(run.model, run.variables, query, config, mesh)
+  g_emb, g_cache = stage1.extract_features(run.model, run.variables, gallery, config, mesh)
   distmat = metrics.cosine_distance(q_emb, g_emb)
-  rank = lambda d: eval_lib.summarize(metrics.evaluate_rank(
-      d, query.pids, gallery.pids, query.camids, gallery.camids))
+  rank = lambda d: evaluate.measure(d, query, gallery)[0]
 
-  report = {'workdir': args.workdir, 'step': step, 'dataset': config.data.dataset,
+  report = {'workdir': args.workdir, 'step': run.step, 'dataset': config.data.dataset,
             'num_query': len(query), 'num_gallery': len(gallery),
             'individual': rank(distmat), 'rows': {}}
-  scorers = {'cacenet': pair_scoring.conditional_distance}
-  if pair_scoring.has_alignment_keys(q_cache):
-    scorers['clue_alignment'] = pair_scoring.alignment_distance
-  for row, score in scorers.items():
-    pair_step = pair_scoring.make_pair_step(model, score)
-    pair_distances = lambda q, g, pair_step=pair_step: pair_step(
-        variables, jax.tree.map(lambda c: c[q], q_cache), jax.tree.map(lambda c: c[g], g_cache))
-    pair_scoring.rerank_top_k(distmat[:1], 1, pair_distances)  # compile outside the timing
+  for row, score in stage2.pair_scorers(q_cache).items():
+    pair_distances, pairs_per_call = stage2.make_pair_distances(
+        run.model, run.variables, score, q_cache, g_cache, mesh)
+    stage2.rerank_top_k(distmat[:1], 1, pair_distances, pairs_per_call)  # compile, untimed
     report['rows'][row] = {}
     for k in ks:
       start = time.perf_counter()
-      reranked = pair_scoring.rerank_top_k(distmat, k, pair_distances)
+      reranked = stage2.rerank_top_k(distmat, k, pair_distances, pairs_per_call)
       seconds = (time.perf_counter() - start) / len(query)
       report['rows'][row][k] = {**rank(reranked), 'stage2_s_per_query': seconds}
 
   header = f'{"":>16} {"K":>4} {"R-1":>7} {"R-5":>7} {"mAP":>7} {"mINP":>7} {"ms/query":>9}'
-  print(f'{config.data.dataset}, {args.workdir} step {step}\n{header}')
+  print(f'{config.data.dataset}, {args.workdir} step {run.step}\n{header}')
   ind = report['individual']
   print(f'{"individual":>16} {"-":>4} {ind["rank1"]:7.2f} {ind["rank5"]:7.2f} '
         f'{ind["mAP"]:7.2f} {ind["mINP"]:7.2f}')
@@ -84,4 +76,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  sys.exit(cli.run(sys.argv, define_flags, main, __doc__))

@@ -12,7 +12,6 @@ downloaded here; per-image cost does not depend on which pedestrians are shown.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -20,11 +19,12 @@ import shutil
 import sys
 import tempfile
 
+from absl import flags
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import save_report  # pylint: disable=wrong-import-position
-from cace_jax import train_lib  # pylint: disable=wrong-import-position
+from cace_jax import cli, train_lib  # pylint: disable=wrong-import-position
 from configs import market, synthetic  # pylint: disable=wrong-import-position
 
 
@@ -33,28 +33,32 @@ def measure(config, steps: int, warmup: int) -> float:
   config.train.num_steps = warmup + steps
   config.train.log_every = warmup
   config.train.eval_every_epochs = 0
+  config.train.eval_at_end = False  # evaluation is not timed
   config.train.checkpoint_every = 10**9
   workdir = tempfile.mkdtemp(prefix='train_throughput_')
-  real_evaluate = train_lib.eval_lib.evaluate
-  train_lib.eval_lib.evaluate = lambda *a, **k: {}  # Final evaluation is not timed.
   try:
     train_lib.train_and_evaluate(config, workdir)
     rows = [json.loads(line) for line in open(os.path.join(workdir, 'train.log'))
             if line.startswith('{')]
   finally:
-    train_lib.eval_lib.evaluate = real_evaluate
     shutil.rmtree(workdir, ignore_errors=True)
   timed = [r for r in rows if r['split'] == 'train' and r['step'] == warmup + steps]
   return timed[-1]['images_per_s']
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--steps', type=int, default=20)
-  parser.add_argument('--warmup', type=int, default=3)
-  parser.add_argument('--market_steps', type=int, default=3)
-  parser.add_argument('--out', default='benchmarks/results/train_throughput.json')
-  args = parser.parse_args()
+def define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_integer('steps', 20, 'Timed steps.',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('warmup', 3, 'Untimed steps first (compilation).',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('market_steps', 3, 'Timed steps of the reduced market config.',
+                      flag_values=flag_values)
+  flags.DEFINE_string('out', 'benchmarks/results/train_throughput.json', 'JSON report.',
+                     flag_values=flag_values)
+
+
+def main(args: flags.FlagValues, positional: list[str]) -> None:
+  cli.expect_arguments(positional, [])
 
   demo = synthetic.get_config()
   reduced = market.get_config()
@@ -73,4 +77,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(cli.run(sys.argv, define_flags, main, __doc__))

@@ -1,19 +1,30 @@
-"""Orbax checkpoints of a training run: the last k, plus the best by mAP.
+"""Orbax checkpoints of a training run (the last k, plus the best by mAP), and loading a run.
 
 A checkpoint holds the train state (step, params, batch_stats, opt_state) and
 a small JSON record (data position, RNG seed, config, metrics). Orbax writes
 each step into a temporary directory and renames it when complete, so an
 interrupted save is never listed as a checkpoint; such leftovers are cleaned
 up when the manager is created.
+
+`load_run` is the one way every command (evaluation, export, porting,
+benchmarks) turns a workdir into a model and its variables.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from typing import Any
 
+from flax import traverse_util
+import flax.linen as nn
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+
+from cace_jax import sharding
+from cace_jax.models import build_model, make_resnet
 
 BEST_METRIC = 'mAP'
 
@@ -123,7 +134,6 @@ def merge_variables(target: dict, source: dict, replaceable: tuple[str, ...] = (
   Raises:
     ValueError: listing every missing, unexpected and mis-shaped variable.
   """
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
   flat_target = traverse_util.flatten_dict(target, sep='/')
   flat_source = traverse_util.flatten_dict(source, sep='/')
   is_replaceable = lambda path: any(path.startswith(prefix + '/') for prefix in replaceable)
@@ -144,3 +154,55 @@ def merge_variables(target: dict, source: dict, replaceable: tuple[str, ...] = (
   if problems:
     raise ValueError('; '.join(problems))
   return traverse_util.unflatten_dict(merged, sep='/'), kept
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A checkpoint of a workdir, ready to apply: what `load_run` returns.
+
+  Attributes:
+    step: the checkpoint's step.
+    record: its JSON record ('config' for trained runs, 'model' for ports).
+    model: the CACENet (or, for a bare torchvision port, the ResNet).
+    variables: {'params', 'batch_stats'}.
+    config: the training config the run was made with; None for ports.
+  """
+  step: int
+  record: dict
+  model: nn.Module
+  variables: dict
+  config: ml_collections.ConfigDict | None
+
+
+def load_run(workdir: str, step: int | None = None, model_config=None,
+             mesh: jax.sharding.Mesh | None = None) -> Run:
+  """Reads a checkpoint of `workdir` and builds the model it belongs to.
+
+  Args:
+    workdir: a training run, or a port (`tools/port.py`).
+    step: which checkpoint; the latest if None.
+    model_config: the model to build (e.g. eval.py's `config.model`); None:
+      the one the checkpoint recorded.
+    mesh: replicate the variables over it; None leaves them on one device.
+
+  Raises:
+    FileNotFoundError: no such checkpoint, naming the directory.
+    ConfigError: the model config names an unknown field.
+  """
+  step, state, record = read_checkpoint(workdir, step)
+  config = (ml_collections.ConfigDict(json.loads(record['config']))
+            if record.get('config') else None)
+  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  ported = record.get('model') or {}
+  if 'resnet_depth' in ported:  # a torchvision ImageNet network, not a CACE-Net
+    fc = variables['params'].get('fc')
+    model = make_resnet(ported['resnet_depth'], last_stride=2,
+                        num_classes=fc['kernel'].shape[-1] if fc else None)
+  else:
+    if model_config is None:
+      model_config = config.model if config is not None else ported
+    # Evaluation normalises with running averages: no cross-device BN statistics.
+    model = build_model(model_config, record.get('num_classes'), sync_bn=False)
+  if mesh is not None:
+    variables = sharding.replicate(variables, mesh)
+  return Run(step=step, record=record, model=model, variables=variables, config=config)

@@ -1,4 +1,11 @@
-"""What train.py and eval.py share: flag parsing, process set-up, error reporting."""
+"""The command line every entry point shares: absl flags, process set-up, one-line errors.
+
+`train.py`, `eval.py`, `tools/*.py` and `benchmarks/*.py` each define their
+flags on a fresh `FlagValues` and hand them to `run`, so that a bad flag, a
+mistyped `--config.` field or a user error (`errors.UserError`) ends in one
+`error:` line and exit code 2, the same way everywhere. Fresh flag sets also
+let tests call several entry points in one process.
+"""
 
 from __future__ import annotations
 
@@ -12,25 +19,56 @@ from absl import logging
 import jax
 import ml_collections
 
+from cace_jax.errors import UserError
+
 _OVERRIDE_PREFIX = '--config.'
+_HELP = ('-h', '--help', '--helpfull')
 
 
-def parse_flags(argv: Sequence[str]) -> list[str]:
-  """absl flag parsing that names a bad `--config.` override and its valid siblings.
+def run(argv: Sequence[str], define_flags: Callable[[flags.FlagValues], None],
+        main: Callable[[flags.FlagValues, list[str]], None], usage: str = '') -> int:
+  """Parses `argv` with the flags `define_flags` defines, then calls `main(flags, positional)`.
 
-  ml_collections reports an unknown field as a bare KeyError; users need the
-  field and the list of valid names, on one line, with a non-zero exit.
+  Returns the exit code: 0, or 2 after printing one `error:` line for a bad
+  flag, an unknown config field or a user error (also a non-finite loss and
+  a missing file). `--help` prints `usage` and the flags.
   """
+  flag_values = flags.FlagValues()
+  define_flags(flag_values)
+  if any(arg in _HELP for arg in argv[1:]):
+    print(usage.strip() + '\n\n' + flag_values.get_help(include_special_flags=False))
+    return 0
   try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except
-    message = _explain_config_override(argv) or str(e)
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
+    positional = flag_values(list(argv))[1:]
+  except Exception as e:  # noqa: BLE001  (absl and ml_collections raise several kinds)
+    return _report(_explain_config_override(argv) or str(e))
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # absl logging asks for parsed global flags
+  try:
+    main(flag_values, positional)
+  except (UserError, FloatingPointError, FileNotFoundError) as e:
+    return _report(str(e))
+  return 0
+
+
+def _report(message: str) -> int:
+  print(f'error: {message}', file=sys.stderr)
+  return 2
+
+
+def expect_arguments(positional: Sequence[str], names: Sequence[str]) -> None:
+  """Fails with a usage error unless exactly the positional arguments `names` were given."""
+  if len(positional) != len(names):
+    expected = ' '.join(names) or 'none'
+    raise UserError(f'expected positional arguments: {expected}; got {" ".join(positional) or "none"}')
 
 
 def _explain_config_override(argv: Sequence[str]) -> str | None:
-  """The first `--config.a.b=v` whose path is not in the config, explained."""
+  """The first `--config.a.b=v` whose path is not in the config, explained.
+
+  ml_collections reports an unknown field as a bare KeyError; users need the
+  field and the list of valid names, on one line.
+  """
   config_path = None
   for i, arg in enumerate(argv):
     if arg.startswith('--config='):
@@ -41,7 +79,7 @@ def _explain_config_override(argv: Sequence[str]) -> str | None:
     return None
   try:
     config = load_config(config_path)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # noqa: BLE001  (any failure of user code in the config file)
     return f'cannot load config {config_path}: {e}'
   for arg in argv:
     if not arg.startswith(_OVERRIDE_PREFIX):
@@ -67,19 +105,21 @@ def load_config(config_arg: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
-def init_distributed(coordinator_address: str | None, num_processes: int | None,
-                     process_id: int | None) -> None:
+def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> None:
   """Starts JAX's multi-process runtime when asked to, and keeps TF off accelerators.
 
   With explicit flags, connects to the coordinator; with none, initialises
   only where the environment describes a cluster (JAX_COORDINATOR_ADDRESS,
   or a TPU pod / SLURM job JAX detects). On CPU, collectives go through gloo
-  so one machine can run several processes.
+  so one machine can run several processes. Call it before any JAX computation.
   """
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   logging.set_verbosity(logging.WARNING)  # TFDS logs every file it opens at INFO.
-  # tf.data only needs the CPU; it must not take GPU memory from JAX.
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  # tf.data only needs the CPU; it must not take GPU memory from JAX. TF is
+  # heavy and only input pipelines need it, so only this function imports it.
+  import tensorflow as tf
+
   tf.config.set_visible_devices([], 'GPU')
   explicit = coordinator_address is not None
   if explicit or os.environ.get('JAX_COORDINATOR_ADDRESS') or _in_cluster():
@@ -90,16 +130,3 @@ def init_distributed(coordinator_address: str | None, num_processes: int | None,
 
 def _in_cluster() -> bool:
   return int(os.environ.get('SLURM_NTASKS', '1')) > 1 or 'TPU_WORKER_HOSTNAMES' in os.environ
-
-
-def run_reporting_errors(function: Callable, *args) -> int:
-  """Runs `function(*args)`; known user errors become one `error:` line and exit 2."""
-  from cace_jax.datasets.manual_source import DatasetError  # pylint: disable=import-outside-toplevel
-  from cace_jax.port import PortError  # pylint: disable=import-outside-toplevel
-  from cace_jax.train_lib import ConfigError  # pylint: disable=import-outside-toplevel
-  try:
-    function(*args)
-  except (DatasetError, ConfigError, PortError, FloatingPointError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  return 0

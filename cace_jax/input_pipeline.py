@@ -1,8 +1,10 @@
 """tf.data input: P×K identity batches for training, ordered padded batches for evaluation.
 
-Training batches are shaped [local_devices, P·K, H, W, 3]: every device holds
-P whole identities with K images each, so the pair stage and the batch-hard
-triplet losses see complete identities on each device.
+Each process yields its rows of the flat global batch, device by device:
+training batches are [local_devices·P·K, H, W, 3], where the rows of each of
+its devices are P whole identities with K images each, so the pair stage and
+the batch-hard triplet losses see complete identities on every device
+(`sharding.global_batch` makes them one array sharded over `data`).
 
 The batch order is a deterministic function of (seed, epoch), computed
 identically by every process of a multi-host run; a process reads only the
@@ -14,13 +16,18 @@ images and augmentations an uninterrupted run sees.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Iterator
 
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cace_jax import augment
+from cace_jax.datasets import prepare
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +41,22 @@ class SplitData:
 
   def __len__(self) -> int:
     return len(self.labels)
+
+
+def prepare_on_first_process(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The prepared builder of `config.data`, prepared by process 0 before the others read it.
+
+  Preparing writes records; several processes doing it at once would race.
+  """
+  data = config.data
+  manual_dir = data.manual_dir or None
+  if jax.process_index() == 0:
+    builder = prepare.prepare_dataset(data.dataset, data.data_dir, manual_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('dataset prepared')
+  if jax.process_index() != 0:
+    builder = prepare.prepare_dataset(data.dataset, data.data_dir, manual_dir)
+  return builder
 
 
 def load_split(builder: tfds.core.DatasetBuilder, split: str) -> SplitData:
@@ -52,6 +75,17 @@ def load_split(builder: tfds.core.DatasetBuilder, split: str) -> SplitData:
       camids=np.array([r['camid'] for r in rows], dtype=np.int32),
       file_names=np.array([r['file_name'].decode() for r in rows], dtype=object),
   )
+
+
+@functools.lru_cache(maxsize=2)  # periodic evaluations read the splits once
+def _load_eval_splits(data_dir: str) -> tuple[SplitData, SplitData]:
+  builder = tfds.builder_from_directory(data_dir)
+  return load_split(builder, 'query'), load_split(builder, 'gallery')
+
+
+def load_eval_splits(builder: tfds.core.DatasetBuilder) -> tuple[SplitData, SplitData]:
+  """(query, gallery) of a prepared dataset, read once per process."""
+  return _load_eval_splits(str(builder.data_dir))
 
 
 def sample_identity_batches(labels: np.ndarray, p: int, k: int, seed: int, epoch: int,
@@ -134,8 +168,9 @@ def create_train_dataset(data: SplitData, *, image_size, p: int, k: int, seed: i
     drop_small_ids, flip, padding, erasing_probability: see the recipe.
 
   Returns:
-    A dataset of dicts with 'image' [local_devices, P·K, H, W, 3] float32,
-    'label', 'pid', 'camid' [local_devices, P·K] int32.
+    A dataset of dicts with 'image' [local_devices·P·K, H, W, 3] float32,
+    'label', 'pid', 'camid' [local_devices·P·K] int32; rows [d·P·K, (d+1)·P·K)
+    belong to this process's device d.
   """
   batch_size = p * k
   first_device = process_index * local_devices
@@ -165,7 +200,7 @@ def create_train_dataset(data: SplitData, *, image_size, p: int, k: int, seed: i
 
   dataset = indices.unbatch().map(load, num_parallel_calls=tf.data.AUTOTUNE,
                                   deterministic=True)
-  dataset = dataset.batch(batch_size).batch(local_devices)
+  dataset = dataset.batch(batch_size * local_devices)
   return dataset.prefetch(tf.data.AUTOTUNE)
 
 
@@ -176,12 +211,12 @@ def create_eval_dataset(data: SplitData, *, image_size, batch_size: int, num_dev
   A global batch holds `batch_size` images per device over all devices; the
   final one is padded with copies of image 0 whose 'mask' is False (never
   dropped). Image i of the split sits at global batch i // (devices·batch),
-  device (i // batch) % devices.
+  row i % (devices·batch), so on device (i // batch) % devices.
 
   Returns:
-    A dataset of dicts with 'image' [local_devices, batch, H, W, 3] float32 and
-    'index' (position in the split, -1 for padding), 'pid', 'camid' int32,
-    'mask' bool, each [local_devices, batch].
+    A dataset of dicts with this process's rows: 'image' [local_devices·batch,
+    H, W, 3] float32 and 'index' (position in the split, -1 for padding),
+    'pid', 'camid' int32, 'mask' bool, each [local_devices·batch].
   """
   global_batch = batch_size * num_devices
   num_batches = -(-len(data) // global_batch)
@@ -201,7 +236,7 @@ def create_eval_dataset(data: SplitData, *, image_size, batch_size: int, num_dev
 
   dataset = tf.data.Dataset.from_tensor_slices(local.reshape(-1))
   dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  dataset = dataset.batch(batch_size).batch(local_devices)
+  dataset = dataset.batch(batch_size * local_devices)
   return dataset.prefetch(tf.data.AUTOTUNE)
 
 

@@ -13,10 +13,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-
-def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
-  """x / (||x|| + eps), as the official `normalize`."""
-  return x / (jnp.linalg.norm(x, axis=axis, keepdims=True) + eps)
+from cace_jax.models.layers import l2_normalize
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):

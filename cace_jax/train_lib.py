@@ -11,28 +11,22 @@ step so every replica holds the same state.
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 from typing import Any
 
 from flax import struct
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from cace_jax import checkpoint, eval_lib, input_pipeline, losses
-from cace_jax.datasets import prepare
-from cace_jax.models import CACENet
+from cace_jax import checkpoint, input_pipeline, losses, sharding
+from cace_jax.errors import ConfigError, PortError
+from cace_jax.evaluation import evaluate
+from cace_jax.interop import torch_weights
+from cace_jax.models import CACENet, build_model
 from cace_jax.run_logger import RunLogger
-
-AXIS = 'data'
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the field."""
+from cace_jax.sharding import AXIS
 
 
 @struct.dataclass
@@ -43,22 +37,6 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   rng: jnp.ndarray
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int | None,
-                 sync_bn: bool | None = None) -> CACENet:
-  """The CACENet described by `config.model`."""
-  model = config.model
-  sync_bn = model.sync_bn if sync_bn is None else sync_bn
-  if model.dtype not in ('float32', 'bfloat16'):
-    raise ConfigError(f'model.dtype={model.dtype!r}: expected float32 or bfloat16')
-  depth = int(model.depth) if str(model.depth).isdigit() else model.depth
-  return CACENet(
-      depth=depth, width=model.width, last_stride=model.last_stride,
-      non_local=model.non_local, pooling=model.pooling, embed_dim=model.embed_dim,
-      num_classes=num_classes, adjacency=model.adjacency, topk=model.topk, gcn=model.gcn,
-      gcn_depth=model.gcn_depth, reduction=model.reduction, dropout_rate=model.dropout_rate,
-      dtype=jnp.dtype(model.dtype), bn_axis_name=AXIS if sync_bn else None)
 
 
 def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
@@ -162,15 +140,14 @@ def with_variables(state: TrainState, params, batch_stats) -> TrainState:
 
 def init_backbone(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
   """Loads ImageNet weights from a torchvision ResNet file into the backbone (`init.backbone`)."""
-  from cace_jax import port  # pylint: disable=import-outside-toplevel
   depth = config.model.depth
   if not str(depth).isdigit():
     raise ConfigError(f'init.backbone needs a torchvision depth, not model.depth={depth!r}')
   try:
-    params, batch_stats = port.load_backbone_into(
+    params, batch_stats = torch_weights.load_backbone_into(
         jax.device_get(state.params), jax.device_get(state.batch_stats), config.init.backbone,
         int(depth))
-  except (port.PortError, OSError) as e:
+  except (PortError, OSError) as e:
     raise ConfigError(f'init.backbone={config.init.backbone}: {e}') from e
   return with_variables(state, params, batch_stats)
 
@@ -182,7 +159,7 @@ def init_from_checkpoint(state: TrainState, config: ml_collections.ConfigDict
                          ) -> tuple[TrainState, list[str]]:
   """Starts from every variable of a checkpoint (`init.checkpoint`: a workdir).
 
-  The workdir may hold a port (`python -m cace_jax.port official ...`) or
+  The workdir may hold a port (`tools/port.py official ...`) or
   another run. All variables must match the model exactly, except the two
   classifiers, which are kept freshly initialised when their number of
   identities differs (fine-tuning on another dataset). Optimizer state and
@@ -191,7 +168,6 @@ def init_from_checkpoint(state: TrainState, config: ml_collections.ConfigDict
   Returns:
     (state, the classifier variables that were not loaded).
   """
-  from cace_jax import checkpoint  # pylint: disable=import-outside-toplevel
   source_dir = config.init.checkpoint
   try:
     _, source, _ = checkpoint.read_checkpoint(source_dir)
@@ -210,14 +186,14 @@ def make_train_step(model: CACENet, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh):
   """The jitted global step: (state, batch) -> (state, metrics), state donated.
 
-  `batch` arrays are [devices, P·K, ...], sharded over the mesh's `data` axis;
-  the state is replicated. Each device computes gradients on its own P·K
-  images (its own B² pairs); the update uses their mean.
+  `batch` arrays are flat global batches [devices·P·K, ...] sharded over the
+  mesh's `data` axis; the state is replicated. Each device computes gradients
+  on its own P·K images (its own B² pairs); the update uses their mean.
   """
   loss_kwargs = loss_kwargs_from(loss_config)
 
   def device_step(state: TrainState, batch: dict):
-    images, labels = batch['image'][0], batch['label'][0]  # this device's [P·K, ...]
+    images, labels = batch['image'], batch['label']  # this device's block: [P·K, ...]
     dropout_key = step_dropout_key(state, jax.lax.axis_index(AXIS))
     loss, parts, batch_stats, grads = compute_gradients(
         model, loss_kwargs, state.params, state.batch_stats, images, labels, dropout_key)
@@ -243,12 +219,6 @@ def variables_of(state: TrainState) -> dict:
   return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
-def global_batch(local: dict, mesh: jax.sharding.Mesh) -> dict:
-  """This process's [local_devices, ...] arrays -> global arrays sharded over `data`."""
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
-
-
 def check_finite(metrics: dict, step: int, last_checkpoint: int | None) -> None:
   """Stops training on a NaN/inf loss part, naming the step and the part."""
   for name, value in metrics.items():
@@ -259,15 +229,16 @@ def check_finite(metrics: dict, step: int, last_checkpoint: int | None) -> None:
           f'non-finite {name}={value} at step {step}; training stopped, {kept}')
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> evaluate.Evaluation | None:
   """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
 
   Returns:
-    The final evaluation results (see `eval_lib.evaluate`), or {} if disabled.
+    The final evaluation, or None when `train.eval_at_end` is off.
   """
-  mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
-  num_devices, local_devices = jax.device_count(), jax.local_device_count()
-  builder = prepare_on_first_process(config)
+  mesh = sharding.make_mesh()
+  num_devices = jax.device_count()
+  builder = input_pipeline.prepare_on_first_process(config)
   train_data = input_pipeline.load_split(builder, 'train')
   num_classes = int(train_data.labels.max()) + 1
   check_config(config, num_classes)
@@ -277,11 +248,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   steps_per_epoch = input_pipeline.steps_per_epoch(train_data.labels, data.p, data.k,
                                                    num_devices, data.drop_small_ids)
   num_steps = total_steps(config, steps_per_epoch)
-  model = create_model(config, num_classes)
+  model = build_model(config.model, num_classes)
   tx, schedule = create_optimizer(config, steps_per_epoch, images_per_step)
-  state = init_state(model, tx, data.image_size, config.seed)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state = jax.device_put(state, replicated)
+  state = sharding.replicate(init_state(model, tx, data.image_size, config.seed), mesh)
 
   manager = checkpoint.create_manager(workdir, keep_last=config.train.keep_last)
   fresh_classifiers = []
@@ -290,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state = init_backbone(state, config)
     if config.init.checkpoint:
       state, fresh_classifiers = init_from_checkpoint(state, config)
-    state = jax.device_put(state, replicated)
+    state = sharding.replicate(state, mesh)
   restored = checkpoint.restore_checkpoint(manager, state)
   logger = RunLogger(workdir, num_steps, 0, images_per_step)
   if config.init.checkpoint and restored is None:
@@ -307,60 +276,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_step = make_train_step(model, tx, schedule, config.loss, mesh)
   dataset = input_pipeline.create_train_dataset(
       train_data, image_size=data.image_size, p=data.p, k=data.k, seed=config.seed,
-      num_devices=num_devices, local_devices=local_devices,
+      num_devices=num_devices, local_devices=jax.local_device_count(),
       process_index=jax.process_index(), start_step=start_step,
       drop_small_ids=data.drop_small_ids, flip=data.flip, padding=data.padding,
       erasing_probability=data.erasing_probability)
-  batches = input_pipeline.iterate_numpy(dataset)
+  batches = sharding.prefetch_to_device(
+      ({'image': b['image'], 'label': b['label']} for b in input_pipeline.iterate_numpy(dataset)),
+      mesh)
   last_checkpoint = manager.latest_step()
   eval_every = config.train.eval_every_epochs * steps_per_epoch
-  results = {}
+  evaluation = None
   for step in range(start_step + 1, num_steps + 1):
-    local = next(batches)
-    state, metrics = train_step(state, global_batch(
-        {'image': local['image'], 'label': local['label']}, mesh))
+    state, metrics = train_step(state, next(batches))
     metrics = jax.device_get(metrics)
     check_finite(metrics, step, last_checkpoint)
     logger.advance(step)
     if step % config.train.log_every == 0 or step == num_steps:
       logger.scalars(step, metrics)
     metrics_for_best = None
-    if step == num_steps or (eval_every and step % eval_every == 0):
-      results = eval_lib.evaluate(model, variables_of(state), builder, config, mesh,
-                                  figures_dir=workdir if step == num_steps else None,
-                                  scratch_dir=workdir)
-      logger.scalars(step, eval_lib.flatten_results(results), prefix='eval')
-      logger.info(eval_lib.format_table(results, title=f'step {step}'))
-      if 'individual' in results:
-        metrics_for_best = {'mAP': results['individual']['mAP']}
+    periodic = eval_every and step % eval_every == 0
+    if periodic or (step == num_steps and config.train.eval_at_end):
+      evaluation = evaluate_and_log(model, variables_of(state), builder, config, mesh, workdir,
+                                    logger, step)
+      metrics_for_best = {'mAP': evaluation.metrics['individual']['mAP']}
     if (step % config.train.checkpoint_every == 0 or step % steps_per_epoch == 0
         or step == num_steps):
       record = {'step': step, 'epoch': step / steps_per_epoch, 'seed': config.seed,
                 'num_classes': num_classes, 'config': config.to_json()}
       checkpoint.save_checkpoint(manager, step, state, record, metrics_for_best)
       last_checkpoint = step
-  if start_step >= num_steps:  # Already trained: report the final model again.
+  if start_step >= num_steps and config.train.eval_at_end:  # Already trained: report again.
     logger.info(f'{workdir} is already trained to step {start_step}; evaluating it')
-    results = eval_lib.evaluate(model, variables_of(state), builder, config, mesh,
-                                figures_dir=workdir, scratch_dir=workdir)
-    logger.info(eval_lib.format_table(results, title=f'step {start_step}'))
-  if results and jax.process_index() == 0:
-    with open(os.path.join(workdir, 'results.json'), 'w', encoding='utf-8') as f:
-      json.dump({'step': max(start_step, num_steps), 'dataset': config.data.dataset,
-                 'results': results}, f, indent=2)
+    evaluation = evaluate_and_log(model, variables_of(state), builder, config, mesh, workdir,
+                                  logger, start_step)
+  if evaluation is not None and config.train.eval_at_end:
+    query, gallery = input_pipeline.load_eval_splits(builder)
+    evaluate.write_report(workdir, max(start_step, num_steps), config, evaluation, model,
+                          variables_of(state), query, gallery)
   logger.close()
   manager.close()
-  return results
+  return evaluation if config.train.eval_at_end else None
 
 
-def prepare_on_first_process(config: ml_collections.ConfigDict):
-  """Prepares the dataset on process 0 first, so processes never race on the records."""
-  data = config.data
-  manual_dir = data.manual_dir or None
-  if jax.process_index() == 0:
-    builder = prepare.prepare_dataset(data.dataset, data.data_dir, manual_dir)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices('dataset prepared')
-  if jax.process_index() != 0:
-    builder = prepare.prepare_dataset(data.dataset, data.data_dir, manual_dir)
-  return builder
+def evaluate_and_log(model: CACENet, variables: dict, builder, config: ml_collections.ConfigDict,
+                     mesh: jax.sharding.Mesh, workdir: str, logger: RunLogger,
+                     step: int) -> evaluate.Evaluation:
+  """One evaluation during training, logged as scalars and as a table."""
+  query, gallery = input_pipeline.load_eval_splits(builder)
+  evaluation = evaluate.evaluate(model, variables, query, gallery, config, mesh,
+                                 scratch_dir=workdir)
+  logger.scalars(step, evaluate.flatten_metrics(evaluation), prefix='eval')
+  logger.info(evaluate.format_table(evaluation, title=f'step {step}'))
+  return evaluation

@@ -69,6 +69,7 @@ def get_config(arg=None):
   config.train.checkpoint_every = 2000  # Steps; also at every epoch end.
   config.train.keep_last = 3
   config.train.eval_every_epochs = 10  # 0 disables periodic evaluation.
+  config.train.eval_at_end = True  # Final evaluation, results.json and figures.
 
   config.init = ml_collections.ConfigDict()
   config.init.backbone = ''  # torchvision ResNet .pth / .safetensors (ImageNet).

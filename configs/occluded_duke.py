@@ -3,8 +3,6 @@
   python train.py --config configs/occluded_duke.py --workdir runs/occluded_duke
   python eval.py --config configs/occluded_duke.py --workdir runs/occluded_duke
 
-Expected runtime: not measured here (no GPU on the development machine);
-80 epochs over 15,618 training images at 384×128, ResNet-50, batch 16 per device.
 Needs data/manual/ populated (see data/README.md) and an ImageNet ResNet-50:
   --config.init.backbone=/path/to/resnet50-0676ba61.pth
 """

@@ -101,6 +101,12 @@ def msmt_files(root: str, train_dir: str, test_dir: str) -> dict[str, bytes]:
   return files
 
 
+def run_tool(tool, argv) -> int:
+  """Runs an entry point (`tools/*.py`, train.py, eval.py) in this process; its exit code."""
+  from cace_jax import cli
+  return cli.run(['prog', *argv], tool.define_flags, tool.main, tool.__doc__)
+
+
 @pytest.fixture
 def market_manual_dir(tmp_path):
   """A manual dir holding an extracted Market-1501 folder."""

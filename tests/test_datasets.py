@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from cace_jax.datasets import prepare
-from cace_jax.datasets.manual_source import DatasetError
+from cace_jax.errors import DatasetError
 from conftest import (DUKE_NAME, MARKET_NAME, market_style_files, msmt_files, write_files,
                       write_zip)
 
@@ -107,11 +107,11 @@ def test_missing_dataset_names_path_and_expectation(tmp_path):
 
 def test_cli_error_is_one_line_and_nonzero(tmp_path):
   result = subprocess.run(
-      [sys.executable, '-m', 'cace_jax.datasets.prepare', '--dataset', 'market1501',
+      [sys.executable, 'tools/prepare.py', '--dataset', 'market1501',
        '--data_dir', str(tmp_path / 'records'), '--manual_dir', str(tmp_path / 'nowhere')],
       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 2
-  error_lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  error_lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
   assert len(error_lines) == 1 and str(tmp_path / 'nowhere') in error_lines[0]
 
 

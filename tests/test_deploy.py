@@ -17,9 +17,11 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from cace_jax import checkpoint, export, onnx_graph, port
-from cace_jax.models import CACENet
-from cace_jax.models.resnet import feature_map_shape
+from cace_jax import checkpoint
+from cace_jax.interop import deploy, onnx_graph, torch_weights
+from cace_jax.models import CACENet, feature_map_shape
+from conftest import run_tool
+from tools import deploy as deploy_tool
 
 TOLERANCE = 1e-5
 IMAGE_SIZE = (64, 32)
@@ -68,7 +70,7 @@ def test_onnx_models_match_jax(case, tmp_path):
     f.write(features.SerializeToString())
   with open(pair_path, 'wb') as f:
     f.write(pair.SerializeToString())
-  gaps = export.verify_onnx(model, variables, IMAGE_SIZE, flip, features_path, pair_path)
+  gaps = deploy.verify_onnx(model, variables, IMAGE_SIZE, flip, features_path, pair_path)
   assert max(gaps.values()) <= TOLERANCE, gaps
 
   # The batch axis is dynamic: one image alone gives the same as within a batch.
@@ -92,7 +94,7 @@ def test_pair_graph_needs_a_pair_stage():
 
 def test_deploy_cli_writes_models_that_agree(trained_workdir, tmp_path, capsys):
   out = str(tmp_path / 'export')
-  assert export.main(['deploy', trained_workdir, '--out', out]) == 0
+  assert run_tool(deploy_tool, [trained_workdir, '--out', out]) == 0
   summary = json.loads(capsys.readouterr().out)
   assert sorted(os.listdir(out)) == ['export.json', 'features.jax_export', 'features.onnx',
                                      'pair.jax_export', 'pair.onnx']
@@ -116,15 +118,15 @@ def test_deploy_cli_writes_models_that_agree(trained_workdir, tmp_path, capsys):
 
 
 def test_deploy_errors_are_one_line(tmp_path, capsys):
-  assert export.main(['deploy', str(tmp_path)]) == 2
+  assert run_tool(deploy_tool, [str(tmp_path)]) == 2
   assert f'error: no checkpoint in {tmp_path}' in capsys.readouterr().err
   # A bare torchvision port is no CACE-Net; nothing is written next to it.
-  variables = port.load_torchvision_resnet(
+  variables = torch_weights.load_torchvision_resnet(
       {k: v.numpy() for k, v in __import__('torchvision').models.resnet18().state_dict().items()},
       18)
   workdir = str(tmp_path / 'resnet')
-  port.write_ported_checkpoint(workdir, variables, {'resnet_depth': 18, 'include_fc': True}, 'x')
-  assert export.main(['deploy', workdir]) == 2
+  torch_weights.write_ported_checkpoint(workdir, variables, {'resnet_depth': 18, 'include_fc': True}, 'x')
+  assert run_tool(deploy_tool, [workdir]) == 2
   assert 'bare torchvision ResNet' in capsys.readouterr().err
   assert not os.path.exists(os.path.join(workdir, 'export'))
   assert checkpoint.read_checkpoint(workdir)[0] == 0
@@ -134,8 +136,8 @@ def test_deploy_without_pair_stage_writes_the_features_model(tmp_path, capsys):
   """A ported individual-only model (gcn 'none') exports stage 1 alone."""
   kwargs = {'depth': 'tiny', 'width': 8, 'embed_dim': 32, 'gcn': 'none', 'pooling': 'avg'}
   workdir, out = str(tmp_path / 'ported'), str(tmp_path / 'export')
-  port.write_ported_checkpoint(workdir, perturbed_variables(CACENet(**kwargs)), kwargs, 'test')
-  assert export.main(['deploy', workdir, '--out', out, '--image_size', *map(str, IMAGE_SIZE)]) == 0
+  torch_weights.write_ported_checkpoint(workdir, perturbed_variables(CACENet(**kwargs)), kwargs, 'test')
+  assert run_tool(deploy_tool, [workdir, '--out', out, f'--image_size={IMAGE_SIZE[0]},{IMAGE_SIZE[1]}']) == 0
   summary = json.loads(capsys.readouterr().out)
   assert sorted(os.listdir(out)) == ['export.json', 'features.jax_export', 'features.onnx']
   assert set(summary['max_abs_diff_onnx_vs_jax']) == {'embedding', 'fmap'}

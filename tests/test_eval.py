@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cace_jax import pair_scoring
-from cace_jax.models import CACENet
+from cace_jax import checkpoint, input_pipeline, sharding
+from cace_jax.evaluation import evaluate, stage2
+from cace_jax.models import CACENet, build_model
+from configs import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +26,7 @@ def random_distmat(seed=0, shape=(6, 20)):
 
 def test_stage2_with_k_zero_is_stage1():
   distmat = random_distmat()
-  out = pair_scoring.rerank_top_k(distmat, 0, lambda q, g: np.zeros(len(q)))
+  out = stage2.rerank_top_k(distmat, 0, lambda q, g: np.zeros(len(q)))
   np.testing.assert_array_equal(out, distmat)
 
 
@@ -33,7 +35,7 @@ def test_stage2_only_reorders_within_top_k(k):
   distmat = random_distmat(1)
   rng = np.random.default_rng(2)
   table = rng.uniform(size=distmat.shape).astype(np.float32)
-  out = pair_scoring.rerank_top_k(distmat, k, lambda q, g: table[q, g], batch_size=7)
+  out = stage2.rerank_top_k(distmat, k, lambda q, g: table[q, g], batch_size=7)
   before = np.argsort(distmat, axis=1, kind='stable')
   after = np.argsort(out, axis=1, kind='stable')
   for row in range(len(distmat)):
@@ -62,7 +64,7 @@ def test_compact_cache_equals_full_feature_maps(pooling, adjacency):
   q, g = jnp.array([0, 0, 1, 3]), jnp.array([1, 2, 3, 2])
   cache = model.apply(variables, fmap, method=CACENet.compute_image_cache)
   take = lambda index: jax.tree.map(lambda c: c[index], cache)
-  compact = model.apply(variables, take(q), take(g), method=pair_scoring.conditional_distance)
+  compact = model.apply(variables, take(q), take(g), method=stage2.conditional_distance)
   full = model.apply(variables, fmap[q], fmap[g], method=CACENet.pair_features)
   normalize = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
   expected = 1 - jnp.sum(normalize(full['embedding_uv']) * normalize(full['embedding_vu']), -1)
@@ -71,19 +73,19 @@ def test_compact_cache_equals_full_feature_maps(pooling, adjacency):
 
   # The host form between the stages: exact in float32 (with 'query' dropped when it
   # repeats 'key'), close in bfloat16 at half the bytes or less.
-  step = pair_scoring.make_pair_step(model, pair_scoring.conditional_distance)
+  step = stage2.make_pair_step(model, stage2.conditional_distance)
   host = jax.device_get(cache)
   for dtype, tolerance in ((np.float32, 1e-6), (jnp.bfloat16, 2e-2)):
-    stored = pair_scoring.compact_cache(host, dtype)
+    stored = stage2.compact_cache(host, dtype)
     assert ('query' in stored) == (adjacency == 'correspondence')
     pick = lambda index: jax.tree.map(lambda c: c[np.asarray(index)], stored)
     np.testing.assert_allclose(step(variables, pick(q), pick(g)), compact, atol=tolerance)
-  assert (pair_scoring.cache_nbytes(pair_scoring.compact_cache(host, jnp.bfloat16), 4)
-          <= 0.5 * pair_scoring.cache_nbytes(host, 4))
+  assert (stage2.cache_nbytes(stage2.compact_cache(host, jnp.bfloat16), 4)
+          <= 0.5 * stage2.cache_nbytes(host, 4))
 
   # Split over the 4 devices, the same pairs give the same distances.
-  mesh = jax.make_mesh((jax.device_count(),), ('data',))
-  sharded = pair_scoring.make_pair_step(model, pair_scoring.conditional_distance, mesh)
+  mesh = sharding.make_mesh()
+  sharded = stage2.make_pair_step(model, stage2.conditional_distance, mesh)
   np.testing.assert_allclose(sharded(variables, take(q), take(g)), compact, atol=1e-6)
 
 
@@ -99,9 +101,9 @@ def test_eval_py_end_to_end(trained_workdir, tiny_data_dir):
     saved = json.load(f)
   assert saved['step'] == 2
   assert set(saved['results']) == {'individual', 'clue_alignment', 'cacenet', 'individual+kr',
-                                   'clue_alignment+kr', 'cacenet+kr', '_info'}
-  assert saved['results']['_info']['stage2_k'] == 5
-  assert saved['results']['_info']['cache_bytes_per_image'] > 0
+                                   'clue_alignment+kr', 'cacenet+kr'}
+  assert saved['info']['stage2_k'] == 5
+  assert saved['info']['cache_bytes_per_image'] > 0
   for figure in ('ranked_lists.png', 'correspondences.png', 'conditional_maps.png'):
     path = os.path.join(trained_workdir, figure)
     assert os.path.getsize(path) > 1000, figure
@@ -122,42 +124,49 @@ def test_eval_py_missing_checkpoint_is_one_line_error(tmp_path, tiny_data_dir):
 def test_stage2_caches_stream_from_disk_with_the_same_results(trained_workdir, tiny_data_dir,
                                                               tmp_path):
   """Caches over `eval.cache_memory_gb` become memory-mapped files, removed afterwards."""
-  from cace_jax import checkpoint, eval_lib, train_lib  # pylint: disable=import-outside-toplevel
-  from configs import tiny  # pylint: disable=import-outside-toplevel
   config = tiny.get_config()
   config.data.data_dir = tiny_data_dir
   config.eval.stage2_k = 5
-  _, state, record = checkpoint.read_checkpoint(trained_workdir)
-  model = train_lib.create_model(config, record['num_classes'])
-  builder = train_lib.prepare_on_first_process(config)
-  mesh = jax.make_mesh((jax.device_count(),), ('data',))
-  variables = jax.device_put({'params': state['params'], 'batch_stats': state['batch_stats']},
-                             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  mesh = sharding.make_mesh()
+  run = checkpoint.load_run(trained_workdir, model_config=config.model, mesh=mesh)
+  query, gallery = input_pipeline.load_eval_splits(
+      input_pipeline.prepare_on_first_process(config))
   results = {}
   for limit in (8.0, 0.0):
     config.eval.cache_memory_gb = limit
-    results[limit] = eval_lib.evaluate(model, variables, builder, config, mesh,
+    results[limit] = evaluate.evaluate(run.model, run.variables, query, gallery, config, mesh,
                                        scratch_dir=str(tmp_path))
-  assert not results[8.0]['_info']['cache_on_disk'] and results[0.0]['_info']['cache_on_disk']
-  info = lambda r: {k: v for k, v in r['_info'].items() if k != 'cache_on_disk'}
+  assert not results[8.0].info['cache_on_disk'] and results[0.0].info['cache_on_disk']
+  info = lambda r: {k: v for k, v in r.info.items() if k != 'cache_on_disk'}
   assert info(results[8.0]) == info(results[0.0])
   for row in ('individual', 'clue_alignment', 'cacenet'):
-    assert results[8.0][row] == results[0.0][row], row
+    assert results[8.0].metrics[row] == results[0.0].metrics[row], row
+    np.testing.assert_array_equal(results[8.0].rankings[row], results[0.0].rankings[row])
   assert os.listdir(tmp_path) == []
 
 
 def test_model_without_pair_stage_evaluates_stage_one_only(tiny_data_dir):
   """gcn 'none' (Table 1's baseline): no caches are computed and only 'individual' is reported."""
-  from cace_jax import eval_lib, train_lib  # pylint: disable=import-outside-toplevel
-  from configs import tiny  # pylint: disable=import-outside-toplevel
   config = tiny.get_config()
   config.data.data_dir = tiny_data_dir
   config.model.gcn = 'none'
-  model = train_lib.create_model(config, num_classes=4)
-  mesh = jax.make_mesh((jax.device_count(),), ('data',))
-  variables = jax.device_put(model.init(jax.random.key(0), jnp.zeros((1, 64, 32, 3))),
-                             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  results = eval_lib.evaluate(model, variables, train_lib.prepare_on_first_process(config),
-                              config, mesh)
-  assert set(results) == {'individual'}
-  assert 0 < results['individual']['mAP'] <= 100
+  model = build_model(config.model, num_classes=4)
+  mesh = sharding.make_mesh()
+  variables = sharding.replicate(model.init(jax.random.key(0), jnp.zeros((1, 64, 32, 3))), mesh)
+  query, gallery = input_pipeline.load_eval_splits(
+      input_pipeline.prepare_on_first_process(config))
+  evaluation = evaluate.evaluate(model, variables, query, gallery, config, mesh)
+  assert set(evaluation.metrics) == set(evaluation.rankings) == {'individual'}
+  assert evaluation.info == {'stage2_k': 0} and evaluation.figure_row == 'individual'
+  assert 0 < evaluation.metrics['individual']['mAP'] <= 100
+  assert evaluation.rankings['individual'].shape == (len(query), min(evaluate.TOP, len(gallery)))
+
+
+def test_top_ranking_is_the_stable_argsort():
+  rng = np.random.default_rng(0)
+  distmat = rng.integers(0, 5, size=(7, 40)).astype(np.float32)  # many ties
+  expected = np.argsort(distmat, axis=1, kind='stable')[:, :12]
+  np.testing.assert_array_equal(evaluate.top_ranking(distmat, 12), expected)
+  np.testing.assert_array_equal(evaluate.top_ranking(distmat, 12, chunk_elements=50), expected)
+  np.testing.assert_array_equal(evaluate.top_ranking(distmat[:, :5], 12),
+                                np.argsort(distmat[:, :5], axis=1, kind='stable'))

@@ -63,10 +63,10 @@ def test_train_batches_shape_dtype_and_identities(train_data):
   dataset = ip.create_train_dataset(train_data, image_size=SIZE, p=2, k=2, seed=1,
                                     num_devices=2, local_devices=2)
   for batch in dataset.take(3).as_numpy_iterator():
-    assert batch['image'].shape == (2, 4, *SIZE, 3) and batch['image'].dtype == np.float32
-    assert batch['label'].shape == (2, 4) and batch['label'].dtype == np.int32
-    for device in range(2):
-      check_identity_batch(batch['label'][device], 2, 2)
+    assert batch['image'].shape == (8, *SIZE, 3) and batch['image'].dtype == np.float32
+    assert batch['label'].shape == (8,) and batch['label'].dtype == np.int32
+    for device in range(2):  # each device's rows are P whole identities
+      check_identity_batch(batch['label'][4 * device:4 * (device + 1)], 2, 2)
     assert np.abs(batch['image']).max() < 3.0  # ImageNet-normalised
 
 
@@ -158,7 +158,7 @@ def test_eval_yields_every_image_once_in_order(pipeline_builder, local_devices, 
   for step in ip.create_eval_dataset(gallery, image_size=SIZE, batch_size=batch,
                                      num_devices=local_devices,
                                      local_devices=local_devices).as_numpy_iterator():
-    assert step['image'].shape == (local_devices, batch, *SIZE, 3)
+    assert step['image'].shape == (local_devices * batch, *SIZE, 3)
     flat_index = step['index'].reshape(-1)
     np.testing.assert_array_equal(step['mask'].reshape(-1), flat_index >= 0)
     valid = flat_index[flat_index >= 0]

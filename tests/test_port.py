@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from cace_jax import checkpoint, export, port
+from cace_jax import checkpoint
+from cace_jax.errors import ConfigError, PortError
+from cace_jax.interop import torch_keys, torch_weights
+from cace_jax.models import build_model
+from conftest import run_tool
+from tools import deploy as deploy_tool
+from tools import port as port_tool
 from cace_jax.models import CACENet, make_resnet
 
 RELATIVE_TOLERANCE = 1e-4
@@ -75,7 +81,7 @@ def resnet_case(depth, last_stride):
 @pytest.mark.parametrize('depth,last_stride', [(18, 2), (18, 1), (50, 2), (50, 1)])
 def test_feature_maps_match_torchvision(depth, last_stride):
   model = resnet_case(depth, last_stride)
-  variables = port.load_torchvision_resnet(model.state_dict(), depth, include_fc=False)
+  variables = torch_weights.load_torchvision_resnet(model.state_dict(), depth, include_fc=False)
   with torch.no_grad():
     reference = backbone_forward(model, torch.from_numpy(IMAGES_NCHW)).numpy()
   ours, _ = jit(lambda m, v, x: m.apply(v, x, train=False))(
@@ -87,7 +93,7 @@ def test_logits_match_torchvision_from_pth(tmp_path):
   model = resnet_case(18, 2)
   path = tmp_path / 'resnet18.pth'
   torch.save(model.state_dict(), path)
-  variables = port.load_torchvision_resnet(str(path), 18)
+  variables = torch_weights.load_torchvision_resnet(str(path), 18)
   with torch.no_grad():
     reference = model(torch.from_numpy(IMAGES_NCHW)).numpy()
   logits, _ = jit(lambda m, v, x: m.apply(v, x, train=False))(
@@ -104,8 +110,8 @@ def test_logits_match_torchvision_from_pth(tmp_path):
 def test_bad_state_dicts_fail_naming_the_key(edit, named):
   state = numpy_state(resnet_case(18, 2))
   edit(state)
-  with pytest.raises(port.PortError, match=named.replace('.', r'\.')):
-    port.load_torchvision_resnet(state, 18)
+  with pytest.raises(PortError, match=named.replace('.', r'\.')):
+    torch_weights.load_torchvision_resnet(state, 18)
 
 
 def test_all_problems_are_reported_at_once():
@@ -113,8 +119,8 @@ def test_all_problems_are_reported_at_once():
   state.pop('layer4.1.bn2.bias')
   state['layer3.0.downsample.0.weight'] = np.zeros((1, 1, 1, 1), np.float32)
   state['head.weight'] = np.zeros(2, np.float32)
-  with pytest.raises(port.PortError) as error:
-    port.load_torchvision_resnet(state, 18)
+  with pytest.raises(PortError) as error:
+    torch_weights.load_torchvision_resnet(state, 18)
   message = str(error.value)
   for expected in ('1 missing keys', 'layer4.1.bn2.bias', '1 unexpected keys', 'head.weight',
                    '1 shape mismatches', 'layer3.0.downsample.0.weight', '(256, 128, 1, 1)'):
@@ -122,8 +128,8 @@ def test_all_problems_are_reported_at_once():
 
 
 def test_wrong_depth_fails():
-  with pytest.raises(port.PortError, match='missing keys'):
-    port.load_torchvision_resnet(resnet_case(18, 2).state_dict(), 34)
+  with pytest.raises(PortError, match='missing keys'):
+    torch_weights.load_torchvision_resnet(resnet_case(18, 2).state_dict(), 34)
 
 
 class _RunsCode:
@@ -139,8 +145,8 @@ class _RunsCode:
 def test_malicious_pickle_is_refused(tmp_path):
   marker, path = str(tmp_path / 'code_ran'), str(tmp_path / 'evil.pth')
   torch.save({'state_dict': {'conv1.weight': _RunsCode(marker)}}, path)
-  with pytest.raises(port.PortError, match='evil.pth: refused to unpickle'):
-    port.load_torchvision_resnet(path, 18)
+  with pytest.raises(PortError, match='evil.pth: refused to unpickle'):
+    torch_weights.load_torchvision_resnet(path, 18)
   assert not os.path.exists(marker)
 
 
@@ -148,9 +154,9 @@ def test_safetensors_round_trip_is_exact(tmp_path):
   state = {k: v for k, v in numpy_state(resnet_case(18, 1)).items()
            if not k.endswith('num_batches_tracked')}
   path = str(tmp_path / 'resnet18.safetensors')
-  export.save_safetensors(state, path)
-  variables = port.load_torchvision_resnet(path, 18)
-  back = export.export_torchvision_resnet(variables, 18)
+  torch_weights.save_safetensors(state, path)
+  variables = torch_weights.load_torchvision_resnet(path, 18)
+  back = torch_weights.export_torchvision_resnet(variables, 18)
   assert back.keys() == state.keys()
   for key in state:
     np.testing.assert_array_equal(back[key], state[key], err_msg=key)
@@ -160,10 +166,10 @@ def test_export_then_port_is_exact_and_loads_into_torchvision():
   model = make_resnet(18, last_stride=2, num_classes=10)
   variables = jax.tree.map(np.asarray, jit(
       lambda m, x: m.init(jax.random.key(1), x))(model, IMAGES_NHWC))
-  state = export.export_torchvision_resnet(variables, 18)
+  state = torch_weights.export_torchvision_resnet(variables, 18)
   torch_model = torchvision.models.resnet18(weights=None, num_classes=10)
-  torch_model.load_state_dict(export.to_torch_state_dict(state), strict=True)
-  again = port.load_torchvision_resnet(numpy_state(torch_model), 18)
+  torch_model.load_state_dict(torch_weights.to_torch_state_dict(state), strict=True)
+  again = torch_weights.load_torchvision_resnet(numpy_state(torch_model), 18)
   jax.tree.map(np.testing.assert_array_equal, again, variables)
 
 
@@ -177,9 +183,9 @@ def test_load_backbone_into_replaces_only_the_backbone():
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), IMAGES_NHWC))
   initial = fill_abstract(dict(abstract), seed=1)
   torch_model = resnet_case(18, 1)
-  params, batch_stats = port.load_backbone_into(
+  params, batch_stats = torch_weights.load_backbone_into(
       initial['params'], initial['batch_stats'], torch_model.state_dict(), depth=18)
-  ported = port.load_torchvision_resnet(torch_model.state_dict(), 18, include_fc=False)
+  ported = torch_weights.load_torchvision_resnet(torch_model.state_dict(), 18, include_fc=False)
   jax.tree.map(np.testing.assert_array_equal, params['backbone']['layer3_1'],
                ported['params']['layer3_1'])
   np.testing.assert_array_equal(batch_stats['backbone']['bn1']['var'],
@@ -189,10 +195,10 @@ def test_load_backbone_into_replaces_only_the_backbone():
                  initial['params']['backbone'][kept])
   jax.tree.map(np.testing.assert_array_equal, params['pair_graph'], initial['params']['pair_graph'])
   assert jax.tree.structure(params) == jax.tree.structure(initial['params'])
-  with pytest.raises(port.PortError, match='missing keys'):
+  with pytest.raises(PortError, match='missing keys'):
     deeper = jax.eval_shape(lambda: CACENet(depth=34, gcn='none').init(
         jax.random.key(0), IMAGES_NHWC))
-    port.load_backbone_into(deeper['params'], deeper['batch_stats'],
+    torch_weights.load_backbone_into(deeper['params'], deeper['batch_stats'],
                             torch_model.state_dict(), depth=34)
 
 
@@ -309,7 +315,7 @@ def save_official(model, path):
 def test_official_checkpoint_config_and_full_network_parity(tmp_path):
   model, (fmap, f, f_0, f_1) = official_case()
   save_official(model, tmp_path / 'official.pth')
-  variables, config = port.load_official_cacenet(str(tmp_path / 'official.pth'))
+  variables, config = torch_weights.load_official_cacenet(str(tmp_path / 'official.pth'))
   assert config == {'depth': 50, 'width': 64, 'last_stride': 1, 'non_local': True,
                     'pooling': 'gem', 'embed_dim': 768, 'adjacency': 'projected',
                     'gcn': 'discrepancy', 'gcn_depth': 1, 'reduction': 16, 'num_classes': 5}
@@ -325,7 +331,7 @@ def test_official_checkpoint_config_and_full_network_parity(tmp_path):
 
 def test_official_pair_graph_parity_with_pair_features():
   model, (fmap, _, f_0, f_1) = official_case()
-  variables, config = port.load_official_cacenet(model.state_dict())
+  variables, config = torch_weights.load_official_cacenet(model.state_dict())
   nodes = jnp.asarray(fmap.transpose(0, 2, 3, 1))
   batch = fmap.shape[0]
   index_u, index_v = np.repeat(np.arange(batch), batch), np.tile(np.arange(batch), batch)
@@ -342,19 +348,19 @@ def test_official_round_trip_and_cli(tmp_path):
   save_official(model, source)
   original = {f'module.{k}': v for k, v in numpy_state(model).items()
               if not k.endswith('num_batches_tracked')}
-  variables, config = port.load_official_cacenet(source)
-  exported = export.export_official_cacenet(variables, config)
+  variables, config = torch_weights.load_official_cacenet(source)
+  exported = torch_weights.export_official_cacenet(variables, CACENet(**config))
   assert exported.keys() == original.keys()
   for key in original:
     np.testing.assert_array_equal(exported[key], original[key], err_msg=key)
 
   workdir, out = str(tmp_path / 'ported'), str(tmp_path / 'back.safetensors')
-  port.main(['official', source, '--out', workdir])
+  assert run_tool(port_tool, ['official', source, '--out', workdir]) == 0
   step, state, record = checkpoint.read_checkpoint(workdir)
   assert step == 0 and record['model'] == config and record['num_classes'] == 5
   np.testing.assert_array_equal(state['params']['pair_graph']['o']['kernel'],
                                 variables['params']['pair_graph']['o']['kernel'])
-  port.main(['export', workdir, '--out', out])
+  assert run_tool(port_tool, ['to_torch', workdir, '--out', out]) == 0
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   back = load_file(out)
   assert back.keys() == original.keys()
@@ -374,15 +380,15 @@ def test_training_hook_loads_imagenet_backbone(tmp_path, tiny_data_dir):
   config.data.data_dir = tiny_data_dir
   config.model.depth, config.model.width = '18', 64
   config.init.backbone = path
-  model = train_lib.create_model(config, 9)
+  model = build_model(config.model, 9)
   tx, _ = train_lib.create_optimizer(config, 3, 4)
   state = train_lib.init_backbone(train_lib.init_state(model, tx, (64, 32), 0), config)
   np.testing.assert_array_equal(
       np.asarray(state.params['backbone']['layer2_0']['conv1']['kernel']),
       reference.layer2[0].conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
   config.model.depth = '34'
-  with pytest.raises(train_lib.ConfigError, match='init.backbone='):
-    train_lib.init_backbone(train_lib.init_state(train_lib.create_model(config, 9), tx,
+  with pytest.raises(ConfigError, match='init.backbone='):
+    train_lib.init_backbone(train_lib.init_state(build_model(config.model, 9), tx,
                                                  (64, 32), 0), config)
 
 
@@ -399,7 +405,7 @@ def test_training_starts_from_a_whole_checkpoint(trained_workdir, tiny_data_dir,
   def fresh(num_classes, **model_fields):
     changed = config.copy_and_resolve_references()
     changed.model.update(model_fields)
-    return train_lib.init_state(train_lib.create_model(changed, num_classes), tx, (64, 32), 7)
+    return train_lib.init_state(build_model(changed.model, num_classes), tx, (64, 32), 7)
 
   state, kept = train_lib.init_from_checkpoint(fresh(record['num_classes']), config)
   assert kept == []
@@ -416,7 +422,7 @@ def test_training_starts_from_a_whole_checkpoint(trained_workdir, tiny_data_dir,
   np.testing.assert_array_equal(state.params['embedding_conv']['kernel'],
                                 source['params']['embedding_conv']['kernel'])
 
-  with pytest.raises(train_lib.ConfigError,
+  with pytest.raises(ConfigError,
                      match=r'missing params/gemp/p.*unexpected params/pair_attention/y'):
     train_lib.init_from_checkpoint(fresh(5, pooling='gem', adjacency='correspondence'), config)
 
@@ -435,10 +441,9 @@ def test_official_checkpoint_to_onnx_matches_pytorch(tmp_path):
   model, (_, f, _, f_1) = official_case()
   source, workdir = str(tmp_path / 'official.pth'), str(tmp_path / 'ported')
   save_official(model, source)
-  port.main(['official', source, '--out', workdir])
+  assert run_tool(port_tool, ['official', source, '--out', workdir]) == 0
   out = str(tmp_path / 'export')
-  assert export.main(['deploy', workdir, '--out', out, '--image_size', '64', '32',
-                      '--no_flip']) == 0
+  assert run_tool(deploy_tool, [workdir, '--out', out, '--image_size=64,32', '--no_flip']) == 0
   # The ONNX model takes 0-255 pixels and normalises them itself.
   pixels = (IMAGES_NCHW.transpose(0, 2, 3, 1) * 255 * np.float32(augment.IMAGENET_STD)
             + np.float32(augment.IMAGENET_MEAN_PIXEL)).astype(np.float32)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cace_jax import metrics, rerank
+from cace_jax.evaluation import metrics, rerank
+from cace_jax.models import l2_normalize
 
 
 def reference_rerank(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value):
@@ -58,7 +59,7 @@ def distance_blocks(query, gallery, metric='sqeuclidean'):
   """q_g, q_q, g_g in float64, symmetric with an exactly zero diagonal."""
   query, gallery = query.astype(np.float64), gallery.astype(np.float64)
   if metric == 'cosine':
-    query, gallery = metrics.l2_normalize(query), metrics.l2_normalize(gallery)
+    query, gallery = np.asarray(l2_normalize(query)), np.asarray(l2_normalize(gallery))
     dist = lambda a, b: 1.0 - a @ b.T
   else:
     dist = lambda a, b: np.sum((a[:, None] - b[None]) ** 2, axis=2)

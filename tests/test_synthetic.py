@@ -14,6 +14,8 @@ from PIL import Image
 import pytest
 
 from cace_jax.datasets import synthetic
+from conftest import run_tool
+from tools import synthetic as synthetic_tool
 
 TINY = synthetic.PRESETS['tiny']
 MARKET_NAME = re.compile(r'([-\d]+)_c(\d)s(\d)_(\d+)_(\d+)\.jpg')
@@ -240,10 +242,11 @@ def test_config_is_validated():
 
 
 def test_cli_and_preview(tmp_path, capsys):
-  assert synthetic.main(['--out', str(tmp_path / 'd'), '--preset', 'tiny',
+  assert run_tool(synthetic_tool, ['--out', str(tmp_path / 'd'), '--preset', 'tiny',
                          '--preview', str(tmp_path / 'p.png')]) == 0
   out = capsys.readouterr().out
   assert 'train' in out and 'ready after' in out
   with Image.open(tmp_path / 'p.png') as preview:
     assert preview.width > 8 * TINY.image_width and preview.height > 8 * TINY.image_height
-  assert synthetic.main(['--out', str(tmp_path / 'd'), '--preset', 'tiny', '--seed', '5']) == 2
+  assert run_tool(synthetic_tool, ['--out', str(tmp_path / 'd'), '--preset', 'tiny',
+                                   '--seed', '5']) == 2

@@ -16,7 +16,9 @@ import numpy as np
 import optax
 import pytest
 
-from cace_jax import checkpoint, input_pipeline, train_lib
+from cace_jax import checkpoint, input_pipeline, sharding, train_lib
+from cace_jax.errors import ConfigError
+from cace_jax.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -35,22 +37,22 @@ def tiny_config(data_dir, **overrides):
 
 
 def random_batch(seed, devices=4, p=2, k=2, size=(64, 32)):
+  """A flat batch [devices·P·K, ...]: each device's P·K rows hold P identities × K images."""
   rng = np.random.default_rng(seed)
-  labels = np.stack([np.repeat(rng.choice(NUM_CLASSES, p, replace=False), k)
-                     for _ in range(devices)]).astype(np.int32)
-  images = rng.normal(size=(devices, p * k, *size, 3)).astype(np.float32)
+  labels = np.concatenate([np.repeat(rng.choice(NUM_CLASSES, p, replace=False), k)
+                           for _ in range(devices)]).astype(np.int32)
+  images = rng.normal(size=(devices * p * k, *size, 3)).astype(np.float32)
   return {'image': images, 'label': labels}
 
 
 def setup_step(config, devices):
-  mesh = jax.make_mesh((devices,), (train_lib.AXIS,), devices=jax.devices()[:devices])
-  model = train_lib.create_model(config, NUM_CLASSES)
+  mesh = sharding.make_mesh(jax.devices()[:devices])
+  model = build_model(config.model, NUM_CLASSES)
   tx, schedule = train_lib.create_optimizer(config, steps_per_epoch=3, global_batch=4 * devices)
   state = train_lib.init_state(model, tx, config.data.image_size, config.seed)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   # A copy: the step donates its state, and tests keep using `state` as a reference.
-  return mesh, model, tx, schedule, state, jax.device_put(jax.tree.map(np.array, state),
-                                                          replicated)
+  return mesh, model, tx, schedule, state, sharding.replicate(jax.tree.map(np.array, state),
+                                                              mesh)
 
 
 def test_four_devices_loss_goes_down(tiny_data_dir):
@@ -58,7 +60,7 @@ def test_four_devices_loss_goes_down(tiny_data_dir):
   config = tiny_config(tiny_data_dir, **{'optim.lr_per_16': 0.05, 'optim.warmup_epochs': 0})
   mesh, model, tx, schedule, _, state = setup_step(config, 4)
   step = train_lib.make_train_step(model, tx, schedule, config.loss, mesh)
-  batch = train_lib.global_batch(random_batch(0), mesh)
+  batch = sharding.global_batch(random_batch(0), mesh)
   losses = []
   for _ in range(8):
     state, metrics = step(state, batch)
@@ -72,13 +74,14 @@ def test_multi_device_update_is_the_mean_of_per_device_gradients(tiny_data_dir):
   mesh, model, tx, schedule, host_state, state = setup_step(config, 4)
   batch = random_batch(1)
   step = train_lib.make_train_step(model, tx, schedule, config.loss, mesh)
-  new_state, _ = step(state, train_lib.global_batch(batch, mesh))
+  new_state, _ = step(state, sharding.global_batch(batch, mesh))
 
   # Reference without shard_map: each device's gradients on its own P·K images.
   kwargs = train_lib.loss_kwargs_from(config.loss)
   gradients = jax.jit(lambda images, labels, key: train_lib.compute_gradients(
       model, kwargs, host_state.params, host_state.batch_stats, images, labels, key))
-  results = [gradients(batch['image'][d], batch['label'][d],
+  rows = lambda d: slice(4 * d, 4 * (d + 1))  # device d's P·K = 4 rows of the flat batch
+  results = [gradients(batch['image'][rows(d)], batch['label'][rows(d)],
                        train_lib.step_dropout_key(host_state, d)) for d in range(4)]
   mean = lambda trees: jax.tree.map(lambda *x: sum(x) / len(x), *trees)
   grads = mean([r[3] for r in results])
@@ -96,9 +99,9 @@ def test_multi_device_update_is_the_mean_of_per_device_gradients(tiny_data_dir):
 
 def test_synced_batchnorm_equals_one_device_on_the_whole_batch(tiny_data_dir):
   config = tiny_config(tiny_data_dir, **{'model.gcn': 'none'})
-  mesh = jax.make_mesh((4,), (train_lib.AXIS,))
-  synced = train_lib.create_model(config, NUM_CLASSES, sync_bn=True)
-  single = train_lib.create_model(config, NUM_CLASSES, sync_bn=False)
+  mesh = sharding.make_mesh()
+  synced = build_model(config.model, NUM_CLASSES, sync_bn=True)
+  single = build_model(config.model, NUM_CLASSES, sync_bn=False)
   variables = single.init(jax.random.key(0), jnp.zeros((2, 64, 32, 3)), train=False)
   batch = random_batch(2)
 
@@ -108,15 +111,16 @@ def test_synced_batchnorm_equals_one_device_on_the_whole_batch(tiny_data_dir):
     return out['embedding'], updates['batch_stats']
 
   spec = jax.sharding.PartitionSpec
-  sharded = jax.jit(jax.shard_map(
-      lambda x: jax.tree.map(lambda t: t[None], train_forward(synced, x[0])), mesh=mesh,
-      in_specs=spec(train_lib.AXIS), out_specs=spec(train_lib.AXIS)))
-  images = train_lib.global_batch({'image': batch['image']}, mesh)['image']
+  def device_forward(images):  # per device: embeddings of its rows, its copy of the stats
+    embedding, stats = train_forward(synced, images)
+    return embedding, jax.tree.map(lambda t: t[None], stats)
+
+  sharded = jax.jit(jax.shard_map(device_forward, mesh=mesh, in_specs=spec(sharding.AXIS),
+                                  out_specs=spec(sharding.AXIS)))
+  images = sharding.global_batch({'image': batch['image']}, mesh)['image']
   emb_multi, stats_multi = sharded(images)
-  emb_single, stats_single = jax.jit(lambda x: train_forward(single, x))(
-      batch['image'].reshape(16, 64, 32, 3))
-  np.testing.assert_allclose(np.asarray(emb_multi).reshape(16, -1), emb_single, rtol=1e-4,
-                             atol=1e-4)
+  emb_single, stats_single = jax.jit(lambda x: train_forward(single, x))(batch['image'])
+  np.testing.assert_allclose(np.asarray(emb_multi), emb_single, rtol=1e-4, atol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-4, atol=1e-5),
                jax.device_get(stats_multi), stats_single)
 
@@ -142,7 +146,9 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_data_dir, tmp_path, monke
 
   def dying_iterator(dataset):
     for index, batch in enumerate(real_iterate(dataset)):
-      if index == 3:  # the process dies while fetching step 4's batch
+      # Two batches are prefetched: batch 5 is fetched as step 5 starts, so the
+      # process dies after step 4, past the checkpoint of step 3.
+      if index == 5:
         raise KeyboardInterrupt
       yield batch
 
@@ -233,9 +239,9 @@ def test_unknown_config_field_lists_valid_ones(tmp_path):
 
 
 def test_impossible_batch_split_is_a_config_error(tiny_data_dir, tmp_path):
-  with pytest.raises(train_lib.ConfigError, match='data.p=10'):
+  with pytest.raises(ConfigError, match='data.p=10'):
     train_lib.train_and_evaluate(tiny_config(tiny_data_dir, **{'data.p': 10}), str(tmp_path))
-  with pytest.raises(train_lib.ConfigError, match='data.k=1'):
+  with pytest.raises(ConfigError, match='data.k=1'):
     train_lib.train_and_evaluate(tiny_config(tiny_data_dir, **{'data.k': 1}), str(tmp_path))
   assert not glob.glob(str(tmp_path / 'checkpoints' / '*'))
 
@@ -258,7 +264,7 @@ def test_every_config_loads_and_builds_its_model(path, arg):
   spec.loader.exec_module(module)
   config = module.get_config(arg) if arg else module.get_config()
   assert config.data.dataset and config.optim.epochs > 0
-  model = train_lib.create_model(config, num_classes=5)
+  model = build_model(config.model, num_classes=5)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(
       (2, 64, 32, 3)), train=False))
   assert 'params' in shapes
@@ -270,7 +276,7 @@ def test_bfloat16_compute_keeps_float32_parameters(tiny_data_dir):
   config = tiny_config(tiny_data_dir, **{'model.dtype': 'bfloat16'})
   mesh, model, tx, schedule, _, state = setup_step(config, 4)
   step = train_lib.make_train_step(model, tx, schedule, config.loss, mesh)
-  state, metrics = step(state, train_lib.global_batch(random_batch(3), mesh))
+  state, metrics = step(state, sharding.global_batch(random_batch(3), mesh))
   assert np.isfinite(float(metrics['loss']))
   assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype('float32')}
   fmap = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
@@ -279,5 +285,5 @@ def test_bfloat16_compute_keeps_float32_parameters(tiny_data_dir):
 
 
 def test_unknown_dtype_is_a_config_error(tiny_data_dir):
-  with pytest.raises(train_lib.ConfigError, match="model.dtype='float16'"):
-    train_lib.create_model(tiny_config(tiny_data_dir, **{'model.dtype': 'float16'}), 5)
+  with pytest.raises(ConfigError, match="model.dtype='float16'"):
+    build_model(tiny_config(tiny_data_dir, **{'model.dtype': 'float16'}).model, 5)

@@ -13,7 +13,8 @@ import os
 import tensorflow_datasets as tfds
 
 from cace_jax.datasets import synthetic
-from cace_jax.datasets.manual_source import DatasetError, ManualSource, find_source
+from cace_jax.datasets.manual_source import ManualSource, find_source
+from cace_jax.errors import DatasetError
 from cace_jax.datasets.reid_builder import (Record, ReIDBuilder, list_market_style_split)
 
 _MARKET_STYLE_FOLDERS = {
@@ -159,7 +160,7 @@ class SyntheticDetails(ReIDBuilder):
   """
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      'Nothing to download: run `python -m cace_jax.datasets.prepare --dataset '
+      'Nothing to download: run `python tools/prepare.py --dataset '
       'synthetic_details` to generate and prepare it.')
   BUILDER_CONFIGS = [SyntheticDetailsConfig(name=name, description=f'preset {name!r}')
                      for name in synthetic.PRESETS]

@@ -16,11 +16,9 @@ from typing import Iterable, Sequence
 
 from PIL import Image
 
+from cace_jax.errors import DatasetError
+
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
-
-
-class DatasetError(Exception):
-  """A dataset is missing, malformed or unreadable; the message says where."""
 
 
 class ManualSource:

@@ -1,4 +1,4 @@
-"""Prepare a dataset as TFDS records: `python -m cace_jax.datasets.prepare --dataset NAME`.
+"""Prepare a dataset as TFDS records (`tools/prepare.py --dataset NAME`; training does it too).
 
 NAME is a builder name, optionally with its config: market1501, dukemtmc_reid,
 msmt17, msmt17/combineall, occluded_duke, synthetic_details (= /default),
@@ -8,15 +8,12 @@ prepared is left as it is; a failed preparation leaves no partial records.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-import time
 
 import tensorflow_datasets as tfds
 
 from cace_jax.datasets import builders, synthetic
-from cace_jax.datasets.manual_source import DatasetError
+from cace_jax.errors import DatasetError
 
 DEFAULT_DATA_DIR = 'data'
 
@@ -64,28 +61,3 @@ def prepare_dataset(name: str, data_dir: str = DEFAULT_DATA_DIR,
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--dataset', default='synthetic_details',
-                      help='builder name with optional /config')
-  parser.add_argument('--data_dir', default=DEFAULT_DATA_DIR)
-  parser.add_argument('--manual_dir', default=None,
-                      help='where downloads are (default: <data_dir>/manual)')
-  args = parser.parse_args(argv)
-  start = time.time()
-  try:
-    builder = prepare_dataset(args.dataset, args.data_dir, args.manual_dir)
-  except DatasetError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  splits = ', '.join(f'{split} {info.num_examples}'
-                     for split, info in sorted(builder.info.splits.items()))
-  print(f'{builder.info.full_name} ready in {builder.data_dir} ({splits}) '
-        f'after {time.time() - start:.1f}s')
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -17,7 +17,8 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cace_jax.datasets.manual_source import DatasetError, ManualSource, read_jpeg
+from cace_jax.datasets.manual_source import ManualSource, read_jpeg
+from cace_jax.errors import DatasetError
 
 SPLITS = ('train', 'query', 'gallery')
 

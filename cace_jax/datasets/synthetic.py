@@ -2,7 +2,7 @@
 
 The embedded default dataset, generated anywhere in seconds (no downloads):
 
-  python -m cace_jax.datasets.synthetic --out data/manual/synthetic_details/default
+  python tools/synthetic.py --out data/manual/synthetic_details/default
 
 Identities come in families that share their overall look (clothing colours
 and styles, build, skin, backpack) and differ only in small details (hair,
@@ -21,14 +21,11 @@ the output is byte-identical for a config and independent of iteration order.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import shutil
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -334,32 +331,3 @@ def save_preview(out_path: str | os.PathLike, config: SyntheticConfig = PRESETS[
   out_path.parent.mkdir(parents=True, exist_ok=True)
   image.resize((image.width * zoom, image.height * zoom), Image.NEAREST).save(out_path)
   return out_path
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description='Generate the synthetic_details dataset.')
-  parser.add_argument('--out', required=True, help='output folder (Market-1501 layout)')
-  parser.add_argument('--preset', default='default', choices=sorted(PRESETS))
-  parser.add_argument('--seed', type=int, default=None, help="override the preset's seed")
-  parser.add_argument('--preview', default=None, help='also save a preview PNG here')
-  args = parser.parse_args(argv)
-  config = PRESETS[args.preset]
-  if args.seed is not None:
-    config = dataclasses.replace(config, seed=args.seed)
-  start = time.time()
-  try:
-    counts = generate_dataset(args.out, config)
-  except FileExistsError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  for split, c in counts.items():
-    print(f'{split:8s} {c["images"]:5d} images {c["ids"]:4d} ids (junk {c["junk"]}, '
-          f'distractors {c["distractors"]}, occluded {c["occluded"]})')
-  print(f'{args.out} ready after {time.time() - start:.1f}s')
-  if args.preview:
-    print(f'preview: {save_preview(args.preview, config)}')
-  return 0
-
-
-if __name__ == '__main__':
-  raise SystemExit(main())

@@ -40,14 +40,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cace_jax.models.gcn import Conv1x1
+from cace_jax.models.layers import Conv1x1, l2_normalize
 
 ADJACENCY_KINDS = ('correspondence', 'projected', 'intra', 'none', 'part', 'topk', 'full')
-
-
-def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
-  """x / (||x|| + eps) along `axis` (the official `normalize`)."""
-  return x / (jnp.linalg.norm(x, axis=axis, keepdims=True) + eps)
 
 
 def zero_diagonal(matrix):

@@ -58,9 +58,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cace_jax.errors import ConfigError
 from cace_jax.models.attention import ClueAttention, cross_block
-from cace_jax.models.gcn import Conv1x1, PairGCN, graph_operator, propagate_pair
+from cace_jax.models.gcn import PairGCN, graph_operator, propagate_pair
+from cace_jax.models.layers import Conv1x1, l2_normalize
 from cace_jax.models.resnet import make_resnet, output_channels
+from cace_jax.sharding import AXIS
 
 POOLINGS = ('avg', 'gem', 'avgmax')
 PAIR_PATHS = ('fast', 'direct')
@@ -110,7 +113,8 @@ class CACENet(nn.Module):
       B: all B^2 conditional maps at once).
     dropout_rate: dropout before both classifiers.
     dtype: backbone compute dtype; parameters and the head stay float32.
-    bn_axis_name: mapped axis for synchronised BatchNorm (None: per device).
+    sync_bn: BatchNorm statistics over all devices of the `data` axis (else
+      per device, as PyTorch DDP); only matters in training, under shard_map.
   """
   depth: int | str = 50
   width: int = 64
@@ -128,7 +132,7 @@ class CACENet(nn.Module):
   pair_block: int | None = None
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
+  sync_bn: bool = False
 
   def setup(self):
     if self.pooling not in POOLINGS:
@@ -136,16 +140,17 @@ class CACENet(nn.Module):
     if self.pair_path not in PAIR_PATHS:
       raise ValueError(f'unknown pair_path {self.pair_path!r}; expected one of {PAIR_PATHS}')
     channels = output_channels(self.depth, self.width)
+    bn_axis_name = AXIS if self.sync_bn else None
     self.backbone = make_resnet(self.depth, width=self.width, last_stride=self.last_stride,
                                 non_local=self.non_local, dtype=self.dtype,
-                                bn_axis_name=self.bn_axis_name)
+                                bn_axis_name=bn_axis_name)
     if self.pooling == 'gem':
       self.gemp = GeM()
     pooled_dim = 2 * channels if self.pooling == 'avgmax' else channels
     self.embedding_conv = Conv1x1(
         pooled_dim, self.embed_dim,
         kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))
-    self.embedding_bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5, axis_name=self.bn_axis_name)
+    self.embedding_bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5, axis_name=bn_axis_name)
     self.dropout = nn.Dropout(self.dropout_rate)
     if self.num_classes:
       classifier = lambda name: nn.Dense(
@@ -203,6 +208,32 @@ class CACENet(nn.Module):
       out['pair_logits_uv'] = self.classify(self.pair_classifier, emb_uv, train)
       out['pair_logits_vu'] = self.classify(self.pair_classifier, emb_vu, train)
     return out
+
+  def features(self, images, flip: bool = False):
+    """Eval-mode individual embeddings and backbone maps, without the pair stage.
+
+    Args:
+      images: [B, H, W, 3], normalised as the input pipeline does.
+      flip: flip test-time augmentation: the embedding becomes the
+        renormalised mean of the L2-normalised embeddings of each image and
+        its mirror.
+
+    Returns:
+      (embedding [B, E], fmap [B, h, w, C]); the map is always the unflipped
+      image's (the pair stage's input).
+    """
+    fmap, _ = self.backbone(images, train=False)
+    embedding = self.embed_fmap(fmap)
+    if flip:
+      mirrored, _ = self.backbone(images[:, :, ::-1], train=False)
+      embedding = l2_normalize(l2_normalize(embedding) + l2_normalize(self.embed_fmap(mirrored)))
+    return embedding, fmap
+
+  def embed_fmap(self, fmap):
+    """Eval-mode individual embeddings [B, E] of feature maps [B, h, w, C]."""
+    batch, height, width, channels = fmap.shape
+    nodes = fmap.reshape(batch, height * width, channels).astype(jnp.float32)
+    return self.embed(self.pool(nodes), train=False)[1]
 
   def pool(self, nodes):
     """[..., n, C] -> [..., P] with the configured pooling."""
@@ -315,3 +346,35 @@ class CACENet(nn.Module):
            'cond_fmap_u': cond_u.reshape(fmap_u.shape), 'cond_fmap_v': cond_v.reshape(fmap_v.shape),
            'embedding_uv': emb_uv, 'embedding_vu': emb_vu}
     return jax.tree.map(lambda x: x[0], out) if single else out
+
+
+def build_model(model_config, num_classes: int | None = None, **overrides) -> CACENet:
+  """The CACENet that `model_config` describes: the one way from a config to a model.
+
+  Args:
+    model_config: `config.model`, or a checkpoint record's 'model'; its keys
+      are CACENet field names. Strings are accepted where configs hold them:
+      depth '50' and dtype 'bfloat16'.
+    num_classes: identities of the classifiers (None: the config's, if any).
+    **overrides: further fields, e.g. `sync_bn=False` for evaluation.
+
+  Raises:
+    ConfigError: naming an unknown field or an unsupported dtype.
+  """
+  fields = {**dict(model_config), **overrides}
+  if num_classes is not None:
+    fields['num_classes'] = num_classes
+  known = set(CACENet.__dataclass_fields__) - {'parent', 'name'}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ConfigError(f'model.{unknown[0]} is not a CACENet field; the fields are '
+                      f'{", ".join(sorted(known))}')
+  depth = fields.get('depth')
+  if isinstance(depth, str) and depth.isdigit():  # configs hold depth as a string ('tiny' too)
+    fields['depth'] = int(depth)
+  dtype = fields.get('dtype', 'float32')
+  dtype = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+  if dtype not in ('float32', 'bfloat16'):
+    raise ConfigError(f'model.dtype={dtype!r}: expected float32 or bfloat16')
+  fields['dtype'] = jnp.dtype(dtype)
+  return CACENet(**fields)

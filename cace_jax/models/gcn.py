@@ -33,31 +33,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cace_jax.models.resnet import torch_default_kernel_init
+from cace_jax.models.layers import Conv1x1
 
 GCN_KINDS = ('discrepancy', 'normal', 'none')
 DEGREE_EPS = 1e-3
-
-
-class Conv1x1(nn.Module):
-  """Bias-free 1x1 convolution over the last axis of any array.
-
-  The kernel is stored as [1, 1, in, out] like `nn.Conv`, so a port treats it
-  like every other conv, and it is created in `setup` so parents can read
-  `module.kernel` (the pair stage uses the raw matrices inside vmap).
-  """
-  in_features: int
-  features: int
-  kernel_init: Any = torch_default_kernel_init
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  def setup(self):
-    self.kernel = self.param('kernel', self.kernel_init,
-                             (1, 1, self.in_features, self.features), self.param_dtype)
-
-  def __call__(self, x):  # x: [..., in] -> [..., out]
-    return jnp.einsum('...c,cd->...d', x.astype(self.dtype), self.kernel[0, 0].astype(self.dtype))
 
 
 def normalize_degree(degree):

@@ -27,21 +27,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cace_jax.models.layers import torch_default_bias_init, torch_default_kernel_init
+
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu'), untruncated.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-# torch.nn.Conv2d / nn.Linear defaults: kaiming_uniform_(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
-torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
-
-
-def torch_default_bias_init(fan_in: int):
-  """PyTorch's default bias init for a layer with `fan_in` inputs: U(+-1/sqrt(fan_in))."""
-  bound = 1.0 / fan_in ** 0.5
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
-
 
 # depth -> (blocks per stage, block type). 'tiny' is a 4-block bottleneck net for
 # tests; pair it with a small `width`.

@@ -5,7 +5,6 @@ Correspondence attention with diagonal W, W' (eq. 2-4), discrepancy GCN
 
   python train.py --config configs/ablations/paper.py:dukemtmc_reid --workdir runs/paper_duke
 
-Expected runtime: not measured here (no GPU); as configs/duke.py.
 """
 
 from configs import default

@@ -7,7 +7,6 @@
 
 The "+ Visual Clue Alignment" row is a way of scoring pairs, not a model:
 eval.py reports it for any model with correspondence attention.
-Expected runtime: not measured here (no GPU); each as configs/duke.py.
 """
 
 from configs.ablations import paper

@@ -7,7 +7,6 @@
   python train.py --config configs/ablations/table2.py:correspondence --workdir runs/t2_ca
 
 Semantic alignment needs human-part masks from outside and is not included.
-Expected runtime: not measured here (no GPU); each as configs/duke.py.
 """
 
 from configs.ablations import paper

@@ -3,8 +3,9 @@
 Stage 1 ranks the gallery by individual embeddings. Stage 2 takes, for each
 query, its K nearest gallery images, forms the K (query, gallery) pairs,
 computes the conditional embeddings f(q|g) and f(g|q) from the compact
-per-image caches (`CACENet.compute_image_cache`), and re-sorts those K by the
-distance between the two; the rest of the list keeps its stage-1 order.
+per-image caches (`CACENet.compute_image_cache`, stored by `stage1`), and
+re-sorts those K by the distance between the two; the rest of the list keeps
+its stage-1 order.
 
 The same top-K machinery scores the "+ visual clue alignment" row of the
 paper's Table 1: the mean similarity of the aligned cross-image pixel pairs,
@@ -14,19 +15,18 @@ weighted by the adjacency, with no GCN.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cace_jax.losses import l2_normalize
-from cace_jax.models import CACENet, cross_block
+from cace_jax.models import CACENet, cross_block, l2_normalize
 
 # Re-sorted entries are moved below every stage-1 distance (cosine distances
 # lie in [0, 2]) so they stay ahead of the rest of the list.
 _TOPK_OFFSET = -10.0
+PAIRS_PER_CALL = 256  # rounded up to a multiple of the device count
 
 
 def conditional_distance(module: CACENet, cache_q: dict, cache_g: dict):
@@ -64,6 +64,19 @@ def has_alignment_keys(cache: dict) -> bool:
   return cache['key'].shape[-1] > 0
 
 
+def pair_scorers(cache: dict) -> dict[str, Callable]:
+  """The stage-2 rows a model's caches support: {row name: scoring method}.
+
+  'clue_alignment' (Table 1's "+ visual clue alignment") exists only for
+  adjacencies that compare pixel features; 'cacenet' (conditional embeddings)
+  always.
+  """
+  scorers = {'cacenet': conditional_distance}
+  if has_alignment_keys(cache):
+    scorers = {'clue_alignment': alignment_distance, **scorers}
+  return scorers
+
+
 def compact_cache(cache: dict, dtype=np.float32) -> dict:
   """The form a gallery cache is kept in on the host between the two stages.
 
@@ -75,24 +88,6 @@ def compact_cache(cache: dict, dtype=np.float32) -> dict:
   if 'query' in stored and np.array_equal(stored['query'], stored['key']):
     del stored['query']
   return {name: np.asarray(value).astype(dtype) for name, value in stored.items()}
-
-
-def allocate_host_cache(shapes: dict, num_images: int, dtype, directory: str | None = None,
-                        memory_limit_gb: float = 8.0) -> dict:
-  """Zeroed host arrays {name: [num_images, *shape]} of `dtype` for a split's caches.
-
-  In memory while they fit in `memory_limit_gb`; else `np.memmap` files in
-  `directory`, so caches of full maps (GeM on MSMT17: ~84 GB in bfloat16)
-  stream from disk: stage 2 reads only the rows of the pairs it scores. The
-  files are the caller's to delete.
-  """
-  dtype = np.dtype(dtype)
-  total = num_images * sum(int(np.prod(shape)) for shape in shapes.values()) * dtype.itemsize
-  if directory is None or total <= memory_limit_gb * 2 ** 30:
-    return {name: np.zeros((num_images, *shape), dtype) for name, shape in shapes.items()}
-  os.makedirs(directory, exist_ok=True)
-  return {name: np.memmap(os.path.join(directory, f'{name}.bin'), dtype=dtype, mode='w+',
-                          shape=(num_images, *shape)) for name, shape in shapes.items()}
 
 
 def expand_cache(cache: dict) -> dict:
@@ -128,6 +123,25 @@ def make_pair_step(model: CACENet, score: Callable,
                 jax.device_put(cache_g, by_pair))
 
   return sharded_step
+
+
+def make_pair_distances(model: CACENet, variables, score: Callable, cache_q: dict,
+                        cache_g: dict, mesh: jax.sharding.Mesh) -> tuple[Callable, int]:
+  """(query index [M], gallery index [M]) -> distances [M] of those pairs, and its call size M.
+
+  Reads the pairs' rows of the host caches and scores them with `score`. In a
+  single process the M pairs of a call are split over the mesh's devices;
+  with several processes each holds all caches and scores all pairs, as one
+  replicated program.
+  """
+  pair_mesh = mesh if jax.process_count() == 1 else None
+  step = make_pair_step(model, score, pair_mesh)
+
+  def pair_distances(query_index, gallery_index):
+    return step(variables, jax.tree.map(lambda c: c[query_index], cache_q),
+                jax.tree.map(lambda c: c[gallery_index], cache_g))
+
+  return pair_distances, -(-PAIRS_PER_CALL // mesh.size) * mesh.size
 
 
 def rerank_top_k(distmat: np.ndarray, k: int, pair_distances: Callable[[np.ndarray, np.ndarray],

@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+from cace_jax.models import l2_normalize
+
 # Query × gallery elements handled at once: about 300 MB of temporaries.
 _CHUNK_ELEMENTS = 8_000_000
 
@@ -107,16 +109,10 @@ def evaluate_rank(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
   }
 
 
-def l2_normalize(features: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
-  """Features scaled to unit L2 norm along `axis`."""
-  norm = np.linalg.norm(features, axis=axis, keepdims=True)
-  return features / np.maximum(norm, eps)
-
-
 def cosine_distance(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
   """1 − cosine similarity: [Nq, D] × [Ng, D] → [Nq, Ng] in [0, 2]."""
-  query = l2_normalize(np.asarray(query, np.float32))
-  gallery = l2_normalize(np.asarray(gallery, np.float32))
+  query = np.asarray(l2_normalize(np.asarray(query, np.float32)))
+  gallery = np.asarray(l2_normalize(np.asarray(gallery, np.float32)))
   return 1.0 - query @ gallery.T
 
 
@@ -129,12 +125,6 @@ def euclidean_distance(query: np.ndarray, gallery: np.ndarray,
              - 2.0 * query @ gallery.T)
   squares = np.maximum(squares, 0.0)
   return squares if squared else np.sqrt(squares)
-
-
-def flip_average(features: np.ndarray, flipped_features: np.ndarray) -> np.ndarray:
-  """Flip test-time augmentation: mean of the L2-normalised features of an image
-  and its mirror, renormalised."""
-  return l2_normalize(l2_normalize(features) + l2_normalize(flipped_features))
 
 
 def _same_pid_gallery(q_pids: np.ndarray, g_pids: np.ndarray):

@@ -14,7 +14,7 @@ Why a writer of our own: the converters that exist do not fit this stack
 emits `XlaCallModule`, which tf2onnx cannot convert), and a CACE-Net is a
 short list of standard operators. Writing them here keeps export independent
 of torch and of any converter, and makes every operator visible. The graphs compute
-what `eval_lib.individual_features` and `pair_scoring.conditional_distance`
+what `CACENet.features` and `evaluation.stage2.conditional_distance`
 compute, in float32, with BatchNorm folded into the preceding convolution or
 projection; tests compare them with JAX through onnxruntime.
 

@@ -1,4 +1,6 @@
-"""The figures eval.py writes into a run's directory, from a trained model.
+"""The figures an evaluation writes into a run's directory, from a trained model.
+
+`plots` draws them; this module picks the images and computes the maps.
 
   ranked_lists.png     queries (the worst by AP among them) and their top-10,
                        green frame = right identity, red = wrong
@@ -18,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cace_jax import augment, input_pipeline, visualize
+from cace_jax import augment, input_pipeline
+from cace_jax.evaluation import plots
 from cace_jax.models import CACENet
 
 NUM_HEATMAP_GALLERY = 5
@@ -38,23 +41,22 @@ def _feature_maps(model: CACENet, variables, data, indices, size) -> jnp.ndarray
 
 
 def write_figures(model: CACENet, variables, query: input_pipeline.SplitData,
-                  gallery: input_pipeline.SplitData, distmat: np.ndarray,
+                  gallery: input_pipeline.SplitData, ranking: np.ndarray,
                   per_query_ap: np.ndarray, image_size, workdir: str) -> list[str]:
   """Writes the figures of the module docstring; returns their paths.
 
   Args:
     model, variables: the trained model.
     query, gallery: the splits, in the order of `distmat`'s rows and columns.
-    distmat: [Nq, Ng] distances of the ranking to show (smaller is closer).
+    ranking: [Nq, top] gallery indices of the ranking to show, nearest first.
     per_query_ap: [Nq] AP per query (NaN where left out), to pick the worst.
     image_size: (H, W) the network's input size.
     workdir: where the PNGs go.
   """
-  ranking = np.argsort(distmat, axis=1, kind='stable')[:, :50]
-  chosen = visualize.select_queries(per_query_ap)
+  chosen = plots.select_queries(per_query_ap)
   decode_q = lambda i: decode_image(query, i, image_size)
   decode_g = lambda i: decode_image(gallery, i, image_size)
-  paths = [visualize.plot_ranked_lists(
+  paths = [plots.plot_ranked_lists(
       decode_q, decode_g, ranking, query.pids, gallery.pids, query.camids, gallery.camids,
       os.path.join(workdir, 'ranked_lists.png'), chosen, top=10)]
   if model.gcn == 'none':
@@ -79,11 +81,11 @@ def write_figures(model: CACENet, variables, query: input_pipeline.SplitData,
   height, width = fmap_q.shape[1:3]
   nodes = height * width
   cross = np.asarray(pairs['adjacency'][shown, :nodes, nodes:])
-  paths.append(visualize.plot_correspondences(
+  paths.append(plots.plot_correspondences(
       decode_q(query_index), decode_g(gallery_indices[shown]), cross, (height, width),
       os.path.join(workdir, 'correspondences.png'), num_lines=20,
       title=f'query {query_pid} vs gallery {gallery.pids[gallery_indices[shown]]}'))
-  paths.append(visualize.plot_conditional_heatmaps(
+  paths.append(plots.plot_conditional_heatmaps(
       decode_q(query_index), [decode_g(g) for g in gallery_indices],
       np.asarray(jax.device_get(pairs['cond_fmap_u']), np.float32),
       os.path.join(workdir, 'conditional_maps.png'),

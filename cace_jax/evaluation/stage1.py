@@ -1,0 +1,107 @@
+"""Stage 1 of the paper's inference (Sec. 3.5): every image's embedding and stage-2 cache.
+
+Each query and gallery image goes through the backbone once, batched over
+the `data` mesh. It yields the individual embedding (ranked by cosine
+distance) and, when a stage 2 follows, the compact per-image cache that
+stage needs (`CACENet.compute_image_cache`), stored on the host between the
+stages in `eval.cache_dtype`, in memory or as memory-mapped files.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cace_jax import input_pipeline, sharding
+from cace_jax.models import CACENet
+
+
+def embed_and_cache(module: CACENet, images, flip: bool, with_cache: bool):
+  """(embedding [B, E], cache) of one device's images; cache {} unless `with_cache`."""
+  embedding, fmap = module.features(images, flip)
+  if not with_cache:
+    return embedding, {}
+  cache = module.compute_image_cache(fmap)
+  # The projected-cosine adjacency compares one projection with itself: while
+  # tracing, 'query' and 'key' are then the very same value, and one copy is kept.
+  if cache['query'] is cache['key']:
+    cache = {name: value for name, value in cache.items() if name != 'query'}
+  return embedding, cache
+
+
+@functools.lru_cache(maxsize=4)  # periodic evaluations reuse one compiled step
+def make_embed_step(model: CACENet, mesh: jax.sharding.Mesh, flip: bool, with_cache: bool):
+  """Jitted (variables, images [N, H, W, 3]) -> (embeddings [N, E], caches [N, ...]).
+
+  The N images are split over the mesh's `data` axis; with `flip`, embeddings
+  are flip-averaged (`CACENet.features`); the caches come from the unflipped
+  image, without 'query' where it equals 'key' (`stage2.expand_cache` restores it).
+  """
+
+  def device_fn(variables, images):
+    return model.apply(variables, images, flip, with_cache, method=embed_and_cache)
+
+  spec = jax.sharding.PartitionSpec
+  return jax.jit(jax.shard_map(device_fn, mesh=mesh, in_specs=(spec(), spec(sharding.AXIS)),
+                               out_specs=spec(sharding.AXIS)))
+
+
+def allocate_host_cache(shapes: dict, num_images: int, dtype, directory: str | None = None,
+                        memory_limit_gb: float = 8.0) -> dict:
+  """Zeroed host arrays {name: [num_images, *shape]} of `dtype` for a split's caches.
+
+  In memory while they fit in `memory_limit_gb`; else `np.memmap` files in
+  `directory`, so caches of full maps (GeM on MSMT17: ~84 GB in bfloat16)
+  stream from disk: stage 2 reads only the rows of the pairs it scores. The
+  files are the caller's to delete.
+  """
+  dtype = np.dtype(dtype)
+  total = num_images * sum(int(np.prod(shape)) for shape in shapes.values()) * dtype.itemsize
+  if directory is None or total <= memory_limit_gb * 2**30:
+    return {name: np.zeros((num_images, *shape), dtype) for name, shape in shapes.items()}
+  os.makedirs(directory, exist_ok=True)
+  return {name: np.memmap(os.path.join(directory, f'{name}.bin'), dtype=dtype, mode='w+',
+                          shape=(num_images, *shape)) for name, shape in shapes.items()}
+
+
+def extract_features(model: CACENet, variables, data: input_pipeline.SplitData,
+                     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                     with_cache: bool = True, cache_dir: str | None = None
+                     ) -> tuple[np.ndarray, dict]:
+  """Embeddings [N, E] and stage-2 caches (leading axis N) of every image of a split, in order.
+
+  Args:
+    model, variables: the network (variables replicated over `mesh`).
+    data: the split.
+    config: the run's config (`data.image_size`, `data.eval_batch_size`,
+      `eval.flip`, `eval.cache_dtype`, `eval.cache_memory_gb`).
+    with_cache: also compute the stage-2 caches ({} otherwise).
+    cache_dir: where caches larger than `eval.cache_memory_gb` go as
+      memory-mapped files (`allocate_host_cache`).
+  """
+  embed_step = make_embed_step(model, mesh, config.eval.flip, with_cache)
+  dataset = input_pipeline.create_eval_dataset(
+      data, image_size=config.data.image_size, batch_size=config.data.eval_batch_size,
+      num_devices=jax.device_count(), local_devices=jax.local_device_count(),
+      process_index=jax.process_index())
+  embeddings, caches = None, None
+  for batch in input_pipeline.iterate_numpy(dataset):
+    batch = sharding.global_batch({'image': batch['image'], 'index': batch['index']}, mesh)
+    output, cache = embed_step(variables, batch['image'])
+    output, index = sharding.to_host(output), sharding.to_host(batch['index'])
+    cache = jax.tree.map(sharding.to_host, cache)
+    if embeddings is None:
+      embeddings = np.zeros((len(data), output.shape[-1]), np.float32)
+      caches = allocate_host_cache(
+          {name: value.shape[1:] for name, value in cache.items()}, len(data),
+          jnp.dtype(config.eval.cache_dtype), cache_dir, config.eval.cache_memory_gb)
+    valid = index >= 0  # the last batch is padded
+    embeddings[index[valid]] = output[valid]
+    for stored, new in zip(jax.tree.leaves(caches), jax.tree.leaves(cache)):
+      stored[index[valid]] = new[valid]
+  return embeddings, caches

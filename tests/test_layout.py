@@ -1,0 +1,113 @@
+"""The package's import graph, read from the source with `ast` (nothing is imported).
+
+The modules must form a DAG (no import cycle), and an import inside a
+function is only for an optional or heavy dependency, never for a module of
+this package, with a comment saying why.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = 'cace_jax'
+
+
+def module_files() -> dict[str, str]:
+  """{dotted module name: path} of every module of the package (a package is its __init__)."""
+  modules = {}
+  for directory, _, files in os.walk(os.path.join(ROOT, PACKAGE)):
+    for file in files:
+      if file.endswith('.py'):
+        relative = os.path.relpath(os.path.join(directory, file), ROOT)[:-3].split(os.sep)
+        if relative[-1] == '__init__':
+          relative = relative[:-1]
+        modules['.'.join(relative)] = os.path.join(directory, file)
+  return modules
+
+
+def imported_modules(node: ast.AST, modules: dict[str, str]) -> list[str]:
+  """The package modules an import statement loads (a `from a import b` may name module a.b)."""
+  if isinstance(node, ast.Import):
+    names = [alias.name for alias in node.names]
+  elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+    names = [f'{node.module}.{alias.name}' if f'{node.module}.{alias.name}' in modules
+             else node.module for alias in node.names]
+  else:
+    return []
+  return [name for name in names if name in modules]
+
+
+def import_graph(modules: dict[str, str]) -> dict[str, set[str]]:
+  """{module: the package modules it imports}, with each package's face (`__init__`) as a node."""
+  graph = {}
+  for name, path in modules.items():
+    with open(path, encoding='utf-8') as f:
+      tree = ast.parse(f.read(), path)
+    graph[name] = {target for node in ast.walk(tree) for target in imported_modules(node, modules)
+                   if target != name}
+  return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  """One import cycle as [a, b, ..., a], or None when the graph is a DAG."""
+  state, stack = {}, []  # state: 1 on the current path, 2 finished
+
+  def visit(node):
+    state[node] = 1
+    stack.append(node)
+    for target in sorted(graph[node]):
+      if state.get(target) == 1:
+        return stack[stack.index(target):] + [target]
+      if target not in state:
+        found = visit(target)
+        if found:
+          return found
+    stack.pop()
+    state[node] = 2
+    return None
+
+  for node in sorted(graph):
+    if node not in state:
+      found = visit(node)
+      if found:
+        return found
+  return None
+
+
+def test_finds_a_cycle_when_there_is_one():
+  assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': {'a'}}) == ['a', 'b', 'c', 'a']
+  assert find_cycle({'a': {'b', 'c'}, 'b': {'c'}, 'c': set()}) is None
+
+
+def test_the_package_has_no_import_cycle():
+  modules = module_files()
+  graph = import_graph(modules)
+  assert {'cace_jax.train_lib', 'cace_jax.evaluation.evaluate', 'cace_jax.models.cacenet',
+          'cace_jax.interop.deploy'} <= set(graph)
+  assert 'cace_jax.models.cacenet' in graph['cace_jax.evaluation.stage1'] | graph[
+      'cace_jax.models']  # the graph sees imports through a package's face
+  assert find_cycle(graph) is None, ' -> '.join(find_cycle(graph))
+
+
+def test_deferred_imports_are_external_and_explained():
+  modules = module_files()
+  problems = []
+  for name, path in modules.items():
+    with open(path, encoding='utf-8') as f:
+      source = f.read()
+    lines = source.splitlines()
+    for function in ast.walk(ast.parse(source, path)):
+      if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        continue
+      for node in ast.walk(function):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+          continue
+        where = f'{os.path.relpath(path, ROOT)}:{node.lineno}'
+        if imported_modules(node, modules):
+          problems.append(f'{where}: imports a package module inside {function.name}()')
+        line, above = lines[node.lineno - 1], lines[node.lineno - 2].strip()
+        if '#' not in line and not above.startswith('#') and '#' not in above:
+          problems.append(f'{where}: deferred import without a comment saying why')
+  assert not problems, '\n'.join(problems)
