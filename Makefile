@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-# Tests also need pytest, torch and onnx (porting and export tests run, never skip).
+# Tests also need pytest, ruff, torch and onnx (porting and export tests run, never skip).
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test,torch,onnx]'
 	touch $@
@@ -26,7 +26,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 demo: env
 	$(BIN)/python train.py --config configs/synthetic.py --workdir runs/synthetic
 
+# The style check comes first: a tree that ruff rejects does not land.
 test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(TEST_ENV) $(BIN)/python -m pytest -q
 
 clean-env:

@@ -17,10 +17,12 @@ from cace_jax.evaluation import evaluate
 
 def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_string('workdir', None, 'The training run directory.', flag_values=flag_values)
-  flags.DEFINE_integer('checkpoint', None, 'Step to evaluate (default: the latest).',
-                       flag_values=flag_values)
-  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
-                                  flag_values=flag_values, lock_config=True)
+  flags.DEFINE_integer(
+    'checkpoint', None, 'Step to evaluate (default: the latest).', flag_values=flag_values
+  )
+  config_flags.DEFINE_config_file(
+    'config', None, 'Config file (configs/*.py[:arg]).', flag_values=flag_values, lock_config=True
+  )
   flags.mark_flags_as_required(['config', 'workdir'], flag_values=flag_values)
 
 

@@ -48,8 +48,9 @@ def measure_pooling(pooling: str, batch: int, repeats: int, ks) -> tuple[dict, d
   config = market.get_config()
   config.model.pooling = pooling
   model = build_model(config.model, num_classes=751)
-  images = np.random.default_rng(0).normal(size=(batch, *config.data.image_size, 3)).astype(
-      np.float32)
+  images = (
+    np.random.default_rng(0).normal(size=(batch, *config.data.image_size, 3)).astype(np.float32)
+  )
   variables = jax.jit(lambda: model.init(jax.random.key(0), images[:2], train=False))()
   extract = jax.jit(lambda v, x: model.apply(v, x, False, True, method=stage1.embed_and_cache))
   stage1 = median_seconds(lambda: extract(variables, images), repeats) / batch
@@ -57,11 +58,14 @@ def measure_pooling(pooling: str, batch: int, repeats: int, ks) -> tuple[dict, d
   on_device = stage2.compact_cache(cache)  # float32 without a repeated query, as evaluated
   stored = stage2.compact_cache(cache, jax.numpy.bfloat16)
   stored_bytes = stage2.cache_nbytes(stored, batch)
-  result = {'stage1_s_per_image': stage1,
-            'cache_bytes_per_image': stage2.cache_nbytes(on_device, batch),
-            'stored_cache_bytes_per_image': stored_bytes,
-            'stored_cache_gb_msmt17': stored_bytes * MSMT17_IMAGES / 2 ** 30,
-            'stage2_s_per_query': {}, 'stage2_over_stage1_market': {}}
+  result = {
+    'stage1_s_per_image': stage1,
+    'cache_bytes_per_image': stage2.cache_nbytes(on_device, batch),
+    'stored_cache_bytes_per_image': stored_bytes,
+    'stored_cache_gb_msmt17': stored_bytes * MSMT17_IMAGES / 2**30,
+    'stage2_s_per_query': {},
+    'stage2_over_stage1_market': {},
+  }
   step = stage2.make_pair_step(model, stage2.conditional_distance)
   for k in ks:
     index = np.arange(k) % batch  # K pairs (query, gallery) drawn from the cached images
@@ -70,7 +74,8 @@ def measure_pooling(pooling: str, batch: int, repeats: int, ks) -> tuple[dict, d
     per_query = median_seconds(lambda: step(variables, pairs_q, pairs_g), repeats)
     result['stage2_s_per_query'][k] = per_query
     result['stage2_over_stage1_market'][k] = (NUM_QUERY * per_query) / (
-        (NUM_QUERY + NUM_GALLERY) * stage1)
+      (NUM_QUERY + NUM_GALLERY) * stage1
+    )
   return result, stored
 
 
@@ -91,15 +96,14 @@ def measure_streaming(stored: dict, ks, num_images: int, queries: int = 50) -> d
     for name, rows in stored.items():
       for start in range(0, num_images, batch):
         stop = min(start + batch, num_images)
-        on_disk[name][start:stop] = in_memory[name][start:stop] = rows[:stop - start]
+        on_disk[name][start:stop] = in_memory[name][start:stop] = rows[: stop - start]
       on_disk[name].flush()
     for k in ks:
       picks = [rng.choice(num_images, k, replace=False) for _ in range(queries)]
       for name in on_disk:  # evict the files' pages: every read below goes to the disk
         with open(os.path.join(directory, f'{name}.bin'), 'rb') as f:
           os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-      for label, arrays in (('disk_cold_s_per_query', on_disk),
-                            ('memory_s_per_query', in_memory)):
+      for label, arrays in (('disk_cold_s_per_query', on_disk), ('memory_s_per_query', in_memory)):
         start = time.perf_counter()
         for index in picks:
           jax.tree.map(lambda c, index=index: np.array(c[index]), arrays)
@@ -108,18 +112,21 @@ def measure_streaming(stored: dict, ks, num_images: int, queries: int = 50) -> d
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
-  flags.DEFINE_integer('batch', 8, 'Images per call.',
-                      flag_values=flag_values)
-  flags.DEFINE_integer('repeats', 3, 'Timed repeats (median).',
-                      flag_values=flag_values)
-  flags.DEFINE_string('poolings', 'avg,gem', 'Comma-separated poolings to measure.',
-                     flag_values=flag_values)
-  flags.DEFINE_string('out', 'benchmarks/results/eval_cost.json', 'JSON report.',
-                     flag_values=flag_values)
-  flags.DEFINE_string('stream_pooling', 'gem', 'whose caches to stream',
-                     flag_values=flag_values)
-  flags.DEFINE_integer('stream_images', 2000, 'gallery rows written to the memory-mapped files',
-                      flag_values=flag_values)
+  flags.DEFINE_integer('batch', 8, 'Images per call.', flag_values=flag_values)
+  flags.DEFINE_integer('repeats', 3, 'Timed repeats (median).', flag_values=flag_values)
+  flags.DEFINE_string(
+    'poolings', 'avg,gem', 'Comma-separated poolings to measure.', flag_values=flag_values
+  )
+  flags.DEFINE_string(
+    'out', 'benchmarks/results/eval_cost.json', 'JSON report.', flag_values=flag_values
+  )
+  flags.DEFINE_string('stream_pooling', 'gem', 'whose caches to stream', flag_values=flag_values)
+  flags.DEFINE_integer(
+    'stream_images',
+    2000,
+    'gallery rows written to the memory-mapped files',
+    flag_values=flag_values,
+  )
 
 
 def main(args: flags.FlagValues, positional: list[str]) -> None:
@@ -129,14 +136,25 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
   rng = np.random.default_rng(0)
   distmat = rng.uniform(size=(NUM_QUERY, NUM_GALLERY)).astype(np.float32)
   start = time.perf_counter()
-  metrics.evaluate_rank(distmat, rng.integers(0, 750, NUM_QUERY), rng.integers(0, 751, NUM_GALLERY),
-                        rng.integers(1, 7, NUM_QUERY), rng.integers(1, 7, NUM_GALLERY))
+  metrics.evaluate_rank(
+    distmat,
+    rng.integers(0, 750, NUM_QUERY),
+    rng.integers(0, 751, NUM_GALLERY),
+    rng.integers(1, 7, NUM_QUERY),
+    rng.integers(1, 7, NUM_GALLERY),
+  )
   metric_seconds = time.perf_counter() - start
 
-  report = {'image_size': list(market.get_config().data.image_size), 'ks': list(ks),
-            'metric_s_market': metric_seconds, 'cpu_count': os.cpu_count(),
-            'machine': platform.machine(), 'jax': jax.__version__,
-            'load_average': os.getloadavg()[0], 'poolings': {}}
+  report = {
+    'image_size': list(market.get_config().data.image_size),
+    'ks': list(ks),
+    'metric_s_market': metric_seconds,
+    'cpu_count': os.cpu_count(),
+    'machine': platform.machine(),
+    'jax': jax.__version__,
+    'load_average': os.getloadavg()[0],
+    'poolings': {},
+  }
   for pooling in args.poolings.split(','):
     report['poolings'][pooling], stored = measure_pooling(pooling, args.batch, args.repeats, ks)
     if pooling == args.stream_pooling:
@@ -144,19 +162,26 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
 
   print(f'metric (evaluate_rank) at {NUM_QUERY}×{NUM_GALLERY}: {metric_seconds:.2f} s')
   for pooling, r in report['poolings'].items():
-    print(f'[{pooling}] stage 1: {r["stage1_s_per_image"] * 1e3:.0f} ms/image; cache '
-          f'{r["cache_bytes_per_image"] / 1024:.0f} KiB/image on the device (float32), '
-          f'{r["stored_cache_bytes_per_image"] / 1024:.0f} KiB/image stored (bfloat16)')
+    print(
+      f'[{pooling}] stage 1: {r["stage1_s_per_image"] * 1e3:.0f} ms/image; cache '
+      f'{r["cache_bytes_per_image"] / 1024:.0f} KiB/image on the device (float32), '
+      f'{r["stored_cache_bytes_per_image"] / 1024:.0f} KiB/image stored (bfloat16)'
+    )
     for k in ks:
-      print(f'[{pooling}]   K={k:3d}: stage 2 {r["stage2_s_per_query"][k] * 1e3:8.1f} ms/query, '
-            f'stage2/stage1 on Market {r["stage2_over_stage1_market"][k]:.3f}')
+      print(
+        f'[{pooling}]   K={k:3d}: stage 2 {r["stage2_s_per_query"][k] * 1e3:8.1f} ms/query, '
+        f'stage2/stage1 on Market {r["stage2_over_stage1_market"][k]:.3f}'
+      )
     print(f'[{pooling}]   stored caches of MSMT17: {r["stored_cache_gb_msmt17"]:.1f} GB')
   if 'streaming' in report:
     r = report['streaming']
     for k in ks:
-      print(f'[{args.stream_pooling} streaming] K={k:3d}: gather {r["memory_s_per_query"][k] * 1e3:.2f} '
-            f'ms/query from memory, {r["disk_cold_s_per_query"][k] * 1e3:.2f} ms/query from '
-            f'cold memory-mapped files')
+      memory_ms = r['memory_s_per_query'][k] * 1e3
+      disk_ms = r['disk_cold_s_per_query'][k] * 1e3
+      print(
+        f'[{args.stream_pooling} streaming] K={k:3d}: gather {memory_ms:.2f} ms/query from '
+        f'memory, {disk_ms:.2f} ms/query from cold memory-mapped files'
+      )
   save_report(report, args.out)
 
 

@@ -46,20 +46,30 @@ def build_loss_fn(name: str, args):
 
     def loss_fn(params, batch_stats, images, labels, key):
       del labels, key
-      fmap, _ = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
-                            mutable=['batch_stats'])[0]
+      fmap, _ = model.apply(
+        {'params': params, 'batch_stats': batch_stats}, images, train=True, mutable=['batch_stats']
+      )[0]
       return jnp.mean(jnp.square(fmap.astype(jnp.float32)))
 
     return model, loss_fn
-  settings = {'individual': dict(gcn='none', pooling='avg'),
-              'full_avg': dict(pooling='avg'),
-              'full_gem': dict(pooling='gem', pair_block=args.pair_block or None)}[name]
-  model = build_model(dict(depth=args.depth, non_local=args.non_local,
-                           adjacency=args.adjacency, **settings), args.num_classes)
+  settings = {
+    'individual': dict(gcn='none', pooling='avg'),
+    'full_avg': dict(pooling='avg'),
+    'full_gem': dict(pooling='gem', pair_block=args.pair_block or None),
+  }[name]
+  model = build_model(
+    dict(depth=args.depth, non_local=args.non_local, adjacency=args.adjacency, **settings),
+    args.num_classes,
+  )
 
   def loss_fn(params, batch_stats, images, labels, key):
-    outputs, _ = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
-                             rngs={'dropout': key}, mutable=['batch_stats'])
+    outputs, _ = model.apply(
+      {'params': params, 'batch_stats': batch_stats},
+      images,
+      train=True,
+      rngs={'dropout': key},
+      mutable=['batch_stats'],
+    )
     return losses.total_loss(outputs, labels)[0]
 
   return model, loss_fn
@@ -74,17 +84,24 @@ def compile_config(name: str, args) -> dict:
   variables = jax.jit(model.init)(jax.random.key(1), images[:2])
   params, batch_stats = variables['params'], variables['batch_stats']
   start = time.perf_counter()
-  step = jax.jit(jax.value_and_grad(loss_fn)).lower(
-      params, batch_stats, images, labels, jax.random.key(2)).compile()
+  step = (
+    jax.jit(jax.value_and_grad(loss_fn))
+    .lower(params, batch_stats, images, labels, jax.random.key(2))
+    .compile()
+  )
   compile_s = time.perf_counter() - start
   cost = step.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   run = lambda key: jax.block_until_ready(step(params, batch_stats, images, labels, key))
   for _ in range(args.warmup):
     run(jax.random.key(2))
-  return {'run': run, 'batch': batch, 'compile_s': compile_s,
-          'gflop_per_step': float(cost.get('flops', float('nan'))) / 1e9,
-          'num_params': sum(x.size for x in jax.tree.leaves(params))}
+  return {
+    'run': run,
+    'batch': batch,
+    'compile_s': compile_s,
+    'gflop_per_step': float(cost.get('flops', float('nan'))) / 1e9,
+    'num_params': sum(x.size for x in jax.tree.leaves(params)),
+  }
 
 
 def time_configs(names, args) -> dict:
@@ -104,42 +121,51 @@ def time_configs(names, args) -> dict:
   for name in names:
     info = compiled[name]
     median = statistics.median(times[name])
-    results[name] = {'step_time_s': median, 'step_times_s': times[name],
-                     'images_per_s': info['batch'] / median, 'compile_s': info['compile_s'],
-                     'gflop_per_step': info['gflop_per_step'], 'num_params': info['num_params']}
+    results[name] = {
+      'step_time_s': median,
+      'step_times_s': times[name],
+      'images_per_s': info['batch'] / median,
+      'compile_s': info['compile_s'],
+      'gflop_per_step': info['gflop_per_step'],
+      'num_params': info['num_params'],
+    }
     if name == 'full_gem' and args.pair_block != info['batch']:
-      results[name]['gflop_note'] = ('lax.map loop body counted once by XLA: the pair-stage '
-                                     'GFLOP is undercounted; run with --pair_block=P*K')
+      results[name]['gflop_note'] = (
+        'lax.map loop body counted once by XLA: the pair-stage '
+        'GFLOP is undercounted; run with --pair_block=P*K'
+      )
   return results
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
-  flags.DEFINE_string('configs', ','.join(CONFIGS), 'Comma-separated configurations.',
-                     flag_values=flag_values)
-  flags.DEFINE_integer('depth', 50, 'ResNet depth.',
-                      flag_values=flag_values)
-  flags.DEFINE_integer('height', 256, 'Image height.',
-                      flag_values=flag_values)
-  flags.DEFINE_integer('width', 128, 'Image width.',
-                      flag_values=flag_values)
-  flags.DEFINE_integer('identities', 4, 'P',
-                      flag_values=flag_values)
-  flags.DEFINE_integer('instances', 4, 'K',
-                      flag_values=flag_values)
-  flags.DEFINE_integer('num_classes', 751, 'Identities of the classifiers.',
-                      flag_values=flag_values)
-  flags.DEFINE_string('adjacency', 'projected', 'Adjacency kind.',
-                     flag_values=flag_values)
-  flags.DEFINE_boolean('non_local', False, 'official non-local backbone',
-                      flag_values=flag_values)
-  flags.DEFINE_integer('pair_block', 0, 'pair rows per lax.map step for full_gem; 0 = model default (one row); P*K = all pairs at once (the only setting whose GFLOP is exact: XLA counts a loop body once)',
-                      flag_values=flag_values)
-  flags.DEFINE_integer('steps', 3, 'Timed steps.',
-                      flag_values=flag_values)
-  flags.DEFINE_integer('warmup', 1, 'Untimed steps first (compilation).',
-                      flag_values=flag_values)
-  flags.DEFINE_string('output', os.path.join(os.path.dirname(__file__), 'results', 'model_step.json'), 'JSON report.',
-                     flag_values=flag_values)
+  flags.DEFINE_string(
+    'configs', ','.join(CONFIGS), 'Comma-separated configurations.', flag_values=flag_values
+  )
+  flags.DEFINE_integer('depth', 50, 'ResNet depth.', flag_values=flag_values)
+  flags.DEFINE_integer('height', 256, 'Image height.', flag_values=flag_values)
+  flags.DEFINE_integer('width', 128, 'Image width.', flag_values=flag_values)
+  flags.DEFINE_integer('identities', 4, 'P', flag_values=flag_values)
+  flags.DEFINE_integer('instances', 4, 'K', flag_values=flag_values)
+  flags.DEFINE_integer(
+    'num_classes', 751, 'Identities of the classifiers.', flag_values=flag_values
+  )
+  flags.DEFINE_string('adjacency', 'projected', 'Adjacency kind.', flag_values=flag_values)
+  flags.DEFINE_boolean('non_local', False, 'official non-local backbone', flag_values=flag_values)
+  flags.DEFINE_integer(
+    'pair_block',
+    0,
+    'Pair rows per lax.map step for full_gem; 0 = the model default (one row); P*K = all '
+    'pairs at once (the only setting whose GFLOP is exact: XLA counts a loop body once).',
+    flag_values=flag_values,
+  )
+  flags.DEFINE_integer('steps', 3, 'Timed steps.', flag_values=flag_values)
+  flags.DEFINE_integer('warmup', 1, 'Untimed steps first (compilation).', flag_values=flag_values)
+  flags.DEFINE_string(
+    'output',
+    os.path.join(os.path.dirname(__file__), 'results', 'model_step.json'),
+    'JSON report.',
+    flag_values=flag_values,
+  )
 
 
 def main(args: flags.FlagValues, positional: list[str]) -> None:
@@ -148,27 +174,38 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
   load_before = os.getloadavg()[0]
   results = time_configs(args.configs.split(','), args)
   base = results.get('backbone')
-  print(f'\n{"config":>11} | {"s/step":>7} | {"img/s":>6} | {"x time":>6} | {"GFLOP":>7} | '
-        f'{"x FLOP":>6} | params')
+  print(
+    f'\n{"config":>11} | {"s/step":>7} | {"img/s":>6} | {"x time":>6} | {"GFLOP":>7} | '
+    f'{"x FLOP":>6} | params'
+  )
   print('-' * 72)
   for name, r in results.items():
     r['ratio_to_backbone'] = r['step_time_s'] / base['step_time_s'] if base else float('nan')
-    r['flop_ratio_to_backbone'] = (r['gflop_per_step'] / base['gflop_per_step'] if base
-                                   else float('nan'))
-    print(f'{name:>11} | {r["step_time_s"]:7.2f} | {r["images_per_s"]:6.2f} | '
-          f'{r["ratio_to_backbone"]:6.2f} | {r["gflop_per_step"]:7.1f} | '
-          f'{r["flop_ratio_to_backbone"]:6.3f} | {r["num_params"]:,}'
-          + ('  (GFLOP undercounted: loop)' if 'gflop_note' in r else ''))
-  print(f'load average before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f} '
-        f'(2 cores; > 2 means other processes shared the CPU)')
+    r['flop_ratio_to_backbone'] = (
+      r['gflop_per_step'] / base['gflop_per_step'] if base else float('nan')
+    )
+    print(
+      f'{name:>11} | {r["step_time_s"]:7.2f} | {r["images_per_s"]:6.2f} | '
+      f'{r["ratio_to_backbone"]:6.2f} | {r["gflop_per_step"]:7.1f} | '
+      f'{r["flop_ratio_to_backbone"]:6.3f} | {r["num_params"]:,}'
+      + ('  (GFLOP undercounted: loop)' if 'gflop_note' in r else '')
+    )
+  print(
+    f'load average before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f} '
+    f'(2 cores; > 2 means other processes shared the CPU)'
+  )
   report = {
-      'command': ' '.join(['python', 'benchmarks/model_step.py'] + sys.argv[1:]),
-      'settings': args.flag_values_dict() | {'batch': args.identities * args.instances},
-      'load_average': {'before': load_before, 'after': os.getloadavg()[0]},
-      'platform': {'jax': jax.__version__, 'backend': jax.default_backend(),
-                   'devices': [str(d) for d in jax.devices()], 'cpu_count': os.cpu_count(),
-                   'machine': platform.machine()},
-      'results': results,
+    'command': ' '.join(['python', 'benchmarks/model_step.py'] + sys.argv[1:]),
+    'settings': args.flag_values_dict() | {'batch': args.identities * args.instances},
+    'load_average': {'before': load_before, 'after': os.getloadavg()[0]},
+    'platform': {
+      'jax': jax.__version__,
+      'backend': jax.default_backend(),
+      'devices': [str(d) for d in jax.devices()],
+      'cpu_count': os.cpu_count(),
+      'machine': platform.machine(),
+    },
+    'results': results,
   }
   save_report(report, args.output)
 

@@ -26,14 +26,16 @@ from cace_jax.evaluation import evaluate, metrics, stage1, stage2  # pylint: dis
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
-  flags.DEFINE_string('workdir', None, 'The training run directory (its latest checkpoint).',
-                      flag_values=flag_values)
-  flags.DEFINE_string('ks', '1,3,5,10,20,50', 'Comma-separated K values.',
-                      flag_values=flag_values)
-  flags.DEFINE_string('out', 'benchmarks/results/stage2_k.json', 'JSON report.',
-                      flag_values=flag_values)
-  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
-                                  flag_values=flag_values, lock_config=True)
+  flags.DEFINE_string(
+    'workdir', None, 'The training run directory (its latest checkpoint).', flag_values=flag_values
+  )
+  flags.DEFINE_string('ks', '1,3,5,10,20,50', 'Comma-separated K values.', flag_values=flag_values)
+  flags.DEFINE_string(
+    'out', 'benchmarks/results/stage2_k.json', 'JSON report.', flag_values=flag_values
+  )
+  config_flags.DEFINE_config_file(
+    'config', None, 'Config file (configs/*.py[:arg]).', flag_values=flag_values, lock_config=True
+  )
   flags.mark_flags_as_required(['config', 'workdir'], flag_values=flag_values)
 
 
@@ -49,12 +51,19 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
   distmat = metrics.cosine_distance(q_emb, g_emb)
   rank = lambda d: evaluate.measure(d, query, gallery)[0]
 
-  report = {'workdir': args.workdir, 'step': run.step, 'dataset': config.data.dataset,
-            'num_query': len(query), 'num_gallery': len(gallery),
-            'individual': rank(distmat), 'rows': {}}
+  report = {
+    'workdir': args.workdir,
+    'step': run.step,
+    'dataset': config.data.dataset,
+    'num_query': len(query),
+    'num_gallery': len(gallery),
+    'individual': rank(distmat),
+    'rows': {},
+  }
   for row, score in stage2.pair_scorers(q_cache).items():
     pair_distances, pairs_per_call = stage2.make_pair_distances(
-        run.model, run.variables, score, q_cache, g_cache, mesh)
+      run.model, run.variables, score, q_cache, g_cache, mesh
+    )
     stage2.rerank_top_k(distmat[:1], 1, pair_distances, pairs_per_call)  # compile, untimed
     report['rows'][row] = {}
     for k in ks:
@@ -66,12 +75,16 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
   header = f'{"":>16} {"K":>4} {"R-1":>7} {"R-5":>7} {"mAP":>7} {"mINP":>7} {"ms/query":>9}'
   print(f'{config.data.dataset}, {args.workdir} step {run.step}\n{header}')
   ind = report['individual']
-  print(f'{"individual":>16} {"-":>4} {ind["rank1"]:7.2f} {ind["rank5"]:7.2f} '
-        f'{ind["mAP"]:7.2f} {ind["mINP"]:7.2f}')
+  print(
+    f'{"individual":>16} {"-":>4} {ind["rank1"]:7.2f} {ind["rank5"]:7.2f} '
+    f'{ind["mAP"]:7.2f} {ind["mINP"]:7.2f}'
+  )
   for row, by_k in report['rows'].items():
     for k, r in by_k.items():
-      print(f'{row:>16} {k:>4} {r["rank1"]:7.2f} {r["rank5"]:7.2f} {r["mAP"]:7.2f} '
-            f'{r["mINP"]:7.2f} {r["stage2_s_per_query"] * 1e3:9.2f}')
+      print(
+        f'{row:>16} {k:>4} {r["rank1"]:7.2f} {r["rank5"]:7.2f} {r["mAP"]:7.2f} '
+        f'{r["mINP"]:7.2f} {r["stage2_s_per_query"] * 1e3:9.2f}'
+      )
   save_report(report, args.out)
 
 

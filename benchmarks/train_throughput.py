@@ -38,8 +38,9 @@ def measure(config, steps: int, warmup: int) -> float:
   workdir = tempfile.mkdtemp(prefix='train_throughput_')
   try:
     train_lib.train_and_evaluate(config, workdir)
-    rows = [json.loads(line) for line in open(os.path.join(workdir, 'train.log'))
-            if line.startswith('{')]
+    rows = [
+      json.loads(line) for line in open(os.path.join(workdir, 'train.log')) if line.startswith('{')
+    ]
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
   timed = [r for r in rows if r['split'] == 'train' and r['step'] == warmup + steps]
@@ -47,14 +48,14 @@ def measure(config, steps: int, warmup: int) -> float:
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
-  flags.DEFINE_integer('steps', 20, 'Timed steps.',
-                      flag_values=flag_values)
-  flags.DEFINE_integer('warmup', 3, 'Untimed steps first (compilation).',
-                      flag_values=flag_values)
-  flags.DEFINE_integer('market_steps', 3, 'Timed steps of the reduced market config.',
-                      flag_values=flag_values)
-  flags.DEFINE_string('out', 'benchmarks/results/train_throughput.json', 'JSON report.',
-                     flag_values=flag_values)
+  flags.DEFINE_integer('steps', 20, 'Timed steps.', flag_values=flag_values)
+  flags.DEFINE_integer('warmup', 3, 'Untimed steps first (compilation).', flag_values=flag_values)
+  flags.DEFINE_integer(
+    'market_steps', 3, 'Timed steps of the reduced market config.', flag_values=flag_values
+  )
+  flags.DEFINE_string(
+    'out', 'benchmarks/results/train_throughput.json', 'JSON report.', flag_values=flag_values
+  )
 
 
 def main(args: flags.FlagValues, positional: list[str]) -> None:
@@ -65,12 +66,17 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
   reduced.data.dataset = 'synthetic_details'
   reduced.data.image_size = (256, 128)
   results = {
-      'synthetic_demo': measure(demo, args.steps, args.warmup),
-      'market_reduced_256x128': measure(reduced, args.market_steps, 2),
+    'synthetic_demo': measure(demo, args.steps, args.warmup),
+    'market_reduced_256x128': measure(reduced, args.market_steps, 2),
   }
-  report = {'images_per_s': results, 'devices': jax.device_count(),
-            'cpu_count': os.cpu_count(), 'machine': platform.machine(),
-            'jax': jax.__version__, 'steps': args.steps}
+  report = {
+    'images_per_s': results,
+    'devices': jax.device_count(),
+    'cpu_count': os.cpu_count(),
+    'machine': platform.machine(),
+    'jax': jax.__version__,
+    'steps': args.steps,
+  }
   for name, value in results.items():
     print(f'{name:>24}: {value:7.2f} images/s (training, input pipeline included)')
   save_report(report, args.out)

@@ -23,8 +23,7 @@ IMAGENET_STD_PIXEL = tuple(255.0 * s for s in IMAGENET_STD)
 def decode_and_resize(image_bytes: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
   """JPEG bytes -> float32 [H, W, 3] in [0, 255], bilinearly resized to `size`."""
   image = tf.io.decode_jpeg(image_bytes, channels=3)
-  image = tf.image.resize(tf.cast(image, tf.float32), size, method='bilinear',
-                          antialias=True)
+  image = tf.image.resize(tf.cast(image, tf.float32), size, method='bilinear', antialias=True)
   return tf.clip_by_value(image, 0.0, 255.0)
 
 
@@ -42,11 +41,15 @@ def pad_and_random_crop(image: tf.Tensor, seed: tf.Tensor, padding: int) -> tf.T
   return tf.image.stateless_random_crop(padded, [height, width, channels], seed)
 
 
-def random_erasing(image: tf.Tensor, seed: tf.Tensor, probability: float = 0.5,
-                   area_range: Sequence[float] = (0.02, 0.4),
-                   aspect_range: Sequence[float] = (0.3, 3.3),
-                   fill: Sequence[float] = IMAGENET_MEAN_PIXEL,
-                   attempts: int = 10) -> tf.Tensor:
+def random_erasing(
+  image: tf.Tensor,
+  seed: tf.Tensor,
+  probability: float = 0.5,
+  area_range: Sequence[float] = (0.02, 0.4),
+  aspect_range: Sequence[float] = (0.3, 3.3),
+  fill: Sequence[float] = IMAGENET_MEAN_PIXEL,
+  attempts: int = 10,
+) -> tf.Tensor:
   """Random erasing (Zhong et al. 2020): with `probability`, fills one rectangle.
 
   The rectangle covers a fraction of the image drawn uniformly from
@@ -60,9 +63,11 @@ def random_erasing(image: tf.Tensor, seed: tf.Tensor, probability: float = 0.5,
   seeds = tf.random.experimental.stateless_split(seed, 5)
   apply = tf.random.stateless_uniform([], seeds[0]) < probability
   area = float(height * width) * tf.random.stateless_uniform(
-      [attempts], seeds[1], area_range[0], area_range[1])
+    [attempts], seeds[1], area_range[0], area_range[1]
+  )
   log_aspect = tf.random.stateless_uniform(
-      [attempts], seeds[2], math.log(aspect_range[0]), math.log(aspect_range[1]))
+    [attempts], seeds[2], math.log(aspect_range[0]), math.log(aspect_range[1])
+  )
   aspect = tf.exp(log_aspect)
   box_h = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
   box_w = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
@@ -87,12 +92,16 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
   return (image - mean) / std
 
 
-def preprocess_train(image_bytes: tf.Tensor, seed: tf.Tensor, size: Sequence[int],
-                     flip: bool = True, padding: int = 10,
-                     erasing_probability: float = 0.5) -> tf.Tensor:
+def preprocess_train(
+  image_bytes: tf.Tensor,
+  seed: tf.Tensor,
+  size: Sequence[int],
+  flip: bool = True,
+  padding: int = 10,
+  erasing_probability: float = 0.5,
+) -> tf.Tensor:
   """The training recipe: resize, flip, pad + crop, erase, normalise."""
-  flip_seed, crop_seed, erase_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 3))
+  flip_seed, crop_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   image = decode_and_resize(image_bytes, size)
   if flip:
     image = random_flip(image, flip_seed)

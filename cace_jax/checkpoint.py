@@ -29,8 +29,9 @@ from cace_jax.models import build_model, make_resnet
 BEST_METRIC = 'mAP'
 
 
-def create_manager(workdir: str, keep_last: int = 3, keep_best: bool = True,
-                   read_only: bool = False) -> ocp.CheckpointManager:
+def create_manager(
+  workdir: str, keep_last: int = 3, keep_best: bool = True, read_only: bool = False
+) -> ocp.CheckpointManager:
   """A CheckpointManager over `<workdir>/checkpoints`.
 
   Args:
@@ -42,31 +43,42 @@ def create_manager(workdir: str, keep_last: int = 3, keep_best: bool = True,
   """
   policies = [ocp.checkpoint_managers.LatestN(n=keep_last)]
   if keep_best:
-    policies.append(ocp.checkpoint_managers.BestN(
-        get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1,
-        keep_checkpoints_without_metrics=False))
+    policies.append(
+      ocp.checkpoint_managers.BestN(
+        get_metric_fn=lambda metrics: metrics[BEST_METRIC],
+        n=1,
+        keep_checkpoints_without_metrics=False,
+      )
+    )
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-      create=not read_only, read_only=read_only, enable_async_checkpointing=False)
+    preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+    create=not read_only,
+    read_only=read_only,
+    enable_async_checkpointing=False,
+  )
   directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-  return ocp.CheckpointManager(directory, options=options,
-                               item_names=('state', 'record'))
+  return ocp.CheckpointManager(directory, options=options, item_names=('state', 'record'))
 
 
-def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any,
-                    record: dict, metrics: dict | None = None) -> None:
+def save_checkpoint(
+  manager: ocp.CheckpointManager, step: int, state: Any, record: dict, metrics: dict | None = None
+) -> None:
   """Saves `state` and the JSON-serialisable `record` at `step` (blocking).
 
   `metrics` (with 'mAP') makes the checkpoint a candidate for "best".
   """
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)),
-               metrics=metrics, force=True)
+  manager.save(
+    step,
+    args=ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)),
+    metrics=metrics,
+    force=True,
+  )
   manager.wait_until_finished()
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, target: Any,
-                       step: int | None = None) -> tuple[Any, dict] | None:
+def restore_checkpoint(
+  manager: ocp.CheckpointManager, target: Any, step: int | None = None
+) -> tuple[Any, dict] | None:
   """Restores the latest (or given) checkpoint into the structure of `target`.
 
   Args:
@@ -82,8 +94,12 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: Any,
   if step is None:
     return None
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
+  restored = manager.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()
+    ),
+  )
   return restored['state'], restored['record']
 
 
@@ -102,23 +118,25 @@ def read_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict, d
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
       raise FileNotFoundError(
-          f'no checkpoint{"" if step is None else f" at step {step}"} in '
-          f'{manager.directory} (available: {list(manager.all_steps())})')
-    record = manager.restore(step, args=ocp.args.Composite(
-        record=ocp.args.JsonRestore()))['record']
+        f'no checkpoint{"" if step is None else f" at step {step}"} in '
+        f'{manager.directory} (available: {list(manager.all_steps())})'
+      )
+    record = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))['record']
     state_dir = os.path.join(str(manager.directory), str(step), 'state')
   finally:
     manager.close()
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(state_dir).item_metadata
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          metadata)
+  abstract = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata
+  )
   return step, checkpointer.restore(state_dir, abstract), record
 
 
-def merge_variables(target: dict, source: dict, replaceable: tuple[str, ...] = ()
-                    ) -> tuple[dict, list[str]]:
+def merge_variables(
+  target: dict, source: dict, replaceable: tuple[str, ...] = ()
+) -> tuple[dict, list[str]]:
   """`source`'s variables in `target`'s tree; every mismatch is an error, naming each.
 
   Args:
@@ -149,8 +167,11 @@ def merge_variables(target: dict, source: dict, replaceable: tuple[str, ...] = (
       problems.append(f'missing {path}')
     else:
       problems.append(f'{path} has shape {tuple(found.shape)}, expected {tuple(value.shape)}')
-  problems += [f'unexpected {path}' for path in flat_source
-               if path not in flat_target and not is_replaceable(path)]
+  problems += [
+    f'unexpected {path}'
+    for path in flat_source
+    if path not in flat_target and not is_replaceable(path)
+  ]
   if problems:
     raise ValueError('; '.join(problems))
   return traverse_util.unflatten_dict(merged, sep='/'), kept
@@ -167,6 +188,7 @@ class Run:
     variables: {'params', 'batch_stats'}.
     config: the training config the run was made with; None for ports.
   """
+
   step: int
   record: dict
   model: nn.Module
@@ -174,8 +196,9 @@ class Run:
   config: ml_collections.ConfigDict | None
 
 
-def load_run(workdir: str, step: int | None = None, model_config=None,
-             mesh: jax.sharding.Mesh | None = None) -> Run:
+def load_run(
+  workdir: str, step: int | None = None, model_config=None, mesh: jax.sharding.Mesh | None = None
+) -> Run:
   """Reads a checkpoint of `workdir` and builds the model it belongs to.
 
   Args:
@@ -190,14 +213,14 @@ def load_run(workdir: str, step: int | None = None, model_config=None,
     ConfigError: the model config names an unknown field.
   """
   step, state, record = read_checkpoint(workdir, step)
-  config = (ml_collections.ConfigDict(json.loads(record['config']))
-            if record.get('config') else None)
+  config = ml_collections.ConfigDict(json.loads(record['config'])) if record.get('config') else None
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
   ported = record.get('model') or {}
   if 'resnet_depth' in ported:  # a torchvision ImageNet network, not a CACE-Net
     fc = variables['params'].get('fc')
-    model = make_resnet(ported['resnet_depth'], last_stride=2,
-                        num_classes=fc['kernel'].shape[-1] if fc else None)
+    model = make_resnet(
+      ported['resnet_depth'], last_stride=2, num_classes=fc['kernel'].shape[-1] if fc else None
+    )
   else:
     if model_config is None:
       model_config = config.model if config is not None else ported

@@ -14,8 +14,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from absl import flags
-from absl import logging
+from absl import flags, logging
 import jax
 import ml_collections
 
@@ -25,8 +24,12 @@ _OVERRIDE_PREFIX = '--config.'
 _HELP = ('-h', '--help', '--helpfull')
 
 
-def run(argv: Sequence[str], define_flags: Callable[[flags.FlagValues], None],
-        main: Callable[[flags.FlagValues, list[str]], None], usage: str = '') -> int:
+def run(
+  argv: Sequence[str],
+  define_flags: Callable[[flags.FlagValues], None],
+  main: Callable[[flags.FlagValues, list[str]], None],
+  usage: str = '',
+) -> int:
   """Parses `argv` with the flags `define_flags` defines, then calls `main(flags, positional)`.
 
   Returns the exit code: 0, or 2 after printing one `error:` line for a bad
@@ -60,7 +63,9 @@ def expect_arguments(positional: Sequence[str], names: Sequence[str]) -> None:
   """Fails with a usage error unless exactly the positional arguments `names` were given."""
   if len(positional) != len(names):
     expected = ' '.join(names) or 'none'
-    raise UserError(f'expected positional arguments: {expected}; got {" ".join(positional) or "none"}')
+    raise UserError(
+      f'expected positional arguments: {expected}; got {" ".join(positional) or "none"}'
+    )
 
 
 def _explain_config_override(argv: Sequence[str]) -> str | None:
@@ -84,13 +89,16 @@ def _explain_config_override(argv: Sequence[str]) -> str | None:
   for arg in argv:
     if not arg.startswith(_OVERRIDE_PREFIX):
       continue
-    path = arg[len(_OVERRIDE_PREFIX):].split('=', 1)[0]
+    path = arg[len(_OVERRIDE_PREFIX) :].split('=', 1)[0]
     node, walked = config, []
     for name in path.split('.'):
       if not isinstance(node, ml_collections.ConfigDict) or name not in node:
         where = '.'.join(walked) or 'the config'
-        valid = ', '.join(sorted(node.keys())) if isinstance(
-            node, ml_collections.ConfigDict) else '(not a section)'
+        valid = (
+          ', '.join(sorted(node.keys()))
+          if isinstance(node, ml_collections.ConfigDict)
+          else '(not a section)'
+        )
         return f'unknown config field {path!r} in {config_path}; valid fields of {where}: {valid}'
       node, walked = node[name], walked + [name]
   return None
@@ -105,8 +113,11 @@ def load_config(config_arg: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
-def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> None:
+def init_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
   """Starts JAX's multi-process runtime when asked to, and keeps TF off accelerators.
 
   With explicit flags, connects to the coordinator; with none, initialises
@@ -124,8 +135,9 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
   explicit = coordinator_address is not None
   if explicit or os.environ.get('JAX_COORDINATOR_ADDRESS') or _in_cluster():
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
 
 
 def _in_cluster() -> bool:

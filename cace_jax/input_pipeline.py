@@ -33,6 +33,7 @@ from cace_jax.datasets import prepare
 @dataclasses.dataclass(frozen=True)
 class SplitData:
   """One split held in memory: encoded JPEGs and their metadata, in file order."""
+
   images: np.ndarray  # [N] object (bytes)
   labels: np.ndarray  # [N] int32; -1 outside train
   pids: np.ndarray  # [N] int32
@@ -65,15 +66,16 @@ def load_split(builder: tfds.core.DatasetBuilder, split: str) -> SplitData:
   Encoded images are small (Market-1501's training split is ~80 MB), so holding
   them lets the sampler address any image without a shuffle buffer.
   """
-  dataset = builder.as_dataset(split=split, shuffle_files=False,
-                               decoders={'image': tfds.decode.SkipDecoding()})
+  dataset = builder.as_dataset(
+    split=split, shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()}
+  )
   rows = sorted(tfds.as_numpy(dataset), key=lambda row: row['file_name'])
   return SplitData(
-      images=np.array([r['image'] for r in rows], dtype=object),
-      labels=np.array([r['label'] for r in rows], dtype=np.int32),
-      pids=np.array([r['pid'] for r in rows], dtype=np.int32),
-      camids=np.array([r['camid'] for r in rows], dtype=np.int32),
-      file_names=np.array([r['file_name'].decode() for r in rows], dtype=object),
+    images=np.array([r['image'] for r in rows], dtype=object),
+    labels=np.array([r['label'] for r in rows], dtype=np.int32),
+    pids=np.array([r['pid'] for r in rows], dtype=np.int32),
+    camids=np.array([r['camid'] for r in rows], dtype=np.int32),
+    file_names=np.array([r['file_name'].decode() for r in rows], dtype=object),
   )
 
 
@@ -88,8 +90,9 @@ def load_eval_splits(builder: tfds.core.DatasetBuilder) -> tuple[SplitData, Spli
   return _load_eval_splits(str(builder.data_dir))
 
 
-def sample_identity_batches(labels: np.ndarray, p: int, k: int, seed: int, epoch: int,
-                            drop_small_ids: bool = False) -> np.ndarray:
+def sample_identity_batches(
+  labels: np.ndarray, p: int, k: int, seed: int, epoch: int, drop_small_ids: bool = False
+) -> np.ndarray:
   """One epoch of P×K batches, as the official RandomIdentitySampler defines it.
 
   Each identity's images are shuffled and cut into chunks of K (identities
@@ -110,11 +113,13 @@ def sample_identity_batches(labels: np.ndarray, p: int, k: int, seed: int, epoch
         continue
       indices = rng.choice(indices, size=k, replace=True)
     indices = rng.permutation(indices)
-    chunks[int(label)] = [indices[i:i + k] for i in range(0, len(indices) - k + 1, k)]
+    chunks[int(label)] = [indices[i : i + k] for i in range(0, len(indices) - k + 1, k)]
   if len(chunks) < p:
-    raise ValueError(f'P={p} identities per batch but only {len(chunks)} identities have '
-                     f'at least K={k} images' if drop_small_ids else
-                     f'P={p} identities per batch but the split has {len(chunks)}')
+    raise ValueError(
+      f'P={p} identities per batch but only {len(chunks)} identities have at least K={k} images'
+      if drop_small_ids
+      else f'P={p} identities per batch but the split has {len(chunks)}'
+    )
   available = sorted(chunks)
   batches = []
   while len(available) >= p:
@@ -125,8 +130,9 @@ def sample_identity_batches(labels: np.ndarray, p: int, k: int, seed: int, epoch
   return np.stack(batches).astype(np.int64)
 
 
-def steps_per_epoch(labels: np.ndarray, p: int, k: int, num_devices: int,
-                    drop_small_ids: bool = False) -> int:
+def steps_per_epoch(
+  labels: np.ndarray, p: int, k: int, num_devices: int, drop_small_ids: bool = False
+) -> int:
   """Nominal training steps of one epoch (for schedules): all chunks over P·devices."""
   counts = np.unique(labels, return_counts=True)[1]
   if drop_small_ids:
@@ -147,11 +153,22 @@ def _device_batch_stream(labels, p, k, seed, drop_small_ids, start: int):
     epoch += 1
 
 
-def create_train_dataset(data: SplitData, *, image_size, p: int, k: int, seed: int,
-                         num_devices: int, local_devices: int, process_index: int = 0,
-                         start_step: int = 0, drop_small_ids: bool = False,
-                         flip: bool = True, padding: int = 10,
-                         erasing_probability: float = 0.5) -> tf.data.Dataset:
+def create_train_dataset(
+  data: SplitData,
+  *,
+  image_size,
+  p: int,
+  k: int,
+  seed: int,
+  num_devices: int,
+  local_devices: int,
+  process_index: int = 0,
+  start_step: int = 0,
+  drop_small_ids: bool = False,
+  flip: bool = True,
+  padding: int = 10,
+  erasing_probability: float = 0.5,
+) -> tf.data.Dataset:
   """Endless training batches for this process, starting at global step `start_step`.
 
   Args:
@@ -176,15 +193,15 @@ def create_train_dataset(data: SplitData, *, image_size, p: int, k: int, seed: i
   first_device = process_index * local_devices
 
   def local_indices():
-    stream = _device_batch_stream(data.labels, p, k, seed, drop_small_ids,
-                                  start_step * num_devices)
+    stream = _device_batch_stream(data.labels, p, k, seed, drop_small_ids, start_step * num_devices)
     for position, batch in stream:
       if first_device <= position % num_devices < first_device + local_devices:
         yield batch, np.arange(position * batch_size, (position + 1) * batch_size)
 
   indices = tf.data.Dataset.from_generator(
-      local_indices, output_signature=(tf.TensorSpec([batch_size], tf.int64),
-                                       tf.TensorSpec([batch_size], tf.int64)))
+    local_indices,
+    output_signature=(tf.TensorSpec([batch_size], tf.int64), tf.TensorSpec([batch_size], tf.int64)),
+  )
   images = tf.constant(data.images.tolist(), dtype=tf.string)
   labels = tf.constant(data.labels)
   pids = tf.constant(data.pids)
@@ -193,19 +210,34 @@ def create_train_dataset(data: SplitData, *, image_size, p: int, k: int, seed: i
   def load(index, stream_position):
     image_seed = tf.stack([tf.cast(seed, tf.int64), stream_position])
     image = augment.preprocess_train(
-        tf.gather(images, index), image_seed, image_size, flip=flip, padding=padding,
-        erasing_probability=erasing_probability)
-    return {'image': image, 'label': tf.gather(labels, index),
-            'pid': tf.gather(pids, index), 'camid': tf.gather(camids, index)}
+      tf.gather(images, index),
+      image_seed,
+      image_size,
+      flip=flip,
+      padding=padding,
+      erasing_probability=erasing_probability,
+    )
+    return {
+      'image': image,
+      'label': tf.gather(labels, index),
+      'pid': tf.gather(pids, index),
+      'camid': tf.gather(camids, index),
+    }
 
-  dataset = indices.unbatch().map(load, num_parallel_calls=tf.data.AUTOTUNE,
-                                  deterministic=True)
+  dataset = indices.unbatch().map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   dataset = dataset.batch(batch_size * local_devices)
   return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def create_eval_dataset(data: SplitData, *, image_size, batch_size: int, num_devices: int,
-                        local_devices: int, process_index: int = 0) -> tf.data.Dataset:
+def create_eval_dataset(
+  data: SplitData,
+  *,
+  image_size,
+  batch_size: int,
+  num_devices: int,
+  local_devices: int,
+  process_index: int = 0,
+) -> tf.data.Dataset:
   """Every image of a split exactly once, in order, in padded per-device batches.
 
   A global batch holds `batch_size` images per device over all devices; the
@@ -221,18 +253,22 @@ def create_eval_dataset(data: SplitData, *, image_size, batch_size: int, num_dev
   global_batch = batch_size * num_devices
   num_batches = -(-len(data) // global_batch)
   index = np.full(num_batches * global_batch, -1, np.int32)
-  index[:len(data)] = np.arange(len(data))
+  index[: len(data)] = np.arange(len(data))
   index = index.reshape(num_batches, num_devices, batch_size)
-  local = index[:, process_index * local_devices:(process_index + 1) * local_devices]
+  local = index[:, process_index * local_devices : (process_index + 1) * local_devices]
   images = tf.constant(data.images.tolist(), dtype=tf.string)
   pids = tf.constant(data.pids)
   camids = tf.constant(data.camids)
 
   def load(i):
     safe = tf.maximum(i, 0)
-    return {'image': augment.preprocess_eval(tf.gather(images, safe), image_size),
-            'index': i, 'pid': tf.where(i >= 0, tf.gather(pids, safe), -1),
-            'camid': tf.where(i >= 0, tf.gather(camids, safe), -1), 'mask': i >= 0}
+    return {
+      'image': augment.preprocess_eval(tf.gather(images, safe), image_size),
+      'index': i,
+      'pid': tf.where(i >= 0, tf.gather(pids, safe), -1),
+      'camid': tf.where(i >= 0, tf.gather(camids, safe), -1),
+      'mask': i >= 0,
+    }
 
   dataset = tf.data.Dataset.from_tensor_slices(local.reshape(-1))
   dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -43,7 +43,7 @@ def label_smoothed_cross_entropy(logits, labels, epsilon: float = 0.1):
 
 def euclidean_distances(x, y):
   """Pairwise distances [N, D] x [M, D] -> [N, M]: sqrt(clamp(d^2, 1e-12)) as open-reid."""
-  squared = (jnp.sum(x * x, -1)[:, None] + jnp.sum(y * y, -1)[None, :] - 2.0 * x @ y.T)
+  squared = jnp.sum(x * x, -1)[:, None] + jnp.sum(y * y, -1)[None, :] - 2.0 * x @ y.T
   return jnp.sqrt(jnp.maximum(squared, 1e-12))
 
 
@@ -105,15 +105,18 @@ def mixup_cross_entropy(pair_logits, labels, alpha: float = 0.9, label_smoothing
     scalar.
   """
   batch = labels.shape[0]
-  own = cross_entropy(pair_logits, jnp.broadcast_to(labels[:, None], (batch, batch)),
-                      label_smoothing)
-  other = cross_entropy(pair_logits, jnp.broadcast_to(labels[None, :], (batch, batch)),
-                        label_smoothing)
+  own = cross_entropy(
+    pair_logits, jnp.broadcast_to(labels[:, None], (batch, batch)), label_smoothing
+  )
+  other = cross_entropy(
+    pair_logits, jnp.broadcast_to(labels[None, :], (batch, batch)), label_smoothing
+  )
   return jnp.mean(alpha * own + (1.0 - alpha) * other)
 
 
-def pair_triplet_loss(pair_embedding_uv, pair_embedding_vu, labels, margin: float = 0.5,
-                      normalize: bool = True):
+def pair_triplet_loss(
+  pair_embedding_uv, pair_embedding_vu, labels, margin: float = 0.5, normalize: bool = True
+):
   """Batch-hard triplet over the B x B distances d[u, v] = ||f(u|v) - f(v|u)||.
 
   Positives of row u are the v with y_v = y_u (hardest: largest distance),
@@ -138,9 +141,16 @@ def pair_triplet_loss(pair_embedding_uv, pair_embedding_vu, labels, margin: floa
   return ranking_loss(d_ap, d_an, margin)
 
 
-def total_loss(outputs: Mapping[str, jnp.ndarray], labels, *, label_smoothing: float = 0.1,
-               margin: float = 0.5, alpha: float = 0.9, pair_margin: float | None = None,
-               weights: Mapping[str, float] | None = None):
+def total_loss(
+  outputs: Mapping[str, jnp.ndarray],
+  labels,
+  *,
+  label_smoothing: float = 0.1,
+  margin: float = 0.5,
+  alpha: float = 0.9,
+  pair_margin: float | None = None,
+  weights: Mapping[str, float] | None = None,
+):
   """Sum of the CACE-Net losses present in `outputs` (a `CACENet` output dict).
 
   Parts (official names in brackets): 'id' (cls_loss) label-smoothed CE on
@@ -169,10 +179,12 @@ def total_loss(outputs: Mapping[str, jnp.ndarray], labels, *, label_smoothing: f
   if 'pair_logits_uv' in outputs:
     parts['mixup_uv'] = mixup_cross_entropy(outputs['pair_logits_uv'], labels, alpha)
     parts['mixup_vu'] = mixup_cross_entropy(
-        jnp.swapaxes(outputs['pair_logits_vu'], 0, 1), labels, alpha)
+      jnp.swapaxes(outputs['pair_logits_vu'], 0, 1), labels, alpha
+    )
   if 'pair_embedding_uv' in outputs:
     parts['pair_triplet'] = pair_triplet_loss(
-        outputs['pair_embedding_uv'], outputs['pair_embedding_vu'], labels, pair_margin)
+      outputs['pair_embedding_uv'], outputs['pair_embedding_vu'], labels, pair_margin
+    )
   weights = weights or {}
   total = sum(weights.get(name, 1.0) * value for name, value in parts.items())
   return total, parts

@@ -25,10 +25,12 @@ class RunLogger:
       return
     os.makedirs(workdir, exist_ok=True)
     from tensorboardX import SummaryWriter  # Heavy import, process 0 only.
+
     self._writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
     self._text = open(os.path.join(workdir, 'train.log'), 'a', encoding='utf-8')
-    self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step',
-                          dynamic_ncols=True, smoothing=0.1)
+    self._bar = tqdm.tqdm(
+      total=total_steps, initial=start_step, unit='step', dynamic_ncols=True, smoothing=0.1
+    )
 
   def info(self, message: str) -> None:
     """A line in the text log and on the console (above the bar)."""
@@ -50,11 +52,13 @@ class RunLogger:
     now = time.perf_counter()
     values = {k: float(v) for k, v in values.items()}
     if prefix == 'train' and step > self._last_step:
-      values['images_per_s'] = ((step - self._last_step) * self._images_per_step
-                                / max(now - self._last_time, 1e-9))
+      values['images_per_s'] = (
+        (step - self._last_step) * self._images_per_step / max(now - self._last_time, 1e-9)
+      )
       self._last_time, self._last_step = now, step
-      self._bar.set_postfix(loss=f'{values.get("loss", float("nan")):.3f}',
-                            img_s=f'{values["images_per_s"]:.1f}')
+      self._bar.set_postfix(
+        loss=f'{values.get("loss", float("nan")):.3f}', img_s=f'{values["images_per_s"]:.1f}'
+      )
     for name, value in values.items():
       self._writer.add_scalar(f'{prefix}/{name}', value, step)
     self._writer.flush()

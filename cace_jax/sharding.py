@@ -48,8 +48,9 @@ def global_batch(local: dict, mesh: jax.sharding.Mesh) -> dict:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def prefetch_to_device(local_batches: Iterable[dict], mesh: jax.sharding.Mesh,
-                       size: int = 2) -> Iterator[dict]:
+def prefetch_to_device(
+  local_batches: Iterable[dict], mesh: jax.sharding.Mesh, size: int = 2
+) -> Iterator[dict]:
   """Global batches, `size` of them already on the devices while a step runs.
 
   Transfers are asynchronous, so the next batch's copy overlaps the current

@@ -32,6 +32,7 @@ from cace_jax.sharding import AXIS
 @struct.dataclass
 class TrainState:
   """Everything a step changes. `rng` is raw key data (checkpointable)."""
+
   step: jnp.ndarray
   params: Any
   batch_stats: Any
@@ -39,8 +40,9 @@ class TrainState:
   rng: jnp.ndarray
 
 
-def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                     global_batch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def create_optimizer(
+  config: ml_collections.ConfigDict, steps_per_epoch: int, global_batch: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """SGD with momentum and coupled L2 weight decay; linear warm-up then cosine to 0.
 
   The learning rate is `lr_per_16` scaled linearly with the global batch.
@@ -50,8 +52,8 @@ def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
   warmup = min(int(round(optim.warmup_epochs * steps_per_epoch)), total - 1)
   peak = optim.lr_per_16 * global_batch / 16
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=max(warmup, 0), decay_steps=total,
-      end_value=0.0)
+    init_value=0.0, peak_value=peak, warmup_steps=max(warmup, 0), decay_steps=total, end_value=0.0
+  )
   parts = []
   if optim.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip))
@@ -75,37 +77,52 @@ def check_config(config: ml_collections.ConfigDict, num_identities: int) -> None
   if data.p < 2:
     raise ConfigError(f'data.p={data.p}: triplets need P >= 2 identities per device batch')
   if data.p > num_identities:
-    raise ConfigError(f'data.p={data.p} identities per batch but {data.dataset} has only '
-                      f'{num_identities} training identities')
+    raise ConfigError(
+      f'data.p={data.p} identities per batch but {data.dataset} has only '
+      f'{num_identities} training identities'
+    )
   if config.train.num_steps <= 0 and config.optim.epochs <= 0:
     raise ConfigError('optim.epochs and train.num_steps are both <= 0: nothing to train')
   if config.init.backbone and config.init.checkpoint:
-    raise ConfigError('init.backbone and init.checkpoint are both set: the checkpoint would '
-                      'replace the backbone; set one')
+    raise ConfigError(
+      'init.backbone and init.checkpoint are both set: the checkpoint would '
+      'replace the backbone; set one'
+    )
 
 
-def init_state(model: CACENet, tx: optax.GradientTransformation, image_size, seed: int
-               ) -> TrainState:
+def init_state(
+  model: CACENet, tx: optax.GradientTransformation, image_size, seed: int
+) -> TrainState:
   """Initial variables (on the host; replicated by the caller)."""
   init_key, dropout_key, step_key = jax.random.split(jax.random.key(seed), 3)
   images = jnp.zeros((2, *image_size, 3), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(
-      {'params': init_key, 'dropout': dropout_key}, images)
+    {'params': init_key, 'dropout': dropout_key}, images
+  )
   params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-                    rng=jax.random.key_data(step_key))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get('batch_stats', {}),
+    opt_state=tx.init(params),
+    rng=jax.random.key_data(step_key),
+  )
 
 
 def loss_kwargs_from(loss_config: ml_collections.ConfigDict) -> dict:
   """`losses.total_loss` keyword arguments from `config.loss`."""
-  return dict(label_smoothing=loss_config.label_smoothing, margin=loss_config.margin,
-              pair_margin=loss_config.pair_margin, alpha=loss_config.alpha,
-              weights=dict(loss_config.weights))
+  return dict(
+    label_smoothing=loss_config.label_smoothing,
+    margin=loss_config.margin,
+    pair_margin=loss_config.pair_margin,
+    alpha=loss_config.alpha,
+    weights=dict(loss_config.weights),
+  )
 
 
-def compute_gradients(model: CACENet, loss_kwargs: dict, params, batch_stats, images,
-                      labels, dropout_key):
+def compute_gradients(
+  model: CACENet, loss_kwargs: dict, params, batch_stats, images, labels, dropout_key
+):
   """One device's loss, loss parts, new BN statistics and gradients.
 
   Args:
@@ -117,8 +134,12 @@ def compute_gradients(model: CACENet, loss_kwargs: dict, params, batch_stats, im
 
   def loss_fn(params):
     outputs, updates = model.apply(
-        {'params': params, 'batch_stats': batch_stats}, images, train=True,
-        rngs={'dropout': dropout_key}, mutable=['batch_stats'])
+      {'params': params, 'batch_stats': batch_stats},
+      images,
+      train=True,
+      rngs={'dropout': dropout_key},
+      mutable=['batch_stats'],
+    )
     loss, parts = losses.total_loss(outputs, labels, **loss_kwargs)
     return loss, (parts, updates['batch_stats'])
 
@@ -145,8 +166,11 @@ def init_backbone(state: TrainState, config: ml_collections.ConfigDict) -> Train
     raise ConfigError(f'init.backbone needs a torchvision depth, not model.depth={depth!r}')
   try:
     params, batch_stats = torch_weights.load_backbone_into(
-        jax.device_get(state.params), jax.device_get(state.batch_stats), config.init.backbone,
-        int(depth))
+      jax.device_get(state.params),
+      jax.device_get(state.batch_stats),
+      config.init.backbone,
+      int(depth),
+    )
   except (PortError, OSError) as e:
     raise ConfigError(f'init.backbone={config.init.backbone}: {e}') from e
   return with_variables(state, params, batch_stats)
@@ -155,8 +179,9 @@ def init_backbone(state: TrainState, config: ml_collections.ConfigDict) -> Train
 CLASSIFIERS = ('params/classifier', 'params/pair_classifier')
 
 
-def init_from_checkpoint(state: TrainState, config: ml_collections.ConfigDict
-                         ) -> tuple[TrainState, list[str]]:
+def init_from_checkpoint(
+  state: TrainState, config: ml_collections.ConfigDict
+) -> tuple[TrainState, list[str]]:
   """Starts from every variable of a checkpoint (`init.checkpoint`: a workdir).
 
   The workdir may hold a port (`tools/port.py official ...`) or
@@ -171,19 +196,27 @@ def init_from_checkpoint(state: TrainState, config: ml_collections.ConfigDict
   source_dir = config.init.checkpoint
   try:
     _, source, _ = checkpoint.read_checkpoint(source_dir)
-    target = {'params': jax.device_get(state.params),
-              'batch_stats': jax.device_get(state.batch_stats)}
+    target = {
+      'params': jax.device_get(state.params),
+      'batch_stats': jax.device_get(state.batch_stats),
+    }
     merged, kept = checkpoint.merge_variables(
-        target, {'params': source['params'], 'batch_stats': source['batch_stats']},
-        replaceable=CLASSIFIERS)
+      target,
+      {'params': source['params'], 'batch_stats': source['batch_stats']},
+      replaceable=CLASSIFIERS,
+    )
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f'init.checkpoint={source_dir}: {e}') from e
   return with_variables(state, merged['params'], merged['batch_stats']), kept
 
 
-def make_train_step(model: CACENet, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, loss_config: ml_collections.ConfigDict,
-                    mesh: jax.sharding.Mesh):
+def make_train_step(
+  model: CACENet,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  loss_config: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+):
   """The jitted global step: (state, batch) -> (state, metrics), state donated.
 
   `batch` arrays are flat global batches [devices·P·K, ...] sharded over the
@@ -196,7 +229,8 @@ def make_train_step(model: CACENet, tx: optax.GradientTransformation,
     images, labels = batch['image'], batch['label']  # this device's block: [P·K, ...]
     dropout_key = step_dropout_key(state, jax.lax.axis_index(AXIS))
     loss, parts, batch_stats, grads = compute_gradients(
-        model, loss_kwargs, state.params, state.batch_stats, images, labels, dropout_key)
+      model, loss_kwargs, state.params, state.batch_stats, images, labels, dropout_key
+    )
     grads = jax.lax.pmean(grads, AXIS)
     # Replicas keep identical running averages (their mean), as the state is replicated.
     batch_stats = jax.lax.pmean(batch_stats, AXIS)
@@ -204,13 +238,15 @@ def make_train_step(model: CACENet, tx: optax.GradientTransformation,
     params = optax.apply_updates(state.params, updates)
     metrics = jax.lax.pmean({'loss': loss, **parts}, AXIS)
     metrics['lr'] = schedule(state.step)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
+    new_state = state.replace(
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
     return new_state, metrics
 
   spec = jax.sharding.PartitionSpec
-  step = jax.shard_map(device_step, mesh=mesh, in_specs=(spec(), spec(AXIS)),
-                       out_specs=(spec(), spec()))
+  step = jax.shard_map(
+    device_step, mesh=mesh, in_specs=(spec(), spec(AXIS)), out_specs=(spec(), spec())
+  )
   return jax.jit(step, donate_argnums=(0,))
 
 
@@ -223,14 +259,19 @@ def check_finite(metrics: dict, step: int, last_checkpoint: int | None) -> None:
   """Stops training on a NaN/inf loss part, naming the step and the part."""
   for name, value in metrics.items():
     if not math.isfinite(float(value)):
-      kept = (f'the last good checkpoint (step {last_checkpoint}) is kept'
-              if last_checkpoint is not None else 'no checkpoint was written yet')
+      kept = (
+        f'the last good checkpoint (step {last_checkpoint}) is kept'
+        if last_checkpoint is not None
+        else 'no checkpoint was written yet'
+      )
       raise FloatingPointError(
-          f'non-finite {name}={value} at step {step}; training stopped, {kept}')
+        f'non-finite {name}={value} at step {step}; training stopped, {kept}'
+      )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> evaluate.Evaluation | None:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str
+) -> evaluate.Evaluation | None:
   """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
 
   Returns:
@@ -245,8 +286,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   data = config.data
   images_per_step = data.p * data.k * num_devices
-  steps_per_epoch = input_pipeline.steps_per_epoch(train_data.labels, data.p, data.k,
-                                                   num_devices, data.drop_small_ids)
+  steps_per_epoch = input_pipeline.steps_per_epoch(
+    train_data.labels, data.p, data.k, num_devices, data.drop_small_ids
+  )
   num_steps = total_steps(config, steps_per_epoch)
   model = build_model(config.model, num_classes)
   tx, schedule = create_optimizer(config, steps_per_epoch, images_per_step)
@@ -263,26 +305,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   restored = checkpoint.restore_checkpoint(manager, state)
   logger = RunLogger(workdir, num_steps, 0, images_per_step)
   if config.init.checkpoint and restored is None:
-    logger.info(f'initialised from {config.init.checkpoint}; classifiers kept at their '
-                f'initial values: {fresh_classifiers or "none"}')
+    logger.info(
+      f'initialised from {config.init.checkpoint}; classifiers kept at their '
+      f'initial values: {fresh_classifiers or "none"}'
+    )
   if restored is not None:
     state, record = restored
     logger.info(f'resumed from {workdir} at step {record["step"]}')
   start_step = int(state.step)
   logger.advance(start_step)
-  logger.info(f'{num_classes} identities, {len(train_data)} images, {steps_per_epoch} '
-              f'steps/epoch, {num_steps} steps, {num_devices} devices × {data.p}×{data.k}')
+  logger.info(
+    f'{num_classes} identities, {len(train_data)} images, {steps_per_epoch} '
+    f'steps/epoch, {num_steps} steps, {num_devices} devices × {data.p}×{data.k}'
+  )
 
   train_step = make_train_step(model, tx, schedule, config.loss, mesh)
   dataset = input_pipeline.create_train_dataset(
-      train_data, image_size=data.image_size, p=data.p, k=data.k, seed=config.seed,
-      num_devices=num_devices, local_devices=jax.local_device_count(),
-      process_index=jax.process_index(), start_step=start_step,
-      drop_small_ids=data.drop_small_ids, flip=data.flip, padding=data.padding,
-      erasing_probability=data.erasing_probability)
+    train_data,
+    image_size=data.image_size,
+    p=data.p,
+    k=data.k,
+    seed=config.seed,
+    num_devices=num_devices,
+    local_devices=jax.local_device_count(),
+    process_index=jax.process_index(),
+    start_step=start_step,
+    drop_small_ids=data.drop_small_ids,
+    flip=data.flip,
+    padding=data.padding,
+    erasing_probability=data.erasing_probability,
+  )
   batches = sharding.prefetch_to_device(
-      ({'image': b['image'], 'label': b['label']} for b in input_pipeline.iterate_numpy(dataset)),
-      mesh)
+    ({'image': b['image'], 'label': b['label']} for b in input_pipeline.iterate_numpy(dataset)),
+    mesh,
+  )
   last_checkpoint = manager.latest_step()
   eval_every = config.train.eval_every_epochs * steps_per_epoch
   evaluation = None
@@ -296,35 +352,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     metrics_for_best = None
     periodic = eval_every and step % eval_every == 0
     if periodic or (step == num_steps and config.train.eval_at_end):
-      evaluation = evaluate_and_log(model, variables_of(state), builder, config, mesh, workdir,
-                                    logger, step)
+      evaluation = evaluate_and_log(
+        model, variables_of(state), builder, config, mesh, workdir, logger, step
+      )
       metrics_for_best = {'mAP': evaluation.metrics['individual']['mAP']}
-    if (step % config.train.checkpoint_every == 0 or step % steps_per_epoch == 0
-        or step == num_steps):
-      record = {'step': step, 'epoch': step / steps_per_epoch, 'seed': config.seed,
-                'num_classes': num_classes, 'config': config.to_json()}
+    if (
+      step % config.train.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == num_steps
+    ):
+      record = {
+        'step': step,
+        'epoch': step / steps_per_epoch,
+        'seed': config.seed,
+        'num_classes': num_classes,
+        'config': config.to_json(),
+      }
       checkpoint.save_checkpoint(manager, step, state, record, metrics_for_best)
       last_checkpoint = step
   if start_step >= num_steps and config.train.eval_at_end:  # Already trained: report again.
     logger.info(f'{workdir} is already trained to step {start_step}; evaluating it')
-    evaluation = evaluate_and_log(model, variables_of(state), builder, config, mesh, workdir,
-                                  logger, start_step)
+    evaluation = evaluate_and_log(
+      model, variables_of(state), builder, config, mesh, workdir, logger, start_step
+    )
   if evaluation is not None and config.train.eval_at_end:
     query, gallery = input_pipeline.load_eval_splits(builder)
-    evaluate.write_report(workdir, max(start_step, num_steps), config, evaluation, model,
-                          variables_of(state), query, gallery)
+    evaluate.write_report(
+      workdir,
+      max(start_step, num_steps),
+      config,
+      evaluation,
+      model,
+      variables_of(state),
+      query,
+      gallery,
+    )
   logger.close()
   manager.close()
   return evaluation if config.train.eval_at_end else None
 
 
-def evaluate_and_log(model: CACENet, variables: dict, builder, config: ml_collections.ConfigDict,
-                     mesh: jax.sharding.Mesh, workdir: str, logger: RunLogger,
-                     step: int) -> evaluate.Evaluation:
+def evaluate_and_log(
+  model: CACENet,
+  variables: dict,
+  builder,
+  config: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  workdir: str,
+  logger: RunLogger,
+  step: int,
+) -> evaluate.Evaluation:
   """One evaluation during training, logged as scalars and as a table."""
   query, gallery = input_pipeline.load_eval_splits(builder)
-  evaluation = evaluate.evaluate(model, variables, query, gallery, config, mesh,
-                                 scratch_dir=workdir)
+  evaluation = evaluate.evaluate(
+    model, variables, query, gallery, config, mesh, scratch_dir=workdir
+  )
   logger.scalars(step, evaluate.flatten_metrics(evaluation), prefix='eval')
   logger.info(evaluate.format_table(evaluation, title=f'step {step}'))
   return evaluation

@@ -53,7 +53,8 @@ def get_config(arg=None):
   config.loss.pair_margin = 0.5
   config.loss.alpha = 0.9  # Mix-up ID loss (eq. 8); 1.0 is plain CE.
   config.loss.weights = ml_collections.ConfigDict(
-      {'id': 1.0, 'triplet': 1.0, 'mixup_uv': 1.0, 'mixup_vu': 1.0, 'pair_triplet': 1.0})
+    {'id': 1.0, 'triplet': 1.0, 'mixup_uv': 1.0, 'mixup_vu': 1.0, 'pair_triplet': 1.0}
+  )
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr_per_16 = 6.25e-3  # Scaled linearly with the global batch.

@@ -58,10 +58,20 @@ def market_style_files(root: str, name_format: str) -> dict[str, bytes]:
   Gallery: pids 3, 5 (2 each, other cameras), a distractor (pid 0) and junk.
   """
   names = {
-      'bounding_box_train': [(2, 1), (2, 2), (2, 3), (7, 1), (7, 4), (7, 4),
-                             (9, 2), (9, 5), (9, 6), (-1, 1)],
-      'query': [(3, 1), (5, 2)],
-      'bounding_box_test': [(3, 2), (3, 3), (5, 1), (5, 6), (0, 3), (-1, 2)],
+    'bounding_box_train': [
+      (2, 1),
+      (2, 2),
+      (2, 3),
+      (7, 1),
+      (7, 4),
+      (7, 4),
+      (9, 2),
+      (9, 5),
+      (9, 6),
+      (-1, 1),
+    ],
+    'query': [(3, 1), (5, 2)],
+    'bounding_box_test': [(3, 2), (3, 3), (5, 1), (5, 6), (0, 3), (-1, 2)],
   }
   files = {}
   seed = 0
@@ -81,13 +91,12 @@ DUKE_NAME = '{pid:04d}_c{cam}_f{n:07d}.jpg'
 def msmt_files(root: str, train_dir: str, test_dir: str) -> dict[str, bytes]:
   """An MSMT17-layout dataset: list files `<pid dir>/<name> <pid>` over train/test dirs."""
   files = {}
-  lists = {'list_train.txt': [], 'list_val.txt': [], 'list_query.txt': [],
-           'list_gallery.txt': []}
+  lists = {'list_train.txt': [], 'list_val.txt': [], 'list_query.txt': [], 'list_gallery.txt': []}
   entries = {
-      'list_train.txt': (train_dir, [(0, 1), (0, 3), (1, 2), (1, 15)]),
-      'list_val.txt': (train_dir, [(2, 4), (2, 5)]),
-      'list_query.txt': (test_dir, [(0, 7), (1, 8)]),
-      'list_gallery.txt': (test_dir, [(0, 9), (1, 10), (1, 11)]),
+    'list_train.txt': (train_dir, [(0, 1), (0, 3), (1, 2), (1, 15)]),
+    'list_val.txt': (train_dir, [(2, 4), (2, 5)]),
+    'list_query.txt': (test_dir, [(0, 7), (1, 8)]),
+    'list_gallery.txt': (test_dir, [(0, 9), (1, 10), (1, 11)]),
   }
   seed = 100
   for list_name, (folder, items) in entries.items():
@@ -104,6 +113,7 @@ def msmt_files(root: str, train_dir: str, test_dir: str) -> dict[str, bytes]:
 def run_tool(tool, argv) -> int:
   """Runs an entry point (`tools/*.py`, train.py, eval.py) in this process; its exit code."""
   from cace_jax import cli
+
   return cli.run(['prog', *argv], tool.define_flags, tool.main, tool.__doc__)
 
 
@@ -137,6 +147,7 @@ def pipeline_fixture_files(root: str) -> dict[str, bytes]:
 def pipeline_builder(tmp_path_factory):
   """A prepared market1501 builder over `pipeline_fixture_files`."""
   from cace_jax.datasets import prepare
+
   base = tmp_path_factory.mktemp('pipeline')
   write_files(str(base / 'manual'), pipeline_fixture_files('Market-1501-v15.09.15'))
   return prepare.prepare_dataset('market1501', str(base / 'records'), str(base / 'manual'))
@@ -146,6 +157,7 @@ def pipeline_builder(tmp_path_factory):
 def tiny_data_dir(tmp_path_factory):
   """A data dir with synthetic_details/tiny prepared (the tiny config's dataset)."""
   from cace_jax.datasets import prepare
+
   data_dir = str(tmp_path_factory.mktemp('tiny_data'))
   prepare.prepare_dataset('synthetic_details/tiny', data_dir)
   return data_dir
@@ -156,6 +168,7 @@ def trained_workdir(tiny_data_dir, tmp_path_factory):
   """A workdir holding a 2-step configs/tiny.py checkpoint (no results.json)."""
   from cace_jax import train_lib
   from configs import tiny
+
   config = tiny.get_config()
   config.data.data_dir = tiny_data_dir
   config.train.num_steps = 2

@@ -14,8 +14,9 @@ N_PIX, CHANNELS = 6, 32  # pixels per image, channels
 def random_nodes(seed, shape=(3, N_PIX, CHANNELS)):
   """Post-ReLU-like features with some exact zeros."""
   rng = np.random.default_rng(seed)
-  return jnp.asarray(np.maximum(rng.normal(size=shape), 0.0) + 0.05 * rng.uniform(size=shape),
-                     jnp.float32)
+  return jnp.asarray(
+    np.maximum(rng.normal(size=shape), 0.0) + 0.05 * rng.uniform(size=shape), jnp.float32
+  )
 
 
 def init_attention(kind, nodes_u, nodes_v, **kwargs):
@@ -23,8 +24,9 @@ def init_attention(kind, nodes_u, nodes_v, **kwargs):
   variables = module.init(jax.random.key(0, impl='rbg'), nodes_u, nodes_v)
   if kind in ('correspondence', 'intra'):  # move W, W' away from their all-ones init
     rng = np.random.default_rng(1)
-    variables = jax.tree.map(lambda w: jnp.asarray(rng.normal(size=w.shape), jnp.float32),
-                             variables)
+    variables = jax.tree.map(
+      lambda w: jnp.asarray(rng.normal(size=w.shape), jnp.float32), variables
+    )
   return module, variables
 
 
@@ -77,7 +79,8 @@ def test_topk_links_each_pixel_to_its_most_similar_pixel():
   nodes_v = jnp.asarray(base, jnp.float32)[None]
   nodes_u = jnp.asarray(base[perm] + 0.01 * rng.normal(size=base.shape), jnp.float32)[None]
   keys = lambda x: ClueAttention(kind='topk', in_features=CHANNELS).apply(
-      {}, x, method=ClueAttention.image_keys)
+    {}, x, method=ClueAttention.image_keys
+  )
   block = np.asarray(cross_block('topk', keys(nodes_u)['query'], keys(nodes_v)['key'], 1))[0]
   np.testing.assert_array_equal(block, np.eye(N_PIX)[perm])
 
@@ -134,8 +137,9 @@ def test_discrepancy_sends_constants_to_zero_on_regular_graphs(kind):
 def test_isolated_nodes_get_unit_normaliser_and_no_update():
   a = jnp.zeros((4, 4)).at[0, 1].set(2.0).at[1, 0].set(2.0)  # nodes 2, 3 isolated
   operator = gcn.graph_operator(a, 'discrepancy')
-  np.testing.assert_allclose(operator, np.array(
-      [[1, -1, 0, 0], [-1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]), atol=1e-6)
+  np.testing.assert_allclose(
+    operator, np.array([[1, -1, 0, 0], [-1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]), atol=1e-6
+  )
   np.testing.assert_array_equal(gcn.graph_operator(jnp.zeros((3, 3))), 0.0)  # 'none' graph
 
 
@@ -156,9 +160,13 @@ def random_blocks(seed, n=5, r=3, depth=2):
   rng = np.random.default_rng(seed)
   sym = lambda m: (m + m.T) / 2 * (1 - np.eye(n))
   arr = lambda x: jnp.asarray(x, jnp.float32)
-  return (arr(sym(rng.uniform(size=(n, n)))), arr(sym(rng.uniform(size=(n, n)))),
-          arr(rng.uniform(size=(n, n)) * (rng.uniform(size=(n, n)) > 0.3)),
-          arr(rng.normal(size=(depth, n, r))), arr(rng.normal(size=(depth, n, r))))
+  return (
+    arr(sym(rng.uniform(size=(n, n)))),
+    arr(sym(rng.uniform(size=(n, n)))),
+    arr(rng.uniform(size=(n, n)) * (rng.uniform(size=(n, n)) > 0.3)),
+    arr(rng.normal(size=(depth, n, r))),
+    arr(rng.normal(size=(depth, n, r))),
+  )
 
 
 @pytest.mark.parametrize('kind', ['discrepancy', 'normal'])
@@ -187,14 +195,27 @@ def test_propagate_pair_matches_dense_stacked_layers(pooled):
     x = x + operator @ (x @ g[layer]) @ o[layer]
   projections = jnp.einsum('nc,lcr->lnr', nodes, g)
   mix = jnp.einsum('mrc,lcs->mlrs', o, g)
-  increments = gcn.propagate_pair('discrepancy', intra_u, intra_v, cross, projections[:, :n],
-                                  projections[:, n:], mix, pooled=pooled)
+  increments = gcn.propagate_pair(
+    'discrepancy',
+    intra_u,
+    intra_v,
+    cross,
+    projections[:, :n],
+    projections[:, n:],
+    mix,
+    pooled=pooled,
+  )
   if pooled:
-    np.testing.assert_allclose(nodes[:n].mean(0) + jnp.einsum('lr,lrc->c', increments, o),
-                               x[:n].mean(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+      nodes[:n].mean(0) + jnp.einsum('lr,lrc->c', increments, o),
+      x[:n].mean(0),
+      rtol=1e-4,
+      atol=1e-4,
+    )
   else:
-    np.testing.assert_allclose(nodes[:n] + jnp.einsum('lnr,lrc->nc', increments, o), x[:n],
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+      nodes[:n] + jnp.einsum('lnr,lrc->nc', increments, o), x[:n], rtol=1e-4, atol=1e-4
+    )
 
 
 def test_pair_gcn_starts_as_identity_and_names_layers_like_official():

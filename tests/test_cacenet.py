@@ -20,8 +20,14 @@ TINY = dict(depth='tiny', width=4, embed_dim=16, num_classes=6)  # C = 128, C/16
 B, H, W, C = 4, 4, 2, 128  # feature maps of 64x32 images at last stride 1
 IMAGES = (B, 64, 32, 3)
 AUTO_NAME = re.compile(r'^[A-Z][A-Za-z]*_\d+$')
-PAIR_KEYS = {'pair_pre_bn_uv', 'pair_pre_bn_vu', 'pair_embedding_uv', 'pair_embedding_vu',
-             'pair_logits_uv', 'pair_logits_vu'}
+PAIR_KEYS = {
+  'pair_pre_bn_uv',
+  'pair_pre_bn_vu',
+  'pair_embedding_uv',
+  'pair_embedding_vu',
+  'pair_logits_uv',
+  'pair_logits_vu',
+}
 
 
 def tiny(**kwargs):
@@ -58,21 +64,32 @@ def filled_variables(abstract, seed=1, scale=0.3):
 def head_variables(model, fmap, seed=1, scale=0.3):
   """Variables of `CACENet.heads` (no backbone), perturbed as in `filled_variables`."""
   return filled_variables(
-      jax.eval_shape(lambda: model.init(jax.random.key(0), fmap, method=CACENet.heads)),
-      seed, scale)
+    jax.eval_shape(lambda: model.init(jax.random.key(0), fmap, method=CACENet.heads)), seed, scale
+  )
 
 
 def run_heads(model, variables, fmap, train):
-  out, state = model.apply(variables, fmap, train=train, method=CACENet.heads,
-                           rngs={'dropout': jax.random.key(7)}, mutable=['batch_stats'])
+  out, state = model.apply(
+    variables,
+    fmap,
+    train=train,
+    method=CACENet.heads,
+    rngs={'dropout': jax.random.key(7)},
+    mutable=['batch_stats'],
+  )
   return out, state
 
 
-VARIANTS = ([dict(adjacency=kind) for kind in ADJACENCY_KINDS]
-            + [dict(gcn=kind) for kind in ('discrepancy', 'normal', 'none')]
-            + [dict(pooling=kind) for kind in ('avg', 'gem', 'avgmax')]
-            + [dict(gcn_depth=2, pooling='gem'), dict(pair_path='direct'),
-               dict(non_local=True, dtype=jnp.bfloat16)])
+VARIANTS = (
+  [dict(adjacency=kind) for kind in ADJACENCY_KINDS]
+  + [dict(gcn=kind) for kind in ('discrepancy', 'normal', 'none')]
+  + [dict(pooling=kind) for kind in ('avg', 'gem', 'avgmax')]
+  + [
+    dict(gcn_depth=2, pooling='gem'),
+    dict(pair_path='direct'),
+    dict(non_local=True, dtype=jnp.bfloat16),
+  ]
+)
 
 
 @pytest.mark.parametrize('variant', VARIANTS, ids=lambda v: '-'.join(f'{k}={v[k]}' for k in v))
@@ -82,24 +99,34 @@ def test_output_shapes_for_every_variant(variant):
 
   def forward(images):
     variables = model.init(jax.random.key(0), images)
-    return model.apply(variables, images, train=True, rngs={'dropout': jax.random.key(1)},
-                       mutable=['batch_stats'])[0]
+    return model.apply(
+      variables, images, train=True, rngs={'dropout': jax.random.key(1)}, mutable=['batch_stats']
+    )[0]
 
   out = jax.eval_shape(forward, images)
   pooled_dim = 2 * C if model.pooling == 'avgmax' else C
-  expected = {'fmap': (B, H, W, C), 'pooled': (B, pooled_dim), 'pre_bn': (B, 16),
-              'embedding': (B, 16), 'logits': (B, 6)}
+  expected = {
+    'fmap': (B, H, W, C),
+    'pooled': (B, pooled_dim),
+    'pre_bn': (B, 16),
+    'embedding': (B, 16),
+    'logits': (B, 6),
+  }
   if model.gcn != 'none':
     expected.update({k: (B, B, 6 if 'logits' in k else 16) for k in PAIR_KEYS})
   assert {k: v.shape for k, v in out.items()} == expected
   assert out['embedding'].dtype == jnp.float32
 
 
-@pytest.mark.parametrize('variant', [
-    dict(),                            # official graph, GAP shortcut
+@pytest.mark.parametrize(
+  'variant',
+  [
+    dict(),  # official graph, GAP shortcut
     dict(adjacency='correspondence', gcn='normal', gcn_depth=2, pooling='gem'),  # map path
     dict(adjacency='topk', topk=2, pooling='avgmax', pair_block=2),  # chunked lax.map
-], ids=['projected-avg', 'correspondence-normal-depth2-gem', 'topk-avgmax-block2'])
+  ],
+  ids=['projected-avg', 'correspondence-normal-depth2-gem', 'topk-avgmax-block2'],
+)
 def test_fast_pair_stage_equals_materialised_reference(variant):
   fmap = random_fmap()
   fast, direct = tiny(**variant), tiny(pair_path='direct', **variant)
@@ -107,14 +134,16 @@ def test_fast_pair_stage_equals_materialised_reference(variant):
   labels = jnp.array([0, 0, 1, 1])
 
   def loss_fn(params, fmap, model):
-    out, state = run_heads(model, {'params': params, 'batch_stats': variables['batch_stats']},
-                           fmap, train=True)
+    out, state = run_heads(
+      model, {'params': params, 'batch_stats': variables['batch_stats']}, fmap, train=True
+    )
     return losses.total_loss(out, labels)[0], (out, state)
 
   grad_fn = jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True), static_argnums=2)
   (loss_fast, (out_fast, state_fast)), grads_fast = grad_fn(variables['params'], fmap, fast)
-  (loss_direct, (out_direct, state_direct)), grads_direct = grad_fn(variables['params'], fmap,
-                                                                    direct)
+  (loss_direct, (out_direct, state_direct)), grads_direct = grad_fn(
+    variables['params'], fmap, direct
+  )
   # The GCN must actually change the features, or the comparison proves little.
   assert np.abs(np.asarray(out_fast['pair_pre_bn_uv'] - out_fast['pre_bn'][:, None])).max() > 1e-2
   for key in sorted(PAIR_KEYS):
@@ -122,8 +151,11 @@ def test_fast_pair_stage_equals_materialised_reference(variant):
   np.testing.assert_allclose(loss_fast, loss_direct, rtol=1e-5)
   chex.assert_trees_all_close(state_fast, state_direct, rtol=1e-4, atol=1e-5)
   scale = jax.tree.map(lambda g: np.abs(np.asarray(g)).max() + 1e-6, grads_direct)
-  chex.assert_trees_all_close(jax.tree.map(lambda g, s: g / s, grads_fast, scale),
-                              jax.tree.map(lambda g, s: g / s, grads_direct, scale), atol=2e-4)
+  chex.assert_trees_all_close(
+    jax.tree.map(lambda g, s: g / s, grads_fast, scale),
+    jax.tree.map(lambda g, s: g / s, grads_direct, scale),
+    atol=2e-4,
+  )
   assert np.abs(np.asarray(grads_fast[0]['pair_graph']['o']['kernel'])).max() > 0
 
 
@@ -140,8 +172,9 @@ def test_initialisation_of_the_head():
   out, _ = jit(lambda v: run_heads(model, v, fmap, train=False))(variables)
   expected = jnp.broadcast_to(out['embedding'][:, None], (B, B, 16))
   np.testing.assert_allclose(out['pair_embedding_uv'], expected, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(out['pair_embedding_vu'], jnp.swapaxes(expected, 0, 1), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    out['pair_embedding_vu'], jnp.swapaxes(expected, 0, 1), rtol=1e-5, atol=1e-6
+  )
 
 
 @pytest.mark.parametrize('pooling', ['avg', 'gem'])
@@ -157,8 +190,9 @@ def test_permuting_the_batch_permutes_every_output(pooling):
       np.testing.assert_allclose(out_perm[key], out[key][perm], rtol=1e-4, atol=1e-5)
     for key in ('pair_embedding_uv', 'pair_embedding_vu'):
       np.testing.assert_allclose(out_perm[key], out[key][perm][:, perm], rtol=1e-4, atol=1e-5)
-  assert np.abs(np.asarray(out['pair_embedding_uv'][0, 1] - out['pair_embedding_uv'][0, 2])
-                ).max() > 1e-3  # f(u|v) depends on v
+  assert (
+    np.abs(np.asarray(out['pair_embedding_uv'][0, 1] - out['pair_embedding_uv'][0, 2])).max() > 1e-3
+  )  # f(u|v) depends on v
 
 
 def test_pair_helpers_agree_with_batch_outputs():
@@ -169,34 +203,46 @@ def test_pair_helpers_agree_with_batch_outputs():
   us, vs = jnp.array([0, 2, 3]), jnp.array([1, 2, 0])
 
   pairs = jit(lambda v, a, b: model.apply(v, a, b, method=CACENet.pair_features))(
-      variables, fmap[us], fmap[vs])
+    variables, fmap[us], fmap[vs]
+  )
   assert pairs['adjacency'].shape == (3, 2 * H * W, 2 * H * W)
   assert pairs['cond_fmap_u'].shape == (3, H, W, C)
-  np.testing.assert_allclose(pairs['embedding_uv'], out['pair_embedding_uv'][us, vs], rtol=1e-4,
-                             atol=1e-5)
-  np.testing.assert_allclose(pairs['embedding_vu'], out['pair_embedding_vu'][us, vs], rtol=1e-4,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    pairs['embedding_uv'], out['pair_embedding_uv'][us, vs], rtol=1e-4, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    pairs['embedding_vu'], out['pair_embedding_vu'][us, vs], rtol=1e-4, atol=1e-5
+  )
 
   def cached(variables, fmap_u, fmap_v):
     cache = lambda f: model.apply(variables, f, method=CACENet.compute_image_cache)
     return model.apply(variables, cache(fmap_u), cache(fmap_v), method=CACENet.embed_cached_pairs)
 
   from_cache = jit(cached)(variables, fmap[us], fmap[vs])
-  np.testing.assert_allclose(from_cache['embedding_uv'], pairs['embedding_uv'], rtol=1e-4,
-                             atol=1e-5)
-  np.testing.assert_allclose(from_cache['embedding_vu'], pairs['embedding_vu'], rtol=1e-4,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    from_cache['embedding_uv'], pairs['embedding_uv'], rtol=1e-4, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    from_cache['embedding_vu'], pairs['embedding_vu'], rtol=1e-4, atol=1e-5
+  )
   single = model.apply(variables, fmap[0], fmap[1], method=CACENet.pair_features)
   assert single['cond_fmap_v'].shape == (H, W, C) and single['embedding_uv'].shape == (16,)
 
 
 def test_official_parameter_names_and_no_auto_names():
   model = CACENet(depth=50, num_classes=751)  # official defaults: GeM, non-local, 'projected'
-  variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((2, 256, 128, 3))))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 256, 128, 3))))
   params = variables['params']
-  assert set(params) == {'backbone', 'gemp', 'embedding_conv', 'embedding_bn', 'classifier',
-                         'pair_classifier', 'pair_attention', 'pair_graph'}
+  assert set(params) == {
+    'backbone',
+    'gemp',
+    'embedding_conv',
+    'embedding_bn',
+    'classifier',
+    'pair_classifier',
+    'pair_attention',
+    'pair_graph',
+  }
   assert params['gemp']['p'].shape == (1,)
   assert params['pair_attention']['y']['kernel'].shape == (1, 1, 2048, 128)
   assert params['pair_graph']['g']['kernel'].shape == (1, 1, 2048, 128)
@@ -224,14 +270,20 @@ def test_training_step_compiles_once_and_reduces_the_loss():
   images = jnp.asarray(rng.uniform(size=IMAGES), jnp.float32)
   labels = jnp.array([0, 0, 1, 1])
   variables = filled_variables(
-      jax.eval_shape(lambda: model.init(jax.random.key(0), images)), scale=0.1)
+    jax.eval_shape(lambda: model.init(jax.random.key(0), images)), scale=0.1
+  )
 
   @jit
   @chex.assert_max_traces(n=1)
   def train_step(params, batch_stats, images, labels, key):
     def loss_fn(params):
-      out, state = model.apply({'params': params, 'batch_stats': batch_stats}, images,
-                               train=True, rngs={'dropout': key}, mutable=['batch_stats'])
+      out, state = model.apply(
+        {'params': params, 'batch_stats': batch_stats},
+        images,
+        train=True,
+        rngs={'dropout': key},
+        mutable=['batch_stats'],
+      )
       total, parts = losses.total_loss(out, labels)
       return total, (parts, state['batch_stats'])
 
@@ -242,8 +294,9 @@ def test_training_step_compiles_once_and_reduces_the_loss():
   params, batch_stats = variables['params'], variables['batch_stats']
   history = []
   for step in range(4):
-    params, batch_stats, total, parts = train_step(params, batch_stats, images, labels,
-                                                   jax.random.key(step))
+    params, batch_stats, total, parts = train_step(
+      params, batch_stats, images, labels, jax.random.key(step)
+    )
     history.append(float(total))
   assert set(parts) == {'id', 'triplet', 'mixup_uv', 'mixup_vu', 'pair_triplet'}
   assert all(np.isfinite(history)) and history[-1] < history[0]

@@ -12,15 +12,18 @@ import tensorflow_datasets as tfds
 
 from cace_jax.datasets import prepare
 from cace_jax.errors import DatasetError
-from conftest import (DUKE_NAME, MARKET_NAME, market_style_files, msmt_files, write_files,
-                      write_zip)
+from conftest import DUKE_NAME, MARKET_NAME, market_style_files, msmt_files, write_files, write_zip
 
 
 def read_split(builder, split):
   rows = []
   for example in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
-    rows.append({k: (v.decode() if isinstance(v, bytes) and k == 'file_name' else v)
-                 for k, v in example.items()})
+    rows.append(
+      {
+        k: (v.decode() if isinstance(v, bytes) and k == 'file_name' else v)
+        for k, v in example.items()
+      }
+    )
   return sorted(rows, key=lambda r: r['file_name'])
 
 
@@ -29,9 +32,13 @@ def files_under(path):
 
 
 def summary(builder):
-  return {split: [(os.path.basename(r['file_name']), int(r['pid']), int(r['label']),
-                   int(r['camid'])) for r in read_split(builder, split)]
-          for split in ('train', 'query', 'gallery')}
+  return {
+    split: [
+      (os.path.basename(r['file_name']), int(r['pid']), int(r['label']), int(r['camid']))
+      for r in read_split(builder, split)
+    ]
+    for split in ('train', 'query', 'gallery')
+  }
 
 
 def test_market_folder_drops_junk_keeps_distractors(market_manual_dir, tmp_path):
@@ -49,8 +56,10 @@ def test_market_folder_drops_junk_keeps_distractors(market_manual_dir, tmp_path)
 def test_market_zip_with_nested_root_reads_the_same(market_manual_dir, tmp_path):
   zip_manual = tmp_path / 'zip_manual'
   zip_manual.mkdir()
-  write_zip(str(zip_manual / 'Market-1501-v15.09.15.zip'),
-            market_style_files('Market-1501-v15.09.15', MARKET_NAME))
+  write_zip(
+    str(zip_manual / 'Market-1501-v15.09.15.zip'),
+    market_style_files('Market-1501-v15.09.15', MARKET_NAME),
+  )
   from_zip = prepare.prepare_dataset('market1501', str(tmp_path / 'a'), str(zip_manual))
   from_dir = prepare.prepare_dataset('market1501', str(tmp_path / 'b'), market_manual_dir)
   assert summary(from_zip) == summary(from_dir)
@@ -58,8 +67,9 @@ def test_market_zip_with_nested_root_reads_the_same(market_manual_dir, tmp_path)
   np.testing.assert_array_equal(zipped[0]['image'], extracted[0]['image'])
 
 
-@pytest.mark.parametrize('name,folder', [('dukemtmc_reid', 'DukeMTMC-reID'),
-                                         ('occluded_duke', 'Occluded_Duke')])
+@pytest.mark.parametrize(
+  'name,folder', [('dukemtmc_reid', 'DukeMTMC-reID'), ('occluded_duke', 'Occluded_Duke')]
+)
 def test_duke_style_builders(name, folder, tmp_path):
   manual = tmp_path / 'manual'
   write_files(str(manual), market_style_files(folder, DUKE_NAME))
@@ -69,20 +79,26 @@ def test_duke_style_builders(name, folder, tmp_path):
   assert rows['train'][0][0].endswith('_c1_f0000001.jpg') and rows['train'][0][3] == 1
 
 
-@pytest.mark.parametrize('version,train_dir,test_dir', [('MSMT17_V1', 'train', 'test'),
-                                                        ('MSMT17_V2', 'mask_train_v2',
-                                                         'mask_test_v2')])
+@pytest.mark.parametrize(
+  'version,train_dir,test_dir',
+  [('MSMT17_V1', 'train', 'test'), ('MSMT17_V2', 'mask_train_v2', 'mask_test_v2')],
+)
 def test_msmt17_layouts_and_combineall(version, train_dir, test_dir, tmp_path):
   manual = tmp_path / 'manual'
   write_files(str(manual), msmt_files(version, train_dir, test_dir))
   builder = prepare.prepare_dataset('msmt17', str(tmp_path / 'records'), str(manual))
   rows = summary(builder)
-  assert [(r[1], r[2], r[3]) for r in rows['train']] == [(0, 0, 1), (0, 0, 3), (1, 1, 2),
-                                                         (1, 1, 15)]
+  assert [(r[1], r[2], r[3]) for r in rows['train']] == [
+    (0, 0, 1),
+    (0, 0, 3),
+    (1, 1, 2),
+    (1, 1, 15),
+  ]
   assert [(r[1], r[3]) for r in rows['query']] == [(0, 7), (1, 8)]
   assert len(rows['gallery']) == 3
-  combined = summary(prepare.prepare_dataset('msmt17/combineall', str(tmp_path / 'records'),
-                                             str(manual)))
+  combined = summary(
+    prepare.prepare_dataset('msmt17/combineall', str(tmp_path / 'records'), str(manual))
+  )
   assert sorted({(r[1], r[2]) for r in combined['train']}) == [(0, 0), (1, 1), (2, 2)]
   assert len(combined['train']) == 6
 
@@ -107,9 +123,20 @@ def test_missing_dataset_names_path_and_expectation(tmp_path):
 
 def test_cli_error_is_one_line_and_nonzero(tmp_path):
   result = subprocess.run(
-      [sys.executable, 'tools/prepare.py', '--dataset', 'market1501',
-       '--data_dir', str(tmp_path / 'records'), '--manual_dir', str(tmp_path / 'nowhere')],
-      capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    [
+      sys.executable,
+      'tools/prepare.py',
+      '--dataset',
+      'market1501',
+      '--data_dir',
+      str(tmp_path / 'records'),
+      '--manual_dir',
+      str(tmp_path / 'nowhere'),
+    ],
+    capture_output=True,
+    text=True,
+    cwd=os.path.dirname(os.path.dirname(__file__)),
+  )
   assert result.returncode == 2
   error_lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
   assert len(error_lines) == 1 and str(tmp_path / 'nowhere') in error_lines[0]

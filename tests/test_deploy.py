@@ -42,18 +42,19 @@ def perturbed_variables(model: CACENet, seed: int = 0) -> dict:
 
 
 def run_onnx(model_proto, feeds: dict) -> list:
-  session = onnxruntime.InferenceSession(model_proto.SerializeToString(),
-                                         providers=['CPUExecutionProvider'])
+  session = onnxruntime.InferenceSession(
+    model_proto.SerializeToString(), providers=['CPUExecutionProvider']
+  )
   return session.run(None, feeds)
 
 
 # The official configuration (projected, GeM, non-local) and one of each other kind.
 CASES = [
-    dict(adjacency='projected', pooling='gem', non_local=True),
-    dict(adjacency='correspondence', pooling='avg', non_local=False, gcn_depth=2),
-    dict(adjacency='intra', pooling='avgmax', gcn='normal'),
-    dict(adjacency='topk', topk=2, pooling='gem'),
-    dict(adjacency='part', pooling='avg', depth=18, last_stride=2),
+  dict(adjacency='projected', pooling='gem', non_local=True),
+  dict(adjacency='correspondence', pooling='avg', non_local=False, gcn_depth=2),
+  dict(adjacency='intra', pooling='avgmax', gcn='normal'),
+  dict(adjacency='topk', topk=2, pooling='gem'),
+  dict(adjacency='part', pooling='avg', depth=18, last_stride=2),
 ]
 
 
@@ -63,8 +64,9 @@ def test_onnx_models_match_jax(case, tmp_path):
   variables = perturbed_variables(model)
   flip = case['pooling'] != 'avg'  # both settings across the cases
   features = onnx_graph.feature_graph(model, variables, IMAGE_SIZE, flip)
-  pair = onnx_graph.pair_graph(model, variables, feature_map_shape(
-      IMAGE_SIZE, model.depth, model.width, model.last_stride))
+  pair = onnx_graph.pair_graph(
+    model, variables, feature_map_shape(IMAGE_SIZE, model.depth, model.width, model.last_stride)
+  )
   features_path, pair_path = str(tmp_path / 'features.onnx'), str(tmp_path / 'pair.onnx')
   with open(features_path, 'wb') as f:
     f.write(features.SerializeToString())
@@ -79,8 +81,9 @@ def test_onnx_models_match_jax(case, tmp_path):
   single_embedding, _ = run_onnx(features, {'images': images[2:3]})
   np.testing.assert_allclose(single_embedding[0], batch_embedding[2], atol=TOLERANCE)
   # The pair stage is not the individual distance (the GCN changed the features).
-  distance, emb_qg, emb_gq = run_onnx(pair, {'fmap_query': batch_fmap[:3],
-                                             'fmap_gallery': batch_fmap[1:]})
+  distance, emb_qg, emb_gq = run_onnx(
+    pair, {'fmap_query': batch_fmap[:3], 'fmap_gallery': batch_fmap[1:]}
+  )
   individual = 1.0 - np.sum(batch_embedding[:3] * batch_embedding[1:], axis=-1)
   assert distance.shape == (3,) and emb_qg.shape == emb_gq.shape == (3, 32)
   assert np.abs(distance - individual).max() > 1e-3
@@ -96,8 +99,13 @@ def test_deploy_cli_writes_models_that_agree(trained_workdir, tmp_path, capsys):
   out = str(tmp_path / 'export')
   assert run_tool(deploy_tool, [trained_workdir, '--out', out]) == 0
   summary = json.loads(capsys.readouterr().out)
-  assert sorted(os.listdir(out)) == ['export.json', 'features.jax_export', 'features.onnx',
-                                     'pair.jax_export', 'pair.onnx']
+  assert sorted(os.listdir(out)) == [
+    'export.json',
+    'features.jax_export',
+    'features.onnx',
+    'pair.jax_export',
+    'pair.onnx',
+  ]
   assert summary['image_size'] == list(IMAGE_SIZE) and summary['step'] == 2
   assert max(summary['max_abs_diff_onnx_vs_jax'].values()) <= TOLERANCE
 
@@ -107,13 +115,15 @@ def test_deploy_cli_writes_models_that_agree(trained_workdir, tmp_path, capsys):
   assert set(features.platforms) == {'cpu', 'cuda', 'tpu'}
   images = np.random.default_rng(2).uniform(0, 255, (5, *IMAGE_SIZE, 3)).astype(np.float32)
   embedding, fmap = features.call(images)
-  session = lambda name: onnxruntime.InferenceSession(os.path.join(out, name),
-                                                      providers=['CPUExecutionProvider'])
+  session = lambda name: onnxruntime.InferenceSession(
+    os.path.join(out, name), providers=['CPUExecutionProvider']
+  )
   onnx_embedding, _ = session('features.onnx').run(None, {'images': images})
   np.testing.assert_allclose(np.asarray(embedding), onnx_embedding, atol=TOLERANCE)
   distance = pair.call(fmap[:2], fmap[3:])[0]
-  onnx_distance = session('pair.onnx').run(None, {'fmap_query': np.asarray(fmap[:2]),
-                                                  'fmap_gallery': np.asarray(fmap[3:])})[0]
+  onnx_distance = session('pair.onnx').run(
+    None, {'fmap_query': np.asarray(fmap[:2]), 'fmap_gallery': np.asarray(fmap[3:])}
+  )[0]
   np.testing.assert_allclose(np.asarray(distance), onnx_distance, atol=TOLERANCE)
 
 
@@ -122,10 +132,12 @@ def test_deploy_errors_are_one_line(tmp_path, capsys):
   assert f'error: no checkpoint in {tmp_path}' in capsys.readouterr().err
   # A bare torchvision port is no CACE-Net; nothing is written next to it.
   variables = torch_weights.load_torchvision_resnet(
-      {k: v.numpy() for k, v in __import__('torchvision').models.resnet18().state_dict().items()},
-      18)
+    {k: v.numpy() for k, v in __import__('torchvision').models.resnet18().state_dict().items()}, 18
+  )
   workdir = str(tmp_path / 'resnet')
-  torch_weights.write_ported_checkpoint(workdir, variables, {'resnet_depth': 18, 'include_fc': True}, 'x')
+  torch_weights.write_ported_checkpoint(
+    workdir, variables, {'resnet_depth': 18, 'include_fc': True}, 'x'
+  )
   assert run_tool(deploy_tool, [workdir]) == 2
   assert 'bare torchvision ResNet' in capsys.readouterr().err
   assert not os.path.exists(os.path.join(workdir, 'export'))
@@ -136,8 +148,13 @@ def test_deploy_without_pair_stage_writes_the_features_model(tmp_path, capsys):
   """A ported individual-only model (gcn 'none') exports stage 1 alone."""
   kwargs = {'depth': 'tiny', 'width': 8, 'embed_dim': 32, 'gcn': 'none', 'pooling': 'avg'}
   workdir, out = str(tmp_path / 'ported'), str(tmp_path / 'export')
-  torch_weights.write_ported_checkpoint(workdir, perturbed_variables(CACENet(**kwargs)), kwargs, 'test')
-  assert run_tool(deploy_tool, [workdir, '--out', out, f'--image_size={IMAGE_SIZE[0]},{IMAGE_SIZE[1]}']) == 0
+  torch_weights.write_ported_checkpoint(
+    workdir, perturbed_variables(CACENet(**kwargs)), kwargs, 'test'
+  )
+  assert (
+    run_tool(deploy_tool, [workdir, '--out', out, f'--image_size={IMAGE_SIZE[0]},{IMAGE_SIZE[1]}'])
+    == 0
+  )
   summary = json.loads(capsys.readouterr().out)
   assert sorted(os.listdir(out)) == ['export.json', 'features.jax_export', 'features.onnx']
   assert set(summary['max_abs_diff_onnx_vs_jax']) == {'embedding', 'fmap'}

@@ -48,17 +48,28 @@ def test_stage2_only_reorders_within_top_k(k):
 
 @pytest.mark.parametrize('pooling,adjacency', [('avg', 'projected'), ('gem', 'correspondence')])
 def test_compact_cache_equals_full_feature_maps(pooling, adjacency):
-  model = CACENet(depth='tiny', width=8, non_local=False, pooling=pooling, embed_dim=16,
-                  num_classes=5, adjacency=adjacency)
+  model = CACENet(
+    depth='tiny',
+    width=8,
+    non_local=False,
+    pooling=pooling,
+    embed_dim=16,
+    num_classes=5,
+    adjacency=adjacency,
+  )
   images = jax.random.normal(jax.random.key(0), (4, 64, 32, 3))
   variables = model.init(jax.random.key(1), images, train=False)
   # o starts at zero (conditional = individual) and W' at ones (query = key):
   # perturb them so the GCN matters and the cache's query differs from its key.
-  perturbed = lambda path: any(name in jax.tree_util.keystr(path)
-                               for name in ('pair_graph', 'w_inter'))
+  perturbed = lambda path: any(
+    name in jax.tree_util.keystr(path) for name in ('pair_graph', 'w_inter')
+  )
   params = jax.tree_util.tree_map_with_path(
-      lambda path, x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape)
-      if perturbed(path) else x, variables['params'])
+    lambda path, x: (
+      x + 0.05 * jax.random.normal(jax.random.key(2), x.shape) if perturbed(path) else x
+    ),
+    variables['params'],
+  )
   variables = {'params': params, 'batch_stats': variables['batch_stats']}
   fmap = model.apply(variables, images, train=False)['fmap']
   q, g = jnp.array([0, 0, 1, 3]), jnp.array([1, 2, 3, 2])
@@ -80,8 +91,9 @@ def test_compact_cache_equals_full_feature_maps(pooling, adjacency):
     assert ('query' in stored) == (adjacency == 'correspondence')
     pick = lambda index: jax.tree.map(lambda c: c[np.asarray(index)], stored)
     np.testing.assert_allclose(step(variables, pick(q), pick(g)), compact, atol=tolerance)
-  assert (stage2.cache_nbytes(stage2.compact_cache(host, jnp.bfloat16), 4)
-          <= 0.5 * stage2.cache_nbytes(host, 4))
+  assert stage2.cache_nbytes(
+    stage2.compact_cache(host, jnp.bfloat16), 4
+  ) <= 0.5 * stage2.cache_nbytes(host, 4)
 
   # Split over the 4 devices, the same pairs give the same distances.
   mesh = sharding.make_mesh()
@@ -91,17 +103,35 @@ def test_compact_cache_equals_full_feature_maps(pooling, adjacency):
 
 def test_eval_py_end_to_end(trained_workdir, tiny_data_dir):
   result = subprocess.run(
-      [sys.executable, 'eval.py', '--config', 'configs/tiny.py', '--workdir', trained_workdir,
-       f'--config.data.data_dir={tiny_data_dir}', '--config.eval.stage2_k=5',
-       '--config.eval.rerank=True'],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      'eval.py',
+      '--config',
+      'configs/tiny.py',
+      '--workdir',
+      trained_workdir,
+      f'--config.data.data_dir={tiny_data_dir}',
+      '--config.eval.stage2_k=5',
+      '--config.eval.rerank=True',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'cacenet' in result.stdout and 'mAP' in result.stdout
   with open(os.path.join(trained_workdir, 'results.json')) as f:
     saved = json.load(f)
   assert saved['step'] == 2
-  assert set(saved['results']) == {'individual', 'clue_alignment', 'cacenet', 'individual+kr',
-                                   'clue_alignment+kr', 'cacenet+kr'}
+  assert set(saved['results']) == {
+    'individual',
+    'clue_alignment',
+    'cacenet',
+    'individual+kr',
+    'clue_alignment+kr',
+    'cacenet+kr',
+  }
   assert saved['info']['stage2_k'] == 5
   assert saved['info']['cache_bytes_per_image'] > 0
   for figure in ('ranked_lists.png', 'correspondences.png', 'conditional_maps.png'):
@@ -114,28 +144,40 @@ def test_eval_py_end_to_end(trained_workdir, tiny_data_dir):
 
 def test_eval_py_missing_checkpoint_is_one_line_error(tmp_path, tiny_data_dir):
   result = subprocess.run(
-      [sys.executable, 'eval.py', '--config', 'configs/tiny.py', '--workdir', str(tmp_path),
-       f'--config.data.data_dir={tiny_data_dir}'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      'eval.py',
+      '--config',
+      'configs/tiny.py',
+      '--workdir',
+      str(tmp_path),
+      f'--config.data.data_dir={tiny_data_dir}',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 2
   assert f'error: no checkpoint in {tmp_path}' in result.stderr
 
 
-def test_stage2_caches_stream_from_disk_with_the_same_results(trained_workdir, tiny_data_dir,
-                                                              tmp_path):
+def test_stage2_caches_stream_from_disk_with_the_same_results(
+  trained_workdir, tiny_data_dir, tmp_path
+):
   """Caches over `eval.cache_memory_gb` become memory-mapped files, removed afterwards."""
   config = tiny.get_config()
   config.data.data_dir = tiny_data_dir
   config.eval.stage2_k = 5
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(trained_workdir, model_config=config.model, mesh=mesh)
-  query, gallery = input_pipeline.load_eval_splits(
-      input_pipeline.prepare_on_first_process(config))
+  query, gallery = input_pipeline.load_eval_splits(input_pipeline.prepare_on_first_process(config))
   results = {}
   for limit in (8.0, 0.0):
     config.eval.cache_memory_gb = limit
-    results[limit] = evaluate.evaluate(run.model, run.variables, query, gallery, config, mesh,
-                                       scratch_dir=str(tmp_path))
+    results[limit] = evaluate.evaluate(
+      run.model, run.variables, query, gallery, config, mesh, scratch_dir=str(tmp_path)
+    )
   assert not results[8.0].info['cache_on_disk'] and results[0.0].info['cache_on_disk']
   info = lambda r: {k: v for k, v in r.info.items() if k != 'cache_on_disk'}
   assert info(results[8.0]) == info(results[0.0])
@@ -153,8 +195,7 @@ def test_model_without_pair_stage_evaluates_stage_one_only(tiny_data_dir):
   model = build_model(config.model, num_classes=4)
   mesh = sharding.make_mesh()
   variables = sharding.replicate(model.init(jax.random.key(0), jnp.zeros((1, 64, 32, 3))), mesh)
-  query, gallery = input_pipeline.load_eval_splits(
-      input_pipeline.prepare_on_first_process(config))
+  query, gallery = input_pipeline.load_eval_splits(input_pipeline.prepare_on_first_process(config))
   evaluation = evaluate.evaluate(model, variables, query, gallery, config, mesh)
   assert set(evaluation.metrics) == set(evaluation.rankings) == {'individual'}
   assert evaluation.info == {'stage2_k': 0} and evaluation.figure_row == 'individual'
@@ -168,5 +209,6 @@ def test_top_ranking_is_the_stable_argsort():
   expected = np.argsort(distmat, axis=1, kind='stable')[:, :12]
   np.testing.assert_array_equal(evaluate.top_ranking(distmat, 12), expected)
   np.testing.assert_array_equal(evaluate.top_ranking(distmat, 12, chunk_elements=50), expected)
-  np.testing.assert_array_equal(evaluate.top_ranking(distmat[:, :5], 12),
-                                np.argsort(distmat[:, :5], axis=1, kind='stable'))
+  np.testing.assert_array_equal(
+    evaluate.top_ranking(distmat[:, :5], 12), np.argsort(distmat[:, :5], axis=1, kind='stable')
+  )

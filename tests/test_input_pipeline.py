@@ -47,8 +47,9 @@ def test_small_identities_replaced_or_dropped(train_data):
   small = train_data.labels[np.flatnonzero(train_data.labels == 3)[0]]  # pid 4: 2 images
   assert np.sum(train_data.labels == small) == 2
   kept = ip.sample_identity_batches(train_data.labels, 2, 3, seed=0, epoch=0)
-  dropped = ip.sample_identity_batches(train_data.labels, 2, 3, seed=0, epoch=0,
-                                       drop_small_ids=True)
+  dropped = ip.sample_identity_batches(
+    train_data.labels, 2, 3, seed=0, epoch=0, drop_small_ids=True
+  )
   assert small not in train_data.labels[dropped]
   used = [b for b in kept if small in train_data.labels[b]]
   # With replacement the small identity still fills K=3 slots from its 2 images.
@@ -60,13 +61,14 @@ def test_small_identities_replaced_or_dropped(train_data):
 
 
 def test_train_batches_shape_dtype_and_identities(train_data):
-  dataset = ip.create_train_dataset(train_data, image_size=SIZE, p=2, k=2, seed=1,
-                                    num_devices=2, local_devices=2)
+  dataset = ip.create_train_dataset(
+    train_data, image_size=SIZE, p=2, k=2, seed=1, num_devices=2, local_devices=2
+  )
   for batch in dataset.take(3).as_numpy_iterator():
     assert batch['image'].shape == (8, *SIZE, 3) and batch['image'].dtype == np.float32
     assert batch['label'].shape == (8,) and batch['label'].dtype == np.int32
     for device in range(2):  # each device's rows are P whole identities
-      check_identity_batch(batch['label'][4 * device:4 * (device + 1)], 2, 2)
+      check_identity_batch(batch['label'][4 * device : 4 * (device + 1)], 2, 2)
     assert np.abs(batch['image']).max() < 3.0  # ImageNet-normalised
 
 
@@ -77,8 +79,10 @@ def take_numpy(dataset, n):
 def test_processes_read_disjoint_shares_of_the_same_stream(train_data):
   kwargs = dict(image_size=SIZE, p=2, k=2, seed=5, num_devices=4)
   whole = take_numpy(ip.create_train_dataset(train_data, local_devices=4, **kwargs), 3)
-  parts = [take_numpy(ip.create_train_dataset(train_data, local_devices=2, process_index=i,
-                                               **kwargs), 3) for i in (0, 1)]
+  parts = [
+    take_numpy(ip.create_train_dataset(train_data, local_devices=2, process_index=i, **kwargs), 3)
+    for i in (0, 1)
+  ]
   for step in range(3):
     for key in ('image', 'label'):
       joined = np.concatenate([parts[0][step][key], parts[1][step][key]])
@@ -91,7 +95,7 @@ def test_resume_replays_the_same_batches(train_data):
   total = steps + 3  # crosses an epoch boundary
   uninterrupted = take_numpy(ip.create_train_dataset(train_data, **kwargs), total)
   resumed = take_numpy(ip.create_train_dataset(train_data, start_step=steps - 1, **kwargs), 4)
-  for a, b in zip(uninterrupted[steps - 1:], resumed):
+  for a, b in zip(uninterrupted[steps - 1 :], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
 
@@ -102,11 +106,14 @@ def image_and_seed():
   return image, tf.constant([4, 2], tf.int64)
 
 
-@pytest.mark.parametrize('op', [
+@pytest.mark.parametrize(
+  'op',
+  [
     lambda x, s: augment.random_flip(x, s),
     lambda x, s: augment.pad_and_random_crop(x, s, 4),
     lambda x, s: augment.random_erasing(x, s, probability=1.0),
-])
+  ],
+)
 def test_ops_equal_eagerly_and_inside_tf_data(op):
   image, seed = image_and_seed()
   for offset in range(4):
@@ -120,8 +127,9 @@ def test_full_train_preprocessing_equal_eagerly_and_in_tf_data(train_data):
   seed = tf.constant([1, 9], tf.int64)
   fn = lambda b, s: augment.preprocess_train(b, s, SIZE)
   eager = fn(tf.constant(train_data.images[0]), seed).numpy()
-  graph = next(iter(tf.data.Dataset.from_tensors(
-      (tf.constant(train_data.images[0]), seed)).map(fn))).numpy()
+  graph = next(
+    iter(tf.data.Dataset.from_tensors((tf.constant(train_data.images[0]), seed)).map(fn))
+  ).numpy()
   np.testing.assert_array_equal(eager, graph)
 
 
@@ -136,18 +144,19 @@ def test_random_erasing_fills_one_box_with_the_mean():
     rows, cols = np.nonzero(erased)
     assert rows.size > 0
     # One axis-aligned rectangle.
-    assert erased[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    assert erased[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
     fractions.append(erased.mean())
   assert 0.01 < min(fractions) and max(fractions) < 0.5
 
 
 def test_flip_and_crop_actually_change_images():
   image, seed = image_and_seed()
-  flips = [np.array_equal(augment.random_flip(image, seed + i).numpy(),
-                          image.numpy()[:, ::-1]) for i in range(20)]
+  flips = [
+    np.array_equal(augment.random_flip(image, seed + i).numpy(), image.numpy()[:, ::-1])
+    for i in range(20)
+  ]
   assert 0 < sum(flips) < 20
-  crops = {augment.pad_and_random_crop(image, seed + i, 4).numpy().tobytes()
-           for i in range(10)}
+  crops = {augment.pad_and_random_crop(image, seed + i, 4).numpy().tobytes() for i in range(10)}
   assert len(crops) > 1
 
 
@@ -155,15 +164,18 @@ def test_flip_and_crop_actually_change_images():
 def test_eval_yields_every_image_once_in_order(pipeline_builder, local_devices, batch):
   gallery = ip.load_split(pipeline_builder, 'gallery')
   seen = []
-  for step in ip.create_eval_dataset(gallery, image_size=SIZE, batch_size=batch,
-                                     num_devices=local_devices,
-                                     local_devices=local_devices).as_numpy_iterator():
+  for step in ip.create_eval_dataset(
+    gallery,
+    image_size=SIZE,
+    batch_size=batch,
+    num_devices=local_devices,
+    local_devices=local_devices,
+  ).as_numpy_iterator():
     assert step['image'].shape == (local_devices * batch, *SIZE, 3)
     flat_index = step['index'].reshape(-1)
     np.testing.assert_array_equal(step['mask'].reshape(-1), flat_index >= 0)
     valid = flat_index[flat_index >= 0]
-    np.testing.assert_array_equal(step['pid'].reshape(-1)[flat_index >= 0],
-                                  gallery.pids[valid])
+    np.testing.assert_array_equal(step['pid'].reshape(-1)[flat_index >= 0], gallery.pids[valid])
     seen.extend(valid.tolist())
   assert seen == list(range(len(gallery)))
 
@@ -171,9 +183,17 @@ def test_eval_yields_every_image_once_in_order(pipeline_builder, local_devices, 
 def test_eval_shards_across_processes(pipeline_builder):
   query = ip.load_split(pipeline_builder, 'query')
   kwargs = dict(image_size=SIZE, batch_size=1, num_devices=4)
-  indices = [np.concatenate([b['index'] for b in ip.create_eval_dataset(
-      query, local_devices=2, process_index=i, **kwargs).as_numpy_iterator()])
-             for i in (0, 1)]
+  indices = [
+    np.concatenate(
+      [
+        b['index']
+        for b in ip.create_eval_dataset(
+          query, local_devices=2, process_index=i, **kwargs
+        ).as_numpy_iterator()
+      ]
+    )
+    for i in (0, 1)
+  ]
   joined = np.concatenate([indices[0].reshape(-1, 2), indices[1].reshape(-1, 2)], axis=1)
   valid = joined.reshape(-1)
   assert valid[valid >= 0].tolist() == list(range(len(query)))

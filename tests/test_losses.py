@@ -19,13 +19,19 @@ def test_label_smoothed_cross_entropy_by_hand():
   log_z = [math.log(math.exp(2) + 1 + math.exp(-1)), math.log(2 + math.e)]
   log_p = [[2 - log_z[0], -log_z[0], -1 - log_z[0]], [-log_z[1], 1 - log_z[1], -log_z[1]]]
   eps, k = 0.1, 3
-  expected = np.mean([-sum(((1 - eps) * (c == y) + eps / k) * lp for c, lp in enumerate(row))
-                      for y, row in zip([0, 2], log_p)])
-  np.testing.assert_allclose(losses.label_smoothed_cross_entropy(logits, labels), expected,
-                             rtol=1e-6)
+  expected = np.mean(
+    [
+      -sum(((1 - eps) * (c == y) + eps / k) * lp for c, lp in enumerate(row))
+      for y, row in zip([0, 2], log_p)
+    ]
+  )
+  np.testing.assert_allclose(
+    losses.label_smoothed_cross_entropy(logits, labels), expected, rtol=1e-6
+  )
   plain = np.mean([-log_p[0][0], -log_p[1][2]])
-  np.testing.assert_allclose(losses.label_smoothed_cross_entropy(logits, labels, 0.0), plain,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.label_smoothed_cross_entropy(logits, labels, 0.0), plain, rtol=1e-6
+  )
 
 
 POINTS = jnp.array([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0], [0.0, 5.0]])
@@ -42,15 +48,19 @@ def test_batch_hard_triplet_by_hand():
 
 def test_soft_margin_triplet_by_hand():
   expected = np.mean([math.log1p(math.exp(d)) for d in (-1.0, -2.0, -3.0, -4.0)])
-  np.testing.assert_allclose(losses.triplet_loss(POINTS, LABELS, margin=0.0, normalize=False),
-                             expected, rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.triplet_loss(POINTS, LABELS, margin=0.0, normalize=False), expected, rtol=1e-5
+  )
 
 
 def test_triplet_normalises_features_by_default():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8)), jnp.float32)
   unit = x / jnp.linalg.norm(x, axis=1, keepdims=True)
-  np.testing.assert_allclose(losses.triplet_loss(3.0 * x, LABELS),
-                             losses.triplet_loss(unit, LABELS, normalize=False), rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.triplet_loss(3.0 * x, LABELS),
+    losses.triplet_loss(unit, LABELS, normalize=False),
+    rtol=1e-5,
+  )
 
 
 def test_triplet_gradient_is_finite_for_duplicate_features():
@@ -65,11 +75,15 @@ def test_mixup_cross_entropy_by_hand():
   labels = jnp.array([0, 1])
   ce = lambda row, y: -(row[y] - np.log(np.exp(row).sum()))
   alpha = 0.9
-  expected = np.mean([alpha * ce(np.asarray(logits[u, v]), int(labels[u]))
-                      + (1 - alpha) * ce(np.asarray(logits[u, v]), int(labels[v]))
-                      for u in range(2) for v in range(2)])
-  np.testing.assert_allclose(losses.mixup_cross_entropy(logits, labels, alpha), expected,
-                             rtol=1e-6)
+  expected = np.mean(
+    [
+      alpha * ce(np.asarray(logits[u, v]), int(labels[u]))
+      + (1 - alpha) * ce(np.asarray(logits[u, v]), int(labels[v]))
+      for u in range(2)
+      for v in range(2)
+    ]
+  )
+  np.testing.assert_allclose(losses.mixup_cross_entropy(logits, labels, alpha), expected, rtol=1e-6)
 
 
 def test_mixup_with_alpha_one_is_cross_entropy_on_the_conditioned_image():
@@ -77,16 +91,23 @@ def test_mixup_with_alpha_one_is_cross_entropy_on_the_conditioned_image():
   labels = jnp.array([0, 3, 1, 3])
   rows = logits.reshape(16, 5)
   first = jnp.repeat(labels, 4)  # pair k = u * 4 + v is labelled y_u
-  np.testing.assert_allclose(losses.mixup_cross_entropy(logits, labels, alpha=1.0),
-                             losses.label_smoothed_cross_entropy(rows, first, 0.0), rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.mixup_cross_entropy(logits, labels, alpha=1.0),
+    losses.label_smoothed_cross_entropy(rows, first, 0.0),
+    rtol=1e-6,
+  )
   second = jnp.tile(labels, 4)
-  np.testing.assert_allclose(losses.mixup_cross_entropy(logits, labels, alpha=0.0),
-                             losses.label_smoothed_cross_entropy(rows, second, 0.0), rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.mixup_cross_entropy(logits, labels, alpha=0.0),
+    losses.label_smoothed_cross_entropy(rows, second, 0.0),
+    rtol=1e-6,
+  )
 
 
 def test_pair_triplet_by_hand():
-  d = np.array([[0.0, 1.0, 3.0, 4.0], [1.0, 0.0, 2.0, 5.0], [3.0, 2.0, 0.0, 1.5],
-                [4.0, 5.0, 1.5, 0.0]])
+  d = np.array(
+    [[0.0, 1.0, 3.0, 4.0], [1.0, 0.0, 2.0, 5.0], [3.0, 2.0, 0.0, 1.5], [4.0, 5.0, 1.5, 0.0]]
+  )
   uv = jnp.zeros((4, 4, 3))
   vu = jnp.zeros((4, 4, 3)).at[..., 0].set(d)
   loss = losses.pair_triplet_loss(uv, vu, LABELS, margin=2.5, normalize=False)
@@ -98,10 +119,14 @@ def fake_outputs(seed=0, batch=4, dim=6, classes=5):
   rng = np.random.default_rng(seed)
   arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
   uv = arr(batch, batch, dim)
-  return {'embedding': arr(batch, dim), 'logits': arr(batch, classes),
-          'pair_embedding_uv': uv, 'pair_embedding_vu': jnp.swapaxes(uv, 0, 1),
-          'pair_logits_uv': arr(batch, batch, classes),
-          'pair_logits_vu': arr(batch, batch, classes)}
+  return {
+    'embedding': arr(batch, dim),
+    'logits': arr(batch, classes),
+    'pair_embedding_uv': uv,
+    'pair_embedding_vu': jnp.swapaxes(uv, 0, 1),
+    'pair_logits_uv': arr(batch, batch, classes),
+    'pair_logits_vu': arr(batch, batch, classes),
+  }
 
 
 def test_total_loss_sums_named_parts():
@@ -109,10 +134,14 @@ def test_total_loss_sums_named_parts():
   total, parts = jax.jit(losses.total_loss)(outputs, LABELS)
   assert set(parts) == {'id', 'triplet', 'mixup_uv', 'mixup_vu', 'pair_triplet'}
   np.testing.assert_allclose(total, sum(parts.values()), rtol=1e-6)
-  np.testing.assert_allclose(parts['mixup_vu'], losses.mixup_cross_entropy(
-      jnp.swapaxes(outputs['pair_logits_vu'], 0, 1), LABELS, 0.9), rtol=1e-6)
-  weighted, _ = jax.jit(functools.partial(
-      losses.total_loss, weights={'pair_triplet': 0.0, 'id': 2.0}))(outputs, LABELS)
+  np.testing.assert_allclose(
+    parts['mixup_vu'],
+    losses.mixup_cross_entropy(jnp.swapaxes(outputs['pair_logits_vu'], 0, 1), LABELS, 0.9),
+    rtol=1e-6,
+  )
+  weighted, _ = jax.jit(
+    functools.partial(losses.total_loss, weights={'pair_triplet': 0.0, 'id': 2.0})
+  )(outputs, LABELS)
   np.testing.assert_allclose(weighted, total - parts['pair_triplet'] + parts['id'], rtol=1e-5)
 
 
@@ -120,12 +149,14 @@ def test_total_loss_without_pair_stage():
   outputs = {k: v for k, v in fake_outputs().items() if not k.startswith('pair')}
   total, parts = losses.total_loss(outputs, LABELS, margin=0.3)
   assert set(parts) == {'id', 'triplet'}
-  np.testing.assert_allclose(parts['triplet'], losses.triplet_loss(outputs['embedding'], LABELS,
-                                                                   0.3), rtol=1e-6)
+  np.testing.assert_allclose(
+    parts['triplet'], losses.triplet_loss(outputs['embedding'], LABELS, 0.3), rtol=1e-6
+  )
 
 
 @pytest.mark.parametrize('fn', [losses.triplet_loss, losses.label_smoothed_cross_entropy])
 def test_losses_jit(fn):
-  args = ((POINTS, LABELS) if fn is losses.triplet_loss
-          else (jnp.ones((4, 3)), jnp.array([0, 1, 2, 0])))
+  args = (
+    (POINTS, LABELS) if fn is losses.triplet_loss else (jnp.ones((4, 3)), jnp.array([0, 1, 2, 0]))
+  )
   np.testing.assert_allclose(jax.jit(fn)(*args), fn(*args), rtol=1e-6)

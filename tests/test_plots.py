@@ -52,9 +52,15 @@ def ranked_inputs():
   gallery_pids = np.array([7, 8, 7, 8, 7, 8])
   gallery_cams = np.array([1, 0, 1, 0, 1, 0])
   ranking = np.tile(np.arange(6), (2, 1))
-  return dict(query_images=grey_images(2), gallery_images=grey_images(6), ranking=ranking,
-              query_pids=query_pids, gallery_pids=gallery_pids, query_camids=query_cams,
-              gallery_camids=gallery_cams)
+  return dict(
+    query_images=grey_images(2),
+    gallery_images=grey_images(6),
+    ranking=ranking,
+    query_pids=query_pids,
+    gallery_pids=gallery_pids,
+    query_camids=query_cams,
+    gallery_camids=gallery_cams,
+  )
 
 
 def test_ranked_lists_frames_are_green_for_right_and_red_for_wrong(ranked_inputs, tmp_path):
@@ -65,7 +71,7 @@ def test_ranked_lists_frames_are_green_for_right_and_red_for_wrong(ranked_inputs
     for k in range(4):
       colour = frame_pixel(pixels, figure, f'gallery_{row}_{k}')
       right = ranked_inputs['gallery_pids'][k] == query_pid
-      assert (is_green(colour) if right else is_red(colour)), (row, k, colour)
+      assert is_green(colour) if right else is_red(colour), (row, k, colour)
     query_colour = frame_pixel(pixels, figure, f'query_{row}')
     assert not is_green(query_colour) and not is_red(query_colour)
   # Inside the frame the grey image itself shows.
@@ -77,8 +83,13 @@ def test_ranked_lists_frames_are_green_for_right_and_red_for_wrong(ranked_inputs
 def test_ranked_lists_layout_grows_with_top_and_rows(ranked_inputs, tmp_path):
   sizes = {}
   for top, queries in [(2, [0]), (5, [0]), (5, [0, 1])]:
-    path = plots.plot_ranked_lists(**ranked_inputs, out_path=str(tmp_path / f'{top}.png'),
-                                       query_indices=queries, top=top, titles=['AP 0.5'] * 2)
+    path = plots.plot_ranked_lists(
+      **ranked_inputs,
+      out_path=str(tmp_path / f'{top}.png'),
+      query_indices=queries,
+      top=top,
+      titles=['AP 0.5'] * 2,
+    )
     sizes[top, len(queries)] = read_png(path).shape[:2]
   assert sizes[5, 1][1] > sizes[2, 1][1] + 100  # wider with more gallery columns
   assert sizes[5, 1][0] == sizes[2, 1][0]
@@ -94,8 +105,9 @@ def test_ranked_lists_skip_junk_and_honour_mask_and_lazy_images(ranked_inputs):
   assert calls == [1, 2, 3]  # junk skipped; only shown images decoded
   assert len([ax for ax in figure.axes if ax.get_gid().startswith('gallery_')]) == 3
   calls.clear()
-  plots.draw_ranked_lists(**ranked_inputs, query_indices=[0], top=3,
-                              valid_mask=np.ones((2, 6), bool))
+  plots.draw_ranked_lists(
+    **ranked_inputs, query_indices=[0], top=3, valid_mask=np.ones((2, 6), bool)
+  )
   assert calls == [0, 1, 2]
 
 
@@ -131,8 +143,9 @@ def test_strongest_pairs_and_correspondence_lines(tmp_path):
   gap = max(4, W // 6)
   np.testing.assert_allclose(xs, [1.5 * W / 2 - 0.5, 1.5 * W / 2 - 0.5 + W + gap])
   np.testing.assert_allclose(ys, [1.5 * H / 4 - 0.5, 2.5 * H / 4 - 0.5])
-  path = plots.plot_correspondences(image_u, image_v, adjacency, fmap,
-                                        str(tmp_path / 'corr.png'), num_lines=5, title='t')
+  path = plots.plot_correspondences(
+    image_u, image_v, adjacency, fmap, str(tmp_path / 'corr.png'), num_lines=5, title='t'
+  )
   height, width = read_png(path).shape[:2]
   assert width > height  # two images side by side
   with pytest.raises(ValueError):
@@ -143,13 +156,13 @@ def test_feature_norm_maps_upsample_channel_norms():
   maps = np.zeros((2, 4, 2, 3), np.float32)
   maps[0, :, :, 0] = 3.0
   maps[0, :, :, 1] = 4.0  # norm 5 everywhere
-  maps[1, 0, 0] = 2.0     # norm sqrt(12) in the top-left cell only
+  maps[1, 0, 0] = 2.0  # norm sqrt(12) in the top-left cell only
   norms = plots.feature_norm_maps(maps, (H, W))
   assert norms.shape == (2, H, W)
   np.testing.assert_allclose(norms[0], 5.0, rtol=1e-5)
   assert norms[1].max() == pytest.approx(np.sqrt(12.0), rel=1e-4)
   assert norms[1, :8, :8].min() == pytest.approx(np.sqrt(12.0), rel=1e-4)
-  assert norms[1, H // 2:].max() == 0.0
+  assert norms[1, H // 2 :].max() == 0.0
   assert plots.feature_norm_maps(maps[0], (H, W)).shape == (H, W)
 
 
@@ -159,12 +172,15 @@ def test_conditional_heatmaps_share_one_scale(tmp_path):
   maps[2] *= 3.0  # one pairing much stronger: the shared scale must reach it
   individual = rng.random((4, 2, 8)).astype(np.float32)
   query, gallery = grey_images(1)[0], grey_images(3, 90)
-  figure = plots.draw_conditional_heatmaps(query, gallery, maps, individual,
-                                               gallery_pids=[1, 2, 1], query_pid=1)
-  every = np.concatenate([plots.feature_norm_maps(maps, (H, W)),
-                          plots.feature_norm_maps(individual, (H, W))[None]])
-  np.testing.assert_allclose(axes_by_gid(figure, 'colorbar_norm').get_ylim(),
-                             (every.min(), every.max()), rtol=1e-5)
+  figure = plots.draw_conditional_heatmaps(
+    query, gallery, maps, individual, gallery_pids=[1, 2, 1], query_pid=1
+  )
+  every = np.concatenate(
+    [plots.feature_norm_maps(maps, (H, W)), plots.feature_norm_maps(individual, (H, W))[None]]
+  )
+  np.testing.assert_allclose(
+    axes_by_gid(figure, 'colorbar_norm').get_ylim(), (every.min(), every.max()), rtol=1e-5
+  )
   low, high = axes_by_gid(figure, 'colorbar_difference').get_ylim()
   assert low == pytest.approx(-high)
   pixels = read_png(plots.save_figure(figure, str(tmp_path / 'heat.png')))
@@ -173,8 +189,9 @@ def test_conditional_heatmaps_share_one_scale(tmp_path):
 
   sizes = []
   for count in (2, 3):
-    path = plots.plot_conditional_heatmaps(query, gallery, maps[:count],
-                                               str(tmp_path / f'h{count}.png'))
+    path = plots.plot_conditional_heatmaps(
+      query, gallery, maps[:count], str(tmp_path / f'h{count}.png')
+    )
     sizes.append(read_png(path).shape[:2])
   assert sizes[1][1] > sizes[0][1]  # one column per gallery image
   assert sizes[0][0] < read_png(str(tmp_path / 'heat.png')).shape[0]  # no difference row

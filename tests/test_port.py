@@ -18,18 +18,18 @@ import torchvision
 
 from cace_jax import checkpoint
 from cace_jax.errors import ConfigError, PortError
-from cace_jax.interop import torch_keys, torch_weights
-from cace_jax.models import build_model
+from cace_jax.interop import torch_weights
+from cace_jax.models import CACENet, build_model, make_resnet
 from conftest import run_tool
 from tools import deploy as deploy_tool
 from tools import port as port_tool
-from cace_jax.models import CACENet, make_resnet
 
 RELATIVE_TOLERANCE = 1e-4
 IMAGES_NCHW = np.random.default_rng(0).normal(size=(2, 3, 64, 32)).astype(np.float32)
 IMAGES_NHWC = jnp.asarray(IMAGES_NCHW.transpose(0, 2, 3, 1))
-jit = functools.partial(jax.jit, static_argnums=(0,),
-                        compiler_options={'xla_backend_optimization_level': 0})
+jit = functools.partial(
+  jax.jit, static_argnums=(0,), compiler_options={'xla_backend_optimization_level': 0}
+)
 
 
 def assert_close(ours, reference):
@@ -85,7 +85,8 @@ def test_feature_maps_match_torchvision(depth, last_stride):
   with torch.no_grad():
     reference = backbone_forward(model, torch.from_numpy(IMAGES_NCHW)).numpy()
   ours, _ = jit(lambda m, v, x: m.apply(v, x, train=False))(
-      make_resnet(depth, last_stride=last_stride), variables, IMAGES_NHWC)
+    make_resnet(depth, last_stride=last_stride), variables, IMAGES_NHWC
+  )
   assert_close(np.transpose(ours, (0, 3, 1, 2)), reference)
 
 
@@ -97,16 +98,22 @@ def test_logits_match_torchvision_from_pth(tmp_path):
   with torch.no_grad():
     reference = model(torch.from_numpy(IMAGES_NCHW)).numpy()
   logits, _ = jit(lambda m, v, x: m.apply(v, x, train=False))(
-      make_resnet(18, last_stride=2, num_classes=1000), variables, IMAGES_NHWC)
+    make_resnet(18, last_stride=2, num_classes=1000), variables, IMAGES_NHWC
+  )
   assert_close(logits, reference)
 
 
-@pytest.mark.parametrize('edit,named', [
+@pytest.mark.parametrize(
+  'edit,named',
+  [
     (lambda s: s.pop('layer1.0.conv1.weight'), 'layer1.0.conv1.weight'),
-    (lambda s: s.update({'layer1.0.extra.weight': np.zeros(3, np.float32)}),
-     'layer1.0.extra.weight'),
+    (
+      lambda s: s.update({'layer1.0.extra.weight': np.zeros(3, np.float32)}),
+      'layer1.0.extra.weight',
+    ),
     (lambda s: s.update({'bn1.running_var': np.ones(65, np.float32)}), 'bn1.running_var'),
-])
+  ],
+)
 def test_bad_state_dicts_fail_naming_the_key(edit, named):
   state = numpy_state(resnet_case(18, 2))
   edit(state)
@@ -122,8 +129,15 @@ def test_all_problems_are_reported_at_once():
   with pytest.raises(PortError) as error:
     torch_weights.load_torchvision_resnet(state, 18)
   message = str(error.value)
-  for expected in ('1 missing keys', 'layer4.1.bn2.bias', '1 unexpected keys', 'head.weight',
-                   '1 shape mismatches', 'layer3.0.downsample.0.weight', '(256, 128, 1, 1)'):
+  for expected in (
+    '1 missing keys',
+    'layer4.1.bn2.bias',
+    '1 unexpected keys',
+    'head.weight',
+    '1 shape mismatches',
+    'layer3.0.downsample.0.weight',
+    '(256, 128, 1, 1)',
+  ):
     assert expected in message
 
 
@@ -151,8 +165,11 @@ def test_malicious_pickle_is_refused(tmp_path):
 
 
 def test_safetensors_round_trip_is_exact(tmp_path):
-  state = {k: v for k, v in numpy_state(resnet_case(18, 1)).items()
-           if not k.endswith('num_batches_tracked')}
+  state = {
+    k: v
+    for k, v in numpy_state(resnet_case(18, 1)).items()
+    if not k.endswith('num_batches_tracked')
+  }
   path = str(tmp_path / 'resnet18.safetensors')
   torch_weights.save_safetensors(state, path)
   variables = torch_weights.load_torchvision_resnet(path, 18)
@@ -164,8 +181,9 @@ def test_safetensors_round_trip_is_exact(tmp_path):
 
 def test_export_then_port_is_exact_and_loads_into_torchvision():
   model = make_resnet(18, last_stride=2, num_classes=10)
-  variables = jax.tree.map(np.asarray, jit(
-      lambda m, x: m.init(jax.random.key(1), x))(model, IMAGES_NHWC))
+  variables = jax.tree.map(
+    np.asarray, jit(lambda m, x: m.init(jax.random.key(1), x))(model, IMAGES_NHWC)
+  )
   state = torch_weights.export_torchvision_resnet(variables, 18)
   torch_model = torchvision.models.resnet18(weights=None, num_classes=10)
   torch_model.load_state_dict(torch_weights.to_torch_state_dict(state), strict=True)
@@ -184,22 +202,28 @@ def test_load_backbone_into_replaces_only_the_backbone():
   initial = fill_abstract(dict(abstract), seed=1)
   torch_model = resnet_case(18, 1)
   params, batch_stats = torch_weights.load_backbone_into(
-      initial['params'], initial['batch_stats'], torch_model.state_dict(), depth=18)
+    initial['params'], initial['batch_stats'], torch_model.state_dict(), depth=18
+  )
   ported = torch_weights.load_torchvision_resnet(torch_model.state_dict(), 18, include_fc=False)
-  jax.tree.map(np.testing.assert_array_equal, params['backbone']['layer3_1'],
-               ported['params']['layer3_1'])
-  np.testing.assert_array_equal(batch_stats['backbone']['bn1']['var'],
-                                ported['batch_stats']['bn1']['var'])
+  jax.tree.map(
+    np.testing.assert_array_equal, params['backbone']['layer3_1'], ported['params']['layer3_1']
+  )
+  np.testing.assert_array_equal(
+    batch_stats['backbone']['bn1']['var'], ported['batch_stats']['bn1']['var']
+  )
   for kept in ('nl_layer2_0', 'nl_layer4_0'):  # not in torchvision: stay as initialised
-    jax.tree.map(np.testing.assert_array_equal, params['backbone'][kept],
-                 initial['params']['backbone'][kept])
+    jax.tree.map(
+      np.testing.assert_array_equal, params['backbone'][kept], initial['params']['backbone'][kept]
+    )
   jax.tree.map(np.testing.assert_array_equal, params['pair_graph'], initial['params']['pair_graph'])
   assert jax.tree.structure(params) == jax.tree.structure(initial['params'])
   with pytest.raises(PortError, match='missing keys'):
-    deeper = jax.eval_shape(lambda: CACENet(depth=34, gcn='none').init(
-        jax.random.key(0), IMAGES_NHWC))
-    torch_weights.load_backbone_into(deeper['params'], deeper['batch_stats'],
-                            torch_model.state_dict(), depth=34)
+    deeper = jax.eval_shape(
+      lambda: CACENet(depth=34, gcn='none').init(jax.random.key(0), IMAGES_NHWC)
+    )
+    torch_weights.load_backbone_into(
+      deeper['params'], deeper['batch_stats'], torch_model.state_dict(), depth=34
+    )
 
 
 # ----------------------------------------------------------------------------- official CACE-Net
@@ -224,7 +248,6 @@ class TorchNonLocal(torch.nn.Module):
 
 
 class TorchGeM(torch.nn.Module):
-
   def __init__(self):
     super().__init__()
     self.p = torch.nn.Parameter(torch.tensor([3.4]))
@@ -245,14 +268,14 @@ class TorchPairGraph(torch.nn.Module):
 
   def forward(self, x):
     num, _, height, width = x.shape
-    y = F.normalize(self.y(x).flatten(2), dim=1)                 # [N, r, n]
-    adjacency = torch.relu(y.transpose(1, 2) @ y)                # [N, n, n]
+    y = F.normalize(self.y(x).flatten(2), dim=1)  # [N, r, n]
+    adjacency = torch.relu(y.transpose(1, 2) @ y)  # [N, n, n]
     eye = torch.eye(adjacency.shape[-1])
     adjacency = adjacency * (1 - eye)
     degree = adjacency.sum(-1)
     norm = torch.where(degree > 1e-3, degree, torch.ones_like(degree)).rsqrt()
     laplacian = norm[:, :, None] * (torch.diag_embed(degree) - adjacency) * norm[:, None, :]
-    mixed = self.g(x).flatten(2) @ laplacian                     # [N, r, n]
+    mixed = self.g(x).flatten(2) @ laplacian  # [N, r, n]
     return x + self.o(mixed.reshape(num, -1, height, width))
 
 
@@ -269,12 +292,15 @@ class TorchCACENet(torch.nn.Module):
       block.register_forward_hook(lambda module, _, out: module.non_local_block(out))
     self.gemp = TorchGeM()
     self.pair_graph = TorchPairGraph(2048)
-    self.embedding_layer = torch.nn.Sequential(torch.nn.Conv2d(2048, embed_dim, 1, bias=False),
-                                               torch.nn.BatchNorm2d(embed_dim))
-    self.fc_layer = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Dropout(),
-                                        torch.nn.Linear(embed_dim, num_classes, bias=False))
-    self.pair_fc_layer = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Dropout(),
-                                             torch.nn.Linear(embed_dim, num_classes, bias=False))
+    self.embedding_layer = torch.nn.Sequential(
+      torch.nn.Conv2d(2048, embed_dim, 1, bias=False), torch.nn.BatchNorm2d(embed_dim)
+    )
+    self.fc_layer = torch.nn.Sequential(
+      torch.nn.ReLU(), torch.nn.Dropout(), torch.nn.Linear(embed_dim, num_classes, bias=False)
+    )
+    self.pair_fc_layer = torch.nn.Sequential(
+      torch.nn.ReLU(), torch.nn.Dropout(), torch.nn.Linear(embed_dim, num_classes, bias=False)
+    )
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # zero-initialised in the official code: make them matter.
       for name, tensor in self.named_parameters():
@@ -308,17 +334,28 @@ def official_case():
 
 def save_official(model, path):
   state = {f'module.{k}': v for k, v in model.state_dict().items()}
-  torch.save({'epoch': 80, 'state_dict': state, 'optimizer': {'state': {}, 'param_groups': []}},
-             path)
+  torch.save(
+    {'epoch': 80, 'state_dict': state, 'optimizer': {'state': {}, 'param_groups': []}}, path
+  )
 
 
 def test_official_checkpoint_config_and_full_network_parity(tmp_path):
   model, (fmap, f, f_0, f_1) = official_case()
   save_official(model, tmp_path / 'official.pth')
   variables, config = torch_weights.load_official_cacenet(str(tmp_path / 'official.pth'))
-  assert config == {'depth': 50, 'width': 64, 'last_stride': 1, 'non_local': True,
-                    'pooling': 'gem', 'embed_dim': 768, 'adjacency': 'projected',
-                    'gcn': 'discrepancy', 'gcn_depth': 1, 'reduction': 16, 'num_classes': 5}
+  assert config == {
+    'depth': 50,
+    'width': 64,
+    'last_stride': 1,
+    'non_local': True,
+    'pooling': 'gem',
+    'embed_dim': 768,
+    'adjacency': 'projected',
+    'gcn': 'discrepancy',
+    'gcn_depth': 1,
+    'reduction': 16,
+    'num_classes': 5,
+  }
   out = jit(lambda m, v, x: m.apply(v, x, train=False))(CACENet(**config), variables, IMAGES_NHWC)
   assert_close(np.transpose(out['fmap'], (0, 3, 1, 2)), fmap)
   assert_close(out['embedding'], f)
@@ -346,8 +383,9 @@ def test_official_round_trip_and_cli(tmp_path):
   model, _ = official_case()
   source = str(tmp_path / 'official.pth')
   save_official(model, source)
-  original = {f'module.{k}': v for k, v in numpy_state(model).items()
-              if not k.endswith('num_batches_tracked')}
+  original = {
+    f'module.{k}': v for k, v in numpy_state(model).items() if not k.endswith('num_batches_tracked')
+  }
   variables, config = torch_weights.load_official_cacenet(source)
   exported = torch_weights.export_official_cacenet(variables, CACENet(**config))
   assert exported.keys() == original.keys()
@@ -358,10 +396,12 @@ def test_official_round_trip_and_cli(tmp_path):
   assert run_tool(port_tool, ['official', source, '--out', workdir]) == 0
   step, state, record = checkpoint.read_checkpoint(workdir)
   assert step == 0 and record['model'] == config and record['num_classes'] == 5
-  np.testing.assert_array_equal(state['params']['pair_graph']['o']['kernel'],
-                                variables['params']['pair_graph']['o']['kernel'])
+  np.testing.assert_array_equal(
+    state['params']['pair_graph']['o']['kernel'], variables['params']['pair_graph']['o']['kernel']
+  )
   assert run_tool(port_tool, ['to_torch', workdir, '--out', out]) == 0
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
   back = load_file(out)
   assert back.keys() == original.keys()
   for key in original:
@@ -371,8 +411,10 @@ def test_official_round_trip_and_cli(tmp_path):
 def test_training_hook_loads_imagenet_backbone(tmp_path, tiny_data_dir):
   """`init.backbone` puts a torchvision file's weights into a fresh CACE-Net backbone."""
   import torchvision  # pylint: disable=import-outside-toplevel
+
   from cace_jax import train_lib  # pylint: disable=import-outside-toplevel
   from configs import tiny  # pylint: disable=import-outside-toplevel
+
   reference = torchvision.models.resnet18(weights=None)
   path = str(tmp_path / 'resnet18.pth')
   torch.save(reference.state_dict(), path)
@@ -384,18 +426,21 @@ def test_training_hook_loads_imagenet_backbone(tmp_path, tiny_data_dir):
   tx, _ = train_lib.create_optimizer(config, 3, 4)
   state = train_lib.init_backbone(train_lib.init_state(model, tx, (64, 32), 0), config)
   np.testing.assert_array_equal(
-      np.asarray(state.params['backbone']['layer2_0']['conv1']['kernel']),
-      reference.layer2[0].conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
+    np.asarray(state.params['backbone']['layer2_0']['conv1']['kernel']),
+    reference.layer2[0].conv1.weight.detach().numpy().transpose(2, 3, 1, 0),
+  )
   config.model.depth = '34'
   with pytest.raises(ConfigError, match='init.backbone='):
-    train_lib.init_backbone(train_lib.init_state(build_model(config.model, 9), tx,
-                                                 (64, 32), 0), config)
+    train_lib.init_backbone(
+      train_lib.init_state(build_model(config.model, 9), tx, (64, 32), 0), config
+    )
 
 
 def test_training_starts_from_a_whole_checkpoint(trained_workdir, tiny_data_dir, tmp_path):
   """`init.checkpoint` loads every variable; only classifiers of another size stay fresh."""
   from cace_jax import train_lib  # pylint: disable=import-outside-toplevel
   from configs import tiny  # pylint: disable=import-outside-toplevel
+
   _, source, record = checkpoint.read_checkpoint(trained_workdir)
   config = tiny.get_config()
   config.data.data_dir = tiny_data_dir
@@ -411,19 +456,24 @@ def test_training_starts_from_a_whole_checkpoint(trained_workdir, tiny_data_dir,
   assert kept == []
   for path, leaf in jax.tree_util.tree_leaves_with_path(source['params']):
     np.testing.assert_array_equal(
-        np.asarray(functools.reduce(lambda t, k: t[k.key], path, state.params)), leaf,
-        err_msg=jax.tree_util.keystr(path))
+      np.asarray(functools.reduce(lambda t, k: t[k.key], path, state.params)),
+      leaf,
+      err_msg=jax.tree_util.keystr(path),
+    )
 
   other_dataset = fresh(record['num_classes'] + 3)
   state, kept = train_lib.init_from_checkpoint(other_dataset, config)
   assert kept == ['params/classifier/kernel', 'params/pair_classifier/kernel']
-  np.testing.assert_array_equal(state.params['classifier']['kernel'],
-                                other_dataset.params['classifier']['kernel'])
-  np.testing.assert_array_equal(state.params['embedding_conv']['kernel'],
-                                source['params']['embedding_conv']['kernel'])
+  np.testing.assert_array_equal(
+    state.params['classifier']['kernel'], other_dataset.params['classifier']['kernel']
+  )
+  np.testing.assert_array_equal(
+    state.params['embedding_conv']['kernel'], source['params']['embedding_conv']['kernel']
+  )
 
-  with pytest.raises(ConfigError,
-                     match=r'missing params/gemp/p.*unexpected params/pair_attention/y'):
+  with pytest.raises(
+    ConfigError, match=r'missing params/gemp/p.*unexpected params/pair_attention/y'
+  ):
     train_lib.init_from_checkpoint(fresh(5, pooling='gem', adjacency='correspondence'), config)
 
   # Through train_and_evaluate: the log says where the run started from.
@@ -437,7 +487,9 @@ def test_training_starts_from_a_whole_checkpoint(trained_workdir, tiny_data_dir,
 def test_official_checkpoint_to_onnx_matches_pytorch(tmp_path):
   """Official .pth -> port -> ONNX: onnxruntime reproduces the PyTorch model's embeddings."""
   import onnxruntime  # pylint: disable=import-outside-toplevel
+
   from cace_jax import augment  # pylint: disable=import-outside-toplevel
+
   model, (_, f, _, f_1) = official_case()
   source, workdir = str(tmp_path / 'official.pth'), str(tmp_path / 'ported')
   save_official(model, source)
@@ -445,10 +497,13 @@ def test_official_checkpoint_to_onnx_matches_pytorch(tmp_path):
   out = str(tmp_path / 'export')
   assert run_tool(deploy_tool, [workdir, '--out', out, '--image_size=64,32', '--no_flip']) == 0
   # The ONNX model takes 0-255 pixels and normalises them itself.
-  pixels = (IMAGES_NCHW.transpose(0, 2, 3, 1) * 255 * np.float32(augment.IMAGENET_STD)
-            + np.float32(augment.IMAGENET_MEAN_PIXEL)).astype(np.float32)
+  pixels = (
+    IMAGES_NCHW.transpose(0, 2, 3, 1) * 255 * np.float32(augment.IMAGENET_STD)
+    + np.float32(augment.IMAGENET_MEAN_PIXEL)
+  ).astype(np.float32)
   run = lambda name, feeds: onnxruntime.InferenceSession(
-      os.path.join(out, name), providers=['CPUExecutionProvider']).run(None, feeds)
+    os.path.join(out, name), providers=['CPUExecutionProvider']
+  ).run(None, feeds)
   embedding, fmap = run('features.onnx', {'images': pixels})
   assert_close(embedding, f / np.linalg.norm(f, axis=-1, keepdims=True))
   # Pair (u, v) = (0, 1) is official pair k = 0 * B + 1, whose f_1 is f(u|v).

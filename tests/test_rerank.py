@@ -17,7 +17,7 @@ def reference_rerank(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value):
   rank = np.argsort(dist, axis=1, kind='stable')
 
   def nearest(i, k):  # N(i, k): the k + 1 closest, i itself included.
-    return set(rank[i, :k + 1].tolist())
+    return set(rank[i, : k + 1].tolist())
 
   def reciprocal(i, k):  # R(i, k), Eq. 4.
     return {j for j in nearest(i, k) if i in nearest(j, k)}
@@ -39,8 +39,9 @@ def reference_rerank(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value):
   jaccard = np.zeros((num_query, num_total))
   for i in range(num_query):  # Eq. 10-11.
     for j in range(num_total):
-      jaccard[i, j] = 1 - (np.minimum(weights[i], weights[j]).sum()
-                           / np.maximum(weights[i], weights[j]).sum())
+      jaccard[i, j] = 1 - (
+        np.minimum(weights[i], weights[j]).sum() / np.maximum(weights[i], weights[j]).sum()
+      )
   final = (1 - lambda_value) * jaccard + lambda_value * dist[:num_query]  # Eq. 13.
   return final[:, num_query:]
 
@@ -50,8 +51,9 @@ def random_problem(seed, num_query=30, num_gallery=80, dim=16, num_ids=12):
   rng = np.random.default_rng(seed)
   centers = rng.normal(size=(num_ids, dim))
   query = centers[rng.integers(num_ids, size=num_query)] + 0.6 * rng.normal(size=(num_query, dim))
-  gallery = (centers[rng.integers(num_ids, size=num_gallery)]
-             + 0.6 * rng.normal(size=(num_gallery, dim)))
+  gallery = centers[rng.integers(num_ids, size=num_gallery)] + 0.6 * rng.normal(
+    size=(num_gallery, dim)
+  )
   return query.astype(np.float32), gallery.astype(np.float32)
 
 
@@ -69,8 +71,9 @@ def distance_blocks(query, gallery, metric='sqeuclidean'):
   return dist(query, gallery), (q_q + q_q.T) / 2, (g_g + g_g.T) / 2
 
 
-@pytest.mark.parametrize('k1, k2, lambda_value', [(5, 3, 0.3), (6, 1, 0.3), (4, 5, 0.0),
-                                                  (1, 2, 0.5)])
+@pytest.mark.parametrize(
+  'k1, k2, lambda_value', [(5, 3, 0.3), (6, 1, 0.3), (4, 5, 0.0), (1, 2, 0.5)]
+)
 def test_dense_matches_reference(k1, k2, lambda_value):
   q_g, q_q, g_g = distance_blocks(*random_problem(0, num_query=12, num_gallery=40))
   result = rerank.k_reciprocal_rerank(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lambda_value)
@@ -100,8 +103,9 @@ def test_features_variant_matches_dense(metric):
   query, gallery = random_problem(2)
   q_g, q_q, g_g = distance_blocks(query, gallery, metric)
   dense = rerank.k_reciprocal_rerank(q_g, q_q, g_g, k1=5, k2=3, lambda_value=0.3)
-  bounded = rerank.k_reciprocal_rerank_features(query, gallery, k1=5, k2=3, lambda_value=0.3,
-                                                metric=metric, chunk_size=16)
+  bounded = rerank.k_reciprocal_rerank_features(
+    query, gallery, k1=5, k2=3, lambda_value=0.3, metric=metric, chunk_size=16
+  )
   assert bounded.shape == (30, 80)
   np.testing.assert_allclose(bounded, dense, atol=1e-5)
 
@@ -119,10 +123,12 @@ def test_given_query_gallery_distances_replace_the_feature_ones():
   _, q_q, g_g = distance_blocks(query, gallery)
   # Distances from "another scorer": the feature ones, perturbed and rescaled.
   other = distance_blocks(query, gallery)[0] * 1.3 + np.random.default_rng(4).uniform(
-      0, 2, size=(30, 80))
+    0, 2, size=(30, 80)
+  )
   dense = rerank.k_reciprocal_rerank(other, q_q, g_g, k1=5, k2=3)
-  bounded = rerank.k_reciprocal_rerank_features(query, gallery, k1=5, k2=3,
-                                                metric='sqeuclidean', q_g_dist=other)
+  bounded = rerank.k_reciprocal_rerank_features(
+    query, gallery, k1=5, k2=3, metric='sqeuclidean', q_g_dist=other
+  )
   np.testing.assert_allclose(bounded, dense, atol=1e-5)
   plain = rerank.k_reciprocal_rerank_features(query, gallery, k1=5, k2=3, metric='sqeuclidean')
   assert np.abs(plain - bounded).max() > 1e-2
@@ -151,21 +157,36 @@ def test_rerank_fixes_a_lone_impostor(k2):
   # neighbours are its identity B group around -1.7, so it is not reciprocal.
   # (k2 = 2 would average the query's V with its nearest item, the impostor.)
   query = np.array([[0.0]], np.float32)
-  gallery = np.array([[1.05], [1.1], [1.15], [1.2],        # A: true matches
-                      [-1.0],                             # B: the impostor
-                      [-1.6], [-1.65], [-1.7], [-1.75], [-1.8]], np.float32)  # B
+  gallery = np.array(
+    [
+      [1.05],
+      [1.1],
+      [1.15],
+      [1.2],  # A: true matches
+      [-1.0],  # B: the impostor
+      [-1.6],
+      [-1.65],
+      [-1.7],
+      [-1.75],
+      [-1.8],
+    ],
+    np.float32,
+  )  # B
   truth = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], bool)
   raw = metrics.euclidean_distance(query, gallery)
   assert np.argmin(raw[0]) == 4  # The impostor is ranked first by raw distance.
   q_g, q_q, g_g = distance_blocks(query, gallery)
-  result = rerank.k_reciprocal_rerank(np.sqrt(q_g), np.sqrt(q_q), np.sqrt(g_g), k1=4, k2=k2,
-                                      lambda_value=0.3)
+  result = rerank.k_reciprocal_rerank(
+    np.sqrt(q_g), np.sqrt(q_q), np.sqrt(g_g), k1=4, k2=k2, lambda_value=0.3
+  )
   order = np.argsort(result[0], kind='stable')
   assert truth[order[0]]
-  raw_ap = metrics.evaluate_rank(raw, np.array([1]), np.where(truth, 1, 2), np.array([0]),
-                                 np.ones(10, int), max_rank=10)['mAP']
-  new_ap = metrics.evaluate_rank(result, np.array([1]), np.where(truth, 1, 2), np.array([0]),
-                                 np.ones(10, int), max_rank=10)['mAP']
+  raw_ap = metrics.evaluate_rank(
+    raw, np.array([1]), np.where(truth, 1, 2), np.array([0]), np.ones(10, int), max_rank=10
+  )['mAP']
+  new_ap = metrics.evaluate_rank(
+    result, np.array([1]), np.where(truth, 1, 2), np.array([0]), np.ones(10, int), max_rank=10
+  )['mAP']
   assert new_ap > raw_ap and new_ap == pytest.approx(1.0)
 
 

@@ -48,17 +48,21 @@ def count(tree):
 
 
 def paths(tree):
-  return ['/'.join(str(k.key) for k in path)
-          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return [
+    '/'.join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
 
 
-@pytest.mark.parametrize('depth, num_classes, expected', [
-    (50, 1000, 25_557_032),   # torchvision resnet50
-    (50, None, 23_508_032),   # ... without fc
-    (18, 1000, 11_689_512),   # torchvision resnet18
-    (34, 1000, 21_797_672),   # torchvision resnet34
+@pytest.mark.parametrize(
+  'depth, num_classes, expected',
+  [
+    (50, 1000, 25_557_032),  # torchvision resnet50
+    (50, None, 23_508_032),  # ... without fc
+    (18, 1000, 11_689_512),  # torchvision resnet18
+    (34, 1000, 21_797_672),  # torchvision resnet34
     (101, 1000, 44_549_160),  # torchvision resnet101
-])
+  ],
+)
 def test_parameter_count_matches_torchvision(depth, num_classes, expected):
   model = make_resnet(depth, num_classes=num_classes, last_stride=2)
   assert count(abstract_variables(model)['params']) == expected
@@ -69,8 +73,16 @@ def test_parameter_names_follow_torchvision():
   params = variables['params']
   expected_blocks = [f'layer{s}_{b}' for s, n in enumerate((3, 4, 6, 3), 1) for b in range(n)]
   assert sorted(params) == sorted(['conv1', 'bn1', 'fc'] + expected_blocks)
-  assert set(params['layer1_0']) == {'conv1', 'bn1', 'conv2', 'bn2', 'conv3', 'bn3',
-                                     'downsample_conv', 'downsample_bn'}
+  assert set(params['layer1_0']) == {
+    'conv1',
+    'bn1',
+    'conv2',
+    'bn2',
+    'conv3',
+    'bn3',
+    'downsample_conv',
+    'downsample_bn',
+  }
   assert 'downsample_conv' not in params['layer1_1']
   assert params['layer3_0']['downsample_conv']['kernel'].shape == (1, 1, 512, 1024)
   assert params['layer1_0']['conv2']['kernel'].shape == (3, 3, 64, 64)
@@ -83,16 +95,25 @@ def test_parameter_names_follow_torchvision():
 def test_basic_block_names_and_downsample():
   params = abstract_variables(make_resnet(18))['params']
   assert set(params['layer1_0']) == {'conv1', 'bn1', 'conv2', 'bn2'}  # 64 -> 64, stride 1
-  assert set(params['layer2_0']) == {'conv1', 'bn1', 'conv2', 'bn2', 'downsample_conv',
-                                     'downsample_bn'}
+  assert set(params['layer2_0']) == {
+    'conv1',
+    'bn1',
+    'conv2',
+    'bn2',
+    'downsample_conv',
+    'downsample_bn',
+  }
 
 
-@pytest.mark.parametrize('stage_sizes, expected', [
-    ((3, 4, 6, 3), ('layer2_2', 'layer3_4', 'layer4_1')),    # official positions
+@pytest.mark.parametrize(
+  'stage_sizes, expected',
+  [
+    ((3, 4, 6, 3), ('layer2_2', 'layer3_4', 'layer4_1')),  # official positions
     ((2, 2, 2, 2), ('layer2_0', 'layer3_0', 'layer4_0')),
     ((3, 4, 23, 3), ('layer2_2', 'layer3_21', 'layer4_1')),
     ((1, 1, 1, 1), ('layer2_0', 'layer3_0', 'layer4_0')),
-])
+  ],
+)
 def test_non_local_positions(stage_sizes, expected):
   assert resnet.non_local_positions(stage_sizes) == expected
 
@@ -126,8 +147,9 @@ def test_non_local_starts_as_identity_and_then_mixes():
 def test_feature_map_shape_resnet50(last_stride, expected_hw):
   model = make_resnet(50, last_stride=last_stride)
   variables = abstract_variables(model, (2, 256, 128, 3))
-  fmap, features = jax.eval_shape(lambda v, x: model.apply(v, x), variables,
-                                  jax.ShapeDtypeStruct((2, 256, 128, 3), jnp.float32))
+  fmap, features = jax.eval_shape(
+    lambda v, x: model.apply(v, x), variables, jax.ShapeDtypeStruct((2, 256, 128, 3), jnp.float32)
+  )
   assert fmap.shape == (2, *expected_hw, 2048)
   assert features['layer3'].shape == (2, 16, 8, 1024)
   assert features['stem'].shape == (2, 64, 32, 64)
@@ -138,8 +160,11 @@ def test_feature_map_shape_resnet50(last_stride, expected_hw):
 def test_feature_map_shape_formula_matches_the_network(image_size, last_stride):
   model = make_resnet('tiny', width=8, last_stride=last_stride)
   shape = (1, *image_size, 3)
-  fmap, _ = jax.eval_shape(lambda v, x: model.apply(v, x), abstract_variables(model, shape),
-                           jax.ShapeDtypeStruct(shape, jnp.float32))
+  fmap, _ = jax.eval_shape(
+    lambda v, x: model.apply(v, x),
+    abstract_variables(model, shape),
+    jax.ShapeDtypeStruct(shape, jnp.float32),
+  )
   assert fmap.shape[1:] == feature_map_shape(image_size, 'tiny', 8, last_stride)
 
 
@@ -147,11 +172,13 @@ def test_bottleneck_stride_is_on_conv2():
   model = make_resnet('tiny', width=8)
   x = jnp.zeros((1, 64, 32, 3))
   _, state = jax.eval_shape(
-      lambda: model.apply(model.init(jax.random.key(0), x), x, capture_intermediates=True,
-                          mutable=['intermediates']))
+    lambda: model.apply(
+      model.init(jax.random.key(0), x), x, capture_intermediates=True, mutable=['intermediates']
+    )
+  )
   block = state['intermediates']['layer2_0']
   assert block['conv1']['__call__'][0].shape[1:3] == (16, 8)  # stage input resolution
-  assert block['conv2']['__call__'][0].shape[1:3] == (8, 4)   # halved by the 3x3
+  assert block['conv2']['__call__'][0].shape[1:3] == (8, 4)  # halved by the 3x3
   assert block['downsample_conv']['__call__'][0].shape[1:3] == (8, 4)
 
 
@@ -178,10 +205,15 @@ def test_batchnorm_follows_pytorch_momentum_and_updates_in_train_mode():
   new_mean = np.asarray(state['batch_stats']['bn1']['mean'])
   # running = 0.9 running + 0.1 batch (PyTorch momentum 0.1); running starts at 0.
   conv1 = jax.lax.conv_general_dilated(
-      x, variables['params']['conv1']['kernel'], (2, 2), ((3, 3), (3, 3)),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  np.testing.assert_allclose(new_mean, 0.1 * np.asarray(conv1).mean((0, 1, 2)), rtol=1e-4,
-                             atol=1e-6)
+    x,
+    variables['params']['conv1']['kernel'],
+    (2, 2),
+    ((3, 3), (3, 3)),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )
+  np.testing.assert_allclose(
+    new_mean, 0.1 * np.asarray(conv1).mean((0, 1, 2)), rtol=1e-4, atol=1e-6
+  )
   assert np.abs(new_mean).max() > 1e-4
   eval_out, _ = apply(variables, x, train=False)
   assert eval_out.shape == (2, 4, 2, 128)
@@ -191,7 +223,8 @@ def test_bfloat16_compute_keeps_float32_parameters():
   model = make_resnet('tiny', width=4, dtype=jnp.bfloat16)
   x = jnp.ones((2, 64, 32, 3))
   variables, (fmap, _) = jax.eval_shape(
-      lambda: (lambda v: (v, model.apply(v, x)))(model.init(jax.random.key(0), x)))
+    lambda: (lambda v: (v, model.apply(v, x)))(model.init(jax.random.key(0), x))
+  )
   assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
   assert fmap.dtype == jnp.bfloat16
   assert isinstance(variables, dict) and not isinstance(variables, flax.core.FrozenDict)

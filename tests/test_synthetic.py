@@ -67,7 +67,8 @@ def test_generation_is_deterministic_per_seed(tiny_dir, tmp_path):
 def test_layout_names_and_counts(tiny_dir):
   root, counts = tiny_dir
   assert sorted(p.name for p in root.iterdir()) == sorted(
-      [*synthetic.SPLIT_FOLDERS.values(), synthetic.CONFIG_FILE])
+    [*synthetic.SPLIT_FOLDERS.values(), synthetic.CONFIG_FILE]
+  )
   num_train_ids = TINY.num_train_families * TINY.ids_per_family
   num_test_ids = TINY.num_test_families * TINY.ids_per_family
   for split in synthetic.SPLIT_FOLDERS:
@@ -76,7 +77,8 @@ def test_layout_names_and_counts(tiny_dir):
     assert counts[split]['ids'] == len({pid for pid, _ in entries if pid > 0})
   assert counts['train']['images'] == num_train_ids * TINY.images_per_id
   assert counts['query']['images'] + counts['gallery']['images'] == (
-      num_test_ids * TINY.images_per_id + TINY.num_junk + TINY.num_distractors)
+    num_test_ids * TINY.images_per_id + TINY.num_junk + TINY.num_distractors
+  )
   with Image.open(next((root / 'query').iterdir())) as image:
     assert image.size == (TINY.image_width, TINY.image_height) and image.format == 'JPEG'
 
@@ -113,8 +115,15 @@ def test_families_share_main_look_and_differ_in_details():
   for attrs in people.values():
     families[attrs.family].append(attrs)
   assert len(families) == 55 and all(len(m) == 4 for m in families.values())
-  shared = ('torso_color', 'torso_style', 'legs_color', 'legs_style', 'build', 'skin',
-            'backpack_color')
+  shared = (
+    'torso_color',
+    'torso_style',
+    'legs_color',
+    'legs_style',
+    'build',
+    'skin',
+    'backpack_color',
+  )
   for members in families.values():
     for a, b in itertools.combinations(members, 2):
       assert all(getattr(a, f) == getattr(b, f) for f in shared)
@@ -122,8 +131,9 @@ def test_families_share_main_look_and_differ_in_details():
       assert len(diffs) >= 2 and set(diffs) & set(synthetic.VISIBLE_SLOTS), (a.pid, b.pid)
   for f, g in itertools.combinations(families, 2):
     a, b = families[f][0], families[g][0]
-    gap = (np.linalg.norm(np.subtract(a.torso_color, b.torso_color))
-           + np.linalg.norm(np.subtract(a.legs_color, b.legs_color)))
+    gap = np.linalg.norm(np.subtract(a.torso_color, b.torso_color)) + np.linalg.norm(
+      np.subtract(a.legs_color, b.legs_color)
+    )
     assert gap > 40, (f, g)
 
 
@@ -136,18 +146,24 @@ def test_family_members_differ_in_few_pixels():
     families[attrs.family].append(attrs)
 
   def changed_fraction(a, b, view):
-    x, y = (synthetic.render_person(p, view, cams[view.camera], 128, 64).astype(int)
-            for p in (a, b))
+    x, y = (
+      synthetic.render_person(p, view, cams[view.camera], 128, 64).astype(int) for p in (a, b)
+    )
     return float(np.mean(np.abs(x - y).max(-1) > 30))
 
   rng = np.random.default_rng(0)
   for view_name in ('front', 'back', 'side'):
     cam = int(rng.integers(config.num_cameras))
     view = dataclasses.replace(synthetic.sample_view(rng, cam, cams[cam], 0.0), view=view_name)
-    same = [changed_fraction(a, b, view) for f in range(6)
-            for a, b in itertools.combinations(families[f], 2)]
-    other = [changed_fraction(families[f][0], families[g][0], view)
-             for f, g in itertools.combinations(range(6), 2)]
+    same = [
+      changed_fraction(a, b, view)
+      for f in range(6)
+      for a, b in itertools.combinations(families[f], 2)
+    ]
+    other = [
+      changed_fraction(families[f][0], families[g][0], view)
+      for f, g in itertools.combinations(range(6), 2)
+    ]
     assert min(same) > 0.002, view_name  # a detail is always visible
     assert max(same) < 0.12 and np.mean(same) < 0.4 * np.mean(other), (view_name, same, other)
 
@@ -155,17 +171,22 @@ def test_family_members_differ_in_few_pixels():
 def test_views_mirror_side_accessories():
   config = synthetic.PRESETS['default']
   cams = synthetic.camera_styles(config)
-  person = next(a for a in synthetic.identity_attributes(config).values()
-                if a.bag_side == 'left' and a.backpack_color is None and a.hat_style is None)
+  person = next(
+    a
+    for a in synthetic.identity_attributes(config).values()
+    if a.bag_side == 'left' and a.backpack_color is None and a.hat_style is None
+  )
   rng = np.random.default_rng(1)
-  view = dataclasses.replace(synthetic.sample_view(rng, 0, cams[0], 0.0), center_x=0.5,
-                             arm_swing=(0.1, 0.1))
+  view = dataclasses.replace(
+    synthetic.sample_view(rng, 0, cams[0], 0.0), center_x=0.5, arm_swing=(0.1, 0.1)
+  )
 
   def bag_side(view_name):
     """Which image half the bag is in: where removing it changes pixels."""
     with_bag, without = (
-        synthetic.render_person(p, dataclasses.replace(view, view=view_name), cams[0], 128, 64)
-        for p in (person, dataclasses.replace(person, bag_side=None)))
+      synthetic.render_person(p, dataclasses.replace(view, view=view_name), cams[0], 128, 64)
+      for p in (person, dataclasses.replace(person, bag_side=None))
+    )
     changed = np.abs(with_bag.astype(int) - without.astype(int)).max(-1) > 30
     cols = np.nonzero(changed.any(0))[0]
     assert len(cols), view_name
@@ -185,13 +206,19 @@ def test_occluded_preset_occludes_every_query():
   assert queries and all(r.view.occluded for r in queries)
   assert not any(r.view.occluded for r in synthetic.plan_images(TINY))
   # Occlusion changes only the occluder: everything else about the image is the same.
-  plain = {r.filename: r for r in synthetic.plan_images(
-      dataclasses.replace(config, query_occlusion=False))}
+  plain = {
+    r.filename: r for r in synthetic.plan_images(dataclasses.replace(config, query_occlusion=False))
+  }
   cams = synthetic.camera_styles(config)
   for r in queries[:3]:
     assert dataclasses.replace(r.view, occluded=False) == plain[r.filename].view
-    covered = np.abs(synthetic.render_record(r, cams, config).astype(int)
-                     - synthetic.render_record(plain[r.filename], cams, config)).max(-1) > 30
+    covered = (
+      np.abs(
+        synthetic.render_record(r, cams, config).astype(int)
+        - synthetic.render_record(plain[r.filename], cams, config)
+      ).max(-1)
+      > 30
+    )
     assert 0.03 < covered.mean() < 0.7
 
 
@@ -242,11 +269,17 @@ def test_config_is_validated():
 
 
 def test_cli_and_preview(tmp_path, capsys):
-  assert run_tool(synthetic_tool, ['--out', str(tmp_path / 'd'), '--preset', 'tiny',
-                         '--preview', str(tmp_path / 'p.png')]) == 0
+  assert (
+    run_tool(
+      synthetic_tool,
+      ['--out', str(tmp_path / 'd'), '--preset', 'tiny', '--preview', str(tmp_path / 'p.png')],
+    )
+    == 0
+  )
   out = capsys.readouterr().out
   assert 'train' in out and 'ready after' in out
   with Image.open(tmp_path / 'p.png') as preview:
     assert preview.width > 8 * TINY.image_width and preview.height > 8 * TINY.image_height
-  assert run_tool(synthetic_tool, ['--out', str(tmp_path / 'd'), '--preset', 'tiny',
-                                   '--seed', '5']) == 2
+  assert (
+    run_tool(synthetic_tool, ['--out', str(tmp_path / 'd'), '--preset', 'tiny', '--seed', '5']) == 2
+  )

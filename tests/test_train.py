@@ -19,10 +19,9 @@ import pytest
 from cace_jax import checkpoint, input_pipeline, sharding, train_lib
 from cace_jax.errors import ConfigError
 from cace_jax.models import build_model
+from configs import tiny  # conftest puts the repository root on sys.path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import tiny  # pylint: disable=wrong-import-position
 
 NUM_CLASSES = 9
 
@@ -39,8 +38,9 @@ def tiny_config(data_dir, **overrides):
 def random_batch(seed, devices=4, p=2, k=2, size=(64, 32)):
   """A flat batch [devices·P·K, ...]: each device's P·K rows hold P identities × K images."""
   rng = np.random.default_rng(seed)
-  labels = np.concatenate([np.repeat(rng.choice(NUM_CLASSES, p, replace=False), k)
-                           for _ in range(devices)]).astype(np.int32)
+  labels = np.concatenate(
+    [np.repeat(rng.choice(NUM_CLASSES, p, replace=False), k) for _ in range(devices)]
+  ).astype(np.int32)
   images = rng.normal(size=(devices * p * k, *size, 3)).astype(np.float32)
   return {'image': images, 'label': labels}
 
@@ -51,8 +51,7 @@ def setup_step(config, devices):
   tx, schedule = train_lib.create_optimizer(config, steps_per_epoch=3, global_batch=4 * devices)
   state = train_lib.init_state(model, tx, config.data.image_size, config.seed)
   # A copy: the step donates its state, and tests keep using `state` as a reference.
-  return mesh, model, tx, schedule, state, sharding.replicate(jax.tree.map(np.array, state),
-                                                              mesh)
+  return mesh, model, tx, schedule, state, sharding.replicate(jax.tree.map(np.array, state), mesh)
 
 
 def test_four_devices_loss_goes_down(tiny_data_dir):
@@ -78,18 +77,26 @@ def test_multi_device_update_is_the_mean_of_per_device_gradients(tiny_data_dir):
 
   # Reference without shard_map: each device's gradients on its own P·K images.
   kwargs = train_lib.loss_kwargs_from(config.loss)
-  gradients = jax.jit(lambda images, labels, key: train_lib.compute_gradients(
-      model, kwargs, host_state.params, host_state.batch_stats, images, labels, key))
+  gradients = jax.jit(
+    lambda images, labels, key: train_lib.compute_gradients(
+      model, kwargs, host_state.params, host_state.batch_stats, images, labels, key
+    )
+  )
   rows = lambda d: slice(4 * d, 4 * (d + 1))  # device d's P·K = 4 rows of the flat batch
-  results = [gradients(batch['image'][rows(d)], batch['label'][rows(d)],
-                       train_lib.step_dropout_key(host_state, d)) for d in range(4)]
+  results = [
+    gradients(
+      batch['image'][rows(d)], batch['label'][rows(d)], train_lib.step_dropout_key(host_state, d)
+    )
+    for d in range(4)
+  ]
   mean = lambda trees: jax.tree.map(lambda *x: sum(x) / len(x), *trees)
   grads = mean([r[3] for r in results])
   updates, _ = tx.update(grads, host_state.opt_state, host_state.params)
   expected_params = optax.apply_updates(host_state.params, updates)
   expected_stats = mean([r[2] for r in results])
   chex_close = lambda a, b: jax.tree.map(
-      lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6), a, b)
+    lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6), a, b
+  )
   chex_close(jax.device_get(new_state.params), expected_params)
   chex_close(jax.device_get(new_state.batch_stats), expected_stats)
   # Per-device semantics matter: the devices' gradients really differ.
@@ -106,23 +113,31 @@ def test_synced_batchnorm_equals_one_device_on_the_whole_batch(tiny_data_dir):
   batch = random_batch(2)
 
   def train_forward(model, images):
-    out, updates = model.apply(variables, images, train=True, mutable=['batch_stats'],
-                               rngs={'dropout': jax.random.key(1)})
+    out, updates = model.apply(
+      variables, images, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(1)}
+    )
     return out['embedding'], updates['batch_stats']
 
   spec = jax.sharding.PartitionSpec
+
   def device_forward(images):  # per device: embeddings of its rows, its copy of the stats
     embedding, stats = train_forward(synced, images)
     return embedding, jax.tree.map(lambda t: t[None], stats)
 
-  sharded = jax.jit(jax.shard_map(device_forward, mesh=mesh, in_specs=spec(sharding.AXIS),
-                                  out_specs=spec(sharding.AXIS)))
+  sharded = jax.jit(
+    jax.shard_map(
+      device_forward, mesh=mesh, in_specs=spec(sharding.AXIS), out_specs=spec(sharding.AXIS)
+    )
+  )
   images = sharding.global_batch({'image': batch['image']}, mesh)['image']
   emb_multi, stats_multi = sharded(images)
   emb_single, stats_single = jax.jit(lambda x: train_forward(single, x))(batch['image'])
   np.testing.assert_allclose(np.asarray(emb_multi), emb_single, rtol=1e-4, atol=1e-4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-4, atol=1e-5),
-               jax.device_get(stats_multi), stats_single)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-4, atol=1e-5),
+    jax.device_get(stats_multi),
+    stats_single,
+  )
 
 
 def final_params(workdir):
@@ -166,16 +181,27 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_data_dir, tmp_path, monke
   step_b, params_b = final_params(interrupted)
   assert step_a == step_b == 6
   assert_trees_equal(params_a, params_b)
-  logged = lambda workdir: [line for line in open(os.path.join(workdir, 'train.log'))
-                            if '"step": 6' in line and '"split": "train"' in line]
-  assert logged(uninterrupted)[0].split('"images_per_s"')[0] == logged(
-      interrupted)[-1].split('"images_per_s"')[0]
+  logged = lambda workdir: [
+    line
+    for line in open(os.path.join(workdir, 'train.log'))
+    if '"step": 6' in line and '"split": "train"' in line
+  ]
+  assert (
+    logged(uninterrupted)[0].split('"images_per_s"')[0]
+    == logged(interrupted)[-1].split('"images_per_s"')[0]
+  )
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoint(tiny_data_dir, tmp_path):
-  config = tiny_config(tiny_data_dir, **{'optim.lr_per_16': 1e30, 'optim.warmup_epochs': 0,
-                                        'train.checkpoint_every': 1,
-                                        'train.eval_every_epochs': 0})
+  config = tiny_config(
+    tiny_data_dir,
+    **{
+      'optim.lr_per_16': 1e30,
+      'optim.warmup_epochs': 0,
+      'train.checkpoint_every': 1,
+      'train.eval_every_epochs': 0,
+    },
+  )
   workdir = str(tmp_path / 'nan')
   with pytest.raises(FloatingPointError, match=r'non-finite \w+=\S+ at step \d+') as error:
     train_lib.train_and_evaluate(config, workdir)
@@ -188,13 +214,25 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoint(tiny_data_dir, t
 def run_train_cli(args, env=None, devices=4):
   env = dict(os.environ, **(env or {}))
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  return subprocess.Popen([sys.executable, 'train.py', *args], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, 'train.py', *args],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def tiny_cli_args(data_dir, workdir):
-  return ['--config', 'configs/tiny.py', '--workdir', workdir,
-          f'--config.data.data_dir={data_dir}', '--config.train.eval_every_epochs=0']
+  return [
+    '--config',
+    'configs/tiny.py',
+    '--workdir',
+    workdir,
+    f'--config.data.data_dir={data_dir}',
+    '--config.train.eval_every_epochs=0',
+  ]
 
 
 @pytest.mark.slow
@@ -207,32 +245,45 @@ def test_two_processes_over_gloo_match_one_process(tiny_data_dir, tmp_path):
   # last-bit differences can flip a batch-hard triplet's choice among near-equal
   # distances (at initialisation all distances are close), a discrete jump in the
   # update; the smooth losses (ID and mix-up) carry the comparison instead.
-  stable = ['--config.optim.lr_per_16=0.001', '--config.train.num_steps=3',
-            '--config.train.checkpoint_every=1', '--config.loss.weights.triplet=0',
-            '--config.loss.weights.pair_triplet=0']
-  workers = [run_train_cli(tiny_cli_args(tiny_data_dir, multi) + stable + [
-      f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
-                           devices=2) for i in range(2)]
-  single = run_train_cli(tiny_cli_args(tiny_data_dir, str(tmp_path / 'single')) + stable,
-                         devices=4)
+  stable = [
+    '--config.optim.lr_per_16=0.001',
+    '--config.train.num_steps=3',
+    '--config.train.checkpoint_every=1',
+    '--config.loss.weights.triplet=0',
+    '--config.loss.weights.pair_triplet=0',
+  ]
+  workers = [
+    run_train_cli(
+      tiny_cli_args(tiny_data_dir, multi)
+      + stable
+      + [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+      devices=2,
+    )
+    for i in range(2)
+  ]
+  single = run_train_cli(tiny_cli_args(tiny_data_dir, str(tmp_path / 'single')) + stable, devices=4)
   for process in workers + [single]:
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-3000:]
   step_multi, params_multi = final_params(multi)
   step_single, params_single = final_params(str(tmp_path / 'single'))
   assert step_multi == step_single == 3
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               params_multi, params_single)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_multi, params_single
+  )
   # Not vacuous: training moved the parameters far more than the tolerance.
   _, earlier, _ = checkpoint.read_checkpoint(str(tmp_path / 'single'), step=1)
-  moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
-      jax.tree.leaves(params_single), jax.tree.leaves(earlier['params'])))
+  moved = max(
+    float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+    for a, b in zip(jax.tree.leaves(params_single), jax.tree.leaves(earlier['params']))
+  )
   assert moved > 1e-3, moved
 
 
 def test_unknown_config_field_lists_valid_ones(tmp_path):
-  process = run_train_cli(['--config', 'configs/tiny.py', '--workdir', str(tmp_path),
-                           '--config.optim.lr=1'])
+  process = run_train_cli(
+    ['--config', 'configs/tiny.py', '--workdir', str(tmp_path), '--config.optim.lr=1']
+  )
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == 2
   assert "unknown config field 'optim.lr'" in stderr and 'lr_per_16' in stderr
@@ -246,27 +297,39 @@ def test_impossible_batch_split_is_a_config_error(tiny_data_dir, tmp_path):
   assert not glob.glob(str(tmp_path / 'checkpoints' / '*'))
 
 
-CONFIG_ARGS = [('default.py', None), ('market.py', None), ('duke.py', None),
-               ('msmt17.py', None), ('occluded_duke.py', None), ('synthetic.py', None),
-               ('tiny.py', None), ('ablations/paper.py', 'market1501')] + [
-                   ('ablations/table1.py', v) for v in
-                   ('individual', 'individual_gcn', 'normal_gcn', 'discrepancy_gcn')] + [
-                       ('ablations/table2.py', v) for v in
-                       ('none', 'part', 'topk', 'full', 'correspondence')] + [
-                           ('ablations/table3.py', v) for v in ('1.0', '0.95', '0.6')]
+CONFIG_ARGS = (
+  [
+    ('default.py', None),
+    ('market.py', None),
+    ('duke.py', None),
+    ('msmt17.py', None),
+    ('occluded_duke.py', None),
+    ('synthetic.py', None),
+    ('tiny.py', None),
+    ('ablations/paper.py', 'market1501'),
+  ]
+  + [
+    ('ablations/table1.py', v)
+    for v in ('individual', 'individual_gcn', 'normal_gcn', 'discrepancy_gcn')
+  ]
+  + [('ablations/table2.py', v) for v in ('none', 'part', 'topk', 'full', 'correspondence')]
+  + [('ablations/table3.py', v) for v in ('1.0', '0.95', '0.6')]
+)
 
 
 @pytest.mark.parametrize('path,arg', CONFIG_ARGS)
 def test_every_config_loads_and_builds_its_model(path, arg):
-  spec = importlib.util.spec_from_file_location('config_under_test',
-                                                os.path.join(ROOT, 'configs', path))
+  spec = importlib.util.spec_from_file_location(
+    'config_under_test', os.path.join(ROOT, 'configs', path)
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config(arg) if arg else module.get_config()
   assert config.data.dataset and config.optim.epochs > 0
   model = build_model(config.model, num_classes=5)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(
-      (2, 64, 32, 3)), train=False))
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((2, 64, 32, 3)), train=False)
+  )
   assert 'params' in shapes
   with pytest.raises(AttributeError):
     config.optim.no_such_field = 1  # locked: typos fail loudly
@@ -279,8 +342,11 @@ def test_bfloat16_compute_keeps_float32_parameters(tiny_data_dir):
   state, metrics = step(state, sharding.global_batch(random_batch(3), mesh))
   assert np.isfinite(float(metrics['loss']))
   assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype('float32')}
-  fmap = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                     jnp.zeros((2, 64, 32, 3)), train=False)['fmap']
+  fmap = model.apply(
+    {'params': state.params, 'batch_stats': state.batch_stats},
+    jnp.zeros((2, 64, 32, 3)),
+    train=False,
+  )['fmap']
   assert fmap.dtype == jnp.bfloat16
 
 

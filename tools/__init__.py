@@ -1,1 +1,1 @@
-"""Command-line tools beside train.py and eval.py: data, weights, deployment (`python tools/X.py`)."""
+"""Commands beside train.py and eval.py: data, weights, deployment (`python tools/X.py`)."""

@@ -18,12 +18,18 @@ from cace_jax.interop import deploy
 
 def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_string('out', None, 'Directory (default WORKDIR/export).', flag_values=flag_values)
-  flags.DEFINE_integer('step', None, 'The checkpoint (default: the latest).',
-                       flag_values=flag_values)
-  flags.DEFINE_list('image_size', None, 'H,W (default: the training config\'s).',
-                    flag_values=flag_values)
-  flags.DEFINE_boolean('no_flip', False, "No flip averaging (default: the config's eval.flip).",
-                       flag_values=flag_values)
+  flags.DEFINE_integer(
+    'step', None, 'The checkpoint (default: the latest).', flag_values=flag_values
+  )
+  flags.DEFINE_list(
+    'image_size', None, "H,W (default: the training config's).", flag_values=flag_values
+  )
+  flags.DEFINE_boolean(
+    'no_flip',
+    False,
+    "No flip averaging (default: the config's eval.flip).",
+    flag_values=flag_values,
+  )
   flags.DEFINE_boolean('no_verify', False, 'Skip the onnxruntime check.', flag_values=flag_values)
 
 
@@ -34,9 +40,14 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     if len(args.image_size) != 2 or not all(v.isdigit() for v in args.image_size):
       raise UserError(f'--image_size={",".join(args.image_size)}: expected H,W, e.g. 384,128')
     image_size = tuple(int(v) for v in args.image_size)
-  summary = deploy.export_deployment(positional[0], args.out, args.step, image_size,
-                                     flip=False if args.no_flip else None,
-                                     verify=not args.no_verify)
+  summary = deploy.export_deployment(
+    positional[0],
+    args.out,
+    args.step,
+    image_size,
+    flip=False if args.no_flip else None,
+    verify=not args.no_verify,
+  )
   print(json.dumps(summary, indent=2))
 
 

@@ -24,29 +24,37 @@ COMMANDS = ('torchvision', 'official', 'to_torch')
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
-  flags.DEFINE_string('out', None, 'Workdir to write (torchvision, official) or the '
-                      '*.safetensors / *.pth file (to_torch).', flag_values=flag_values)
-  flags.DEFINE_integer('depth', None, 'ResNet depth of a torchvision file.',
-                       flag_values=flag_values)
-  flags.DEFINE_boolean('no_fc', False, 'torchvision: drop the ImageNet classifier.',
-                       flag_values=flag_values)
-  flags.DEFINE_integer('step', None, 'to_torch: the checkpoint (default: the latest).',
-                       flag_values=flag_values)
+  flags.DEFINE_string(
+    'out',
+    None,
+    'Workdir to write (torchvision, official) or the *.safetensors / *.pth file (to_torch).',
+    flag_values=flag_values,
+  )
+  flags.DEFINE_integer(
+    'depth', None, 'ResNet depth of a torchvision file.', flag_values=flag_values
+  )
+  flags.DEFINE_boolean(
+    'no_fc', False, 'torchvision: drop the ImageNet classifier.', flag_values=flag_values
+  )
+  flags.DEFINE_integer(
+    'step', None, 'to_torch: the checkpoint (default: the latest).', flag_values=flag_values
+  )
   flags.mark_flag_as_required('out', flag_values=flag_values)
 
 
 def main(args: flags.FlagValues, positional: list[str]) -> None:
   if not positional or positional[0] not in COMMANDS:
-    raise UserError(f'expected a command, one of {", ".join(COMMANDS)}; got '
-                    f'{positional[0] if positional else "none"}')
+    raise UserError(
+      f'expected a command, one of {", ".join(COMMANDS)}; got '
+      f'{positional[0] if positional else "none"}'
+    )
   command = positional[0]
   cli.expect_arguments(positional[1:], ['WORKDIR' if command == 'to_torch' else 'FILE'])
   source = positional[1]
   if command == 'torchvision':
     if args.depth is None:
       raise UserError('torchvision needs --depth (18, 34, 50 or 101)')
-    variables = torch_weights.load_torchvision_resnet(source, args.depth,
-                                                      include_fc=not args.no_fc)
+    variables = torch_weights.load_torchvision_resnet(source, args.depth, include_fc=not args.no_fc)
     model = {'resnet_depth': args.depth, 'include_fc': not args.no_fc}
     torch_weights.write_ported_checkpoint(args.out, variables, model, source)
   elif command == 'official':

@@ -18,22 +18,28 @@ from cace_jax.datasets import prepare
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
-  flags.DEFINE_string('dataset', 'synthetic_details', 'Builder name with optional /config.',
-                      flag_values=flag_values)
-  flags.DEFINE_string('data_dir', prepare.DEFAULT_DATA_DIR, 'Where TFDS records go.',
-                      flag_values=flag_values)
-  flags.DEFINE_string('manual_dir', None, 'Where downloads are (default: <data_dir>/manual).',
-                      flag_values=flag_values)
+  flags.DEFINE_string(
+    'dataset', 'synthetic_details', 'Builder name with optional /config.', flag_values=flag_values
+  )
+  flags.DEFINE_string(
+    'data_dir', prepare.DEFAULT_DATA_DIR, 'Where TFDS records go.', flag_values=flag_values
+  )
+  flags.DEFINE_string(
+    'manual_dir', None, 'Where downloads are (default: <data_dir>/manual).', flag_values=flag_values
+  )
 
 
 def main(args: flags.FlagValues, positional: list[str]) -> None:
   cli.expect_arguments(positional, [])
   start = time.time()
   builder = prepare.prepare_dataset(args.dataset, args.data_dir, args.manual_dir)
-  splits = ', '.join(f'{split} {info.num_examples}'
-                     for split, info in sorted(builder.info.splits.items()))
-  print(f'{builder.info.full_name} ready in {builder.data_dir} ({splits}) '
-        f'after {time.time() - start:.1f}s')
+  splits = ', '.join(
+    f'{split} {info.num_examples}' for split, info in sorted(builder.info.splits.items())
+  )
+  print(
+    f'{builder.info.full_name} ready in {builder.data_dir} ({splits}) '
+    f'after {time.time() - start:.1f}s'
+  )
 
 
 if __name__ == '__main__':

@@ -18,8 +18,9 @@ from cace_jax.errors import DatasetError
 
 def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_string('out', None, 'Output folder (Market-1501 layout).', flag_values=flag_values)
-  flags.DEFINE_enum('preset', 'default', sorted(synthetic.PRESETS), 'Dataset preset.',
-                    flag_values=flag_values)
+  flags.DEFINE_enum(
+    'preset', 'default', sorted(synthetic.PRESETS), 'Dataset preset.', flag_values=flag_values
+  )
   flags.DEFINE_integer('seed', None, "Overrides the preset's seed.", flag_values=flag_values)
   flags.DEFINE_string('preview', None, 'Also save a preview PNG here.', flag_values=flag_values)
   flags.mark_flag_as_required('out', flag_values=flag_values)
@@ -36,8 +37,10 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
   except FileExistsError as e:  # something else lives there: never overwrite it
     raise DatasetError(str(e)) from e
   for split, c in counts.items():
-    print(f'{split:8s} {c["images"]:5d} images {c["ids"]:4d} ids (junk {c["junk"]}, '
-          f'distractors {c["distractors"]}, occluded {c["occluded"]})')
+    print(
+      f'{split:8s} {c["images"]:5d} images {c["ids"]:4d} ids (junk {c["junk"]}, '
+      f'distractors {c["distractors"]}, occluded {c["occluded"]})'
+    )
   print(f'{args.out} ready after {time.time() - start:.1f}s')
   if args.preview:
     print(f'preview: {synthetic.save_preview(args.preview, config)}')

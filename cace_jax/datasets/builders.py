@@ -14,11 +14,14 @@ import tensorflow_datasets as tfds
 
 from cace_jax.datasets import synthetic
 from cace_jax.datasets.manual_source import ManualSource, find_source
+from cace_jax.datasets.reid_builder import Record, ReIDBuilder, list_market_style_split
 from cace_jax.errors import DatasetError
-from cace_jax.datasets.reid_builder import (Record, ReIDBuilder, list_market_style_split)
 
 _MARKET_STYLE_FOLDERS = {
-    'train': 'bounding_box_train', 'query': 'query', 'gallery': 'bounding_box_test'}
+  'train': 'bounding_box_train',
+  'query': 'query',
+  'gallery': 'bounding_box_test',
+}
 
 
 class _MarketStyleBuilder(ReIDBuilder):
@@ -27,24 +30,30 @@ class _MarketStyleBuilder(ReIDBuilder):
   SOURCE_CANDIDATES: tuple[str, ...] = ()
 
   def _find_records(self, manual_dir: str):
-    source = find_source(manual_dir, self.SOURCE_CANDIDATES,
-                         _MARKET_STYLE_FOLDERS.values(),
-                         self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    source = find_source(
+      manual_dir,
+      self.SOURCE_CANDIDATES,
+      _MARKET_STYLE_FOLDERS.values(),
+      self.MANUAL_DOWNLOAD_INSTRUCTIONS,
+    )
     return source, _list_market_style(source)
 
 
 def _list_market_style(source: ManualSource) -> dict[str, list[Record]]:
-  return {split: list_market_style_split(source, folder, keep_distractors=split == 'gallery')
-          for split, folder in _MARKET_STYLE_FOLDERS.items()}
+  return {
+    split: list_market_style_split(source, folder, keep_distractors=split == 'gallery')
+    for split, folder in _MARKET_STYLE_FOLDERS.items()
+  }
 
 
 class Market1501(_MarketStyleBuilder):
   """Market-1501 (v15.09.15): 1,501 identities, 6 cameras."""
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      'Download Market-1501-v15.09.15.zip (https://zheng-lab-anu.github.io/Project/'
-      'project_reid.html) and place the zip, or the folder extracted from it, in '
-      'the manual directory (default data/manual/).')
+    'Download Market-1501-v15.09.15.zip (https://zheng-lab-anu.github.io/Project/'
+    'project_reid.html) and place the zip, or the folder extracted from it, in '
+    'the manual directory (default data/manual/).'
+  )
   SOURCE_CANDIDATES = ('Market-1501-v15.09.15', 'Market-1501', 'market1501')
   EXPECTED_COUNTS = {'train': (12936, 751), 'query': (3368, 750), 'gallery': (15913, 751)}
 
@@ -53,9 +62,10 @@ class DukemtmcReid(_MarketStyleBuilder):
   """DukeMTMC-reID: 1,404 identities plus distractors, 8 cameras."""
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      'Place DukeMTMC-reID.zip, or the folder DukeMTMC-reID/ extracted from it '
-      '(bounding_box_train/, query/, bounding_box_test/), in the manual directory '
-      '(default data/manual/).')
+    'Place DukeMTMC-reID.zip, or the folder DukeMTMC-reID/ extracted from it '
+    '(bounding_box_train/, query/, bounding_box_test/), in the manual directory '
+    '(default data/manual/).'
+  )
   SOURCE_CANDIDATES = ('DukeMTMC-reID', 'dukemtmc-reid', 'dukemtmc_reid')
   EXPECTED_COUNTS = {'train': (16522, 702), 'query': (2228, 702), 'gallery': (17661, 1110)}
 
@@ -64,10 +74,11 @@ class OccludedDuke(_MarketStyleBuilder):
   """Occluded-DukeMTMC: DukeMTMC re-split so that every query is occluded."""
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      'Build Occluded_Duke from DukeMTMC-reID with the official script '
-      '(https://github.com/lightas/Occluded-DukeMTMC-Dataset) and place Occluded_Duke/ '
-      '(bounding_box_train/, query/, bounding_box_test/) or its zip in the manual '
-      'directory (default data/manual/).')
+    'Build Occluded_Duke from DukeMTMC-reID with the official script '
+    '(https://github.com/lightas/Occluded-DukeMTMC-Dataset) and place Occluded_Duke/ '
+    '(bounding_box_train/, query/, bounding_box_test/) or its zip in the manual '
+    'directory (default data/manual/).'
+  )
   SOURCE_CANDIDATES = ('Occluded_Duke', 'Occluded-Duke', 'occluded_duke')
   EXPECTED_COUNTS = {'train': (15618, 702), 'query': (2210, 519), 'gallery': (17661, 1110)}
 
@@ -84,15 +95,20 @@ class Msmt17(ReIDBuilder):
   """MSMT17 (V1 or V2 layout): 4,101 identities, 15 cameras, list files."""
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      'Request MSMT17 from its authors (https://www.pkuvmc.com/dataset.html) and place '
-      'MSMT17_V1/ (train/, test/, list_*.txt) or MSMT17_V2/ (mask_train_v2/, '
-      'mask_test_v2/, list_*.txt), or their zip, in the manual directory '
-      '(default data/manual/).')
+    'Request MSMT17 from its authors (https://www.pkuvmc.com/dataset.html) and place '
+    'MSMT17_V1/ (train/, test/, list_*.txt) or MSMT17_V2/ (mask_train_v2/, '
+    'mask_test_v2/, list_*.txt), or their zip, in the manual directory '
+    '(default data/manual/).'
+  )
   BUILDER_CONFIGS = [
-      Msmt17Config(name='default', combineall=False,
-                   description='train = list_train.txt (the standard protocol).'),
-      Msmt17Config(name='combineall', combineall=True,
-                   description='train = list_train.txt + list_val.txt.'),
+    Msmt17Config(
+      name='default',
+      combineall=False,
+      description='train = list_train.txt (the standard protocol).',
+    ),
+    Msmt17Config(
+      name='combineall', combineall=True, description='train = list_train.txt + list_val.txt.'
+    ),
   ]
   _LISTS = ('list_train.txt', 'list_query.txt', 'list_gallery.txt')
 
@@ -101,8 +117,12 @@ class Msmt17(ReIDBuilder):
     return {'train': train, 'query': (11659, 3060), 'gallery': (82161, 3060)}
 
   def _find_records(self, manual_dir: str):
-    source = find_source(manual_dir, ('MSMT17_V1', 'MSMT17_V2', 'MSMT17'), self._LISTS,
-                         self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    source = find_source(
+      manual_dir,
+      ('MSMT17_V1', 'MSMT17_V2', 'MSMT17'),
+      self._LISTS,
+      self.MANUAL_DOWNLOAD_INSTRUCTIONS,
+    )
     train_dir = _first_existing(source, ('train', 'mask_train_v2'))
     test_dir = _first_existing(source, ('test', 'mask_test_v2'))
     train_lists = ['list_train.txt']
@@ -111,9 +131,9 @@ class Msmt17(ReIDBuilder):
         raise DatasetError(f'combineall needs {source.describe("list_val.txt")}, not found')
       train_lists.append('list_val.txt')
     records = {
-        'train': [r for name in train_lists for r in _read_msmt_list(source, name, train_dir)],
-        'query': _read_msmt_list(source, 'list_query.txt', test_dir),
-        'gallery': _read_msmt_list(source, 'list_gallery.txt', test_dir),
+      'train': [r for name in train_lists for r in _read_msmt_list(source, name, train_dir)],
+      'query': _read_msmt_list(source, 'list_query.txt', test_dir),
+      'gallery': _read_msmt_list(source, 'list_gallery.txt', test_dir),
     }
     return source, records
 
@@ -141,8 +161,9 @@ def _read_msmt_list(source: ManualSource, list_name: str, image_dir: str) -> lis
       records.append(Record(f'{image_dir}/{relpath}', int(pid), camid))
     except (ValueError, IndexError) as e:
       raise DatasetError(
-          f'{source.describe(list_name)} line {line_number}: expected '
-          f"'<pid dir>/<pid>_<index>_<camera>_....jpg <pid>', got {line!r}") from e
+        f'{source.describe(list_name)} line {line_number}: expected '
+        f"'<pid dir>/<pid>_<index>_<camera>_....jpg <pid>', got {line!r}"
+      ) from e
   return records
 
 
@@ -160,17 +181,20 @@ class SyntheticDetails(ReIDBuilder):
   """
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      'Nothing to download: run `python tools/prepare.py --dataset '
-      'synthetic_details` to generate and prepare it.')
-  BUILDER_CONFIGS = [SyntheticDetailsConfig(name=name, description=f'preset {name!r}')
-                     for name in synthetic.PRESETS]
+    'Nothing to download: run `python tools/prepare.py --dataset '
+    'synthetic_details` to generate and prepare it.'
+  )
+  BUILDER_CONFIGS = [
+    SyntheticDetailsConfig(name=name, description=f'preset {name!r}') for name in synthetic.PRESETS
+  ]
 
   def _find_records(self, manual_dir: str):
     folder = raw_synthetic_dir(manual_dir, self.builder_config.name)
     if not os.path.isdir(folder):
       raise DatasetError(f'{folder} not found: {self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
-    source = find_source(folder, (), _MARKET_STYLE_FOLDERS.values(),
-                         self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    source = find_source(
+      folder, (), _MARKET_STYLE_FOLDERS.values(), self.MANUAL_DOWNLOAD_INSTRUCTIONS
+    )
     return source, _list_market_style(source)
 
 
@@ -180,9 +204,9 @@ def raw_synthetic_dir(manual_dir: str, preset: str) -> str:
 
 
 BUILDERS = {
-    'market1501': Market1501,
-    'dukemtmc_reid': DukemtmcReid,
-    'msmt17': Msmt17,
-    'occluded_duke': OccludedDuke,
-    'synthetic_details': SyntheticDetails,
+  'market1501': Market1501,
+  'dukemtmc_reid': DukemtmcReid,
+  'msmt17': Msmt17,
+  'occluded_duke': OccludedDuke,
+  'synthetic_details': SyntheticDetails,
 }

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import io
 import os
-import zipfile
 from typing import Iterable, Sequence
+import zipfile
 
 from PIL import Image
 
@@ -64,7 +64,7 @@ class ManualSource:
       names = os.listdir(path) if os.path.isdir(path) else []
     else:
       prefix = full + '/' if full else ''
-      names = [n[len(prefix):] for n in self._names if n.startswith(prefix)]
+      names = [n[len(prefix) :] for n in self._names if n.startswith(prefix)]
       names = [n for n in names if '/' not in n]
     images = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
     return sorted(f'{folder}/{n}' if folder else n for n in images)
@@ -102,12 +102,12 @@ def read_jpeg(source: ManualSource, relpath: str) -> bytes:
       image.convert('RGB').save(buffer, format='JPEG', quality=95)
       return buffer.getvalue()
   except (OSError, SyntaxError, ValueError) as e:
-    raise DatasetError(
-        f'corrupt or unreadable image {source.describe(relpath)}: {e}') from e
+    raise DatasetError(f'corrupt or unreadable image {source.describe(relpath)}: {e}') from e
 
 
-def find_source(manual_dir: str, candidates: Sequence[str],
-                required: Iterable[str], instructions: str) -> ManualSource:
+def find_source(
+  manual_dir: str, candidates: Sequence[str], required: Iterable[str], instructions: str
+) -> ManualSource:
   """Locates a dataset root under `manual_dir`.
 
   Args:
@@ -141,9 +141,10 @@ def find_source(manual_dir: str, candidates: Sequence[str],
       looked.append(zip_path)
   where = ', '.join(looked) if looked else f'nothing under {manual_dir}'
   raise DatasetError(
-      f'no dataset found in {manual_dir} (looked at {where}): expected '
-      f'{" or ".join(c for c in candidates if c)} containing '
-      f'{", ".join(required)}. {instructions}')
+    f'no dataset found in {manual_dir} (looked at {where}): expected '
+    f'{" or ".join(c for c in candidates if c)} containing '
+    f'{", ".join(required)}. {instructions}'
+  )
 
 
 def _find_root_in_zip(zip_path: str, required: list[str]) -> ManualSource | None:
@@ -160,7 +161,7 @@ def _find_root_in_zip(zip_path: str, required: list[str]) -> ManualSource | None
     if index == 0 or (index > 0 and name[index - 1] == '/'):
       roots.add(name[:index].strip('/'))
     elif name.endswith('/' + first) or name == first:
-      roots.add(name[:-len(first)].strip('/'))
+      roots.add(name[: -len(first)].strip('/'))
   for root in sorted(roots, key=len):
     source = ManualSource(zip_path, root, archive)
     if all(source.exists(r) for r in required):

@@ -18,8 +18,9 @@ from cace_jax.errors import DatasetError
 DEFAULT_DATA_DIR = 'data'
 
 
-def prepare_dataset(name: str, data_dir: str = DEFAULT_DATA_DIR,
-                    manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
+def prepare_dataset(
+  name: str, data_dir: str = DEFAULT_DATA_DIR, manual_dir: str | None = None
+) -> tfds.core.DatasetBuilder:
   """Builds (once) and returns the TFDS builder of a dataset.
 
   Args:
@@ -36,14 +37,15 @@ def prepare_dataset(name: str, data_dir: str = DEFAULT_DATA_DIR,
   """
   builder_name, _, config_name = name.partition('/')
   if builder_name not in builders.BUILDERS:
-    raise DatasetError(
-        f'unknown dataset {name!r}: expected one of {", ".join(builders.BUILDERS)}')
+    raise DatasetError(f'unknown dataset {name!r}: expected one of {", ".join(builders.BUILDERS)}')
   manual_dir = manual_dir or os.path.join(data_dir, 'manual')
   if builder_name == 'synthetic_details':
     preset = config_name or 'default'
     if preset not in synthetic.PRESETS:
-      raise DatasetError(f'unknown synthetic_details preset {preset!r}: expected one of '
-                         f'{", ".join(synthetic.PRESETS)}')
+      raise DatasetError(
+        f'unknown synthetic_details preset {preset!r}: expected one of '
+        f'{", ".join(synthetic.PRESETS)}'
+      )
     raw_dir = builders.raw_synthetic_dir(manual_dir, preset)
     try:
       synthetic.generate_dataset(raw_dir, synthetic.PRESETS[preset])
@@ -59,5 +61,6 @@ def prepare_dataset(name: str, data_dir: str = DEFAULT_DATA_DIR,
   if not builder.is_prepared():
     tfds.disable_progress_bar()  # One line per split in logs, not a bar per shard.
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+    )
   return builder

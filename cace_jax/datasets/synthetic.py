@@ -24,24 +24,51 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 import shutil
 import tempfile
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from cace_jax.datasets.synthetic_draw import (CameraStyle, PersonAttributes, ViewParams,
-                                              render_person)
-from cace_jax.datasets.synthetic_sample import (DETAIL_SLOTS, VISIBLE_SLOTS, detail_differences,
-                                                sample_camera, sample_family, sample_identity,
-                                                sample_view)
+from cace_jax.datasets.synthetic_draw import (
+  CameraStyle,
+  PersonAttributes,
+  ViewParams,
+  render_person,
+)
+from cace_jax.datasets.synthetic_sample import (
+  DETAIL_SLOTS,
+  VISIBLE_SLOTS,
+  detail_differences,
+  sample_camera,
+  sample_family,
+  sample_identity,
+  sample_view,
+)
 
 __all__ = [
-    'SyntheticConfig', 'PRESETS', 'PersonAttributes', 'CameraStyle', 'ViewParams', 'ImageRecord',
-    'DETAIL_SLOTS', 'VISIBLE_SLOTS', 'generate_dataset', 'identity_attributes', 'camera_styles',
-    'plan_images', 'render_record', 'render_person', 'save_preview', 'sample_family',
-    'sample_identity', 'sample_camera', 'sample_view', 'detail_differences']
+  'SyntheticConfig',
+  'PRESETS',
+  'PersonAttributes',
+  'CameraStyle',
+  'ViewParams',
+  'ImageRecord',
+  'DETAIL_SLOTS',
+  'VISIBLE_SLOTS',
+  'generate_dataset',
+  'identity_attributes',
+  'camera_styles',
+  'plan_images',
+  'render_record',
+  'render_person',
+  'save_preview',
+  'sample_family',
+  'sample_identity',
+  'sample_camera',
+  'sample_view',
+  'detail_differences',
+]
 
 # Bump when drawing or sampling changes: a dataset made by another version is stale.
 GENERATOR_VERSION = 1
@@ -52,6 +79,7 @@ SPLIT_FOLDERS = {'train': 'bounding_box_train', 'query': 'query', 'gallery': 'bo
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
   """What to generate. Train and test identities are disjoint families."""
+
   seed: int = 0
   num_train_families: int = 30
   num_test_families: int = 25
@@ -71,20 +99,28 @@ class SyntheticConfig:
   def __post_init__(self):
     total_ids = (self.num_train_families + self.num_test_families) * self.ids_per_family
     checks = [
-        (2 <= self.num_cameras <= 9, 'num_cameras must be in 2..9 (file names hold one digit)'),
-        (2 <= self.min_cameras_per_id <= min(self.max_cameras_per_id, self.num_cameras),
-         'need 2 <= min_cameras_per_id <= max_cameras_per_id, num_cameras'),
-        # Test identities need a query and a gallery image in each of their cameras.
-        (2 * self.min_cameras_per_id <= self.images_per_id <= 99,
-         'images_per_id must be in 2 * min_cameras_per_id..99'),
-        (self.num_train_families >= 1 and self.num_test_families >= 1,
-         'need train and test families'),
-        (self.ids_per_family >= 1 and total_ids <= 9999, 'need 1..9999 identities in total'),
-        (self.image_height >= 32 and self.image_width >= 16, 'images must be at least 32x16'),
-        (0.0 <= self.occlusion_prob <= 1.0, 'occlusion_prob must be in [0, 1]'),
-        (1 <= self.jpeg_quality <= 100, 'jpeg_quality must be in 1..100'),
-        (0 <= self.num_junk <= 20000 and 0 <= self.num_distractors <= 20000,
-         'num_junk and num_distractors must be in 0..20000'),
+      (2 <= self.num_cameras <= 9, 'num_cameras must be in 2..9 (file names hold one digit)'),
+      (
+        2 <= self.min_cameras_per_id <= min(self.max_cameras_per_id, self.num_cameras),
+        'need 2 <= min_cameras_per_id <= max_cameras_per_id, num_cameras',
+      ),
+      # Test identities need a query and a gallery image in each of their cameras.
+      (
+        2 * self.min_cameras_per_id <= self.images_per_id <= 99,
+        'images_per_id must be in 2 * min_cameras_per_id..99',
+      ),
+      (
+        self.num_train_families >= 1 and self.num_test_families >= 1,
+        'need train and test families',
+      ),
+      (self.ids_per_family >= 1 and total_ids <= 9999, 'need 1..9999 identities in total'),
+      (self.image_height >= 32 and self.image_width >= 16, 'images must be at least 32x16'),
+      (0.0 <= self.occlusion_prob <= 1.0, 'occlusion_prob must be in [0, 1]'),
+      (1 <= self.jpeg_quality <= 100, 'jpeg_quality must be in 1..100'),
+      (
+        0 <= self.num_junk <= 20000 and 0 <= self.num_distractors <= 20000,
+        'num_junk and num_distractors must be in 0..20000',
+      ),
     ]
     for ok, message in checks:
       if not ok:
@@ -92,14 +128,21 @@ class SyntheticConfig:
 
 
 PRESETS = {
-    # 120 train / 100 test ids: 1,440 train, 353 query, 1,007 gallery images; 6-8 s.
-    'default': SyntheticConfig(),
-    # For tests: 9 train / 6 test ids, 97 images; ~0.2 s.
-    'tiny': SyntheticConfig(num_train_families=3, num_test_families=2, ids_per_family=3,
-                            num_cameras=4, images_per_id=6, max_cameras_per_id=3,
-                            num_junk=3, num_distractors=4),
-    # Occluded-Duke style: every query and ~10% of train and gallery images occluded.
-    'occluded': SyntheticConfig(occlusion_prob=0.1, query_occlusion=True),
+  # 120 train / 100 test ids: 1,440 train, 353 query, 1,007 gallery images; 6-8 s.
+  'default': SyntheticConfig(),
+  # For tests: 9 train / 6 test ids, 97 images; ~0.2 s.
+  'tiny': SyntheticConfig(
+    num_train_families=3,
+    num_test_families=2,
+    ids_per_family=3,
+    num_cameras=4,
+    images_per_id=6,
+    max_cameras_per_id=3,
+    num_junk=3,
+    num_distractors=4,
+  ),
+  # Occluded-Duke style: every query and ~10% of train and gallery images occluded.
+  'occluded': SyntheticConfig(occlusion_prob=0.1, query_occlusion=True),
 }
 
 # Stream tags: each purpose draws from its own stream.
@@ -122,8 +165,9 @@ def identity_attributes(config: SyntheticConfig) -> dict[int, PersonAttributes]:
   for family, prototype in enumerate(prototypes):
     rng, members = _rng(config.seed, _MEMBERS, family), []
     for m in range(config.ids_per_family):
-      members.append(sample_identity(rng, prototype, 1 + family * config.ids_per_family + m,
-                                     members))
+      members.append(
+        sample_identity(rng, prototype, 1 + family * config.ids_per_family + m, members)
+      )
       people[members[-1].pid] = members[-1]
   return people
 
@@ -136,6 +180,7 @@ def camera_styles(config: SyntheticConfig) -> list[CameraStyle]:
 @dataclasses.dataclass(frozen=True)
 class ImageRecord:
   """One image to write: where it goes and how to draw it."""
+
   split: str  # 'train' | 'query' | 'gallery'
   filename: str
   pid: int  # -1 junk, 0 distractor
@@ -148,8 +193,9 @@ def _name(pid: int, camera: int, seq: int, frame: int) -> str:
   return f'{head}_c{camera + 1}s{seq}_{frame:06d}_01.jpg'
 
 
-def _plan_identity(config: SyntheticConfig, attrs: PersonAttributes, test: bool,
-                   cams: list[CameraStyle]) -> list[ImageRecord]:
+def _plan_identity(
+  config: SyntheticConfig, attrs: PersonAttributes, test: bool, cams: list[CameraStyle]
+) -> list[ImageRecord]:
   """Spreads one identity's images over cameras; a test id gives one query per camera."""
   rng, n = _rng(config.seed, _PLAN, attrs.pid), config.images_per_id
   # A test camera needs a query and a gallery image, so every query has a
@@ -163,8 +209,9 @@ def _plan_identity(config: SyntheticConfig, attrs: PersonAttributes, test: bool,
   base, step = int(rng.integers(1, 900_000)), int(rng.integers(5, 60))
   records, seen = [], set()
   for j, cam in enumerate(np.repeat(chosen, counts).tolist()):
-    view = sample_view(_rng(config.seed, _VIEW, attrs.pid, j), cam, cams[cam],
-                       config.occlusion_prob)
+    view = sample_view(
+      _rng(config.seed, _VIEW, attrs.pid, j), cam, cams[cam], config.occlusion_prob
+    )
     split = 'train'
     if test:
       split = 'gallery' if cam in seen else 'query'
@@ -194,17 +241,22 @@ def plan_images(config: SyntheticConfig) -> list[ImageRecord]:
     cam, seq = int(rng.integers(config.num_cameras)), int(rng.integers(1, 7))
     attrs = sample_identity(rng, sample_family(rng, -1), -1) if rng.random() < 0.6 else None
     view = dataclasses.replace(
-        sample_view(rng, cam, cams[cam], 0.0), scale=float(rng.uniform(1.4, 2.4)),
-        foot_y=float(rng.uniform(0.6, 2.2)), center_x=float(rng.uniform(0.0, 1.0)))
+      sample_view(rng, cam, cams[cam], 0.0),
+      scale=float(rng.uniform(1.4, 2.4)),
+      foot_y=float(rng.uniform(0.6, 2.2)),
+      center_x=float(rng.uniform(0.0, 1.0)),
+    )
     records.append(ImageRecord('gallery', _name(-1, cam, seq, 100 + 17 * k), -1, attrs, view))
   return records
 
 
-def render_record(record: ImageRecord, cameras: list[CameraStyle],
-                  config: SyntheticConfig) -> np.ndarray:
+def render_record(
+  record: ImageRecord, cameras: list[CameraStyle], config: SyntheticConfig
+) -> np.ndarray:
   """The pixels of one planned image, uint8 [image_height, image_width, 3]."""
-  return render_person(record.attrs, record.view, cameras[record.view.camera],
-                       config.image_height, config.image_width)
+  return render_person(
+    record.attrs, record.view, cameras[record.view.camera], config.image_height, config.image_width
+  )
 
 
 def _count(records: list[ImageRecord]) -> dict[str, dict[str, int]]:
@@ -212,9 +264,12 @@ def _count(records: list[ImageRecord]) -> dict[str, dict[str, int]]:
   for split in SPLIT_FOLDERS:
     part = [r for r in records if r.split == split]
     counts[split] = {
-        'images': len(part), 'ids': len({r.pid for r in part if r.pid > 0}),
-        'junk': sum(r.pid == -1 for r in part), 'distractors': sum(r.pid == 0 for r in part),
-        'occluded': sum(r.view.occluded for r in part)}
+      'images': len(part),
+      'ids': len({r.pid for r in part if r.pid > 0}),
+      'junk': sum(r.pid == -1 for r in part),
+      'distractors': sum(r.pid == 0 for r in part),
+      'occluded': sum(r.view.occluded for r in part),
+    }
   return counts
 
 
@@ -233,23 +288,28 @@ def _existing_counts(out: Path, config: SyntheticConfig) -> dict | None:
   meta = out / CONFIG_FILE
   if not meta.is_file():
     raise FileExistsError(
-        f'{out} is not empty and holds no {CONFIG_FILE}, so it is not a synthetic dataset; '
-        'refusing to overwrite it. Remove it or choose another output folder.')
+      f'{out} is not empty and holds no {CONFIG_FILE}, so it is not a synthetic dataset; '
+      'refusing to overwrite it. Remove it or choose another output folder.'
+    )
   stored = json.loads(meta.read_text())
   if {k: stored.get(k) for k in ('generator_version', 'config')} != _config_record(config):
     raise FileExistsError(
-        f'{out} holds a synthetic dataset made with another config or generator version '
-        f'(see {meta}); refusing to overwrite it. Remove it or choose another output folder.')
+      f'{out} holds a synthetic dataset made with another config or generator version '
+      f'(see {meta}); refusing to overwrite it. Remove it or choose another output folder.'
+    )
   for split, folder in SPLIT_FOLDERS.items():
     found = len(list((out / folder).glob('*.jpg')))
     if found != stored['counts'][split]['images']:
-      raise FileExistsError(f'{out / folder} holds {found} images but {meta} lists '
-                            f'{stored["counts"][split]["images"]}; remove {out} to regenerate.')
+      raise FileExistsError(
+        f'{out / folder} holds {found} images but {meta} lists '
+        f'{stored["counts"][split]["images"]}; remove {out} to regenerate.'
+      )
   return stored['counts']
 
 
-def generate_dataset(out_dir: str | os.PathLike,
-                     config: SyntheticConfig = PRESETS['default']) -> dict[str, dict[str, int]]:
+def generate_dataset(
+  out_dir: str | os.PathLike, config: SyntheticConfig = PRESETS['default']
+) -> dict[str, dict[str, int]]:
   """Writes the dataset in Market-1501's layout, unless it is already there.
 
   Images go into a hidden temporary sibling of `out_dir`, then
@@ -281,11 +341,14 @@ def generate_dataset(out_dir: str | os.PathLike,
     records, cams = plan_images(config), camera_styles(config)
     for record in records:
       Image.fromarray(render_record(record, cams, config)).save(
-          tmp / SPLIT_FOLDERS[record.split] / record.filename, format='JPEG',
-          quality=config.jpeg_quality)
+        tmp / SPLIT_FOLDERS[record.split] / record.filename,
+        format='JPEG',
+        quality=config.jpeg_quality,
+      )
     counts = _count(records)
     (tmp / CONFIG_FILE).write_text(
-        json.dumps({**_config_record(config), 'counts': counts}, indent=2) + '\n')
+      json.dumps({**_config_record(config), 'counts': counts}, indent=2) + '\n'
+    )
     if out.exists():
       out.rmdir()  # empty (checked above); a rename cannot replace a non-empty folder
     os.rename(tmp, out)
@@ -301,8 +364,12 @@ def generate_dataset(out_dir: str | os.PathLike,
   return counts
 
 
-def save_preview(out_path: str | os.PathLike, config: SyntheticConfig = PRESETS['default'],
-                 num_families: int = 4, zoom: int = 2) -> Path:
+def save_preview(
+  out_path: str | os.PathLike,
+  config: SyntheticConfig = PRESETS['default'],
+  num_families: int = 4,
+  zoom: int = 2,
+) -> Path:
   """Saves a PNG grid: rows are the members of the first families, columns cameras.
 
   All rows of a column share one view, so within a family what changes down a
@@ -314,18 +381,18 @@ def save_preview(out_path: str | os.PathLike, config: SyntheticConfig = PRESETS[
   """
   people, cams = identity_attributes(config), camera_styles(config)
   rows = [a for a in people.values() if a.family < num_families]
-  columns = [sample_view(_rng(config.seed, _PREVIEW, c), c, cams[c], 0.0)
-             for c in range(len(cams))]
+  columns = [sample_view(_rng(config.seed, _PREVIEW, c), c, cams[c], 0.0) for c in range(len(cams))]
   columns[0] = dataclasses.replace(columns[0], view='front')
   columns += [dataclasses.replace(columns[0], view=v) for v in ('back', 'side')]
   h, w, gap = config.image_height, config.image_width, 4
-  sheet = np.full(((h + gap) * len(rows) + gap * num_families, (w + gap) * len(columns), 3),
-                  255, np.uint8)
+  sheet = np.full(
+    ((h + gap) * len(rows) + gap * num_families, (w + gap) * len(columns), 3), 255, np.uint8
+  )
   for r, attrs in enumerate(rows):
     y = r * (h + gap) + attrs.family * gap  # a wider gap between families
     for c, view in enumerate(columns):
       x = c * (w + gap)
-      sheet[y:y + h, x:x + w] = render_person(attrs, view, cams[view.camera], h, w)
+      sheet[y : y + h, x : x + w] = render_person(attrs, view, cams[view.camera], h, w)
   image = Image.fromarray(sheet)
   out_path = Path(out_path)
   out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ class PersonAttributes:
   sees); the second group holds the details that separate family members.
   Unused colours (no hat, no logo, ...) are `NO_COLOR` so equality is exact.
   """
+
   pid: int
   family: int
   skin: RGB
@@ -59,6 +60,7 @@ class PersonAttributes:
 @dataclasses.dataclass(frozen=True)
 class CameraStyle:
   """What one camera does to every image it takes."""
+
   wall: RGB
   floor: RGB
   accents: tuple[RGB, ...]  # clutter and occluder colours
@@ -75,6 +77,7 @@ class CameraStyle:
 @dataclasses.dataclass(frozen=True)
 class ViewParams:
   """One image's pose, placement and (optional) occluder."""
+
   camera: int  # 0-based
   view: str  # 'front' | 'back' | 'side'
   facing: int  # +1 faces image right, -1 left (side view only)
@@ -231,13 +234,18 @@ def _draw_upright(b: _Body, a: PersonAttributes, view: ViewParams):
       _draw_logo(b, a, sw, ww)
     if a.backpack_color is not None:  # straps
       for side in (-1, 1):
-        b.limb((side * 0.068 * k, 0.185), (side * 0.078 * k, 0.41), 0.02,
-               shade_color(a.backpack_color, 0.8))
+        b.limb(
+          (side * 0.068 * k, 0.185),
+          (side * 0.078 * k, 0.41),
+          0.02,
+          shade_color(a.backpack_color, 0.8),
+        )
   hands = {}
   for i, side in enumerate((-1, 1)):
     ang = 0.06 + view.arm_swing[i]
-    hands[side] = _draw_arm(b, a, (side * (sw - 0.03), 0.2), side * math.sin(ang),
-                            math.cos(ang), 1.0)
+    hands[side] = _draw_arm(
+      b, a, (side * (sw - 0.03), 0.2), side * math.sin(ang), math.cos(ang), 1.0
+    )
   if not front and a.backpack_color is not None:
     b.rect(-0.094 * k, 0.2, 0.094 * k, 0.46, a.backpack_color, radius=0.025)
     b.rect(-0.06 * k, 0.36, 0.06 * k, 0.44, shade_color(a.backpack_color, 0.75), radius=0.012)
@@ -281,13 +289,15 @@ def _draw_profile(b: _Body, a: PersonAttributes, view: ViewParams):
     b.poly([(-0.065 * k, 0.49), (0.06 * k, 0.49), (0.1 * k, 0.72), (-0.1 * k, 0.72)], a.legs_color)
   else:
     b.poly([(-0.06 * k, 0.49), (0.062 * k, 0.49), (0.05 * k, 0.6), (-0.05 * k, 0.6)], a.legs_color)
-  b.poly([(-0.078 * k, 0.19), (0.055 * k, 0.19), (0.068 * k, 0.525), (-0.066 * k, 0.525)],
-         a.torso_color)
+  b.poly(
+    [(-0.078 * k, 0.19), (0.055 * k, 0.19), (0.068 * k, 0.525), (-0.066 * k, 0.525)], a.torso_color
+  )
   b.ellipse(-0.012 * k, 0.21, 0.066 * k, 0.035, a.torso_color)  # shoulder
   b.rect(-0.02, 0.12, 0.02, 0.19, a.skin)
   if a.torso_style == 'jacket':
-    b.poly([(0.035 * k, 0.19), (0.055 * k, 0.19), (0.068 * k, 0.525), (0.05 * k, 0.525)],
-           a.inner_color)
+    b.poly(
+      [(0.035 * k, 0.19), (0.055 * k, 0.19), (0.068 * k, 0.525), (0.05 * k, 0.525)], a.inner_color
+    )
   near_hand = _draw_arm(b, a, shoulder, math.sin(swing), math.cos(swing), 1.0)
   if a.bag_side == near:
     _draw_bag(b, a, near_hand, 0.0, 1.0)
@@ -302,8 +312,14 @@ def _draw_profile(b: _Body, a: PersonAttributes, view: ViewParams):
   _draw_hat(b, a, 'side')
 
 
-def draw_pedestrian(draw: ImageDraw.ImageDraw, attrs: PersonAttributes, view: ViewParams,
-                    cx: float, top: float, h: float) -> None:
+def draw_pedestrian(
+  draw: ImageDraw.ImageDraw,
+  attrs: PersonAttributes,
+  view: ViewParams,
+  cx: float,
+  top: float,
+  h: float,
+) -> None:
   """Draws one person whose head top is at `top` and who is `h` pixels tall."""
   if view.view == 'side':
     _draw_profile(_Body(draw, cx, top, h, view.facing), attrs, view)
@@ -311,8 +327,9 @@ def draw_pedestrian(draw: ImageDraw.ImageDraw, attrs: PersonAttributes, view: Vi
     _draw_upright(_Body(draw, cx, top, h, 1 if view.view == 'front' else -1), attrs, view)
 
 
-def draw_background(draw: ImageDraw.ImageDraw, cam: CameraStyle, rng: np.random.Generator,
-                    width: int, height: int) -> None:
+def draw_background(
+  draw: ImageDraw.ImageDraw, cam: CameraStyle, rng: np.random.Generator, width: int, height: int
+) -> None:
   """Wall, floor and random clutter in the camera's palette."""
   W, H = width, height
   hy = H * (cam.horizon + rng.normal(0, 0.02))
@@ -338,16 +355,27 @@ def draw_background(draw: ImageDraw.ImageDraw, cam: CameraStyle, rng: np.random.
       draw.ellipse([x - r, y - 0.7 * r, x + r, y + 0.7 * r], fill=col)
     elif kind == 4:  # floor marking
       y = rng.uniform(hy, H)
-      draw.line([(x, y), (x + rng.uniform(0.3, 1.0) * W, y + rng.normal(0, 0.05) * H)],
-                fill=shade_color(cam.floor, rng.uniform(0.7, 1.3)), width=max(1, int(0.02 * W)))
+      draw.line(
+        [(x, y), (x + rng.uniform(0.3, 1.0) * W, y + rng.normal(0, 0.05) * H)],
+        fill=shade_color(cam.floor, rng.uniform(0.7, 1.3)),
+        width=max(1, int(0.02 * W)),
+      )
     else:  # a distant figure, so not every person-sized blob is the target
       w, h = rng.uniform(0.06, 0.12) * W, rng.uniform(0.15, 0.3) * H
       y = hy - h * rng.uniform(0.6, 1.0)
       draw.rounded_rectangle([x, y, x + w, y + h], radius=w / 3, fill=col)
 
 
-def draw_occluder(draw: ImageDraw.ImageDraw, view: ViewParams, rng: np.random.Generator,
-                  cx: float, top: float, h: float, width: int, height: int) -> None:
+def draw_occluder(
+  draw: ImageDraw.ImageDraw,
+  view: ViewParams,
+  rng: np.random.Generator,
+  cx: float,
+  top: float,
+  h: float,
+  width: int,
+  height: int,
+) -> None:
   """An opaque object hiding `view.occluder_extent` of the body from one side."""
   c = view.occluder_color
   dark, light = shade_color(c, 0.6), shade_color(c, 1.3)
@@ -360,8 +388,9 @@ def draw_occluder(draw: ImageDraw.ImageDraw, view: ViewParams, rng: np.random.Ge
       draw.rounded_rectangle([cx - half, y0, cx + half, height + h * 0.1], radius=0.08 * h, fill=c)
       draw.rectangle([cx - half * 0.8, y0 + 0.03 * h, cx + half * 0.8, y0 + 0.1 * h], fill=light)
       for wx in (cx - half * 0.6, cx + half * 0.6):
-        draw.ellipse([wx - 0.07 * h, height - 0.09 * h, wx + 0.07 * h, height + 0.05 * h],
-                     fill=(25, 25, 25))
+        draw.ellipse(
+          [wx - 0.07 * h, height - 0.09 * h, wx + 0.07 * h, height + 0.05 * h], fill=(25, 25, 25)
+        )
     elif view.occluder == 'bush':
       for _ in range(5):
         r, x = h * rng.uniform(0.1, 0.2), cx + rng.uniform(-1, 1) * half
@@ -381,12 +410,21 @@ def draw_occluder(draw: ImageDraw.ImageDraw, view: ViewParams, rng: np.random.Ge
     y0 = -1.0 if view.occluder == 'pillar' else top + rng.uniform(0.0, 0.3) * h
     draw.rectangle([x0, y0, x1, height], fill=c)
     edge = x1 if view.occluder_side == 'left' else x0
-    draw.line([(edge, y0), (edge, height)], fill=dark if view.occluder == 'pillar' else light,
-              width=2 * unit)
+    draw.line(
+      [(edge, y0), (edge, height)],
+      fill=dark if view.occluder == 'pillar' else light,
+      width=2 * unit,
+    )
 
 
-def render_person(attrs: PersonAttributes | None, view: ViewParams, camera: CameraStyle,
-                  height: int, width: int, supersample: int = SUPERSAMPLE) -> np.ndarray:
+def render_person(
+  attrs: PersonAttributes | None,
+  view: ViewParams,
+  camera: CameraStyle,
+  height: int,
+  width: int,
+  supersample: int = SUPERSAMPLE,
+) -> np.ndarray:
   """Renders one image of a person as a camera sees it.
 
   Args:

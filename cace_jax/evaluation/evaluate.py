@@ -37,6 +37,7 @@ class Evaluation:
     info: how it was measured: 'stage2_k' and, with a stage 2,
       'cache_bytes_per_image' and 'cache_on_disk'.
   """
+
   metrics: dict
   rankings: dict
   per_query_ap: dict
@@ -56,8 +57,7 @@ def summarize(result: dict) -> dict:
   return summary
 
 
-def top_ranking(distmat: np.ndarray, top: int = TOP, chunk_elements: int = 8_000_000
-                ) -> np.ndarray:
+def top_ranking(distmat: np.ndarray, top: int = TOP, chunk_elements: int = 8_000_000) -> np.ndarray:
   """[Nq, top] gallery indices of each row's smallest distances: a stable argsort's first `top`.
 
   Exact, ties included (the lower index first), without sorting whole rows:
@@ -69,20 +69,26 @@ def top_ranking(distmat: np.ndarray, top: int = TOP, chunk_elements: int = 8_000
   rows = max(1, chunk_elements // distmat.shape[1])
   ranking = np.empty((distmat.shape[0], top), np.int64)
   for start in range(0, distmat.shape[0], rows):
-    chunk = np.asarray(distmat[start:start + rows])
-    kth = np.partition(chunk, top - 1, axis=1)[:, top - 1:top]
+    chunk = np.asarray(distmat[start : start + rows])
+    kth = np.partition(chunk, top - 1, axis=1)[:, top - 1 : top]
     below, ties = chunk < kth, chunk == kth
     needed = top - below.sum(axis=1, keepdims=True)
     chosen = below | (ties & (np.cumsum(ties, axis=1) <= needed))
     index = np.nonzero(chosen)[1].reshape(len(chunk), top)  # ascending gallery index
     order = np.argsort(np.take_along_axis(chunk, index, axis=1), axis=1, kind='stable')
-    ranking[start:start + len(chunk)] = np.take_along_axis(index, order, axis=1)
+    ranking[start : start + len(chunk)] = np.take_along_axis(index, order, axis=1)
   return ranking
 
 
-def evaluate(model: CACENet, variables: dict, query: input_pipeline.SplitData,
-             gallery: input_pipeline.SplitData, config: ml_collections.ConfigDict,
-             mesh: jax.sharding.Mesh, scratch_dir: str | None = None) -> Evaluation:
+def evaluate(
+  model: CACENet,
+  variables: dict,
+  query: input_pipeline.SplitData,
+  gallery: input_pipeline.SplitData,
+  config: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  scratch_dir: str | None = None,
+) -> Evaluation:
   """Evaluates the model's `variables` (replicated over `mesh`) on a query/gallery split.
 
   Rows (stage-2 rows re-sort each query's `config.eval.stage2_k` nearest
@@ -101,33 +107,44 @@ def evaluate(model: CACENet, variables: dict, query: input_pipeline.SplitData,
     os.makedirs(scratch_dir, exist_ok=True)
   k = config.eval.stage2_k if model.pair_stage else 0
   with tempfile.TemporaryDirectory(prefix='stage2_cache_', dir=scratch_dir) as cache_dir:
-    q_emb, q_cache = stage1.extract_features(model, variables, query, config, mesh, k > 0,
-                                             os.path.join(cache_dir, 'query'))
-    g_emb, g_cache = stage1.extract_features(model, variables, gallery, config, mesh, k > 0,
-                                             os.path.join(cache_dir, 'gallery'))
+    q_emb, q_cache = stage1.extract_features(
+      model, variables, query, config, mesh, k > 0, os.path.join(cache_dir, 'query')
+    )
+    g_emb, g_cache = stage1.extract_features(
+      model, variables, gallery, config, mesh, k > 0, os.path.join(cache_dir, 'gallery')
+    )
     stage1_rows = {'individual': metrics.cosine_distance(q_emb, g_emb)}
     if config.eval.rerank:  # k-reciprocal re-ranking of stage 1; stage 2 re-sorts its top-K
-      stage1_rows['individual+kr'] = rerank.k_reciprocal_rerank_features(q_emb, g_emb,
-                                                                         metric='cosine')
+      stage1_rows['individual+kr'] = rerank.k_reciprocal_rerank_features(
+        q_emb, g_emb, metric='cosine'
+      )
     measured = {row: measure(d, query, gallery) for row, d in stage1_rows.items()}
     info = {'stage2_k': k}
     if k > 0:
       for row, score in stage2.pair_scorers(q_cache).items():
         pair_distances, pairs_per_call = stage2.make_pair_distances(
-            model, variables, score, q_cache, g_cache, mesh)
+          model, variables, score, q_cache, g_cache, mesh
+        )
         for name, base in stage1_rows.items():
-          suffix = name[len('individual'):]
+          suffix = name[len('individual') :]
           measured[row + suffix] = measure(
-              stage2.rerank_top_k(base, k, pair_distances, pairs_per_call), query, gallery)
-      info.update(cache_bytes_per_image=stage2.cache_nbytes(g_cache, len(gallery)),
-                  cache_on_disk=isinstance(jax.tree.leaves(g_cache)[0], np.memmap))
-  return Evaluation(metrics={row: m[0] for row, m in measured.items()},
-                    rankings={row: m[1] for row, m in measured.items()},
-                    per_query_ap={row: m[2] for row, m in measured.items()}, info=info)
+            stage2.rerank_top_k(base, k, pair_distances, pairs_per_call), query, gallery
+          )
+      info.update(
+        cache_bytes_per_image=stage2.cache_nbytes(g_cache, len(gallery)),
+        cache_on_disk=isinstance(jax.tree.leaves(g_cache)[0], np.memmap),
+      )
+  return Evaluation(
+    metrics={row: m[0] for row, m in measured.items()},
+    rankings={row: m[1] for row, m in measured.items()},
+    per_query_ap={row: m[2] for row, m in measured.items()},
+    info=info,
+  )
 
 
-def measure(distmat: np.ndarray, query: input_pipeline.SplitData,
-            gallery: input_pipeline.SplitData) -> tuple[dict, np.ndarray, np.ndarray]:
+def measure(
+  distmat: np.ndarray, query: input_pipeline.SplitData, gallery: input_pipeline.SplitData
+) -> tuple[dict, np.ndarray, np.ndarray]:
   """(summary metrics, top ranking [Nq, TOP], AP per query) of one row's distances."""
   result = metrics.evaluate_rank(distmat, query.pids, gallery.pids, query.camids, gallery.camids)
   return summarize(result), top_ranking(distmat), result['per_query_ap']
@@ -135,8 +152,11 @@ def measure(distmat: np.ndarray, query: input_pipeline.SplitData,
 
 def flatten_metrics(evaluation: Evaluation) -> dict:
   """{'individual/mAP': x, ...} (for scalar logging)."""
-  return {f'{row}/{name}': value for row, values in evaluation.metrics.items()
-          for name, value in values.items()}
+  return {
+    f'{row}/{name}': value
+    for row, values in evaluation.metrics.items()
+    for name, value in values.items()
+  }
 
 
 def format_table(evaluation: Evaluation, title: str = '') -> str:
@@ -144,16 +164,24 @@ def format_table(evaluation: Evaluation, title: str = '') -> str:
   columns = [f'rank{r}' for r in RANKS] + ['mAP', 'mINP']
   width = max([len(row) for row in evaluation.metrics] + [10])
   lines = [title] if title else []
-  lines.append(f'{"":<{width}}  ' + '  '.join(f'{c:>7}' for c in
-                                             ['R-1', 'R-5', 'R-10', 'mAP', 'mINP']))
+  lines.append(
+    f'{"":<{width}}  ' + '  '.join(f'{c:>7}' for c in ['R-1', 'R-5', 'R-10', 'mAP', 'mINP'])
+  )
   for row, values in evaluation.metrics.items():
     lines.append(f'{row:<{width}}  ' + '  '.join(f'{values[c]:7.2f}' for c in columns))
   return '\n'.join(lines)
 
 
-def write_report(workdir: str, step: int, config: ml_collections.ConfigDict,
-                 evaluation: Evaluation, model: CACENet, variables: dict,
-                 query: input_pipeline.SplitData, gallery: input_pipeline.SplitData) -> None:
+def write_report(
+  workdir: str,
+  step: int,
+  config: ml_collections.ConfigDict,
+  evaluation: Evaluation,
+  model: CACENet,
+  variables: dict,
+  query: input_pipeline.SplitData,
+  gallery: input_pipeline.SplitData,
+) -> None:
   """Writes `<workdir>/results.json` and the figures of `figures` (process 0 only).
 
   results.json holds {'step', 'dataset', 'results': metrics per row, 'info'}.
@@ -161,15 +189,32 @@ def write_report(workdir: str, step: int, config: ml_collections.ConfigDict,
   if jax.process_index() != 0:
     return
   row = evaluation.figure_row
-  figures.write_figures(model, variables, query, gallery, evaluation.rankings[row],
-                        evaluation.per_query_ap[row], config.data.image_size, workdir)
+  figures.write_figures(
+    model,
+    variables,
+    query,
+    gallery,
+    evaluation.rankings[row],
+    evaluation.per_query_ap[row],
+    config.data.image_size,
+    workdir,
+  )
   with open(os.path.join(workdir, 'results.json'), 'w', encoding='utf-8') as f:
-    json.dump({'step': step, 'dataset': config.data.dataset, 'results': evaluation.metrics,
-               'info': evaluation.info}, f, indent=2)
+    json.dump(
+      {
+        'step': step,
+        'dataset': config.data.dataset,
+        'results': evaluation.metrics,
+        'info': evaluation.info,
+      },
+      f,
+      indent=2,
+    )
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        step: int | None = None) -> Evaluation:
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict, workdir: str, step: int | None = None
+) -> Evaluation:
   """Evaluates a checkpoint of `workdir`, prints the table, writes results.json and figures.
 
   Args:
@@ -180,8 +225,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(workdir, step, config.model, mesh)
   query, gallery = input_pipeline.load_eval_splits(input_pipeline.prepare_on_first_process(config))
-  evaluation = evaluate(run.model, run.variables, query, gallery, config, mesh,
-                        scratch_dir=workdir)
+  evaluation = evaluate(run.model, run.variables, query, gallery, config, mesh, scratch_dir=workdir)
   if jax.process_index() == 0:
     print(format_table(evaluation, title=f'{config.data.dataset}, {workdir} step {run.step}'))
   write_report(workdir, run.step, config, evaluation, run.model, run.variables, query, gallery)

@@ -40,9 +40,16 @@ def _feature_maps(model: CACENet, variables, data, indices, size) -> jnp.ndarray
   return model.apply(variables, images, method=lambda m, x: m.backbone(x, train=False)[0])
 
 
-def write_figures(model: CACENet, variables, query: input_pipeline.SplitData,
-                  gallery: input_pipeline.SplitData, ranking: np.ndarray,
-                  per_query_ap: np.ndarray, image_size, workdir: str) -> list[str]:
+def write_figures(
+  model: CACENet,
+  variables,
+  query: input_pipeline.SplitData,
+  gallery: input_pipeline.SplitData,
+  ranking: np.ndarray,
+  per_query_ap: np.ndarray,
+  image_size,
+  workdir: str,
+) -> list[str]:
   """Writes the figures of the module docstring; returns their paths.
 
   Args:
@@ -56,9 +63,20 @@ def write_figures(model: CACENet, variables, query: input_pipeline.SplitData,
   chosen = plots.select_queries(per_query_ap)
   decode_q = lambda i: decode_image(query, i, image_size)
   decode_g = lambda i: decode_image(gallery, i, image_size)
-  paths = [plots.plot_ranked_lists(
-      decode_q, decode_g, ranking, query.pids, gallery.pids, query.camids, gallery.camids,
-      os.path.join(workdir, 'ranked_lists.png'), chosen, top=10)]
+  paths = [
+    plots.plot_ranked_lists(
+      decode_q,
+      decode_g,
+      ranking,
+      query.pids,
+      gallery.pids,
+      query.camids,
+      gallery.camids,
+      os.path.join(workdir, 'ranked_lists.png'),
+      chosen,
+      top=10,
+    )
+  ]
   if model.gcn == 'none':
     return paths  # no pair stage: no alignment or conditional maps to show
 
@@ -67,28 +85,46 @@ def write_figures(model: CACENet, variables, query: input_pipeline.SplitData,
   # highest-ranked wrong identities (the hard negatives stage 2 must push down).
   query_index = int(chosen[-1]) if len(chosen) else 0
   query_pid = query.pids[query_index]
-  valid = [int(g) for g in ranking[query_index] if not (
-      gallery.pids[g] == query_pid and gallery.camids[g] == query.camids[query_index])]
+  valid = [
+    int(g)
+    for g in ranking[query_index]
+    if not (gallery.pids[g] == query_pid and gallery.camids[g] == query.camids[query_index])
+  ]
   matches = [g for g in valid if gallery.pids[g] == query_pid][:NUM_HEATMAP_MATCHES]
   others = [g for g in valid if gallery.pids[g] != query_pid]
-  gallery_indices = sorted(matches + others[:NUM_HEATMAP_GALLERY - len(matches)],
-                           key=valid.index)
+  gallery_indices = sorted(matches + others[: NUM_HEATMAP_GALLERY - len(matches)], key=valid.index)
   shown = gallery_indices.index(matches[0]) if matches else 0  # in correspondences.png
   fmap_q = _feature_maps(model, variables, query, [query_index], image_size)
   fmap_g = _feature_maps(model, variables, gallery, gallery_indices, image_size)
-  pairs = model.apply(variables, jnp.repeat(fmap_q, len(gallery_indices), axis=0), fmap_g,
-                      method=CACENet.pair_features)
+  pairs = model.apply(
+    variables,
+    jnp.repeat(fmap_q, len(gallery_indices), axis=0),
+    fmap_g,
+    method=CACENet.pair_features,
+  )
   height, width = fmap_q.shape[1:3]
   nodes = height * width
   cross = np.asarray(pairs['adjacency'][shown, :nodes, nodes:])
-  paths.append(plots.plot_correspondences(
-      decode_q(query_index), decode_g(gallery_indices[shown]), cross, (height, width),
-      os.path.join(workdir, 'correspondences.png'), num_lines=20,
-      title=f'query {query_pid} vs gallery {gallery.pids[gallery_indices[shown]]}'))
-  paths.append(plots.plot_conditional_heatmaps(
-      decode_q(query_index), [decode_g(g) for g in gallery_indices],
+  paths.append(
+    plots.plot_correspondences(
+      decode_q(query_index),
+      decode_g(gallery_indices[shown]),
+      cross,
+      (height, width),
+      os.path.join(workdir, 'correspondences.png'),
+      num_lines=20,
+      title=f'query {query_pid} vs gallery {gallery.pids[gallery_indices[shown]]}',
+    )
+  )
+  paths.append(
+    plots.plot_conditional_heatmaps(
+      decode_q(query_index),
+      [decode_g(g) for g in gallery_indices],
       np.asarray(jax.device_get(pairs['cond_fmap_u']), np.float32),
       os.path.join(workdir, 'conditional_maps.png'),
       individual_map=np.asarray(fmap_q[0], np.float32),
-      gallery_pids=gallery.pids[gallery_indices], query_pid=query_pid))
+      gallery_pids=gallery.pids[gallery_indices],
+      query_pid=query_pid,
+    )
+  )
   return paths

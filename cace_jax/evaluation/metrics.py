@@ -18,9 +18,15 @@ from cace_jax.models import l2_normalize
 _CHUNK_ELEMENTS = 8_000_000
 
 
-def evaluate_rank(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
-                  q_camids: np.ndarray, g_camids: np.ndarray, max_rank: int = 50,
-                  chunk_size: int | None = None) -> dict:
+def evaluate_rank(
+  distmat: np.ndarray,
+  q_pids: np.ndarray,
+  g_pids: np.ndarray,
+  q_camids: np.ndarray,
+  g_camids: np.ndarray,
+  max_rank: int = 50,
+  chunk_size: int | None = None,
+) -> dict:
   """CMC, mAP and mINP of a query × gallery distance matrix.
 
   Protocol (Market-1501, as torchreid and fast-reid):
@@ -56,11 +62,15 @@ def evaluate_rank(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
   q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
   q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
   num_q, num_g = distmat.shape
-  if (q_pids.shape, q_camids.shape) != ((num_q,), (num_q,)) or (
-      g_pids.shape, g_camids.shape) != ((num_g,), (num_g,)):
-    raise ValueError(f'distmat {distmat.shape} does not match query ids {q_pids.shape}, '
-                     f'cameras {q_camids.shape} and gallery ids {g_pids.shape}, cameras '
-                     f'{g_camids.shape}')
+  if (q_pids.shape, q_camids.shape) != ((num_q,), (num_q,)) or (g_pids.shape, g_camids.shape) != (
+    (num_g,),
+    (num_g,),
+  ):
+    raise ValueError(
+      f'distmat {distmat.shape} does not match query ids {q_pids.shape}, '
+      f'cameras {q_camids.shape} and gallery ids {g_pids.shape}, cameras '
+      f'{g_camids.shape}'
+    )
   if num_q == 0 or num_g == 0:
     raise ValueError(f'empty query or gallery: distmat {distmat.shape}')
   max_rank = min(max_rank, num_g)
@@ -71,14 +81,15 @@ def evaluate_rank(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
   same_pid_index, same_pid_valid = _same_pid_gallery(q_pids, g_pids)
 
   def evaluate_chunk(start):
-    rows = np.asarray(distmat[start:start + chunk_size])
-    index = same_pid_index[start:start + len(rows)]
-    valid = same_pid_valid[start:start + len(rows)]
-    same_cam = g_camids[index] == q_camids[start:start + len(rows), None]
+    rows = np.asarray(distmat[start : start + chunk_size])
+    index = same_pid_index[start : start + len(rows)]
+    valid = same_pid_valid[start : start + len(rows)]
+    same_cam = g_camids[index] == q_camids[start : start + len(rows), None]
     removed, matches = valid & same_cam, valid & ~same_cam
     position = _stable_positions(rows, index, valid)
-    removed_before = np.sum(removed[:, None, :] & (position[:, None, :] < position[:, :, None]),
-                            axis=2)
+    removed_before = np.sum(
+      removed[:, None, :] & (position[:, None, :] < position[:, :, None]), axis=2
+    )
     kept_rank = np.where(matches, position - removed_before + 1, num_g + 1)
     num_matches = matches.sum(axis=1)
     has_match = num_matches > 0
@@ -97,15 +108,16 @@ def evaluate_rank(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
   per_query_ap[np.concatenate(has_match)] = np.concatenate(average_precision)
   first_match = np.concatenate(first_match)
   if first_match.size == 0:
-    raise ValueError('no query has a true match in the gallery (after removing '
-                     'same-identity same-camera images)')
+    raise ValueError(
+      'no query has a true match in the gallery (after removing same-identity same-camera images)'
+    )
   cmc = np.mean(first_match[:, None] <= np.arange(1, max_rank + 1)[None, :], axis=0)
   return {
-      'cmc': cmc.astype(np.float64),
-      'mAP': float(np.mean(np.concatenate(average_precision))),
-      'mINP': float(np.mean(np.concatenate(inverse_negative))),
-      'num_valid_queries': int(first_match.size),
-      'per_query_ap': per_query_ap,
+    'cmc': cmc.astype(np.float64),
+    'mAP': float(np.mean(np.concatenate(average_precision))),
+    'mINP': float(np.mean(np.concatenate(inverse_negative))),
+    'num_valid_queries': int(first_match.size),
+    'per_query_ap': per_query_ap,
   }
 
 
@@ -116,13 +128,15 @@ def cosine_distance(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
   return 1.0 - query @ gallery.T
 
 
-def euclidean_distance(query: np.ndarray, gallery: np.ndarray,
-                       squared: bool = False) -> np.ndarray:
+def euclidean_distance(query: np.ndarray, gallery: np.ndarray, squared: bool = False) -> np.ndarray:
   """Euclidean distance [Nq, Ng]; `squared` skips the square root (torchreid's default)."""
   query = np.asarray(query, np.float32)
   gallery = np.asarray(gallery, np.float32)
-  squares = (np.sum(query**2, axis=1)[:, None] + np.sum(gallery**2, axis=1)[None, :]
-             - 2.0 * query @ gallery.T)
+  squares = (
+    np.sum(query**2, axis=1)[:, None]
+    + np.sum(gallery**2, axis=1)[None, :]
+    - 2.0 * query @ gallery.T
+  )
   squares = np.maximum(squares, 0.0)
   return squares if squared else np.sqrt(squares)
 
@@ -160,6 +174,5 @@ def _stable_positions(rows: np.ndarray, index: np.ndarray, valid: np.ndarray) ->
     right = np.searchsorted(sorted_rows[q], values[q], side='right')
     position[q] = left
     for m in np.flatnonzero(valid[q] & (right - left > 1)):  # ties: rare, count exactly
-      position[q, m] += np.count_nonzero(rows[q, :index[q, m]] == values[q, m])
+      position[q, m] += np.count_nonzero(rows[q, : index[q, m]] == values[q, m])
   return position
-

@@ -13,13 +13,14 @@ import os
 from typing import Callable, Sequence
 
 import matplotlib
-import numpy as np
 from matplotlib import cm, colors, patheffects
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+import numpy as np
 from PIL import Image
 
 from cace_jax.augment import IMAGENET_MEAN, IMAGENET_STD
+
 GREEN = (0, 190, 0)
 RED = (220, 0, 0)
 NEUTRAL = (128, 128, 128)
@@ -34,8 +35,13 @@ def denormalize(image: np.ndarray) -> np.ndarray:
   return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def select_queries(ap_per_query: np.ndarray, num_best: int = 2, num_worst: int = 4,
-                   num_random: int = 2, seed: int = 0) -> np.ndarray:
+def select_queries(
+  ap_per_query: np.ndarray,
+  num_best: int = 2,
+  num_worst: int = 4,
+  num_random: int = 2,
+  seed: int = 0,
+) -> np.ndarray:
   """Picks queries worth looking at: the worst, some random ones, the best.
 
   Failures are the most informative rows, so the lowest-AP queries always come
@@ -72,13 +78,13 @@ def feature_norm_maps(maps: np.ndarray, out_size: tuple[int, int]) -> np.ndarray
   norms = np.linalg.norm(maps, axis=-1)
   flat = norms.reshape(-1, *norms.shape[-2:])
   height, width = out_size
-  resized = [np.asarray(Image.fromarray(m).resize((width, height), Image.BILINEAR))
-             for m in flat]
+  resized = [np.asarray(Image.fromarray(m).resize((width, height), Image.BILINEAR)) for m in flat]
   return np.stack(resized).reshape(*norms.shape[:-2], height, width).astype(np.float32)
 
 
-def select_strongest_pairs(cross_adjacency: np.ndarray, num_lines: int
-                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def select_strongest_pairs(
+  cross_adjacency: np.ndarray, num_lines: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Rows, columns and values of the `num_lines` (>= 1) largest entries, strongest first."""
   adjacency = np.asarray(cross_adjacency, np.float64)
   flat = adjacency.ravel()
@@ -124,8 +130,15 @@ def _new_figure(width: float, height: float) -> Figure:
   return figure
 
 
-def _add_image_axes(figure: Figure, x: float, y_top: float, width: float, height: float,
-                    image: np.ndarray | None, gid: str | None = None):
+def _add_image_axes(
+  figure: Figure,
+  x: float,
+  y_top: float,
+  width: float,
+  height: float,
+  image: np.ndarray | None,
+  gid: str | None = None,
+):
   """Axes at (x, y_top) inches from the top left, showing `image` without ticks."""
   fig_w, fig_h = figure.get_size_inches()
   ax = figure.add_axes((x / fig_w, 1 - (y_top + height) / fig_h, width / fig_w, height / fig_h))
@@ -137,8 +150,9 @@ def _add_image_axes(figure: Figure, x: float, y_top: float, width: float, height
   return ax
 
 
-def _add_colorbar(figure: Figure, x: float, y_top: float, height: float, norm, colormap,
-                  gid: str) -> None:
+def _add_colorbar(
+  figure: Figure, x: float, y_top: float, height: float, norm, colormap, gid: str
+) -> None:
   """A narrow colour bar at (x, y_top) inches from the top left."""
   cax = _add_image_axes(figure, x, y_top, 0.12, height, None, gid)
   cax.set_axis_on()
@@ -153,12 +167,20 @@ def save_figure(figure: Figure, out_path: str) -> str:
   return out_path
 
 
-def draw_ranked_lists(query_images: Images, gallery_images: Images, ranking: np.ndarray,
-                      query_pids, gallery_pids, query_camids, gallery_camids,
-                      query_indices: Sequence[int], top: int = 10,
-                      titles: Sequence[str] | None = None,
-                      valid_mask: np.ndarray | None = None,
-                      image_size: tuple[int, int] | None = None) -> Figure:
+def draw_ranked_lists(
+  query_images: Images,
+  gallery_images: Images,
+  ranking: np.ndarray,
+  query_pids,
+  gallery_pids,
+  query_camids,
+  gallery_camids,
+  query_indices: Sequence[int],
+  top: int = 10,
+  titles: Sequence[str] | None = None,
+  valid_mask: np.ndarray | None = None,
+  image_size: tuple[int, int] | None = None,
+) -> Figure:
   """Builds the ranked-list figure; see `plot_ranked_lists`."""
   q_pids, g_pids = np.asarray(query_pids), np.asarray(gallery_pids)
   q_cams, g_cams = np.asarray(query_camids), np.asarray(gallery_camids)
@@ -180,11 +202,26 @@ def draw_ranked_lists(query_images: Images, gallery_images: Images, ranking: np.
     y = margin + row * row_h + title_h
     query = _add_frame(_resize(_get_image(query_images, q), size), NEUTRAL, frame)
     ax = _add_image_axes(figure, margin, y, cell_w, cell_h, query, f'query_{row}')
-    ax.text(0.5, -0.03, f'query\npid {q_pids[q]} c{q_cams[q]}', transform=ax.transAxes,
-            ha='center', va='top', fontsize=7)
+    ax.text(
+      0.5,
+      -0.03,
+      f'query\npid {q_pids[q]} c{q_cams[q]}',
+      transform=ax.transAxes,
+      ha='center',
+      va='top',
+      fontsize=7,
+    )
     if titles is not None:
-      ax.text(0.0, 1.03, titles[row], transform=ax.transAxes, ha='left', va='bottom',
-              fontsize=8, clip_on=False)
+      ax.text(
+        0.0,
+        1.03,
+        titles[row],
+        transform=ax.transAxes,
+        ha='left',
+        va='bottom',
+        fontsize=8,
+        clip_on=False,
+      )
     # Junk (same pid and camera as the query) is skipped unless the caller says
     # otherwise; when the caller has already removed it this changes nothing.
     order = ranking[q]
@@ -199,17 +236,34 @@ def draw_ranked_lists(query_images: Images, gallery_images: Images, ranking: np.
       image = _add_frame(_resize(_get_image(gallery_images, g), size), color, frame)
       x = margin + cell_w + gap + k * (cell_w + col_gap)
       ax = _add_image_axes(figure, x, y, cell_w, cell_h, image, f'gallery_{row}_{k}')
-      ax.text(0.5, -0.03, f'#{k + 1}\npid {g_pids[g]} c{g_cams[g]}', transform=ax.transAxes,
-              ha='center', va='top', fontsize=7, color=np.array(color) / 255)
+      ax.text(
+        0.5,
+        -0.03,
+        f'#{k + 1}\npid {g_pids[g]} c{g_cams[g]}',
+        transform=ax.transAxes,
+        ha='center',
+        va='top',
+        fontsize=7,
+        color=np.array(color) / 255,
+      )
   return figure
 
 
-def plot_ranked_lists(query_images: Images, gallery_images: Images, ranking: np.ndarray,
-                      query_pids, gallery_pids, query_camids, gallery_camids, out_path: str,
-                      query_indices: Sequence[int], top: int = 10,
-                      titles: Sequence[str] | None = None,
-                      valid_mask: np.ndarray | None = None,
-                      image_size: tuple[int, int] | None = None) -> str:
+def plot_ranked_lists(
+  query_images: Images,
+  gallery_images: Images,
+  ranking: np.ndarray,
+  query_pids,
+  gallery_pids,
+  query_camids,
+  gallery_camids,
+  out_path: str,
+  query_indices: Sequence[int],
+  top: int = 10,
+  titles: Sequence[str] | None = None,
+  valid_mask: np.ndarray | None = None,
+  image_size: tuple[int, int] | None = None,
+) -> str:
   """Saves one row per query: the query, then its top-`top` gallery matches.
 
   Matches get a green frame when their pid equals the query's and red
@@ -236,27 +290,45 @@ def plot_ranked_lists(query_images: Images, gallery_images: Images, ranking: np.
   Returns:
     `out_path`.
   """
-  figure = draw_ranked_lists(query_images, gallery_images, ranking, query_pids, gallery_pids,
-                             query_camids, gallery_camids, query_indices, top, titles,
-                             valid_mask, image_size)
+  figure = draw_ranked_lists(
+    query_images,
+    gallery_images,
+    ranking,
+    query_pids,
+    gallery_pids,
+    query_camids,
+    gallery_camids,
+    query_indices,
+    top,
+    titles,
+    valid_mask,
+    image_size,
+  )
   return save_figure(figure, out_path)
 
 
-def draw_correspondences(image_u: np.ndarray, image_v: np.ndarray, cross_adjacency: np.ndarray,
-                         fmap_shape: tuple[int, int], num_lines: int = 20,
-                         title: str | None = None, cmap: str = 'viridis') -> Figure:
+def draw_correspondences(
+  image_u: np.ndarray,
+  image_v: np.ndarray,
+  cross_adjacency: np.ndarray,
+  fmap_shape: tuple[int, int],
+  num_lines: int = 20,
+  title: str | None = None,
+  cmap: str = 'viridis',
+) -> Figure:
   """Builds the correspondence figure; see `plot_correspondences`."""
   image_u, image_v = np.asarray(image_u, np.uint8), np.asarray(image_v, np.uint8)
   if image_u.shape != image_v.shape:
     raise ValueError(f'images differ in shape: {image_u.shape} vs {image_v.shape}')
   fh, fw = fmap_shape
   if np.shape(cross_adjacency) != (fh * fw, fh * fw):
-    raise ValueError(f'cross_adjacency {np.shape(cross_adjacency)} does not match the '
-                     f'{fh}x{fw} feature map')
+    raise ValueError(
+      f'cross_adjacency {np.shape(cross_adjacency)} does not match the {fh}x{fw} feature map'
+    )
   height, width = image_u.shape[:2]
   gap = max(4, width // 6)
   canvas = np.full((height, 2 * width + gap, 3), 255, np.uint8)
-  canvas[:, :width], canvas[:, width + gap:] = image_u, image_v
+  canvas[:, :width], canvas[:, width + gap :] = image_u, image_v
   rows, cols, values = select_strongest_pairs(cross_adjacency, num_lines)
   # Cell centres in image pixels; v's cells are shifted to the right image.
   cell_x, cell_y = width / fw, height / fh
@@ -274,22 +346,41 @@ def draw_correspondences(image_u: np.ndarray, image_v: np.ndarray, cross_adjacen
   strength = norm(values) if norm.vmax > norm.vmin else np.ones_like(values)
   # Weakest first so that the strongest lines end up on top.
   for n in np.argsort(strength, kind='stable'):
-    ax.plot([xu[n], xv[n]], [yu[n], yv[n]], color=colormap(strength[n]),
-            alpha=0.55 + 0.45 * float(strength[n]), linewidth=1.8, solid_capstyle='round',
-            # A light halo keeps dark colours visible on dark clothing.
-            path_effects=[patheffects.withStroke(linewidth=2.8, foreground='white')])
+    ax.plot(
+      [xu[n], xv[n]],
+      [yu[n], yv[n]],
+      color=colormap(strength[n]),
+      alpha=0.55 + 0.45 * float(strength[n]),
+      linewidth=1.8,
+      solid_capstyle='round',
+      # A light halo keeps dark colours visible on dark clothing.
+      path_effects=[patheffects.withStroke(linewidth=2.8, foreground='white')],
+    )
   ends_x, ends_y = np.concatenate([xu, xv]), np.concatenate([yu, yv])
-  ax.scatter(ends_x, ends_y, c=np.tile(colormap(strength), (2, 1)), s=18,
-             edgecolors='white', linewidths=0.6, zorder=3)
+  ax.scatter(
+    ends_x,
+    ends_y,
+    c=np.tile(colormap(strength), (2, 1)),
+    s=18,
+    edgecolors='white',
+    linewidths=0.6,
+    zorder=3,
+  )
   ax.set_xlim(-0.5, canvas.shape[1] - 0.5)
   ax.set_ylim(height - 0.5, -0.5)
   _add_colorbar(figure, 2 * margin + image_w, title_h, image_h, norm, colormap, 'colorbar')
   return figure
 
 
-def plot_correspondences(image_u: np.ndarray, image_v: np.ndarray, cross_adjacency: np.ndarray,
-                         fmap_shape: tuple[int, int], out_path: str, num_lines: int = 20,
-                         title: str | None = None) -> str:
+def plot_correspondences(
+  image_u: np.ndarray,
+  image_v: np.ndarray,
+  cross_adjacency: np.ndarray,
+  fmap_shape: tuple[int, int],
+  out_path: str,
+  num_lines: int = 20,
+  title: str | None = None,
+) -> str:
   """Saves the paper's Figure 5: the strongest cross-image clue correspondences.
 
   Args:
@@ -315,11 +406,16 @@ def _blend(image: np.ndarray, values: np.ndarray, norm, colormap, alpha: float) 
   return np.round(255 * ((1 - alpha) * image / 255.0 + alpha * rgb)).astype(np.uint8)
 
 
-def draw_conditional_heatmaps(query_image: np.ndarray, gallery_images: Images,
-                              conditional_maps_q: np.ndarray,
-                              individual_map: np.ndarray | None = None,
-                              gallery_pids=None, query_pid=None, cmap: str = 'jet',
-                              alpha: float = 0.5) -> Figure:
+def draw_conditional_heatmaps(
+  query_image: np.ndarray,
+  gallery_images: Images,
+  conditional_maps_q: np.ndarray,
+  individual_map: np.ndarray | None = None,
+  gallery_pids=None,
+  query_pid=None,
+  cmap: str = 'jet',
+  alpha: float = 0.5,
+) -> Figure:
   """Builds the conditional-heatmap figure; see `plot_conditional_heatmaps`."""
   query = np.asarray(query_image, np.uint8)
   size = query.shape[:2]
@@ -346,19 +442,28 @@ def draw_conditional_heatmaps(query_image: np.ndarray, gallery_images: Images,
   fig_w, fig_h = figure.get_size_inches()
   row_labels = ['query, paired', 'gallery', 'paired - individual'][:num_rows]
   for y, text in zip(row_y, row_labels):
-    figure.text(margin / fig_w, 1 - (y + cell_h / 2) / fig_h, text, rotation=90, ha='left',
-                va='center', fontsize=7)
+    figure.text(
+      margin / fig_w,
+      1 - (y + cell_h / 2) / fig_h,
+      text,
+      rotation=90,
+      ha='left',
+      va='center',
+      fontsize=7,
+    )
 
   def add_cell(row, col, image, label=None, color='black'):
-    ax = _add_image_axes(figure, column_x[col], row_y[row], cell_w, cell_h, image,
-                         f'heatmap_{row}_{col}')
+    ax = _add_image_axes(
+      figure, column_x[col], row_y[row], cell_w, cell_h, image, f'heatmap_{row}_{col}'
+    )
     if label:
       ax.set_title(label, fontsize=7, color=color, pad=2)
     return ax
 
   if indiv is not None:
-    add_cell(0, 0, _add_frame(_blend(query, indiv, norm, colormap, alpha), white, frame),
-             'individual')
+    add_cell(
+      0, 0, _add_frame(_blend(query, indiv, norm, colormap, alpha), white, frame), 'individual'
+    )
     diff = cond - indiv[None]
     limit = float(np.abs(diff).max()) or 1.0
     diff_norm = colors.Normalize(-limit, limit)
@@ -367,8 +472,12 @@ def draw_conditional_heatmaps(query_image: np.ndarray, gallery_images: Images,
     grey = np.repeat(query.mean(-1, keepdims=True), 3, -1)
   for g in range(num_gallery):
     col = g + first
-    add_cell(0, col, _add_frame(_blend(query, cond[g], norm, colormap, alpha), white, frame),
-             f'paired with {g}')
+    add_cell(
+      0,
+      col,
+      _add_frame(_blend(query, cond[g], norm, colormap, alpha), white, frame),
+      f'paired with {g}',
+    )
     color, label = NEUTRAL, f'gallery {g}'
     if gallery_pids is not None:
       label = f'pid {gallery_pids[g]}'
@@ -377,23 +486,33 @@ def draw_conditional_heatmaps(query_image: np.ndarray, gallery_images: Images,
     gallery = _resize(_get_image(gallery_images, g), size)
     add_cell(1, col, _add_frame(gallery, color, frame), label, np.array(color) / 255)
     if indiv is not None:
-      add_cell(2, col, _add_frame(_blend(grey, diff[g], diff_norm, diff_cmap, 0.6), white,
-                                  frame))
+      add_cell(2, col, _add_frame(_blend(grey, diff[g], diff_norm, diff_cmap, 0.6), white, frame))
 
   bar_x = fig_w - bar_w + 0.1
   _add_colorbar(figure, bar_x, row_y[0], cell_h, norm, colormap, 'colorbar_norm')
   if indiv is not None:
     _add_colorbar(figure, bar_x, row_y[2], cell_h, diff_norm, diff_cmap, 'colorbar_difference')
   label = 'query' if query_pid is None else f'query pid {query_pid}'
-  figure.text(margin / fig_w, 1 - 0.05 / fig_h, f'{label}: feature norm per pairing',
-              ha='left', va='top', fontsize=8)
+  figure.text(
+    margin / fig_w,
+    1 - 0.05 / fig_h,
+    f'{label}: feature norm per pairing',
+    ha='left',
+    va='top',
+    fontsize=8,
+  )
   return figure
 
 
-def plot_conditional_heatmaps(query_image: np.ndarray, gallery_images: Images,
-                              conditional_maps_q: np.ndarray, out_path: str,
-                              individual_map: np.ndarray | None = None, gallery_pids=None,
-                              query_pid=None) -> str:
+def plot_conditional_heatmaps(
+  query_image: np.ndarray,
+  gallery_images: Images,
+  conditional_maps_q: np.ndarray,
+  out_path: str,
+  individual_map: np.ndarray | None = None,
+  gallery_pids=None,
+  query_pid=None,
+) -> str:
   """Saves the paper's Figure 4: where the query's features change with the pair.
 
   Column g shows, on top, the query overlaid (alpha 0.5) with the channel L2
@@ -415,6 +534,7 @@ def plot_conditional_heatmaps(query_image: np.ndarray, gallery_images: Images,
   Returns:
     `out_path`.
   """
-  figure = draw_conditional_heatmaps(query_image, gallery_images, conditional_maps_q,
-                                     individual_map, gallery_pids, query_pid)
+  figure = draw_conditional_heatmaps(
+    query_image, gallery_images, conditional_maps_q, individual_map, gallery_pids, query_pid
+  )
   return save_figure(figure, out_path)

@@ -55,9 +55,15 @@ RowsFn = Callable[[int, int], np.ndarray]  # (start, stop) -> [stop - start, N] 
 PairsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (i [P], j [P]) -> [P]
 
 
-def k_reciprocal_rerank(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np.ndarray,
-                        k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-                        chunk_size: int | None = None) -> np.ndarray:
+def k_reciprocal_rerank(
+  q_g_dist: np.ndarray,
+  q_q_dist: np.ndarray,
+  g_g_dist: np.ndarray,
+  k1: int = 20,
+  k2: int = 6,
+  lambda_value: float = 0.3,
+  chunk_size: int | None = None,
+) -> np.ndarray:
   """Re-ranked query × gallery distances from the three distance blocks.
 
   The original distance is the block matrix [[q_q, q_g], [q_gᵀ, g_g]], used
@@ -84,36 +90,49 @@ def k_reciprocal_rerank(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np
   g_g = np.asarray(g_g_dist, np.float32)
   num_query, num_gallery = q_g.shape
   if q_q.shape != (num_query, num_query) or g_g.shape != (num_gallery, num_gallery):
-    raise ValueError(f'q_g_dist {q_g.shape}, q_q_dist {q_q.shape} and g_g_dist {g_g.shape} '
-                     'do not fit together')
+    raise ValueError(
+      f'q_g_dist {q_g.shape}, q_q_dist {q_q.shape} and g_g_dist {g_g.shape} do not fit together'
+    )
 
   def distance_rows(start, stop):
     query_rows = np.arange(start, min(stop, num_query))
     gallery_rows = np.arange(max(start, num_query), stop) - num_query
-    return np.concatenate([
+    return np.concatenate(
+      [
         np.concatenate([q_q[query_rows], q_g[query_rows]], axis=1),
-        np.concatenate([q_g[:, gallery_rows].T, g_g[gallery_rows]], axis=1)], axis=0)
+        np.concatenate([q_g[:, gallery_rows].T, g_g[gallery_rows]], axis=1),
+      ],
+      axis=0,
+    )
 
   def distance_pairs(i, j):
     # One block lookup per quadrant of the joint matrix.
     result = np.empty(len(i), np.float32)
     i_query, j_query = i < num_query, j < num_query
     for mask, block, rows, cols in (
-        (i_query & j_query, q_q, i, j),
-        (i_query & ~j_query, q_g, i, j - num_query),
-        (~i_query & j_query, q_g, j, i - num_query),
-        (~i_query & ~j_query, g_g, i - num_query, j - num_query)):
+      (i_query & j_query, q_q, i, j),
+      (i_query & ~j_query, q_g, i, j - num_query),
+      (~i_query & j_query, q_g, j, i - num_query),
+      (~i_query & ~j_query, g_g, i - num_query, j - num_query),
+    ):
       result[mask] = block[rows[mask], cols[mask]]
     return result
 
-  return _rerank(distance_rows, distance_pairs, num_query, num_gallery, k1, k2,
-                 lambda_value, chunk_size)
+  return _rerank(
+    distance_rows, distance_pairs, num_query, num_gallery, k1, k2, lambda_value, chunk_size
+  )
 
 
-def k_reciprocal_rerank_features(query_features: np.ndarray, gallery_features: np.ndarray,
-                                 k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-                                 metric: str = 'cosine', q_g_dist: np.ndarray | None = None,
-                                 chunk_size: int | None = None) -> np.ndarray:
+def k_reciprocal_rerank_features(
+  query_features: np.ndarray,
+  gallery_features: np.ndarray,
+  k1: int = 20,
+  k2: int = 6,
+  lambda_value: float = 0.3,
+  metric: str = 'cosine',
+  q_g_dist: np.ndarray | None = None,
+  chunk_size: int | None = None,
+) -> np.ndarray:
   """Re-ranked query × gallery distances from features, without any N × N matrix.
 
   Distances are computed from the features in row chunks (float32 BLAS), once to
@@ -176,24 +195,24 @@ def k_reciprocal_rerank_features(query_features: np.ndarray, gallery_features: n
     return dots
 
   def distance_rows(start, stop):
-    dist = from_dots(features[start:stop] @ features.T, squares[start:stop, None],
-                     squares[None, :])
+    dist = from_dots(features[start:stop] @ features.T, squares[start:stop, None], squares[None, :])
     # An item is at distance exactly 0 from itself, as in a given distance matrix.
     dist[np.arange(stop - start), np.arange(start, stop)] = 0.0
     rows = np.arange(start, stop)
     if q_g_dist is not None:
       query_rows = rows[rows < num_query]
       gallery_rows = rows[rows >= num_query] - num_query
-      dist[:len(query_rows), num_query:] = q_g_dist[query_rows]
-      dist[len(query_rows):, :num_query] = q_g_dist[:, gallery_rows].T
+      dist[: len(query_rows), num_query:] = q_g_dist[query_rows]
+      dist[len(query_rows) :, :num_query] = q_g_dist[:, gallery_rows].T
     return dist
 
   def distance_pairs(i, j):
     result = np.empty(len(i), np.float32)
     for start in range(0, len(i), _PAIR_BATCH):
-      a, b = i[start:start + _PAIR_BATCH], j[start:start + _PAIR_BATCH]
-      result[start:start + len(a)] = from_dots(
-          np.einsum('pd,pd->p', features[a], features[b]), squares[a], squares[b])
+      a, b = i[start : start + _PAIR_BATCH], j[start : start + _PAIR_BATCH]
+      result[start : start + len(a)] = from_dots(
+        np.einsum('pd,pd->p', features[a], features[b]), squares[a], squares[b]
+      )
     result[i == j] = 0.0
     if q_g_dist is not None:
       forward = (i < num_query) & (j >= num_query)
@@ -202,13 +221,21 @@ def k_reciprocal_rerank_features(query_features: np.ndarray, gallery_features: n
       result[backward] = q_g_dist[j[backward], i[backward] - num_query]
     return result
 
-  return _rerank(distance_rows, distance_pairs, num_query, num_gallery, k1, k2,
-                 lambda_value, chunk_size)
+  return _rerank(
+    distance_rows, distance_pairs, num_query, num_gallery, k1, k2, lambda_value, chunk_size
+  )
 
 
-def _rerank(distance_rows: RowsFn, distance_pairs: PairsFn, num_query: int,
-            num_gallery: int, k1: int, k2: int, lambda_value: float,
-            chunk_size: int | None) -> np.ndarray:
+def _rerank(
+  distance_rows: RowsFn,
+  distance_pairs: PairsFn,
+  num_query: int,
+  num_gallery: int,
+  k1: int,
+  k2: int,
+  lambda_value: float,
+  chunk_size: int | None,
+) -> np.ndarray:
   """The algorithm over N = Nq + Ng items, given raw distances by rows and pairs."""
   if k1 < 1 or not 1 <= k2 <= k1 + 1:
     raise ValueError(f'need k1 >= 1 and 1 <= k2 <= k1 + 1, got k1={k1}, k2={k2}')
@@ -220,13 +247,13 @@ def _rerank(distance_rows: RowsFn, distance_pairs: PairsFn, num_query: int,
   chunk_size = chunk_size or max(1, _CHUNK_ELEMENTS // num_total)
   # The result starts as the normalised original distance and is blended in place.
   result = np.empty((num_query, num_gallery), np.float32)
-  neighbors, row_max = find_neighbors(distance_rows, num_total, num_query, k1 + 1,
-                                      chunk_size, result)
+  neighbors, row_max = find_neighbors(
+    distance_rows, num_total, num_query, k1 + 1, chunk_size, result
+  )
   half = int(np.around(k1 / 2.0))
   reciprocal = mark_reciprocal(neighbors, k1 + 1, chunk_size)
   reciprocal_half = mark_reciprocal(neighbors, half + 1, chunk_size)
-  rows, cols = expand_reciprocal_sets(neighbors, reciprocal, reciprocal_half, half + 1,
-                                      chunk_size)
+  rows, cols = expand_reciprocal_sets(neighbors, reciprocal, reciprocal_half, half + 1, chunk_size)
   weights = build_weights(rows, cols, distance_pairs, row_max, num_total)
   if k2 > 1:
     weights = expand_query(weights, neighbors[:, :k2])
@@ -234,8 +261,14 @@ def _rerank(distance_rows: RowsFn, distance_pairs: PairsFn, num_query: int,
   return result
 
 
-def find_neighbors(distance_rows: RowsFn, num_total: int, num_query: int, keep: int,
-                   chunk_size: int, result: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def find_neighbors(
+  distance_rows: RowsFn,
+  num_total: int,
+  num_query: int,
+  keep: int,
+  chunk_size: int,
+  result: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
   """Every item's `keep` nearest items and row maximum, in one pass of row chunks.
 
   Also writes the row-normalised query × gallery distances into `result`
@@ -256,8 +289,9 @@ def find_neighbors(distance_rows: RowsFn, num_total: int, num_query: int, keep: 
     neighbors[start:stop] = select_nearest(dist, keep)
     query_stop = min(stop, num_query)
     if start < query_stop:
-      result[start:query_stop] = (dist[:query_stop - start, num_query:]
-                                  / row_max[start:query_stop, None])
+      result[start:query_stop] = (
+        dist[: query_stop - start, num_query:] / row_max[start:query_stop, None]
+      )
   return neighbors, row_max
 
 
@@ -306,9 +340,13 @@ def mark_reciprocal(neighbors: np.ndarray, size: int, chunk_size: int) -> np.nda
   return marks
 
 
-def expand_reciprocal_sets(neighbors: np.ndarray, reciprocal: np.ndarray,
-                           reciprocal_half: np.ndarray, half_size: int,
-                           chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
+def expand_reciprocal_sets(
+  neighbors: np.ndarray,
+  reciprocal: np.ndarray,
+  reciprocal_half: np.ndarray,
+  half_size: int,
+  chunk_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
   """R*(i) for every item, as sorted (row, column) pairs of V's nonzeros.
 
   Args:
@@ -345,8 +383,9 @@ def expand_reciprocal_sets(neighbors: np.ndarray, reciprocal: np.ndarray,
   return np.concatenate(all_rows).astype(np.int64), np.concatenate(all_cols).astype(np.int64)
 
 
-def build_weights(rows: np.ndarray, cols: np.ndarray, distance_pairs: PairsFn,
-                  row_max: np.ndarray, num_total: int) -> scipy.sparse.csr_matrix:
+def build_weights(
+  rows: np.ndarray, cols: np.ndarray, distance_pairs: PairsFn, row_max: np.ndarray, num_total: int
+) -> scipy.sparse.csr_matrix:
   """Sparse V [N, N] (float32): Gaussian-kernel weights on R*(i), each row summing to 1."""
   dist = distance_pairs(rows, cols) / row_max[rows]
   # Every row holds itself at distance 0, so exp(-d) sums to at least 1: no underflow.
@@ -357,20 +396,25 @@ def build_weights(rows: np.ndarray, cols: np.ndarray, distance_pairs: PairsFn,
   return scipy.sparse.csr_matrix((values, cols, indptr), shape=(num_total, num_total))
 
 
-def expand_query(weights: scipy.sparse.csr_matrix,
-                 nearest: np.ndarray) -> scipy.sparse.csr_matrix:
+def expand_query(weights: scipy.sparse.csr_matrix, nearest: np.ndarray) -> scipy.sparse.csr_matrix:
   """Local query expansion: row i becomes the mean of the rows `nearest[i]` [N, k2]."""
   num_total, k2 = nearest.shape
   averaging = scipy.sparse.csr_matrix(
-      (np.full(nearest.size, 1.0 / k2, np.float32), nearest.ravel(),
-       np.arange(0, nearest.size + 1, k2)), shape=(num_total, num_total))
+    (
+      np.full(nearest.size, 1.0 / k2, np.float32),
+      nearest.ravel(),
+      np.arange(0, nearest.size + 1, k2),
+    ),
+    shape=(num_total, num_total),
+  )
   expanded = (averaging @ weights).tocsr()
   expanded.sort_indices()
   return expanded
 
 
-def blend_jaccard(weights: scipy.sparse.csr_matrix, num_query: int, lambda_value: float,
-                  result: np.ndarray) -> None:
+def blend_jaccard(
+  weights: scipy.sparse.csr_matrix, num_query: int, lambda_value: float, result: np.ndarray
+) -> None:
   """result ← (1 − λ) · jaccard + λ · result, for query rows × gallery columns.
 
   Σ_k min(V[q, k], V[g, k]) only involves items k where both are nonzero, so
@@ -383,13 +427,14 @@ def blend_jaccard(weights: scipy.sparse.csr_matrix, num_query: int, lambda_value
   gallery_columns = weights[num_query:].tocsc()  # column k: gallery items with V[g, k] > 0
   column_sizes = np.diff(gallery_columns.indptr)
   row_ids = np.repeat(np.arange(num_query), np.diff(query_weights.indptr))
-  triples_per_query = np.bincount(row_ids, weights=column_sizes[query_weights.indices],
-                                  minlength=num_query)
+  triples_per_query = np.bincount(
+    row_ids, weights=column_sizes[query_weights.indices], minlength=num_query
+  )
   max_rows = max(1, _TRIPLE_BUDGET // num_gallery)  # also bounds the [block, Ng] sums
   start = 0
   while start < num_query:
     # Grow the block while it stays under budget; always take at least one query.
-    cumulative = np.cumsum(triples_per_query[start:start + max_rows])
+    cumulative = np.cumsum(triples_per_query[start : start + max_rows])
     stop = start + max(1, int(np.searchsorted(cumulative, _TRIPLE_BUDGET, side='right')))
     low, high = query_weights.indptr[start], query_weights.indptr[stop]
     shared = query_weights.indices[low:high]
@@ -398,10 +443,12 @@ def blend_jaccard(weights: scipy.sparse.csr_matrix, num_query: int, lambda_value
     # Positions in gallery_columns of every (entry, member of its column), flattened.
     offsets = np.repeat(gallery_columns.indptr[shared] - np.cumsum(sizes) + sizes, sizes)
     offsets += np.arange(total)
-    minima = np.minimum(np.repeat(query_weights.data[low:high], sizes),
-                        gallery_columns.data[offsets])
-    flat = (np.repeat(row_ids[low:high] - start, sizes) * num_gallery
-            + gallery_columns.indices[offsets])
+    minima = np.minimum(
+      np.repeat(query_weights.data[low:high], sizes), gallery_columns.data[offsets]
+    )
+    flat = (
+      np.repeat(row_ids[low:high] - start, sizes) * num_gallery + gallery_columns.indices[offsets]
+    )
     overlap = np.bincount(flat, weights=minima, minlength=(stop - start) * num_gallery)
     overlap = overlap.reshape(stop - start, num_gallery)
     jaccard = 1.0 - overlap / (2.0 - overlap)

@@ -47,12 +47,16 @@ def make_embed_step(model: CACENet, mesh: jax.sharding.Mesh, flip: bool, with_ca
     return model.apply(variables, images, flip, with_cache, method=embed_and_cache)
 
   spec = jax.sharding.PartitionSpec
-  return jax.jit(jax.shard_map(device_fn, mesh=mesh, in_specs=(spec(), spec(sharding.AXIS)),
-                               out_specs=spec(sharding.AXIS)))
+  return jax.jit(
+    jax.shard_map(
+      device_fn, mesh=mesh, in_specs=(spec(), spec(sharding.AXIS)), out_specs=spec(sharding.AXIS)
+    )
+  )
 
 
-def allocate_host_cache(shapes: dict, num_images: int, dtype, directory: str | None = None,
-                        memory_limit_gb: float = 8.0) -> dict:
+def allocate_host_cache(
+  shapes: dict, num_images: int, dtype, directory: str | None = None, memory_limit_gb: float = 8.0
+) -> dict:
   """Zeroed host arrays {name: [num_images, *shape]} of `dtype` for a split's caches.
 
   In memory while they fit in `memory_limit_gb`; else `np.memmap` files in
@@ -65,14 +69,23 @@ def allocate_host_cache(shapes: dict, num_images: int, dtype, directory: str | N
   if directory is None or total <= memory_limit_gb * 2**30:
     return {name: np.zeros((num_images, *shape), dtype) for name, shape in shapes.items()}
   os.makedirs(directory, exist_ok=True)
-  return {name: np.memmap(os.path.join(directory, f'{name}.bin'), dtype=dtype, mode='w+',
-                          shape=(num_images, *shape)) for name, shape in shapes.items()}
+  return {
+    name: np.memmap(
+      os.path.join(directory, f'{name}.bin'), dtype=dtype, mode='w+', shape=(num_images, *shape)
+    )
+    for name, shape in shapes.items()
+  }
 
 
-def extract_features(model: CACENet, variables, data: input_pipeline.SplitData,
-                     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                     with_cache: bool = True, cache_dir: str | None = None
-                     ) -> tuple[np.ndarray, dict]:
+def extract_features(
+  model: CACENet,
+  variables,
+  data: input_pipeline.SplitData,
+  config: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  with_cache: bool = True,
+  cache_dir: str | None = None,
+) -> tuple[np.ndarray, dict]:
   """Embeddings [N, E] and stage-2 caches (leading axis N) of every image of a split, in order.
 
   Args:
@@ -86,9 +99,13 @@ def extract_features(model: CACENet, variables, data: input_pipeline.SplitData,
   """
   embed_step = make_embed_step(model, mesh, config.eval.flip, with_cache)
   dataset = input_pipeline.create_eval_dataset(
-      data, image_size=config.data.image_size, batch_size=config.data.eval_batch_size,
-      num_devices=jax.device_count(), local_devices=jax.local_device_count(),
-      process_index=jax.process_index())
+    data,
+    image_size=config.data.image_size,
+    batch_size=config.data.eval_batch_size,
+    num_devices=jax.device_count(),
+    local_devices=jax.local_device_count(),
+    process_index=jax.process_index(),
+  )
   embeddings, caches = None, None
   for batch in input_pipeline.iterate_numpy(dataset):
     batch = sharding.global_batch({'image': batch['image'], 'index': batch['index']}, mesh)
@@ -98,8 +115,12 @@ def extract_features(model: CACENet, variables, data: input_pipeline.SplitData,
     if embeddings is None:
       embeddings = np.zeros((len(data), output.shape[-1]), np.float32)
       caches = allocate_host_cache(
-          {name: value.shape[1:] for name, value in cache.items()}, len(data),
-          jnp.dtype(config.eval.cache_dtype), cache_dir, config.eval.cache_memory_gb)
+        {name: value.shape[1:] for name, value in cache.items()},
+        len(data),
+        jnp.dtype(config.eval.cache_dtype),
+        cache_dir,
+        config.eval.cache_memory_gb,
+      )
     valid = index >= 0  # the last batch is padded
     embeddings[index[valid]] = output[valid]
     for stored, new in zip(jax.tree.leaves(caches), jax.tree.leaves(cache)):

@@ -52,8 +52,9 @@ def alignment_distance(module: CACENet, cache_q: dict, cache_g: dict):
   normalised projections for 'projected').
   """
   cross = cross_block(module.adjacency, cache_q['query'], cache_g['key'], module.topk)
-  similarity = jnp.einsum('...ik,...jk->...ij', l2_normalize(cache_q['key']),
-                          l2_normalize(cache_g['key']))
+  similarity = jnp.einsum(
+    '...ik,...jk->...ij', l2_normalize(cache_q['key']), l2_normalize(cache_g['key'])
+  )
   weight = jnp.sum(cross, axis=(-2, -1))
   score = jnp.sum(cross * similarity, axis=(-2, -1)) / jnp.maximum(weight, 1e-12)
   return 1.0 - score
@@ -98,14 +99,16 @@ def expand_cache(cache: dict) -> dict:
 
 
 @functools.lru_cache(maxsize=4)  # periodic evaluations reuse one compiled step
-def make_pair_step(model: CACENet, score: Callable,
-                   mesh: jax.sharding.Mesh | None = None) -> Callable:
+def make_pair_step(
+  model: CACENet, score: Callable, mesh: jax.sharding.Mesh | None = None
+) -> Callable:
   """Jitted (variables, cache_q, cache_g) -> [N] distances with `score` as the method.
 
   The caches may be in `compact_cache` form; they are expanded on the device.
   With a (one-axis, single-process) `mesh`, the N pairs are split over its
   devices, so N must be a multiple of the mesh size; variables are replicated.
   """
+
   def score_pairs(variables, cache_q, cache_g):
     return model.apply(variables, expand_cache(cache_q), expand_cache(cache_g), method=score)
 
@@ -113,20 +116,25 @@ def make_pair_step(model: CACENet, score: Callable,
     return jax.jit(score_pairs)
   spec = jax.sharding.PartitionSpec
   pairs = spec(mesh.axis_names[0])
-  step = jax.jit(jax.shard_map(score_pairs, mesh=mesh, in_specs=(spec(), pairs, pairs),
-                               out_specs=pairs))
+  step = jax.jit(
+    jax.shard_map(score_pairs, mesh=mesh, in_specs=(spec(), pairs, pairs), out_specs=pairs)
+  )
   by_pair = jax.sharding.NamedSharding(mesh, pairs)
   replicated = jax.sharding.NamedSharding(mesh, spec())
 
   def sharded_step(variables, cache_q, cache_g):
-    return step(jax.device_put(variables, replicated), jax.device_put(cache_q, by_pair),
-                jax.device_put(cache_g, by_pair))
+    return step(
+      jax.device_put(variables, replicated),
+      jax.device_put(cache_q, by_pair),
+      jax.device_put(cache_g, by_pair),
+    )
 
   return sharded_step
 
 
-def make_pair_distances(model: CACENet, variables, score: Callable, cache_q: dict,
-                        cache_g: dict, mesh: jax.sharding.Mesh) -> tuple[Callable, int]:
+def make_pair_distances(
+  model: CACENet, variables, score: Callable, cache_q: dict, cache_g: dict, mesh: jax.sharding.Mesh
+) -> tuple[Callable, int]:
   """(query index [M], gallery index [M]) -> distances [M] of those pairs, and its call size M.
 
   Reads the pairs' rows of the host caches and scores them with `score`. In a
@@ -138,15 +146,21 @@ def make_pair_distances(model: CACENet, variables, score: Callable, cache_q: dic
   step = make_pair_step(model, score, pair_mesh)
 
   def pair_distances(query_index, gallery_index):
-    return step(variables, jax.tree.map(lambda c: c[query_index], cache_q),
-                jax.tree.map(lambda c: c[gallery_index], cache_g))
+    return step(
+      variables,
+      jax.tree.map(lambda c: c[query_index], cache_q),
+      jax.tree.map(lambda c: c[gallery_index], cache_g),
+    )
 
   return pair_distances, -(-PAIRS_PER_CALL // mesh.size) * mesh.size
 
 
-def rerank_top_k(distmat: np.ndarray, k: int, pair_distances: Callable[[np.ndarray, np.ndarray],
-                                                                       np.ndarray],
-                 batch_size: int = 256) -> np.ndarray:
+def rerank_top_k(
+  distmat: np.ndarray,
+  k: int,
+  pair_distances: Callable[[np.ndarray, np.ndarray], np.ndarray],
+  batch_size: int = 256,
+) -> np.ndarray:
   """Stage 2: re-sorts each query's k nearest gallery images by pair distances.
 
   Args:
@@ -173,7 +187,7 @@ def rerank_top_k(distmat: np.ndarray, k: int, pair_distances: Callable[[np.ndarr
     q, g = query_index[start:stop], gallery_index[start:stop]
     pad = batch_size - len(q)  # the last batch is padded with its first pair
     q, g = np.pad(q, (0, pad), mode='edge'), np.pad(g, (0, pad), mode='edge')
-    scores[start:stop] = np.asarray(pair_distances(q, g))[:stop - start]
+    scores[start:stop] = np.asarray(pair_distances(q, g))[: stop - start]
   distmat[query_index, gallery_index] = scores + _TOPK_OFFSET
   return distmat
 

@@ -56,8 +56,9 @@ class GraphWriter:
     self.initializers.append(numpy_helper.from_array(array, name))
     return name
 
-  def op(self, op_type: str, *inputs: str, output: str | None = None, num_outputs: int = 1,
-         **attrs):
+  def op(
+    self, op_type: str, *inputs: str, output: str | None = None, num_outputs: int = 1, **attrs
+  ):
     """Appends a node; returns its output name (a tuple of names if `num_outputs` > 1)."""
     outputs = [output] if output else [self._name(op_type.lower()) for _ in range(num_outputs)]
     self.nodes.append(helper.make_node(op_type, list(inputs), outputs, **attrs))
@@ -70,8 +71,12 @@ class GraphWriter:
       self.op('Identity', tensor, output=name)
       outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
     graph = helper.make_graph(self.nodes, 'cace_net', list(inputs), outs, self.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', OPSET)],
-                              producer_name='cace_jax', doc_string=doc)
+    model = helper.make_model(
+      graph,
+      opset_imports=[helper.make_opsetid('', OPSET)],
+      producer_name='cace_jax',
+      doc_string=doc,
+    )
     onnx.checker.check_model(model)
     return model
 
@@ -82,9 +87,11 @@ class GraphWriter:
 def _fold_bn(bn_params: Mapping, bn_stats: Mapping):
   """(scale, shift) with BN(x) = x * scale + shift, computed in float64."""
   scale = np.asarray(bn_params['scale'], np.float64) / np.sqrt(
-      np.asarray(bn_stats['var'], np.float64) + BN_EPS)
-  shift = np.asarray(bn_params['bias'], np.float64) - np.asarray(bn_stats['mean'],
-                                                                   np.float64) * scale
+    np.asarray(bn_stats['var'], np.float64) + BN_EPS
+  )
+  shift = (
+    np.asarray(bn_params['bias'], np.float64) - np.asarray(bn_stats['mean'], np.float64) * scale
+  )
   return scale, shift
 
 
@@ -97,8 +104,15 @@ def _conv(w: GraphWriter, x: str, kernel, bias=None, stride: int = 1, bn=None) -
     kernel, bias = kernel * scale, bias * scale + shift
   size = kernel.shape[0]
   pad = size // 2
-  return w.op('Conv', x, w.const(kernel.transpose(3, 2, 0, 1), 'kernel'), w.const(bias, 'bias'),
-              kernel_shape=[size, size], strides=[stride, stride], pads=[pad] * 4)
+  return w.op(
+    'Conv',
+    x,
+    w.const(kernel.transpose(3, 2, 0, 1), 'kernel'),
+    w.const(bias, 'bias'),
+    kernel_shape=[size, size],
+    strides=[stride, stride],
+    pads=[pad] * 4,
+  )
 
 
 def _l2_normalize(w: GraphWriter, x: str) -> str:
@@ -118,8 +132,12 @@ def _pool(w: GraphWriter, x: str, pooling: str, params: Mapping, axis) -> str:
     mean = w.op('ReduceMean', w.op('Pow', clamped, w.const(p, 'p')), axes=axes, keepdims=0)
     return w.op('Pow', mean, w.const(np.float32(1.0) / p, 'inv_p'))
   if pooling == 'avgmax':
-    return w.op('Concat', w.op('ReduceMean', x, axes=axes, keepdims=0),
-                w.op('ReduceMax', x, axes=axes, keepdims=0), axis=-1)
+    return w.op(
+      'Concat',
+      w.op('ReduceMean', x, axes=axes, keepdims=0),
+      w.op('ReduceMax', x, axes=axes, keepdims=0),
+      axis=-1,
+    )
   raise ValueError(f'unknown pooling {pooling!r}')
 
 
@@ -137,19 +155,20 @@ def _embed(w: GraphWriter, pooled: str, variables: Mapping) -> str:
 def _non_local(w: GraphWriter, x: str, params: Mapping) -> str:
   """x + W(softmax(theta^T phi) g) on NCHW maps (models.resnet.NonLocal)."""
   inner = np.asarray(params['g']['kernel']).shape[-1]
-  flat = lambda name: w.op('Reshape', _conv(w, x, params[name]['kernel'], params[name]['bias']),
-                           w.const(np.array([0, inner, -1], np.int64)))  # [B, r, hw]
+  flat = lambda name: w.op(
+    'Reshape',
+    _conv(w, x, params[name]['kernel'], params[name]['bias']),
+    w.const(np.array([0, inner, -1], np.int64)),
+  )  # [B, r, hw]
   g, theta, phi = flat('g'), flat('theta'), flat('phi')
   logits = w.op('MatMul', w.op('Transpose', theta, perm=[0, 2, 1]), phi)  # [B, hw_i, hw_j]
   attention = w.op('Softmax', logits, axis=-1)
   y = w.op('MatMul', g, w.op('Transpose', attention, perm=[0, 2, 1]))  # [B, r, hw_i]
-  y = w.op('Reshape', y, w.op('Concat', w.op('Shape', g, end=2), w.op('Shape', x, start=2),
-                                   axis=0))
+  y = w.op('Reshape', y, w.op('Concat', w.op('Shape', g, end=2), w.op('Shape', x, start=2), axis=0))
   return w.op('Add', x, _conv(w, y, params['W']['kernel'], params['W']['bias']))
 
 
-def _block(w: GraphWriter, x: str, kind: str, stride: int, params: Mapping,
-           stats: Mapping) -> str:
+def _block(w: GraphWriter, x: str, kind: str, stride: int, params: Mapping, stats: Mapping) -> str:
   """A torchvision BasicBlock / Bottleneck (models.resnet) with BN folded."""
   bn = lambda name: (params[name], stats[name])
   if kind == 'basic':
@@ -167,8 +186,9 @@ def _block(w: GraphWriter, x: str, kind: str, stride: int, params: Mapping,
 def _backbone(w: GraphWriter, x: str, model, params: Mapping, stats: Mapping) -> str:
   """models.resnet.ResNet on NCHW input -> layer4 maps [B, C, h, w]."""
   stage_sizes, kind = RESNET_SPECS[model.depth]
-  x = w.op('Relu', _conv(w, x, params['conv1']['kernel'], stride=2,
-                         bn=(params['bn1'], stats['bn1'])))
+  x = w.op(
+    'Relu', _conv(w, x, params['conv1']['kernel'], stride=2, bn=(params['bn1'], stats['bn1']))
+  )
   x = w.op('MaxPool', x, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
   non_local_after = non_local_positions(stage_sizes) if model.non_local else ()
   for stage, num_blocks in enumerate(stage_sizes):
@@ -181,8 +201,9 @@ def _backbone(w: GraphWriter, x: str, model, params: Mapping, stats: Mapping) ->
   return x
 
 
-def feature_graph(model, variables: Mapping, image_size: Sequence[int],
-                  flip: bool = False) -> onnx.ModelProto:
+def feature_graph(
+  model, variables: Mapping, image_size: Sequence[int], flip: bool = False
+) -> onnx.ModelProto:
   """The stage-1 model: images [batch, H, W, 3] (RGB, 0-255) -> embedding, fmap.
 
   Args:
@@ -195,29 +216,45 @@ def feature_graph(model, variables: Mapping, image_size: Sequence[int],
   params, stats = variables['params'], variables['batch_stats']
   w = GraphWriter()
   images = helper.make_tensor_value_info('images', TensorProto.FLOAT, ['batch', height, width, 3])
-  x = w.op('Div', w.op('Sub', 'images', w.const(IMAGENET_MEAN_PIXEL, 'mean')),  # augment.normalize
-           w.const(IMAGENET_STD_PIXEL, 'std'))
+  x = w.op(
+    'Div',
+    w.op('Sub', 'images', w.const(IMAGENET_MEAN_PIXEL, 'mean')),  # augment.normalize
+    w.const(IMAGENET_STD_PIXEL, 'std'),
+  )
   if flip:  # mirrored copies after the originals: one backbone pass over 2B images
     batch = w.op('Shape', 'images', end=1)
-    mirrored = w.op('Slice', x, w.const(np.array([-1])), w.const(np.array([-2 ** 62])),
-                    w.const(np.array([2])), w.const(np.array([-1])))
+    mirrored = w.op(
+      'Slice',
+      x,
+      w.const(np.array([-1])),
+      w.const(np.array([-(2**62)])),
+      w.const(np.array([2])),
+      w.const(np.array([-1])),
+    )
     x = w.op('Concat', x, mirrored, axis=0)
-  fmap = _backbone(w, w.op('Transpose', x, perm=[0, 3, 1, 2]), model, params['backbone'],
-                   stats['backbone'])
-  embedding = _l2_normalize(w, _embed(w, _pool(w, fmap, model.pooling, params, (2, 3)),
-                                      variables))
+  fmap = _backbone(
+    w, w.op('Transpose', x, perm=[0, 3, 1, 2]), model, params['backbone'], stats['backbone']
+  )
+  embedding = _l2_normalize(w, _embed(w, _pool(w, fmap, model.pooling, params, (2, 3)), variables))
   if flip:
     first = lambda t: w.op('Slice', t, w.const(np.array([0])), batch, w.const(np.array([0])))
-    second = w.op('Slice', embedding, batch, w.const(np.array([2 ** 62])),
-                  w.const(np.array([0])))
+    second = w.op('Slice', embedding, batch, w.const(np.array([2**62])), w.const(np.array([0])))
     embedding = _l2_normalize(w, w.op('Add', first(embedding), second))
     fmap = first(fmap)
   fmap_nhwc = w.op('Transpose', fmap, perm=[0, 2, 3, 1])
-  outputs = {'embedding': (embedding, ['batch', model.embed_dim]),
-             'fmap': (fmap_nhwc, ['batch', *feature_map_shape(
-                 image_size, model.depth, model.width, model.last_stride)])}
-  return w.model([images], outputs, doc='CACE-Net stage 1: images (RGB 0-255, NHWC) -> '
-                 'L2-normalised embedding and backbone feature maps')
+  outputs = {
+    'embedding': (embedding, ['batch', model.embed_dim]),
+    'fmap': (
+      fmap_nhwc,
+      ['batch', *feature_map_shape(image_size, model.depth, model.width, model.last_stride)],
+    ),
+  }
+  return w.model(
+    [images],
+    outputs,
+    doc='CACE-Net stage 1: images (RGB 0-255, NHWC) -> '
+    'L2-normalised embedding and backbone feature maps',
+  )
 
 
 # ----------------------------------------------------------------------------- pair stage
@@ -231,8 +268,11 @@ def _adjacency(w: GraphWriter, model, params: Mapping, nodes: str, n: int) -> st
   transpose = lambda t: w.op('Transpose', t, perm=[0, 2, 1])
   if kind in ('none', 'full', 'part'):
     same_pixel = np.arange(2 * n)[:, None] % n == np.arange(2 * n)[None, :] % n
-    fixed = {'none': np.zeros_like(same_image), 'full': np.ones_like(same_image),
-             'part': (same_pixel & (same_image == 0)).astype(np.float32)}[kind]
+    fixed = {
+      'none': np.zeros_like(same_image),
+      'full': np.ones_like(same_image),
+      'part': (same_pixel & (same_image == 0)).astype(np.float32),
+    }[kind]
     return w.const(fixed[None], 'adjacency')
   if kind == 'projected':
     kernel = np.asarray(params['pair_attention']['y']['kernel'])[0, 0]
@@ -241,24 +281,33 @@ def _adjacency(w: GraphWriter, model, params: Mapping, nodes: str, n: int) -> st
   x = _l2_normalize(w, nodes)
   if kind == 'topk':
     similarity = w.op('MatMul', x, transpose(x))
-    masked = w.op('Where', w.const(same_image.astype(bool)), w.const(np.float32(-np.inf)),
-                  similarity)
-    _, index = w.op('TopK', masked, w.const(np.array([model.topk], np.int64)), axis=-1,
-                    num_outputs=2)
-    ones = w.op('ConstantOfShape', w.op('Shape', index),
-                value=numpy_helper.from_array(np.ones(1, np.float32)))
-    picks = w.op('ScatterElements', w.op('Mul', similarity, w.const(np.float32(0))), index,
-                 ones, axis=-1)
+    masked = w.op(
+      'Where', w.const(same_image.astype(bool)), w.const(np.float32(-np.inf)), similarity
+    )
+    _, index = w.op(
+      'TopK', masked, w.const(np.array([model.topk], np.int64)), axis=-1, num_outputs=2
+    )
+    ones = w.op(
+      'ConstantOfShape', w.op('Shape', index), value=numpy_helper.from_array(np.ones(1, np.float32))
+    )
+    picks = w.op(
+      'ScatterElements', w.op('Mul', similarity, w.const(np.float32(0))), index, ones, axis=-1
+    )
     return w.op('Max', picks, transpose(picks))
   attention = params['pair_attention']
-  s_intra = w.op('MatMul', w.op('Mul', x, w.const(np.asarray(attention['w_intra']), 'w_intra')),
-                 transpose(x))
+  s_intra = w.op(
+    'MatMul', w.op('Mul', x, w.const(np.asarray(attention['w_intra']), 'w_intra')), transpose(x)
+  )
   if kind == 'intra':
     return w.op('Mul', w.op('Relu', s_intra), w.const(same_image, 'same_image'))
-  s_inter = w.op('MatMul', w.op('Mul', x, w.const(np.asarray(attention['w_inter']), 'w_inter')),
-                 transpose(x))
-  mixed = w.op('Add', w.op('Mul', s_intra, w.const(same_image, 'same_image')),
-               w.op('Mul', s_inter, w.const(1.0 - same_image, 'other_image')))
+  s_inter = w.op(
+    'MatMul', w.op('Mul', x, w.const(np.asarray(attention['w_inter']), 'w_inter')), transpose(x)
+  )
+  mixed = w.op(
+    'Add',
+    w.op('Mul', s_intra, w.const(same_image, 'same_image')),
+    w.op('Mul', s_inter, w.const(1.0 - same_image, 'other_image')),
+  )
   return w.op('Relu', mixed)
 
 
@@ -267,8 +316,12 @@ def _graph_operator(w: GraphWriter, adjacency: str, kind: str, n: int) -> str:
   eye = np.eye(2 * n, dtype=np.float32)
   adjacency = w.op('Mul', adjacency, w.const(1.0 - eye, 'off_diagonal'))
   degree = w.op('ReduceSum', adjacency, w.const(np.array([-1], np.int64)), keepdims=1)
-  safe = w.op('Where', w.op('Greater', degree, w.const(np.float32(DEGREE_EPS))), degree,
-              w.const(np.float32(1.0)))
+  safe = w.op(
+    'Where',
+    w.op('Greater', degree, w.const(np.float32(DEGREE_EPS))),
+    degree,
+    w.const(np.float32(1.0)),
+  )
   norm = w.op('Reciprocal', w.op('Sqrt', safe))  # [pairs, 2n, 1]
   norm_t = w.op('Transpose', norm, perm=[0, 2, 1])
   eye_name = w.const(eye, 'eye')
@@ -295,9 +348,10 @@ def pair_graph(model, variables: Mapping, fmap_shape: Sequence[int]) -> onnx.Mod
   n = height * width
   params = variables['params']
   w = GraphWriter()
-  inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT,
-                                          ['pairs', height, width, channels])
-            for name in ('fmap_query', 'fmap_gallery')]
+  inputs = [
+    helper.make_tensor_value_info(name, TensorProto.FLOAT, ['pairs', height, width, channels])
+    for name in ('fmap_query', 'fmap_gallery')
+  ]
   flat = lambda name: w.op('Reshape', name, w.const(np.array([0, n, channels], np.int64)))
   nodes = w.op('Concat', flat('fmap_query'), flat('fmap_gallery'), axis=1)  # [pairs, 2n, C]
   operator = _graph_operator(w, _adjacency(w, model, params, nodes, n), model.gcn, n)
@@ -307,15 +361,30 @@ def pair_graph(model, variables: Mapping, fmap_shape: Sequence[int]) -> onnx.Mod
     o = np.asarray(params['pair_graph'][f'o{suffix}']['kernel'])[0, 0]  # [r, C]
     mixed = w.op('MatMul', operator, w.op('MatMul', nodes, w.const(g, 'g')))
     nodes = w.op('Add', nodes, w.op('MatMul', mixed, w.const(o, 'o')))
-  half = lambda start: w.op('Slice', nodes, w.const(np.array([start])),
-                            w.const(np.array([start + n])), w.const(np.array([1])))
+  half = lambda start: w.op(
+    'Slice',
+    nodes,
+    w.const(np.array([start])),
+    w.const(np.array([start + n])),
+    w.const(np.array([1])),
+  )
   embed = lambda cond: _embed(w, _pool(w, cond, model.pooling, params, 1), variables)
   emb_qg, emb_gq = embed(half(0)), embed(half(n))
-  cosine = w.op('ReduceSum', w.op('Mul', _l2_normalize(w, emb_qg), _l2_normalize(w, emb_gq)),
-                w.const(np.array([-1], np.int64)), keepdims=0)
+  cosine = w.op(
+    'ReduceSum',
+    w.op('Mul', _l2_normalize(w, emb_qg), _l2_normalize(w, emb_gq)),
+    w.const(np.array([-1], np.int64)),
+    keepdims=0,
+  )
   distance = w.op('Sub', w.const(np.float32(1.0)), cosine)
-  outputs = {'distance': (distance, ['pairs']),
-             'embedding_qg': (emb_qg, ['pairs', model.embed_dim]),
-             'embedding_gq': (emb_gq, ['pairs', model.embed_dim])}
-  return w.model(inputs, outputs, doc='CACE-Net stage 2: backbone maps of (query, gallery) '
-                 'pairs -> conditional embeddings and their cosine distance')
+  outputs = {
+    'distance': (distance, ['pairs']),
+    'embedding_qg': (emb_qg, ['pairs', model.embed_dim]),
+    'embedding_gq': (emb_gq, ['pairs', model.embed_dim]),
+  }
+  return w.model(
+    inputs,
+    outputs,
+    doc='CACE-Net stage 2: backbone maps of (query, gallery) '
+    'pairs -> conditional embeddings and their cosine distance',
+  )

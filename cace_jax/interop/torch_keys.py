@@ -24,14 +24,16 @@ import numpy as np
 from cace_jax.errors import PortError
 from cace_jax.models.resnet import RESNET_SPECS, non_local_positions
 
-TORCH_BN_TAIL = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
-                 'running_mean': ('batch_stats', 'mean'),
-                 'running_var': ('batch_stats', 'var')}
+TORCH_BN_TAIL = {
+  'weight': ('params', 'scale'),
+  'bias': ('params', 'bias'),
+  'running_mean': ('batch_stats', 'mean'),
+  'running_var': ('batch_stats', 'var'),
+}
 # Bookkeeping buffers that carry no weights; dropped on the way in.
 IGNORED_SUFFIXES = ('num_batches_tracked',)
 NON_LOCAL_CONVS = ('g', 'theta', 'phi', 'W')
 OFFICIAL_PREFIX = 'module.'
-
 
 
 def _conv_rows(torch_prefix: str, flax_path: tuple, bias: bool = False) -> dict:
@@ -42,12 +44,18 @@ def _conv_rows(torch_prefix: str, flax_path: tuple, bias: bool = False) -> dict:
 
 
 def _bn_rows(torch_prefix: str, flax_path: tuple) -> dict:
-  return {f'{torch_prefix}.{name}': ((collection,) + flax_path + (leaf,), 'copy')
-          for name, (collection, leaf) in TORCH_BN_TAIL.items()}
+  return {
+    f'{torch_prefix}.{name}': ((collection,) + flax_path + (leaf,), 'copy')
+    for name, (collection, leaf) in TORCH_BN_TAIL.items()
+  }
 
 
-def resnet_key_table(depth: int, include_fc: bool = True, non_local: bool = False,
-                     non_local_name: str = 'non_local_block') -> dict:
+def resnet_key_table(
+  depth: int,
+  include_fc: bool = True,
+  non_local: bool = False,
+  non_local_name: str = 'non_local_block',
+) -> dict:
   """torch key -> (Flax path, transform) for a torchvision ResNet of `depth`.
 
   Args:
@@ -80,16 +88,20 @@ def resnet_key_table(depth: int, include_fc: bool = True, non_local: bool = Fals
         table.update(_bn_rows(f'{torch_block}.downsample.1', (flax_block, 'downsample_bn')))
       if flax_block in non_local_after:
         for conv in NON_LOCAL_CONVS:
-          table.update(_conv_rows(f'{torch_block}.{non_local_name}.{conv}',
-                                  (f'nl_{flax_block}', conv), bias=True))
+          table.update(
+            _conv_rows(
+              f'{torch_block}.{non_local_name}.{conv}', (f'nl_{flax_block}', conv), bias=True
+            )
+          )
   if include_fc:
     table['fc.weight'] = (('params', 'fc', 'kernel'), 'linear')
     table['fc.bias'] = (('params', 'fc', 'bias'), 'copy')
   return table
 
 
-def cacenet_key_table(depth: int = 50, non_local: bool = True, pooling: str = 'gem',
-                      num_classes: bool = True) -> dict:
+def cacenet_key_table(
+  depth: int = 50, non_local: bool = True, pooling: str = 'gem', num_classes: bool = True
+) -> dict:
   """torch key (without `module.`) -> (Flax path, transform) for an official CACE-Net.
 
   The official model (`CACENET`): `resnet` (backbone), `gemp.p`, `pair_graph`

@@ -30,20 +30,21 @@ import numpy as np
 from cace_jax import checkpoint
 from cace_jax.errors import PortError
 from cace_jax.interop.torch_keys import (
-    IGNORED_SUFFIXES,
-    OFFICIAL_PREFIX,
-    cacenet_key_table,
-    copy_tree,
-    expected_torch_shape,
-    flax_to_torch,
-    get_path,
-    leaf_paths,
-    resnet_key_table,
-    set_path,
-    torch_to_flax,
+  IGNORED_SUFFIXES,
+  OFFICIAL_PREFIX,
+  cacenet_key_table,
+  copy_tree,
+  expected_torch_shape,
+  flax_to_torch,
+  get_path,
+  leaf_paths,
+  resnet_key_table,
+  set_path,
+  torch_to_flax,
 )
 from cace_jax.models import CACENet, ResNet, make_resnet
 from cace_jax.models.resnet import RESNET_SPECS
+
 
 def read_state_dict(source: str | os.PathLike | Mapping) -> dict:
   """A torch state_dict (or official checkpoint) as {key: float32 numpy array}.
@@ -61,34 +62,41 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> dict:
     state = source
   elif str(source).endswith('.safetensors'):
     from safetensors.numpy import load_file  # optional: the torch extra
+
     state = load_file(str(source))
   else:
     import torch  # optional (the torch extra); only .pth files need it
+
     try:
       state = torch.load(str(source), map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
       raise PortError(
-          f'{source}: refused to unpickle: the file holds objects other than tensors '
-          f'(weights_only=True); it may try to run code. Only load files you trust, or '
-          f'convert them to .safetensors. Loader said: {str(error).splitlines()[0]}') from error
+        f'{source}: refused to unpickle: the file holds objects other than tensors '
+        f'(weights_only=True); it may try to run code. Only load files you trust, or '
+        f'convert them to .safetensors. Loader said: {str(error).splitlines()[0]}'
+      ) from error
   if isinstance(state, Mapping) and isinstance(state.get('state_dict'), Mapping):
     state = state['state_dict']
   if not isinstance(state, Mapping):
-    raise PortError(f'{source}: expected a state_dict (a mapping of tensors), got '
-                    f'{type(state).__name__}')
+    raise PortError(
+      f'{source}: expected a state_dict (a mapping of tensors), got {type(state).__name__}'
+    )
   return {key: _to_numpy(value) for key, value in state.items()}
 
 
 def _to_numpy(value) -> np.ndarray:
   if hasattr(value, 'detach'):  # torch.Tensor, without importing torch
-    value = value.detach().cpu().float().numpy() if value.is_floating_point() else \
-        value.detach().cpu().numpy()
+    value = (
+      value.detach().cpu().float().numpy()
+      if value.is_floating_point()
+      else value.detach().cpu().numpy()
+    )
   return np.asarray(value)
 
 
 def strip_prefix(state: Mapping, prefix: str = OFFICIAL_PREFIX) -> dict:
   """Drops a DDP `module.` prefix from every key that has it."""
-  return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+  return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
 def merge_state_dict(state: Mapping, table: Mapping, target: Mapping) -> dict:
@@ -119,15 +127,20 @@ def merge_state_dict(state: Mapping, table: Mapping, target: Mapping) -> dict:
       continue
     value = torch_to_flax(np.asarray(state[key]), how)
     if tuple(value.shape) != tuple(leaf.shape):
-      mismatched.append(f'{key}: file {tuple(state[key].shape)}, model expects '
-                        f'{expected_torch_shape(tuple(leaf.shape), how)} '
-                        f'({"/".join(path)} {tuple(leaf.shape)})')
+      mismatched.append(
+        f'{key}: file {tuple(state[key].shape)}, model expects '
+        f'{expected_torch_shape(tuple(leaf.shape), how)} '
+        f'({"/".join(path)} {tuple(leaf.shape)})'
+      )
       continue
     set_path(merged, path, np.asarray(value, dtype=leaf.dtype))
   problems = []
-  for title, items in (('missing keys', missing), ('unexpected keys', unexpected),
-                       ('shape mismatches', mismatched),
-                       ('keys whose model path does not exist', not_in_model)):
+  for title, items in (
+    ('missing keys', missing),
+    ('unexpected keys', unexpected),
+    ('shape mismatches', mismatched),
+    ('keys whose model path does not exist', not_in_model),
+  ):
     if items:
       problems.append(f'{len(items)} {title}:\n    ' + '\n    '.join(items))
   if problems:
@@ -137,16 +150,22 @@ def merge_state_dict(state: Mapping, table: Mapping, target: Mapping) -> dict:
 
 def _abstract_variables(model, image_shape=(1, 64, 32, 3)) -> dict:
   """Shapes and dtypes of `model`'s variables without computing them."""
-  init = lambda: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)},
-                            jnp.zeros(image_shape, jnp.float32), train=False)
+  init = lambda: model.init(
+    {'params': jax.random.key(0), 'dropout': jax.random.key(1)},
+    jnp.zeros(image_shape, jnp.float32),
+    train=False,
+  )
   return dict(jax.eval_shape(init))
 
 
 def _check_complete(variables: Mapping, what: str) -> dict:
   """Fails if any leaf is still abstract (no table row filled it)."""
-  empty = ['/'.join(p) for collection in variables
-           for p in leaf_paths(variables[collection], (collection,))
-           if isinstance(get_path(variables, p), jax.ShapeDtypeStruct)]
+  empty = [
+    '/'.join(p)
+    for collection in variables
+    for p in leaf_paths(variables[collection], (collection,))
+    if isinstance(get_path(variables, p), jax.ShapeDtypeStruct)
+  ]
   if empty:
     raise PortError(f'{what}: no tensor for {len(empty)} model variables: {empty}')
   return {collection: copy_tree(tree) for collection, tree in variables.items()}
@@ -183,8 +202,9 @@ def load_torchvision_resnet(source, depth: int, include_fc: bool = True) -> dict
   return _check_complete(merge_state_dict(state, table, target), _name(source))
 
 
-def load_backbone_into(params: Mapping, batch_stats: Mapping, source, depth: int
-                       ) -> tuple[dict, dict]:
+def load_backbone_into(
+  params: Mapping, batch_stats: Mapping, source, depth: int
+) -> tuple[dict, dict]:
   """Replaces a CACENet's `backbone` weights with a torchvision ResNet's (training init).
 
   The ImageNet `fc` is dropped; non-local blocks (absent from torchvision)
@@ -201,10 +221,13 @@ def load_backbone_into(params: Mapping, batch_stats: Mapping, source, depth: int
     (params, batch_stats): new trees of the same structure; replaced leaves
     are numpy arrays, the rest are the original leaves.
   """
-  state = {k: v for k, v in strip_prefix(read_state_dict(source)).items()
-           if not k.startswith('fc.')}
-  table = {key: ((path[0], 'backbone') + path[1:], how)
-           for key, (path, how) in resnet_key_table(depth, include_fc=False).items()}
+  state = {
+    k: v for k, v in strip_prefix(read_state_dict(source)).items() if not k.startswith('fc.')
+  }
+  table = {
+    key: ((path[0], 'backbone') + path[1:], how)
+    for key, (path, how) in resnet_key_table(depth, include_fc=False).items()
+  }
   merged = merge_state_dict(state, table, {'params': params, 'batch_stats': batch_stats})
   return merged['params'], merged['batch_stats']
 
@@ -214,23 +237,36 @@ def infer_official_config(state: Mapping) -> dict:
   for key in ('embedding_layer.0.weight', 'pair_graph.y.weight', 'resnet.conv1.weight'):
     if key not in state:
       raise PortError(f'not an official CACE-Net state_dict: no {key}')
-  blocks = lambda stage: len({k.split('.')[2] for k in state if k.startswith(f'resnet.layer{stage}.')})
+  blocks = lambda stage: len(
+    {k.split('.')[2] for k in state if k.startswith(f'resnet.layer{stage}.')}
+  )
   stage_sizes = tuple(blocks(stage) for stage in (1, 2, 3, 4))
-  depths = [d for d, (sizes, kind) in RESNET_SPECS.items()
-            if tuple(sizes) == stage_sizes and isinstance(d, int)
-            and (kind == 'bottleneck') == any('.conv3.' in k for k in state)]
+  depths = [
+    d
+    for d, (sizes, kind) in RESNET_SPECS.items()
+    if tuple(sizes) == stage_sizes
+    and isinstance(d, int)
+    and (kind == 'bottleneck') == any('.conv3.' in k for k in state)
+  ]
   if not depths:
     raise PortError(f'backbone with blocks per stage {stage_sizes} is no torchvision ResNet')
   embed_dim, pooled_dim = state['embedding_layer.0.weight'].shape[:2]
   channels = state['pair_graph.y.weight'].shape[1]
   config = {
-      'depth': depths[0], 'width': 64, 'last_stride': 1,
-      'non_local': any('non_local_block' in k for k in state),
-      'pooling': 'gem' if 'gemp.p' in state else ('avgmax' if pooled_dim == 2 * channels else 'avg'),
-      'embed_dim': int(embed_dim), 'adjacency': 'projected', 'gcn': 'discrepancy',
-      'gcn_depth': 1, 'reduction': int(channels // state['pair_graph.y.weight'].shape[0]),
-      'num_classes': int(state['fc_layer.2.weight'].shape[0]) if 'fc_layer.2.weight' in state
-                     else None}
+    'depth': depths[0],
+    'width': 64,
+    'last_stride': 1,
+    'non_local': any('non_local_block' in k for k in state),
+    'pooling': 'gem' if 'gemp.p' in state else ('avgmax' if pooled_dim == 2 * channels else 'avg'),
+    'embed_dim': int(embed_dim),
+    'adjacency': 'projected',
+    'gcn': 'discrepancy',
+    'gcn_depth': 1,
+    'reduction': int(channels // state['pair_graph.y.weight'].shape[0]),
+    'num_classes': int(state['fc_layer.2.weight'].shape[0])
+    if 'fc_layer.2.weight' in state
+    else None,
+  }
   return config
 
 
@@ -242,14 +278,16 @@ def load_official_cacenet(source) -> tuple[dict, dict]:
   """
   state = strip_prefix(read_state_dict(source))
   config = infer_official_config(state)
-  table = cacenet_key_table(config['depth'], config['non_local'], config['pooling'],
-                            config['num_classes'] is not None)
+  table = cacenet_key_table(
+    config['depth'], config['non_local'], config['pooling'], config['num_classes'] is not None
+  )
   target = _abstract_variables(CACENet(**config))
   return _check_complete(merge_state_dict(state, table, target), _name(source)), config
 
 
-def write_ported_checkpoint(workdir: str, variables: Mapping, model_config: Mapping,
-                            source: str = '') -> None:
+def write_ported_checkpoint(
+  workdir: str, variables: Mapping, model_config: Mapping, source: str = ''
+) -> None:
   """Saves ported variables as an orbax checkpoint (step 0) in `<workdir>/checkpoints`.
 
   The state holds only {'step', 'params', 'batch_stats'} (no optimizer state:
@@ -258,10 +296,17 @@ def write_ported_checkpoint(workdir: str, variables: Mapping, model_config: Mapp
   'ported_from'. It is not a TrainState, so `train.py` cannot resume from it;
   fine-tune through `config.init` instead.
   """
-  state = {'step': jnp.zeros((), jnp.int32), 'params': variables['params'],
-           'batch_stats': variables.get('batch_stats', {})}
-  record = {'step': 0, 'ported_from': str(source), 'model': dict(model_config),
-            'num_classes': model_config.get('num_classes')}
+  state = {
+    'step': jnp.zeros((), jnp.int32),
+    'params': variables['params'],
+    'batch_stats': variables.get('batch_stats', {}),
+  }
+  record = {
+    'step': 0,
+    'ported_from': str(source),
+    'model': dict(model_config),
+    'num_classes': model_config.get('num_classes'),
+  }
   manager = checkpoint.create_manager(workdir, keep_best=False)
   try:
     checkpoint.save_checkpoint(manager, 0, state, record)
@@ -288,12 +333,16 @@ def export_state_dict(variables: Mapping, table: Mapping, prefix: str = '') -> d
       continue
     out[prefix + key] = np.ascontiguousarray(flax_to_torch(np.asarray(leaf), how))
   covered = {path for path, _ in table.values()}
-  uncovered = ['/'.join(p) for collection in ('params', 'batch_stats')
-               for p in leaf_paths(variables.get(collection, {}), (collection,))
-               if p not in covered]
+  uncovered = [
+    '/'.join(p)
+    for collection in ('params', 'batch_stats')
+    for p in leaf_paths(variables.get(collection, {}), (collection,))
+    if p not in covered
+  ]
   if missing or uncovered:
-    raise PortError(f'variables do not fit the key table: missing {missing}; '
-                    f'not exportable {uncovered}')
+    raise PortError(
+      f'variables do not fit the key table: missing {missing}; not exportable {uncovered}'
+    )
   return out
 
 
@@ -302,8 +351,9 @@ def export_torchvision_resnet(variables: Mapping, depth: int, include_fc: bool =
   return export_state_dict(variables, resnet_key_table(depth, include_fc=include_fc))
 
 
-def export_official_cacenet(variables: Mapping, model: CACENet, prefix: str = OFFICIAL_PREFIX
-                            ) -> dict:
+def export_official_cacenet(
+  variables: Mapping, model: CACENet, prefix: str = OFFICIAL_PREFIX
+) -> dict:
   """CACENet variables -> official state_dict keys (with the DDP `module.` prefix).
 
   Only configurations the official code can express export: projected
@@ -315,22 +365,25 @@ def export_official_cacenet(variables: Mapping, model: CACENet, prefix: str = OF
   if not isinstance(model.depth, int):
     wrong['depth'] = model.depth
   if wrong or model.pooling not in ('gem', 'avgmax'):
-    raise PortError(f'the official CACE-Net cannot express {wrong or model.pooling}; '
-                    f'it needs {official}, a torchvision depth and pooling gem or avgmax')
-  table = cacenet_key_table(model.depth, model.non_local, model.pooling,
-                            bool(model.num_classes))
+    raise PortError(
+      f'the official CACE-Net cannot express {wrong or model.pooling}; '
+      f'it needs {official}, a torchvision depth and pooling gem or avgmax'
+    )
+  table = cacenet_key_table(model.depth, model.non_local, model.pooling, bool(model.num_classes))
   return export_state_dict(variables, table, prefix)
 
 
 def to_torch_state_dict(state: Mapping) -> dict:
   """{key: numpy} -> {key: torch.Tensor} (for `model.load_state_dict`)."""
   import torch  # optional: the torch extra
+
   return {key: torch.from_numpy(np.array(value)) for key, value in state.items()}
 
 
 def save_safetensors(state: Mapping, path: str) -> None:
   """Writes {key: numpy} as .safetensors (no torch needed)."""
   from safetensors.numpy import save_file  # optional: the torch extra
+
   save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(path))
 
 
@@ -346,14 +399,17 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None) -> dict:
   """
   run = checkpoint.load_run(workdir, step)
   if isinstance(run.model, ResNet):
-    exported = export_torchvision_resnet(run.variables, run.model.depth,
-                                         include_fc=run.model.num_classes is not None)
+    exported = export_torchvision_resnet(
+      run.variables, run.model.depth, include_fc=run.model.num_classes is not None
+    )
   else:
     exported = export_official_cacenet(run.variables, run.model)
   if str(out).endswith('.safetensors'):
     save_safetensors(exported, out)
   else:
     import torch  # optional: the torch extra
-    torch.save({'epoch': run.record.get('epoch', 0),
-                'state_dict': to_torch_state_dict(exported)}, out)
+
+    torch.save(
+      {'epoch': run.record.get('epoch', 0), 'state_dict': to_torch_state_dict(exported)}, out
+    )
   return exported

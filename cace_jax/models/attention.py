@@ -94,6 +94,7 @@ class ClueAttention(nn.Module):
     reduction: C / width of the 'projected' embedding y (16).
     topk: neighbours per pixel for 'topk'.
   """
+
   kind: str = 'projected'
   in_features: int = 2048
   reduction: int = 16
@@ -105,14 +106,20 @@ class ClueAttention(nn.Module):
     if self.kind not in ADJACENCY_KINDS:
       raise ValueError(f'unknown adjacency {self.kind!r}; expected one of {ADJACENCY_KINDS}')
     if self.kind == 'projected':
-      self.y = Conv1x1(self.in_features, max(self.in_features // self.reduction, 1),
-                       dtype=self.dtype, param_dtype=self.param_dtype)
+      self.y = Conv1x1(
+        self.in_features,
+        max(self.in_features // self.reduction, 1),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+      )
     if self.kind in ('correspondence', 'intra'):
-      self.w_intra = self.param('w_intra', nn.initializers.ones, (self.in_features,),
-                                self.param_dtype)
+      self.w_intra = self.param(
+        'w_intra', nn.initializers.ones, (self.in_features,), self.param_dtype
+      )
     if self.kind == 'correspondence':
-      self.w_inter = self.param('w_inter', nn.initializers.ones, (self.in_features,),
-                                self.param_dtype)
+      self.w_inter = self.param(
+        'w_inter', nn.initializers.ones, (self.in_features,), self.param_dtype
+      )
 
   def _embed(self, nodes):
     """Per-pixel vectors whose (weighted) inner products define A; float32."""

@@ -85,6 +85,7 @@ def pool_nodes(kind: str, nodes, p=None, eps: float = 1e-6):
 
 class GeM(nn.Module):
   """Generalised-mean pooling with a learnable exponent `p` (init 3)."""
+
   p_init: float = 3.0
   eps: float = 1e-6
 
@@ -116,6 +117,7 @@ class CACENet(nn.Module):
     sync_bn: BatchNorm statistics over all devices of the `data` axis (else
       per device, as PyTorch DDP); only matters in training, under shard_map.
   """
+
   depth: int | str = 50
   width: int = 64
   last_stride: int = 1
@@ -141,28 +143,41 @@ class CACENet(nn.Module):
       raise ValueError(f'unknown pair_path {self.pair_path!r}; expected one of {PAIR_PATHS}')
     channels = output_channels(self.depth, self.width)
     bn_axis_name = AXIS if self.sync_bn else None
-    self.backbone = make_resnet(self.depth, width=self.width, last_stride=self.last_stride,
-                                non_local=self.non_local, dtype=self.dtype,
-                                bn_axis_name=bn_axis_name)
+    self.backbone = make_resnet(
+      self.depth,
+      width=self.width,
+      last_stride=self.last_stride,
+      non_local=self.non_local,
+      dtype=self.dtype,
+      bn_axis_name=bn_axis_name,
+    )
     if self.pooling == 'gem':
       self.gemp = GeM()
     pooled_dim = 2 * channels if self.pooling == 'avgmax' else channels
     self.embedding_conv = Conv1x1(
-        pooled_dim, self.embed_dim,
-        kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))
+      pooled_dim,
+      self.embed_dim,
+      kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+    )
     self.embedding_bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5, axis_name=bn_axis_name)
     self.dropout = nn.Dropout(self.dropout_rate)
     if self.num_classes:
       classifier = lambda name: nn.Dense(
-          self.num_classes, use_bias=False, kernel_init=nn.initializers.normal(0.001), name=name)
+        self.num_classes, use_bias=False, kernel_init=nn.initializers.normal(0.001), name=name
+      )
       self.classifier = classifier('classifier')
       self.pair_classifier = classifier('pair_classifier')
     if self.pair_stage:
-      self.pair_attention = ClueAttention(kind=self.adjacency, in_features=channels,
-                                          reduction=self.reduction, topk=self.topk,
-                                          dtype=self.dtype)
-      self.pair_graph = PairGCN(channels, kind=self.gcn, depth=self.gcn_depth,
-                                reduction=self.reduction, dtype=self.dtype)
+      self.pair_attention = ClueAttention(
+        kind=self.adjacency,
+        in_features=channels,
+        reduction=self.reduction,
+        topk=self.topk,
+        dtype=self.dtype,
+      )
+      self.pair_graph = PairGCN(
+        channels, kind=self.gcn, depth=self.gcn_depth, reduction=self.reduction, dtype=self.dtype
+      )
 
   @property
   def pair_stage(self) -> bool:
@@ -202,8 +217,12 @@ class CACENet(nn.Module):
       both = jnp.concatenate([pre_uv.reshape(-1, dim), pre_vu.reshape(-1, dim)])
       emb_uv, emb_vu = jnp.split(self.embedding_bn(both, use_running_average=not train), 2)
       emb_uv, emb_vu = emb_uv.reshape(batch, batch, dim), emb_vu.reshape(batch, batch, dim)
-    out.update(pair_pre_bn_uv=pre_uv, pair_pre_bn_vu=pre_vu,
-               pair_embedding_uv=emb_uv, pair_embedding_vu=emb_vu)
+    out.update(
+      pair_pre_bn_uv=pre_uv,
+      pair_pre_bn_vu=pre_vu,
+      pair_embedding_uv=emb_uv,
+      pair_embedding_vu=emb_vu,
+    )
     if self.num_classes:
       out['pair_logits_uv'] = self.classify(self.pair_classifier, emb_uv, train)
       out['pair_logits_vu'] = self.classify(self.pair_classifier, emb_vu, train)
@@ -281,8 +300,16 @@ class CACENet(nn.Module):
 
     def conditional_pooled(cache_u, cache_v):
       cross = cross_block(adjacency, cache_u['query'], cache_v['key'], topk)
-      increments = propagate_pair(gcn, cache_u['intra'], cache_v['intra'], cross,
-                                  cache_u['g'], cache_v['g'], mix, pooled=pooling == 'avg')
+      increments = propagate_pair(
+        gcn,
+        cache_u['intra'],
+        cache_v['intra'],
+        cross,
+        cache_u['g'],
+        cache_v['g'],
+        mix,
+        pooled=pooling == 'avg',
+      )
       if pooling == 'avg':  # increments: [L, r], already averaged over u's pixels
         return cache_u['pooled'] + jnp.einsum('lr,lrc->c', increments, o)
       nodes = cache_u['nodes'] + jnp.einsum('lnr,lrc->nc', increments, o)  # [n, C]
@@ -342,9 +369,13 @@ class CACENet(nn.Module):
     cond_u, cond_v, adjacency = self.direct_pairs(flat(fmap_u), flat(fmap_v))
     _, emb_uv = self.embed(self.pool(cond_u))
     _, emb_vu = self.embed(self.pool(cond_v))
-    out = {'adjacency': adjacency,
-           'cond_fmap_u': cond_u.reshape(fmap_u.shape), 'cond_fmap_v': cond_v.reshape(fmap_v.shape),
-           'embedding_uv': emb_uv, 'embedding_vu': emb_vu}
+    out = {
+      'adjacency': adjacency,
+      'cond_fmap_u': cond_u.reshape(fmap_u.shape),
+      'cond_fmap_v': cond_v.reshape(fmap_v.shape),
+      'embedding_uv': emb_uv,
+      'embedding_vu': emb_vu,
+    }
     return jax.tree.map(lambda x: x[0], out) if single else out
 
 
@@ -367,8 +398,9 @@ def build_model(model_config, num_classes: int | None = None, **overrides) -> CA
   known = set(CACENet.__dataclass_fields__) - {'parent', 'name'}
   unknown = sorted(set(fields) - known)
   if unknown:
-    raise ConfigError(f'model.{unknown[0]} is not a CACENet field; the fields are '
-                      f'{", ".join(sorted(known))}')
+    raise ConfigError(
+      f'model.{unknown[0]} is not a CACENet field; the fields are {", ".join(sorted(known))}'
+    )
   depth = fields.get('depth')
   if isinstance(depth, str) and depth.isdigit():  # configs hold depth as a string ('tiny' too)
     fields['depth'] = int(depth)

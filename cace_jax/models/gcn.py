@@ -94,11 +94,13 @@ def apply_operator_blocks(kind, intra_u, intra_v, cross, z_u, z_v):
   degree_u, degree_v = block_degrees(intra_u, intra_v, cross)
   n_u, n_v = normalize_degree(degree_u), normalize_degree(degree_v)
   s_u, s_v = n_u[:, None] * z_u, n_v[:, None] * z_v
-  mixed_u = intra_u @ s_u + cross @ s_v      # (A N z)_u
-  mixed_v = cross.T @ s_u + intra_v @ s_v    # (A N z)_v
+  mixed_u = intra_u @ s_u + cross @ s_v  # (A N z)_u
+  mixed_v = cross.T @ s_u + intra_v @ s_v  # (A N z)_v
   if kind == 'discrepancy':
-    return (n_u[:, None] * (degree_u[:, None] * s_u - mixed_u),
-            n_v[:, None] * (degree_v[:, None] * s_v - mixed_v))
+    return (
+      n_u[:, None] * (degree_u[:, None] * s_u - mixed_u),
+      n_v[:, None] * (degree_v[:, None] * s_v - mixed_v),
+    )
   return z_u + n_u[:, None] * mixed_u, z_v + n_v[:, None] * mixed_v
 
 
@@ -113,8 +115,8 @@ def readout_weights(kind, intra_u, intra_v, cross):
   """
   degree_u, degree_v = block_degrees(intra_u, intra_v, cross)
   n_u, n_v = normalize_degree(degree_u), normalize_degree(degree_v)
-  a_u = intra_u @ n_u          # (A N 1_u)_u
-  a_v = cross.T @ n_u          # (A N 1_u)_v
+  a_u = intra_u @ n_u  # (A N 1_u)_u
+  a_v = cross.T @ n_u  # (A N 1_u)_v
   size = intra_u.shape[-1]
   if kind == 'discrepancy':
     return n_u * (degree_u * n_u - a_u) / size, -n_v * a_v / size
@@ -168,6 +170,7 @@ class PairGCN(nn.Module):
     depth: number of stacked layers (all share the backbone adjacency).
     reduction: r = C // reduction (16 in the paper).
   """
+
   in_features: int
   kind: str = 'discrepancy'
   depth: int = 1
@@ -179,18 +182,34 @@ class PairGCN(nn.Module):
     inner = max(self.in_features // self.reduction, 1)
     suffix = lambda layer: '' if layer == 0 else f'_{layer}'
     self.g_layers = [
-        Conv1x1(self.in_features, inner, dtype=self.dtype, param_dtype=self.param_dtype,
-                name=f'g{suffix(layer)}') for layer in range(self.depth)]
+      Conv1x1(
+        self.in_features,
+        inner,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f'g{suffix(layer)}',
+      )
+      for layer in range(self.depth)
+    ]
     # o starts at zero: every conditional map starts equal to the individual one.
     self.o_layers = [
-        Conv1x1(inner, self.in_features, kernel_init=nn.initializers.zeros, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f'o{suffix(layer)}')
-        for layer in range(self.depth)]
+      Conv1x1(
+        inner,
+        self.in_features,
+        kernel_init=nn.initializers.zeros,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f'o{suffix(layer)}',
+      )
+      for layer in range(self.depth)
+    ]
 
   def kernels(self):
     """Raw matrices: {'g': [L, C, r], 'o': [L, r, C]} (float32)."""
-    return {'g': jnp.stack([m.kernel[0, 0] for m in self.g_layers]).astype(jnp.float32),
-            'o': jnp.stack([m.kernel[0, 0] for m in self.o_layers]).astype(jnp.float32)}
+    return {
+      'g': jnp.stack([m.kernel[0, 0] for m in self.g_layers]).astype(jnp.float32),
+      'o': jnp.stack([m.kernel[0, 0] for m in self.o_layers]).astype(jnp.float32),
+    }
 
   def project(self, nodes):
     """Per-layer projections X W_g_l of backbone nodes [..., n, C] -> [..., L, n, r]."""

@@ -47,7 +47,7 @@ class Conv1x1(nn.Module):
 
   def setup(self):
     self.kernel = self.param(
-        'kernel', self.kernel_init, (1, 1, self.in_features, self.features), self.param_dtype
+      'kernel', self.kernel_init, (1, 1, self.in_features, self.features), self.param_dtype
     )
 
   def __call__(self, x):  # x: [..., in] -> [..., out]

@@ -35,11 +35,11 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 # depth -> (blocks per stage, block type). 'tiny' is a 4-block bottleneck net for
 # tests; pair it with a small `width`.
 RESNET_SPECS = {
-    18: ((2, 2, 2, 2), 'basic'),
-    34: ((3, 4, 6, 3), 'basic'),
-    50: ((3, 4, 6, 3), 'bottleneck'),
-    101: ((3, 4, 23, 3), 'bottleneck'),
-    'tiny': ((1, 1, 1, 1), 'bottleneck'),
+  18: ((2, 2, 2, 2), 'basic'),
+  34: ((3, 4, 6, 3), 'basic'),
+  50: ((3, 4, 6, 3), 'bottleneck'),
+  101: ((3, 4, 23, 3), 'bottleneck'),
+  'tiny': ((1, 1, 1, 1), 'bottleneck'),
 }
 _EXPANSION = {'basic': 1, 'bottleneck': 4}
 
@@ -50,8 +50,9 @@ def output_channels(depth: int | str, width: int = 64) -> int:
   return width * 8 * _EXPANSION[block]
 
 
-def feature_map_shape(image_size: Sequence[int], depth: int | str, width: int = 64,
-                      last_stride: int = 1) -> tuple[int, int, int]:
+def feature_map_shape(
+  image_size: Sequence[int], depth: int | str, width: int = 64, last_stride: int = 1
+) -> tuple[int, int, int]:
   """(h, w, C) of the final maps for images of `image_size` (H, W).
 
   Each stride-2 layer (conv1, the max pool, layer2, layer3 and layer4 unless
@@ -85,6 +86,7 @@ class NonLocal(nn.Module):
   (the official code zeroes W's weight only; its bias keeps torch's default).
   g/theta/phi use torch's default conv init.
   """
+
   reduction: int = 16
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -94,10 +96,15 @@ class NonLocal(nn.Module):
     batch, height, width, channels = x.shape
     inner = max(channels // self.reduction, 1)
     conv = functools.partial(
-        nn.Conv, features=inner, kernel_size=(1, 1), use_bias=True,
-        kernel_init=torch_default_kernel_init,
-        bias_init=torch_default_bias_init(channels),
-        dtype=self.dtype, param_dtype=self.param_dtype)
+      nn.Conv,
+      features=inner,
+      kernel_size=(1, 1),
+      use_bias=True,
+      kernel_init=torch_default_kernel_init,
+      bias_init=torch_default_bias_init(channels),
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
     g = conv(name='g')(x).reshape(batch, height * width, inner)
     theta = conv(name='theta')(x).reshape(batch, height * width, inner)
     phi = conv(name='phi')(x).reshape(batch, height * width, inner)
@@ -105,14 +112,22 @@ class NonLocal(nn.Module):
     logits = jnp.einsum('bic,bjc->bij', theta, phi).astype(jnp.float32)
     attention = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     y = jnp.einsum('bij,bjc->bic', attention, g).reshape(batch, height, width, inner)
-    w_y = nn.Conv(channels, (1, 1), use_bias=True, kernel_init=nn.initializers.zeros,
-                  bias_init=nn.initializers.zeros, dtype=self.dtype,
-                  param_dtype=self.param_dtype, name='W')(y)
+    w_y = nn.Conv(
+      channels,
+      (1, 1),
+      use_bias=True,
+      kernel_init=nn.initializers.zeros,
+      bias_init=nn.initializers.zeros,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name='W',
+    )(y)
     return x + w_y
 
 
 class BasicBlock(nn.Module):
   """torchvision BasicBlock: two 3x3 convs; stride on conv1."""
+
   planes: int
   stride: int
   downsample: bool
@@ -121,8 +136,9 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    out = self.conv(self.planes, (3, 3), (self.stride, self.stride), padding=((1, 1), (1, 1)),
-                    name='conv1')(x)
+    out = self.conv(
+      self.planes, (3, 3), (self.stride, self.stride), padding=((1, 1), (1, 1)), name='conv1'
+    )(x)
     out = nn.relu(self.norm(name='bn1')(out))
     out = self.conv(self.planes, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(out)
     out = self.norm(name='bn2')(out)
@@ -134,6 +150,7 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
   """torchvision Bottleneck (v1.5): 1x1 -> 3x3 (carries the stride) -> 1x1 (x4)."""
+
   planes: int
   stride: int
   downsample: bool
@@ -143,8 +160,9 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x):
     out = nn.relu(self.norm(name='bn1')(self.conv(self.planes, (1, 1), name='conv1')(x)))
-    out = self.conv(self.planes, (3, 3), (self.stride, self.stride), padding=((1, 1), (1, 1)),
-                    name='conv2')(out)
+    out = self.conv(
+      self.planes, (3, 3), (self.stride, self.stride), padding=((1, 1), (1, 1)), name='conv2'
+    )(out)
     out = nn.relu(self.norm(name='bn2')(out))
     out = self.norm(name='bn3')(self.conv(self.planes * 4, (1, 1), name='conv3')(out))
     if self.downsample:
@@ -167,6 +185,7 @@ class ResNet(nn.Module):
     bn_axis_name: mapped axis to average BatchNorm statistics over (sync BN);
       None keeps per-device statistics.
   """
+
   stage_sizes: Sequence[int]
   block: str = 'bottleneck'
   width: int = 64
@@ -190,11 +209,22 @@ class ResNet(nn.Module):
       is set, else the final feature map [B, h, w, C]; `features` holds
       'stem', 'layer1' ... 'layer4' and 'fmap' (the layer4 output).
     """
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init,
-                             dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                             axis_name=self.bn_axis_name)
+    conv = functools.partial(
+      nn.Conv,
+      use_bias=False,
+      kernel_init=conv_kernel_init,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
+    norm = functools.partial(
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      axis_name=self.bn_axis_name,
+    )
     block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
     expansion = _EXPANSION[self.block]
     non_local_after = non_local_positions(self.stage_sizes) if self.non_local else ()
@@ -207,14 +237,19 @@ class ResNet(nn.Module):
     features['stem'] = x
     in_channels = self.width
     for stage, num_blocks in enumerate(self.stage_sizes):
-      planes = self.width * 2 ** stage
+      planes = self.width * 2**stage
       stage_stride = 1 if stage == 0 else (self.last_stride if stage == 3 else 2)
       for index in range(num_blocks):
         stride = stage_stride if index == 0 else 1
         name = f'layer{stage + 1}_{index}'
-        x = block_cls(planes=planes, stride=stride,
-                      downsample=index == 0 and (stride != 1 or in_channels != planes * expansion),
-                      conv=conv, norm=norm, name=name)(x)
+        x = block_cls(
+          planes=planes,
+          stride=stride,
+          downsample=index == 0 and (stride != 1 or in_channels != planes * expansion),
+          conv=conv,
+          norm=norm,
+          name=name,
+        )(x)
         in_channels = planes * expansion
         if name in non_local_after:
           x = NonLocal(dtype=self.dtype, param_dtype=self.param_dtype, name=f'nl_{name}')(x)
@@ -223,9 +258,14 @@ class ResNet(nn.Module):
     if self.num_classes is None:
       return x, features
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    logits = nn.Dense(self.num_classes, kernel_init=torch_default_kernel_init,
-                      bias_init=torch_default_bias_init(in_channels), dtype=jnp.float32,
-                      param_dtype=self.param_dtype, name='fc')(pooled)
+    logits = nn.Dense(
+      self.num_classes,
+      kernel_init=torch_default_kernel_init,
+      bias_init=torch_default_bias_init(in_channels),
+      dtype=jnp.float32,
+      param_dtype=self.param_dtype,
+      name='fc',
+    )(pooled)
     return logits, features
 
 

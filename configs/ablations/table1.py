@@ -12,10 +12,10 @@ eval.py reports it for any model with correspondence attention.
 from configs.ablations import paper
 
 VARIANTS = {
-    'individual': dict(gcn='none'),  # Individual feature embedding only.
-    'individual_gcn': dict(adjacency='intra'),  # Cross-image edges dropped.
-    'normal_gcn': dict(gcn='normal'),  # Smoothing GCN (I + N A N).
-    'discrepancy_gcn': dict(gcn='discrepancy'),  # The full model.
+  'individual': dict(gcn='none'),  # Individual feature embedding only.
+  'individual_gcn': dict(adjacency='intra'),  # Cross-image edges dropped.
+  'normal_gcn': dict(gcn='normal'),  # Smoothing GCN (I + N A N).
+  'discrepancy_gcn': dict(gcn='discrepancy'),  # The full model.
 }
 
 

@@ -1,7 +1,7 @@
 """Paper Table 3 (Market-1501): the mix-up weight α of the conditional ID loss.
 
-  python train.py --config configs/ablations/table3.py:0.9 --workdir runs/t3_a090
-  (α in 1.0 (plain cross entropy), 0.95, 0.9, 0.8, 0.7, 0.6)
+python train.py --config configs/ablations/table3.py:0.9 --workdir runs/t3_a090
+(α in 1.0 (plain cross entropy), 0.95, 0.9, 0.8, 0.7, 0.6)
 
 """
 
