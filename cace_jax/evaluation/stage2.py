@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cace_jax import sharding
 from cace_jax.models import CACENet, cross_block, l2_normalize
 
 # Re-sorted entries are moved below every stage-1 distance (cosine distances
@@ -105,7 +106,7 @@ def make_pair_step(
   """Jitted (variables, cache_q, cache_g) -> [N] distances with `score` as the method.
 
   The caches may be in `compact_cache` form; they are expanded on the device.
-  With a (one-axis, single-process) `mesh`, the N pairs are split over its
+  With a (single-process) `data` mesh, the N pairs are split over its
   devices, so N must be a multiple of the mesh size; variables are replicated.
   """
 
@@ -115,16 +116,15 @@ def make_pair_step(
   if mesh is None:
     return jax.jit(score_pairs)
   spec = jax.sharding.PartitionSpec
-  pairs = spec(mesh.axis_names[0])
+  pairs = spec(sharding.AXIS)
   step = jax.jit(
     jax.shard_map(score_pairs, mesh=mesh, in_specs=(spec(), pairs, pairs), out_specs=pairs)
   )
-  by_pair = jax.sharding.NamedSharding(mesh, pairs)
-  replicated = jax.sharding.NamedSharding(mesh, spec())
 
   def sharded_step(variables, cache_q, cache_g):
+    by_pair = sharding.split_over_data(mesh)
     return step(
-      jax.device_put(variables, replicated),
+      sharding.replicate(variables, mesh),
       jax.device_put(cache_q, by_pair),
       jax.device_put(cache_g, by_pair),
     )

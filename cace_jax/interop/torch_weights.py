@@ -42,7 +42,7 @@ from cace_jax.interop.torch_keys import (
   set_path,
   torch_to_flax,
 )
-from cace_jax.models import CACENet, ResNet, make_resnet
+from cace_jax.models import CACENet, ResNet, build_model, make_resnet
 from cace_jax.models.resnet import RESNET_SPECS
 
 
@@ -273,7 +273,7 @@ def infer_official_config(state: Mapping) -> dict:
 def load_official_cacenet(source) -> tuple[dict, dict]:
   """An official CACE-Net checkpoint -> (variables, CACENet keyword arguments).
 
-  `CACENet(**kwargs).apply(variables, images, train=False)` then reproduces
+  `build_model(kwargs).apply(variables, images, train=False)` then reproduces
   the official network (eval mode). The optimizer state and epoch are ignored.
   """
   state = strip_prefix(read_state_dict(source))
@@ -281,7 +281,7 @@ def load_official_cacenet(source) -> tuple[dict, dict]:
   table = cacenet_key_table(
     config['depth'], config['non_local'], config['pooling'], config['num_classes'] is not None
   )
-  target = _abstract_variables(CACENet(**config))
+  target = _abstract_variables(build_model(config))
   return _check_complete(merge_state_dict(state, table, target), _name(source)), config
 
 
