@@ -90,16 +90,74 @@ def load_eval_splits(builder: tfds.core.DatasetBuilder) -> tuple[SplitData, Spli
   return _load_eval_splits(str(builder.data_dir))
 
 
-def sample_identity_batches(
-  labels: np.ndarray, p: int, k: int, seed: int, epoch: int, drop_small_ids: bool = False
+SAMPLERS = ('uniform', 'chunk')
+
+
+def remove_small_identities(data: SplitData, min_images: int) -> SplitData:
+  """The split without identities of fewer than `min_images` images; labels renumbered.
+
+  The official recipe's `least_image_per_class` (4): such identities leave
+  training and the class count; the others keep their order, as 0..N'-1.
+  """
+  classes, counts = np.unique(data.labels, return_counts=True)
+  kept = classes[counts >= min_images]
+  keep = np.isin(data.labels, kept)
+  return SplitData(
+    images=data.images[keep],
+    labels=np.searchsorted(kept, data.labels[keep]).astype(np.int32),
+    pids=data.pids[keep],
+    camids=data.camids[keep],
+    file_names=data.file_names[keep],
+  )
+
+
+def uniform_identity_batches(
+  labels: np.ndarray, p: int, k: int, seed: int, epoch: int, num_batches: int
 ) -> np.ndarray:
-  """One epoch of P×K batches, as the official RandomIdentitySampler defines it.
+  """One epoch of P×K batches, as the official sampler's `use_tf_sample` mode draws them.
+
+  Every batch draws P distinct identities uniformly from all of them, so an
+  identity's frequency does not depend on its image count. Each identity
+  serves K images from a shuffled pool of its images; when fewer than K are
+  left, the pool is refilled with a fresh shuffle of all of them (the
+  leftovers are dropped, as officially). Pools start full at every epoch.
+  An identity with fewer than K images (only when `data.min_images_per_id`
+  < K) gets K draws with replacement.
+
+  Returns:
+    [num_batches, P·K] int64 indices into `labels`; deterministic in (seed, epoch).
+  """
+  rng = np.random.default_rng([seed, epoch])
+  members = [np.flatnonzero(labels == label) for label in np.unique(labels)]
+  if len(members) < p:
+    raise ValueError(f'P={p} identities per batch but the split has {len(members)}')
+
+  def refill(images):
+    if len(images) < k:
+      return list(rng.choice(images, size=k, replace=True))
+    return list(rng.permutation(images))
+
+  pools = [refill(images) for images in members]
+  batches = np.empty((num_batches, p * k), np.int64)
+  for b in range(num_batches):
+    row = []
+    for identity in rng.choice(len(members), size=p, replace=False):
+      if len(pools[identity]) < k:
+        pools[identity] = refill(members[identity])
+      row.extend(pools[identity].pop() for _ in range(k))
+    batches[b] = row
+  return batches
+
+
+def chunk_identity_batches(labels: np.ndarray, p: int, k: int, seed: int, epoch: int) -> np.ndarray:
+  """One epoch of P×K batches, as the official sampler's default (chunk) mode draws them.
 
   Each identity's images are shuffled and cut into chunks of K (identities
-  with fewer than K images are drawn with replacement up to K, or dropped
-  when `drop_small_ids`); the last incomplete chunk is dropped. Batches take
-  one chunk from each of P identities drawn at random among those with
-  chunks left; the epoch ends when fewer than P identities have any.
+  with fewer than K images are drawn with replacement up to K); the last
+  incomplete chunk is dropped. Batches take one chunk from each of P
+  identities drawn at random among those with chunks left; the epoch ends
+  when fewer than P identities have any. Identities thus appear in
+  proportion to their image counts.
 
   Returns:
     [num_batches, P·K] int64 indices into `labels`; deterministic in (seed, epoch).
@@ -109,17 +167,11 @@ def sample_identity_batches(
   for label in np.unique(labels):
     indices = np.flatnonzero(labels == label)
     if len(indices) < k:
-      if drop_small_ids:
-        continue
       indices = rng.choice(indices, size=k, replace=True)
     indices = rng.permutation(indices)
     chunks[int(label)] = [indices[i : i + k] for i in range(0, len(indices) - k + 1, k)]
   if len(chunks) < p:
-    raise ValueError(
-      f'P={p} identities per batch but only {len(chunks)} identities have at least K={k} images'
-      if drop_small_ids
-      else f'P={p} identities per batch but the split has {len(chunks)}'
-    )
+    raise ValueError(f'P={p} identities per batch but the split has {len(chunks)}')
   available = sorted(chunks)
   batches = []
   while len(available) >= p:
@@ -131,21 +183,31 @@ def sample_identity_batches(
 
 
 def steps_per_epoch(
-  labels: np.ndarray, p: int, k: int, num_devices: int, drop_small_ids: bool = False
+  labels: np.ndarray, p: int, k: int, num_devices: int, sampler: str = 'uniform'
 ) -> int:
-  """Nominal training steps of one epoch (for schedules): all chunks over P·devices."""
+  """Training steps of one epoch.
+
+  'uniform': the official count, length // (P·K) + 1 batches with length =
+  Σ max(n_i, K) over identities, per device batch and over all devices.
+  'chunk': every identity's K-chunks, P per device batch, over all devices.
+  """
   counts = np.unique(labels, return_counts=True)[1]
-  if drop_small_ids:
-    counts = counts[counts >= k]
-  num_chunks = int(np.sum(np.maximum(counts, k) // k))
-  return max(1, num_chunks // (p * num_devices))
+  if sampler == 'uniform':
+    return int(np.sum(np.maximum(counts, k))) // (p * k * num_devices) + 1
+  if sampler == 'chunk':
+    return max(1, int(np.sum(np.maximum(counts, k) // k)) // (p * num_devices))
+  raise ValueError(f'unknown sampler {sampler!r}; expected one of {SAMPLERS}')
 
 
-def _device_batch_stream(labels, p, k, seed, drop_small_ids, start: int):
+def _device_batch_stream(labels, p, k, seed, sampler, num_devices, start: int):
   """(position, device batch) pairs of the endless stream of epochs, from `start`."""
   position, epoch = 0, 0
+  num_batches = steps_per_epoch(labels, p, k, num_devices, sampler) * num_devices
   while True:
-    batches = sample_identity_batches(labels, p, k, seed, epoch, drop_small_ids)
+    if sampler == 'uniform':
+      batches = uniform_identity_batches(labels, p, k, seed, epoch, num_batches)
+    else:
+      batches = chunk_identity_batches(labels, p, k, seed, epoch)
     for batch in batches:
       if position >= start:
         yield position, batch
@@ -164,7 +226,7 @@ def create_train_dataset(
   local_devices: int,
   process_index: int = 0,
   start_step: int = 0,
-  drop_small_ids: bool = False,
+  sampler: str = 'uniform',
   flip: bool = True,
   padding: int = 10,
   erasing_probability: float = 0.5,
@@ -182,7 +244,8 @@ def create_train_dataset(
       [process_index·local_devices, ...) of each step.
     process_index: this process's rank.
     start_step: the global step to resume from.
-    drop_small_ids, flip, padding, erasing_probability: see the recipe.
+    sampler: 'uniform' (the official recipe) or 'chunk' (see `steps_per_epoch`).
+    flip, padding, erasing_probability: see the recipe.
 
   Returns:
     A dataset of dicts with 'image' [local_devices·P·K, H, W, 3] float32,
@@ -193,7 +256,9 @@ def create_train_dataset(
   first_device = process_index * local_devices
 
   def local_indices():
-    stream = _device_batch_stream(data.labels, p, k, seed, drop_small_ids, start_step * num_devices)
+    stream = _device_batch_stream(
+      data.labels, p, k, seed, sampler, num_devices, start_step * num_devices
+    )
     for position, batch in stream:
       if first_device <= position % num_devices < first_device + local_devices:
         yield batch, np.arange(position * batch_size, (position + 1) * batch_size)

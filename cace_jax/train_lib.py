@@ -18,6 +18,7 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from cace_jax import checkpoint, input_pipeline, losses, sharding
@@ -69,6 +70,17 @@ def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   return int(config.optim.epochs * steps_per_epoch)
 
 
+def check_sampler(config: ml_collections.ConfigDict) -> None:
+  """Fails early, naming the field, on a sampler setting that cannot work."""
+  data = config.data
+  if data.sampler not in input_pipeline.SAMPLERS:
+    raise ConfigError(
+      f'data.sampler={data.sampler!r}: expected one of {", ".join(input_pipeline.SAMPLERS)}'
+    )
+  if data.min_images_per_id < 1:
+    raise ConfigError(f'data.min_images_per_id={data.min_images_per_id}: expected >= 1')
+
+
 def check_config(config: ml_collections.ConfigDict, num_identities: int) -> None:
   """Fails early, naming the field, on values that cannot train."""
   data = config.data
@@ -79,7 +91,8 @@ def check_config(config: ml_collections.ConfigDict, num_identities: int) -> None
   if data.p > num_identities:
     raise ConfigError(
       f'data.p={data.p} identities per batch but {data.dataset} has only '
-      f'{num_identities} training identities'
+      f'{num_identities} training identities with data.min_images_per_id='
+      f'{data.min_images_per_id} images or more'
     )
   if config.train.num_steps <= 0 and config.optim.epochs <= 0:
     raise ConfigError('optim.epochs and train.num_steps are both <= 0: nothing to train')
@@ -280,14 +293,17 @@ def train_and_evaluate(
   mesh = sharding.make_mesh()
   num_devices = jax.device_count()
   builder = input_pipeline.prepare_on_first_process(config)
-  train_data = input_pipeline.load_split(builder, 'train')
-  num_classes = int(train_data.labels.max()) + 1
+  check_sampler(config)
+  train_data = input_pipeline.remove_small_identities(
+    input_pipeline.load_split(builder, 'train'), config.data.min_images_per_id
+  )
+  num_classes = len(np.unique(train_data.labels))
   check_config(config, num_classes)
 
   data = config.data
   images_per_step = data.p * data.k * num_devices
   steps_per_epoch = input_pipeline.steps_per_epoch(
-    train_data.labels, data.p, data.k, num_devices, data.drop_small_ids
+    train_data.labels, data.p, data.k, num_devices, data.sampler
   )
   num_steps = total_steps(config, steps_per_epoch)
   model = build_model(config.model, num_classes)
@@ -330,7 +346,7 @@ def train_and_evaluate(
     local_devices=jax.local_device_count(),
     process_index=jax.process_index(),
     start_step=start_step,
-    drop_small_ids=data.drop_small_ids,
+    sampler=data.sampler,
     flip=data.flip,
     padding=data.padding,
     erasing_probability=data.erasing_probability,

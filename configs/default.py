@@ -23,7 +23,12 @@ def get_config(arg=None):
   config.data.image_size = (384, 128)  # (height, width)
   config.data.p = 4  # Identities per device batch.
   config.data.k = 4  # Images per identity.
-  config.data.drop_small_ids = False  # Else identities with < K images repeat images.
+  # The official sampler (`use_tf_sample`): P identities drawn uniformly per batch,
+  # each serving K images from a refilling shuffled pool; 'chunk' cuts every
+  # identity's images into K-chunks (frequencies follow image counts).
+  config.data.sampler = 'uniform'
+  # Identities with fewer images leave training and the class count (official: 4).
+  config.data.min_images_per_id = 4
   config.data.flip = True
   config.data.padding = 10  # Pad, then random crop back to image_size.
   config.data.erasing_probability = 0.5

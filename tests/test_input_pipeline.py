@@ -22,9 +22,17 @@ def check_identity_batch(labels, p, k):
   assert len(values) == p and np.all(counts == k), labels
 
 
-def test_sampler_batches_are_p_identities_times_k(train_data):
+def epoch_batches(sampler, labels, p, k, seed, epoch):
+  if sampler == 'uniform':
+    num_batches = ip.steps_per_epoch(labels, p, k, 1, 'uniform')
+    return ip.uniform_identity_batches(labels, p, k, seed, epoch, num_batches)
+  return ip.chunk_identity_batches(labels, p, k, seed, epoch)
+
+
+@pytest.mark.parametrize('sampler', ip.SAMPLERS)
+def test_sampler_batches_are_p_identities_times_k(train_data, sampler):
   for epoch in range(3):
-    batches = ip.sample_identity_batches(train_data.labels, 3, 2, seed=7, epoch=epoch)
+    batches = epoch_batches(sampler, train_data.labels, 3, 2, seed=7, epoch=epoch)
     assert batches.shape[1] == 6 and len(batches) >= 1
     for batch in batches:
       check_identity_batch(train_data.labels[batch], 3, 2)
@@ -35,29 +43,70 @@ def test_sampler_batches_are_p_identities_times_k(train_data):
           assert len(set(members)) == 2
 
 
-def test_sampler_is_deterministic_and_epochs_differ(train_data):
-  a = ip.sample_identity_batches(train_data.labels, 2, 4, seed=3, epoch=0)
-  b = ip.sample_identity_batches(train_data.labels, 2, 4, seed=3, epoch=0)
-  c = ip.sample_identity_batches(train_data.labels, 2, 4, seed=3, epoch=1)
+@pytest.mark.parametrize('sampler', ip.SAMPLERS)
+def test_sampler_is_deterministic_and_epochs_differ(train_data, sampler):
+  a = epoch_batches(sampler, train_data.labels, 2, 4, seed=3, epoch=0)
+  b = epoch_batches(sampler, train_data.labels, 2, 4, seed=3, epoch=0)
+  c = epoch_batches(sampler, train_data.labels, 2, 4, seed=3, epoch=1)
   np.testing.assert_array_equal(a, b)
   assert a.shape != c.shape or not np.array_equal(a, c)
 
 
-def test_small_identities_replaced_or_dropped(train_data):
+SKEWED = np.repeat(np.arange(6), [40, 4, 4, 5, 9, 1]).astype(np.int32)  # 63 images
+
+
+def test_uniform_sampler_draws_identities_uniformly_and_counts_the_official_epoch():
+  p, k = 2, 4
+  # Official epoch: length // (P·K) + 1 with length = sum(max(n_i, K)) = 40+4+4+5+9+4.
+  assert ip.steps_per_epoch(SKEWED, p, k, 1, 'uniform') == 66 // 8 + 1 == 9
+  assert ip.steps_per_epoch(SKEWED, p, k, 2, 'uniform') == 66 // 16 + 1
+  drawn = np.concatenate([ip.uniform_identity_batches(SKEWED, p, k, 0, e, 9) for e in range(300)])
+  counts = np.bincount(SKEWED[drawn.reshape(-1)], minlength=6) / k  # identity draws
+  expected = 300 * 9 * p / 6
+  # Each count is binomial(2700 batches, 1/3): a 5-sigma band around uniform.
+  sigma = np.sqrt(300 * 9 * (p / 6) * (1 - p / 6))
+  assert np.all(np.abs(counts - expected) < 5 * sigma), counts
+  # The chunk sampler, by contrast, follows image counts: identity 0 dominates.
+  chunked = np.concatenate([ip.chunk_identity_batches(SKEWED, p, k, 0, e) for e in range(50)])
+  chunk_counts = np.bincount(SKEWED[chunked.reshape(-1)], minlength=6)
+  assert chunk_counts[0] > 2 * chunk_counts[1]
+
+
+def test_uniform_sampler_pools_serve_every_image_before_repeating():
+  labels = np.repeat(np.arange(2), [8, 5]).astype(np.int32)
+  batches = ip.uniform_identity_batches(labels, 2, 4, seed=1, epoch=0, num_batches=2)
+  first, second = batches[0], batches[1]
+  big = lambda batch: set(batch[labels[batch] == 0])
+  assert not big(first) & big(second)  # 8 images: the second draw takes the other 4
+  small = lambda batch: set(batch[labels[batch] == 1])
+  assert len(small(first)) == len(small(second)) == 4  # 5 images: refilled after 4
+
+
+def test_small_identities_are_removed_and_labels_renumbered(train_data):
   small = train_data.labels[np.flatnonzero(train_data.labels == 3)[0]]  # pid 4: 2 images
   assert np.sum(train_data.labels == small) == 2
-  kept = ip.sample_identity_batches(train_data.labels, 2, 3, seed=0, epoch=0)
-  dropped = ip.sample_identity_batches(
-    train_data.labels, 2, 3, seed=0, epoch=0, drop_small_ids=True
-  )
-  assert small not in train_data.labels[dropped]
-  used = [b for b in kept if small in train_data.labels[b]]
-  # With replacement the small identity still fills K=3 slots from its 2 images.
-  for batch in used:
+  kept = ip.remove_small_identities(train_data, 3)
+  assert small not in train_data.labels[np.isin(train_data.pids, kept.pids)]
+  assert set(np.unique(kept.labels)) == set(range(len(np.unique(train_data.labels)) - 1))
+  assert 4 not in kept.pids and len(kept) == len(train_data) - 2
+  # Order is kept: each identity's new label follows its old one's rank.
+  old = {pid: label for pid, label in zip(train_data.pids, train_data.labels)}
+  new = {pid: label for pid, label in zip(kept.pids, kept.labels)}
+  assert sorted(new, key=new.get) == sorted(new, key=old.get)
+  everything = ip.remove_small_identities(train_data, 1)
+  np.testing.assert_array_equal(everything.labels, train_data.labels)
+
+
+@pytest.mark.parametrize('sampler', ip.SAMPLERS)
+def test_identities_below_k_are_drawn_with_replacement(train_data, sampler):
+  small = train_data.labels[np.flatnonzero(train_data.labels == 3)[0]]  # 2 images
+  batches = epoch_batches(sampler, train_data.labels, 2, 3, seed=0, epoch=0)
+  used = [b for b in batches if small in train_data.labels[b]]
+  for batch in used:  # K=3 slots from its 2 images
     members = batch[train_data.labels[batch] == small]
     assert len(members) == 3 and len(set(members)) <= 2
   with pytest.raises(ValueError, match='P=9'):
-    ip.sample_identity_batches(train_data.labels, 9, 2, seed=0, epoch=0)
+    epoch_batches(sampler, train_data.labels, 9, 2, seed=0, epoch=0)
 
 
 def test_train_batches_shape_dtype_and_identities(train_data):
@@ -89,9 +138,10 @@ def test_processes_read_disjoint_shares_of_the_same_stream(train_data):
       np.testing.assert_array_equal(joined, whole[step][key])
 
 
-def test_resume_replays_the_same_batches(train_data):
-  kwargs = dict(image_size=SIZE, p=2, k=2, seed=11, num_devices=2, local_devices=2)
-  steps = ip.steps_per_epoch(train_data.labels, 2, 2, num_devices=2)
+@pytest.mark.parametrize('sampler', ip.SAMPLERS)
+def test_resume_replays_the_same_batches(train_data, sampler):
+  kwargs = dict(image_size=SIZE, p=2, k=2, seed=11, num_devices=2, local_devices=2, sampler=sampler)
+  steps = ip.steps_per_epoch(train_data.labels, 2, 2, num_devices=2, sampler=sampler)
   total = steps + 3  # crosses an epoch boundary
   uninterrupted = take_numpy(ip.create_train_dataset(train_data, **kwargs), total)
   resumed = take_numpy(ip.create_train_dataset(train_data, start_step=steps - 1, **kwargs), 4)

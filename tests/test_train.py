@@ -161,9 +161,9 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_data_dir, tmp_path, monke
 
   def dying_iterator(dataset):
     for index, batch in enumerate(real_iterate(dataset)):
-      # Two batches are prefetched: batch 5 is fetched as step 5 starts, so the
-      # process dies after step 4, past the checkpoint of step 3.
-      if index == 5:
+      # Two batches are prefetched: batch 4 is fetched as step 4 starts, so the
+      # process dies after step 3 (checkpointed), before step 4 (an epoch end).
+      if index == 4:
         raise KeyboardInterrupt
       yield batch
 
