@@ -230,6 +230,7 @@ def create_train_dataset(
   flip: bool = True,
   padding: int = 10,
   erasing_probability: float = 0.5,
+  erasing_fill: str = 'official',
 ) -> tf.data.Dataset:
   """Endless training batches for this process, starting at global step `start_step`.
 
@@ -245,7 +246,7 @@ def create_train_dataset(
     process_index: this process's rank.
     start_step: the global step to resume from.
     sampler: 'uniform' (the official recipe) or 'chunk' (see `steps_per_epoch`).
-    flip, padding, erasing_probability: see the recipe.
+    flip, padding, erasing_probability, erasing_fill: see the recipe (`augment`).
 
   Returns:
     A dataset of dicts with 'image' [local_devices·P·K, H, W, 3] float32,
@@ -281,6 +282,7 @@ def create_train_dataset(
       flip=flip,
       padding=padding,
       erasing_probability=erasing_probability,
+      erasing_fill=erasing_fill,
     )
     return {
       'image': image,

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from cace_jax import checkpoint, input_pipeline, losses, sharding
+from cace_jax import augment, checkpoint, input_pipeline, losses, sharding
 from cace_jax.errors import ConfigError, PortError
 from cace_jax.evaluation import evaluate
 from cace_jax.interop import torch_weights
@@ -71,7 +71,7 @@ def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
 
 
 def check_sampler(config: ml_collections.ConfigDict) -> None:
-  """Fails early, naming the field, on a sampler setting that cannot work."""
+  """Fails early, naming the field, on a sampler or augmentation setting that cannot work."""
   data = config.data
   if data.sampler not in input_pipeline.SAMPLERS:
     raise ConfigError(
@@ -79,6 +79,10 @@ def check_sampler(config: ml_collections.ConfigDict) -> None:
     )
   if data.min_images_per_id < 1:
     raise ConfigError(f'data.min_images_per_id={data.min_images_per_id}: expected >= 1')
+  if data.erasing_fill not in augment.ERASING_FILLS:
+    raise ConfigError(
+      f'data.erasing_fill={data.erasing_fill!r}: expected one of {", ".join(augment.ERASING_FILLS)}'
+    )
 
 
 def check_config(config: ml_collections.ConfigDict, num_identities: int) -> None:
@@ -350,6 +354,7 @@ def train_and_evaluate(
     flip=data.flip,
     padding=data.padding,
     erasing_probability=data.erasing_probability,
+    erasing_fill=data.erasing_fill,
   )
   batches = sharding.prefetch_to_device(
     ({'image': b['image'], 'label': b['label']} for b in input_pipeline.iterate_numpy(dataset)),

@@ -32,6 +32,9 @@ def get_config(arg=None):
   config.data.flip = True
   config.data.padding = 10  # Pad, then random crop back to image_size.
   config.data.erasing_probability = 0.5
+  # Random erasing runs after normalisation, as officially; 'official' writes the
+  # official (0.485, 0.456, 0.406) there, 'mean' writes zeros (the mean pixel).
+  config.data.erasing_fill = 'official'
   config.data.eval_batch_size = 64  # Per device.
 
   # Default: the official code (GeM, non-local blocks, projected-cosine graph),

@@ -183,20 +183,64 @@ def test_full_train_preprocessing_equal_eagerly_and_in_tf_data(train_data):
   np.testing.assert_array_equal(eager, graph)
 
 
-def test_random_erasing_fills_one_box_with_the_mean():
+def test_random_erasing_fills_one_box():
   image, seed = image_and_seed()
   untouched = augment.random_erasing(image, seed, probability=0.0).numpy()
   np.testing.assert_array_equal(untouched, image.numpy())
+  fill = np.array([-1.0, 2.0, 300.0], np.float32)  # no pixel of `image` has these values
   fractions = []
   for i in range(20):
-    out = augment.random_erasing(image, seed + i, probability=1.0).numpy()
-    erased = np.all(out == np.array(augment.IMAGENET_MEAN_PIXEL, np.float32), axis=-1)
+    out = augment.random_erasing(image, seed + i, probability=1.0, fill=fill).numpy()
+    erased = np.all(out == fill, axis=-1)
     rows, cols = np.nonzero(erased)
     assert rows.size > 0
     # One axis-aligned rectangle.
     assert erased[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
     fractions.append(erased.mean())
   assert 0.01 < min(fractions) and max(fractions) < 0.5
+
+
+def official_erasing_box(rng, height, width):
+  """(h, w) of one official RandomErasing draw (utils/my_transforms.py), or None."""
+  for _ in range(100):
+    target_area = rng.uniform(0.02, 0.4) * height * width
+    aspect = rng.uniform(0.3, 1 / 0.3)
+    h, w = int(round(np.sqrt(target_area * aspect))), int(round(np.sqrt(target_area / aspect)))
+    if w < width and h < height:
+      return h, w
+  return None
+
+
+def test_random_erasing_boxes_are_distributed_as_the_official_ones():
+  height, width, draws = 64, 32, 1500
+  image = tf.zeros((height, width, 3))
+  ours = []
+  for i in range(draws):
+    erased = augment.random_erasing(image, tf.constant([7, i], tf.int64), 1.0, fill=(1, 1, 1))
+    rows, cols = np.nonzero(erased.numpy()[..., 0])
+    ours.append((rows.max() - rows.min() + 1, cols.max() - cols.min() + 1))
+  rng = np.random.default_rng(0)
+  official = [official_erasing_box(rng, height, width) for _ in range(20000)]
+  ours, official = np.array(ours), np.array([b for b in official if b is not None])
+  tall = lambda boxes: np.mean(boxes[:, 0] > boxes[:, 1])
+  area = lambda boxes: np.mean(boxes[:, 0] * boxes[:, 1]) / (height * width)
+  # A log-uniform aspect would give about half tall boxes before the fit test;
+  # the uniform one gives most. Tolerances: 4 standard errors of 1,500 draws.
+  assert abs(tall(ours) - tall(official)) < 4 * np.sqrt(0.25 / draws), (tall(ours), tall(official))
+  assert abs(area(ours) - area(official)) < 0.02, (area(ours), area(official))
+
+
+def test_train_preprocessing_erases_after_normalisation_with_the_official_value(train_data):
+  seed = tf.constant([3, 5], tf.int64)
+  out = augment.preprocess_train(
+    tf.constant(train_data.images[0]), seed, SIZE, erasing_probability=1.0
+  ).numpy()
+  value = np.array(augment.IMAGENET_MEAN, np.float32)  # written into the normalised image
+  assert np.all(out == value, axis=-1).sum() > 0.02 * SIZE[0] * SIZE[1] * 0.5
+  mean_fill = augment.preprocess_train(
+    tf.constant(train_data.images[0]), seed, SIZE, erasing_probability=1.0, erasing_fill='mean'
+  ).numpy()
+  np.testing.assert_array_equal(np.all(mean_fill == 0.0, axis=-1), np.all(out == value, axis=-1))
 
 
 def test_flip_and_crop_actually_change_images():
