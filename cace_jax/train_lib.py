@@ -296,8 +296,8 @@ def train_and_evaluate(
   """
   mesh = sharding.make_mesh()
   num_devices = jax.device_count()
+  check_sampler(config)  # before preparing: a typo must not cost a dataset build
   builder = input_pipeline.prepare_on_first_process(config)
-  check_sampler(config)
   train_data = input_pipeline.remove_small_identities(
     input_pipeline.load_split(builder, 'train'), config.data.min_images_per_id
   )

@@ -297,6 +297,22 @@ def test_impossible_batch_split_is_a_config_error(tiny_data_dir, tmp_path):
   assert not glob.glob(str(tmp_path / 'checkpoints' / '*'))
 
 
+def test_unknown_sampler_and_erasing_fill_are_config_errors(tiny_data_dir, tmp_path):
+  for field, value in (
+    ('data.sampler', 'random'),
+    ('data.erasing_fill', 'grey'),
+    ('data.min_images_per_id', 0),
+  ):
+    with pytest.raises(ConfigError, match=f'{field}='):
+      train_lib.train_and_evaluate(tiny_config(tiny_data_dir, **{field: value}), str(tmp_path))
+  # Identities below min_images_per_id leave training: none of tiny's has 7 images.
+  with pytest.raises(ConfigError, match='min_images_per_id=7'):
+    train_lib.train_and_evaluate(
+      tiny_config(tiny_data_dir, **{'data.min_images_per_id': 7}), str(tmp_path)
+    )
+  assert not glob.glob(str(tmp_path / 'checkpoints' / '*'))
+
+
 CONFIG_ARGS = (
   [
     ('default.py', None),
