@@ -12,9 +12,12 @@ Kinds (`ClueAttention.kind`):
                     ones, so at init A = ReLU(cosine similarity) in [0, 1]:
                     raw ResNet-50 layer4 features give inner products in the
                     hundreds, which would make the degree threshold meaningless
-                    and the early gradients of W huge. The GCN's D^-1/2
-                    normalisation makes F invariant to a global scale of A, so
-                    this changes the start point, not what can be expressed.
+                    and the early gradients of W huge. This is not the paper's
+                    eq. 2-4 on raw X but a different model: it drops every
+                    pixel's magnitude from every edge (no diagonal W restores
+                    it), and with non-negative layer-4 features and W = W' = 1
+                    the ReLU prunes nothing at the start (a dense graph). The
+                    raw-feature form is not offered yet (issue 12).
   'projected'       the official code: Y = L2-normalise(y(X)), y a bias-free
                     1x1 conv C -> C/16; A = ReLU(Y Y^T) over all 2n nodes.
   'intra'           Table 1's Individual-GCN: 'correspondence' with A_uv = 0.

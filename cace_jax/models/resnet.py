@@ -12,8 +12,10 @@ Differences from torchvision that matter for parity:
   * `last_stride` (default 1, the ReID convention) sets the stride of
     layer4; use 2 for ImageNet parity.
   * BatchNorm keeps the biased batch variance in its running average
-    (flax), where PyTorch keeps the unbiased one; for the 4+ positions per
-    channel of a ResNet batch the difference is below 1 part in 1000.
+    (flax), where PyTorch keeps the unbiased one (factor n/(n-1), n = values
+    per channel): negligible for the backbone's maps (n = B·h·w, thousands),
+    but 16/15 for the 1-D embedding BN of a 16-image batch. Not yet matched
+    (issue 12).
   * Optional non-local blocks (the official CACE-Net backbone), see
     `NonLocal` and `non_local_positions`.
 """
