@@ -70,7 +70,7 @@ def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   return int(config.optim.epochs * steps_per_epoch)
 
 
-def check_sampler(config: ml_collections.ConfigDict) -> None:
+def check_data_config(config: ml_collections.ConfigDict) -> None:
   """Fails early, naming the field, on a sampler or augmentation setting that cannot work."""
   data = config.data
   if data.sampler not in input_pipeline.SAMPLERS:
@@ -296,7 +296,7 @@ def train_and_evaluate(
   """
   mesh = sharding.make_mesh()
   num_devices = jax.device_count()
-  check_sampler(config)  # before preparing: a typo must not cost a dataset build
+  check_data_config(config)  # before preparing: a typo must not cost a dataset build
   builder = input_pipeline.prepare_on_first_process(config)
   train_data = input_pipeline.remove_small_identities(
     input_pipeline.load_split(builder, 'train'), config.data.min_images_per_id
@@ -394,7 +394,7 @@ def train_and_evaluate(
     evaluation = evaluate_and_log(
       model, variables_of(state), builder, config, mesh, workdir, logger, start_step
     )
-  if evaluation is not None and config.train.eval_at_end:
+  if config.train.eval_at_end:  # the final evaluation ran, in the loop or just above
     query, gallery = input_pipeline.load_eval_splits(builder)
     evaluate.write_report(
       workdir,
