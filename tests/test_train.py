@@ -297,6 +297,17 @@ def test_impossible_batch_split_is_a_config_error(tiny_data_dir, tmp_path):
   assert not glob.glob(str(tmp_path / 'checkpoints' / '*'))
 
 
+def test_final_evaluation_can_be_switched_off(tiny_data_dir, tmp_path):
+  config = tiny_config(
+    tiny_data_dir,
+    **{'train.num_steps': 2, 'train.eval_at_end': False, 'train.eval_every_epochs': 0},
+  )
+  assert train_lib.train_and_evaluate(config, str(tmp_path)) is None
+  assert final_params(str(tmp_path))[0] == 2
+  assert not os.path.exists(tmp_path / 'results.json')
+  assert not glob.glob(str(tmp_path / '*.png'))
+
+
 def test_unknown_sampler_and_erasing_fill_are_config_errors(tiny_data_dir, tmp_path):
   for field, value in (
     ('data.sampler', 'random'),
