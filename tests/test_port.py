@@ -5,6 +5,7 @@ output (float32 on CPU; both sides sum the same products in different
 orders, so the observed gap is ~1e-6 relative). Round trips are exact.
 """
 
+import copy
 import functools
 import os
 
@@ -377,6 +378,35 @@ def test_official_pair_graph_parity_with_pair_features():
   # ours pair k = u*B + v gives f(u|v) = official f_1[k] and f(v|u) = official f_0[k].
   assert_close(out['embedding_uv'], f_1)
   assert_close(out['embedding_vu'], f_0)
+
+
+def test_official_training_forward_leaves_the_official_batchnorm_buffers():
+  """A training-mode forward updates every BN buffer as the PyTorch module's does.
+
+  torch: each backbone BN once, `embedding_layer.1` three times (f, f_0, f_1),
+  unbiased variances. With B = 2 images the embedding BN's n/(n-1) is 2 (and
+  4/3 for the pairs), so a biased or two-update scheme fails by far.
+  """
+  model, _ = official_case()
+  variables, config = torch_weights.load_official_cacenet(model.state_dict())
+  trained = copy.deepcopy(model).train()
+  with torch.no_grad():
+    fmap = trained(torch.from_numpy(IMAGES_NCHW))[0].numpy()
+  forward = lambda m, v, x: m.apply(
+    v, x, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)}
+  )
+  out, updates = jit(forward)(CACENet(**config), variables, IMAGES_NHWC)
+  # Batch statistics of 2 images amplify rounding through 53 BNs: 1.6e-4 relative here.
+  gap = np.abs(np.transpose(out['fmap'], (0, 3, 1, 2)) - fmap).max()
+  assert gap <= 1e-3 * np.abs(fmap).max()
+  ours = torch_weights.export_official_cacenet({**variables, **updates}, CACENet(**config))
+  reference = {f'module.{k}': v for k, v in numpy_state(trained).items()}
+  before = {f'module.{k}': v for k, v in numpy_state(model).items()}
+  buffers = [k for k in ours if k.endswith(('running_mean', 'running_var'))]
+  assert len(buffers) == 2 * 54  # 53 backbone BNs + the embedding BN
+  for key in buffers:
+    assert not np.allclose(before[key], reference[key]), key  # torch did update it
+    assert_close(ours[key], reference[key])
 
 
 def test_official_round_trip_and_cli(tmp_path):

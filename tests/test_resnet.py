@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cace_jax.models import resnet
+from cace_jax.models import layers, resnet
 from cace_jax.models.resnet import NonLocal, feature_map_shape, make_resnet
 
 # Test computations are tiny: skip LLVM's optimisation passes, which halves compile time.
@@ -217,6 +217,49 @@ def test_batchnorm_follows_pytorch_momentum_and_updates_in_train_mode():
   assert np.abs(new_mean).max() > 1e-4
   eval_out, _ = apply(variables, x, train=False)
   assert eval_out.shape == (2, 4, 2, 128)
+
+
+def test_layers_batchnorm_matches_torch_batchnorm2d_over_two_steps():
+  """Outputs and running buffers equal torch's, where flax's fast variance does not.
+
+  The input has mean 100 and std 1 per channel: E[x^2] - E[x]^2 (flax's
+  default) then loses about 1e-4 of the variance in float32; two passes do not.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(0)
+  batches = [(rng.normal(size=(16, 4, 2, 8)) + 100.0).astype(np.float32) for _ in range(2)]
+  reference = torch.nn.BatchNorm2d(8).train()
+  bn = layers.BatchNorm(momentum=0.9)
+  variables = bn.init(jax.random.key(0), jnp.asarray(batches[0]), use_running_average=False)
+  apply = jit(bn.apply, static_argnames=('use_running_average', 'mutable', 'updates'))
+  for x in batches:
+    with torch.no_grad():
+      expected = reference(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    y, state = apply(variables, x, use_running_average=False, mutable=('batch_stats',))
+    variables = {**variables, **state}
+    np.testing.assert_allclose(y, expected, atol=1e-4)
+    np.testing.assert_allclose(state['batch_stats']['mean'], reference.running_mean, rtol=1e-6)
+    np.testing.assert_allclose(state['batch_stats']['var'], reference.running_var, rtol=1e-5)
+  # flax's BatchNorm (fast variance, biased running variance) is measurably off.
+  flax_bn = flax.linen.BatchNorm(momentum=0.9, use_running_average=False)
+  _, flax_state = flax_bn.apply(
+    flax_bn.init(jax.random.key(0), batches[0]), batches[0], mutable=('batch_stats',)
+  )
+  biased = 0.9 + 0.1 * batches[0].var((0, 1, 2), dtype=np.float64)
+  assert np.abs(flax_state['batch_stats']['var'] - biased).max() > 1e-5
+  # Eval mode reads the buffers; `updates=2` equals two calls with the same batch.
+  y_eval = apply(variables, batches[1], use_running_average=True)
+  with torch.no_grad():
+    expected = reference.eval()(torch.from_numpy(batches[1].transpose(0, 3, 1, 2)))
+  np.testing.assert_allclose(y_eval, expected.numpy().transpose(0, 2, 3, 1), atol=1e-4)
+  start = bn.init(jax.random.key(0), batches[0], use_running_average=False)
+  _, twice = apply(start, batches[0], use_running_average=False, mutable=('batch_stats',))
+  _, twice = apply(
+    {**start, **twice}, batches[0], use_running_average=False, mutable=('batch_stats',)
+  )
+  _, once = apply(start, batches[0], use_running_average=False, mutable=('batch_stats',), updates=2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), once, twice)
 
 
 def test_bfloat16_compute_keeps_float32_parameters():

@@ -140,6 +140,64 @@ def test_synced_batchnorm_equals_one_device_on_the_whole_batch(tiny_data_dir):
   )
 
 
+def test_one_step_leaves_the_official_batchnorm_running_averages(tiny_data_dir):
+  """The running averages after one step, recomputed in numpy from the official sequence.
+
+  Official: every backbone BN updates once; the embedding BN updates with the
+  individual batch, then with f_0 and with f_1 (each the B^2 pair embeddings);
+  every update uses the unbiased variance and PyTorch's momentum 0.1.
+  """
+  config = tiny_config(tiny_data_dir)
+  mesh, model, tx, schedule, host_state, _ = setup_step(config, 1)
+  rng = np.random.default_rng(3)  # a known, non-trivial starting state
+  stats = jax.tree.map(
+    lambda x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32), host_state.batch_stats
+  )
+  host_state = host_state.replace(batch_stats=stats)
+  state = sharding.replicate(jax.tree.map(np.array, host_state), mesh)
+  batch = random_batch(4, devices=1)
+  step = train_lib.make_train_step(model, tx, schedule, config.loss, mesh)
+  new_stats = jax.device_get(step(state, sharding.global_batch(batch, mesh))[0].batch_stats)
+
+  # The values each BN saw in that step (dropout does not touch them).
+  variables = {'params': host_state.params, 'batch_stats': stats}
+  out = jax.jit(
+    lambda x: model.apply(
+      variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)}
+    )[0]
+  )(batch['image'])
+  individual = np.asarray(out['pre_bn'], np.float64)
+  pairs = np.asarray(out['pair_pre_bn_uv'], np.float64).reshape(-1, individual.shape[-1])
+  stem = jax.lax.conv_general_dilated(
+    jnp.asarray(batch['image']),
+    host_state.params['backbone']['conv1']['kernel'],
+    (2, 2),
+    ((3, 3), (3, 3)),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )
+  stem = np.asarray(stem, np.float64).reshape(-1, stem.shape[-1])
+
+  def official(start, *batches, ddof=1):
+    mean, var = (np.asarray(start[k], np.float64) for k in ('mean', 'var'))
+    for x in batches:
+      mean, var = 0.9 * mean + 0.1 * x.mean(0), 0.9 * var + 0.1 * x.var(0, ddof=ddof)
+    return {'mean': mean, 'var': var}
+
+  expected = {
+    'embedding_bn': official(stats['embedding_bn'], individual, pairs, pairs),
+    'bn1': official(stats['backbone']['bn1'], stem),
+  }
+  got = {'embedding_bn': new_stats['embedding_bn'], 'bn1': new_stats['backbone']['bn1']}
+  for name in expected:
+    for key in ('mean', 'var'):
+      np.testing.assert_allclose(
+        got[name][key], expected[name][key], rtol=1e-5, atol=1e-6, err_msg=f'{name}.{key}'
+      )
+  # The check can tell: two biased updates (flax's BatchNorm, our former head) are far off.
+  former = official(stats['embedding_bn'], individual, pairs, ddof=0)['var']
+  assert np.abs(former - expected['embedding_bn']['var']).max() > 1e-3
+
+
 def final_params(workdir):
   step, state, _ = checkpoint.read_checkpoint(workdir)
   return step, state['params']

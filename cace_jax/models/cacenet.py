@@ -41,13 +41,17 @@ For evaluation: `compute_image_cache(fmap)` (per image, cacheable),
 of N pairs, materialised, for re-ranking checks and heatmaps); call them with
 `model.apply(variables, ..., method=CACENet.<name>)`.
 
-BatchNorm of pair embeddings: the one `embedding_bn` is shared. In training
-it normalises the B individual embeddings with their own batch statistics,
-then the B^2 pair embeddings with theirs (the set {f(u|v)} is also the set
-{f(v|u)}, so one call covers both directions); each call updates the running
-averages, individual first. The official code calls its BN three times per
-step (individual, f_0, f_1), so its running averages lean further towards
-pair statistics; evaluation with individual features uses these averages.
+BatchNorm of pair embeddings: the one `embedding_bn` is shared, and a
+training step updates its running averages three times, as the official
+head does: with the B individual embeddings, then with f_0 and with f_1,
+its two halves of the B^2 pair embeddings. The two halves are the same
+multiset ({f(u|v)} over all ordered pairs is also {f(v|u)}), so they have the
+same statistics; the fast path normalises the B^2 pair embeddings in one call
+that counts as two updates (`BatchNorm(updates=2)`), the direct path makes
+the two calls. With momentum 0.9 a step moves the averages by
+0.081 * (individual statistics) + 0.19 * (pair statistics), so individual
+batches make about 30% of them; evaluation of individual features uses these
+averages, as the official code's does.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ import jax.numpy as jnp
 from cace_jax.errors import ConfigError
 from cace_jax.models.attention import ClueAttention, cross_block
 from cace_jax.models.gcn import PairGCN, graph_operator, propagate_pair
-from cace_jax.models.layers import Conv1x1, l2_normalize
+from cace_jax.models.layers import BatchNorm, Conv1x1, l2_normalize
 from cace_jax.models.resnet import make_resnet, output_channels
 from cace_jax.sharding import AXIS
 
@@ -159,7 +163,7 @@ class CACENet(nn.Module):
       self.embed_dim,
       kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
     )
-    self.embedding_bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5, axis_name=bn_axis_name)
+    self.embedding_bn = BatchNorm(momentum=0.9, epsilon=1e-5, axis_name=bn_axis_name)
     self.dropout = nn.Dropout(self.dropout_rate)
     if self.num_classes:
       classifier = lambda name: nn.Dense(
@@ -204,7 +208,8 @@ class CACENet(nn.Module):
     if self.pair_path == 'fast':
       pre_uv = self.embedding_conv(self.all_pair_pooled(self.compute_image_cache(fmap)))
       pre_vu = jnp.swapaxes(pre_uv, 0, 1)
-      emb_uv = self.embedding_bn(pre_uv.reshape(-1, dim), use_running_average=not train)
+      # f_0 and f_1 of the official head: one call, two running-average updates.
+      emb_uv = self.embedding_bn(pre_uv.reshape(-1, dim), use_running_average=not train, updates=2)
       emb_uv = emb_uv.reshape(batch, batch, dim)
       emb_vu = jnp.swapaxes(emb_uv, 0, 1)
     else:
@@ -213,10 +218,12 @@ class CACENet(nn.Module):
       cond_u, cond_v, _ = self.direct_pairs(nodes[index_u], nodes[index_v])
       pre_uv = self.embedding_conv(self.pool(cond_u)).reshape(batch, batch, dim)
       pre_vu = self.embedding_conv(self.pool(cond_v)).reshape(batch, batch, dim)
-      # Both halves are the same multiset of vectors: statistics equal the fast path's.
-      both = jnp.concatenate([pre_uv.reshape(-1, dim), pre_vu.reshape(-1, dim)])
-      emb_uv, emb_vu = jnp.split(self.embedding_bn(both, use_running_average=not train), 2)
-      emb_uv, emb_vu = emb_uv.reshape(batch, batch, dim), emb_vu.reshape(batch, batch, dim)
+      # The official sequence literally: f(v|u) (its f_0), then f(u|v) (its f_1).
+      normalise = lambda pre: self.embedding_bn(
+        pre.reshape(-1, dim), use_running_average=not train
+      ).reshape(batch, batch, dim)
+      emb_vu = normalise(pre_vu)
+      emb_uv = normalise(pre_uv)
     out.update(
       pair_pre_bn_uv=pre_uv,
       pair_pre_bn_vu=pre_vu,

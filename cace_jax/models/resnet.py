@@ -11,13 +11,12 @@ running_var` map to `scale/bias` (params) and `mean/var` (batch_stats).
 Differences from torchvision that matter for parity:
   * `last_stride` (default 1, the ReID convention) sets the stride of
     layer4; use 2 for ImageNet parity.
-  * BatchNorm keeps the biased batch variance in its running average
-    (flax), where PyTorch keeps the unbiased one (factor n/(n-1), n = values
-    per channel): negligible for the backbone's maps (n = B·h·w, thousands),
-    but 16/15 for the 1-D embedding BN of a 16-image batch. Not yet matched
-    (issue 12).
   * Optional non-local blocks (the official CACE-Net backbone), see
     `NonLocal` and `non_local_positions`.
+
+BatchNorm is `layers.BatchNorm`, not flax's: its running averages follow
+PyTorch's (unbiased variance from two-pass statistics), so a training step
+leaves the buffers torchvision's would.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cace_jax.models.layers import torch_default_bias_init, torch_default_kernel_init
+from cace_jax.models.layers import BatchNorm, torch_default_bias_init, torch_default_kernel_init
 
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu'), untruncated.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -219,7 +218,7 @@ class ResNet(nn.Module):
       param_dtype=self.param_dtype,
     )
     norm = functools.partial(
-      nn.BatchNorm,
+      BatchNorm,
       use_running_average=not train,
       momentum=0.9,
       epsilon=1e-5,
