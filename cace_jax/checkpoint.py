@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 
 from cace_jax import sharding
 from cace_jax.models import build_model, make_resnet
+from cace_jax.models.attention import RENAMED_KINDS
 
 BEST_METRIC = 'mAP'
 
@@ -196,6 +197,19 @@ class Run:
   config: ml_collections.ConfigDict | None
 
 
+def recorded_model(model_config) -> dict:
+  """A checkpoint's model config in today's names.
+
+  Adjacencies 'correspondence' and 'intra' were renamed when the paper's
+  raw-feature form arrived; a record that holds them predates it, so they
+  meant the cosine form.
+  """
+  fields = dict(model_config)
+  if fields.get('adjacency') in RENAMED_KINDS:
+    fields['adjacency'] = RENAMED_KINDS[fields['adjacency']]
+  return fields
+
+
 def load_run(
   workdir: str, step: int | None = None, model_config=None, mesh: jax.sharding.Mesh | None = None
 ) -> Run:
@@ -223,7 +237,7 @@ def load_run(
     )
   else:
     if model_config is None:
-      model_config = config.model if config is not None else ported
+      model_config = recorded_model(config.model if config is not None else ported)
     # Evaluation normalises with running averages: no cross-device BN statistics.
     model = build_model(model_config, record.get('num_classes'), sync_bn=False)
   if mesh is not None:

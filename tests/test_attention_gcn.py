@@ -22,7 +22,7 @@ def random_nodes(seed, shape=(3, N_PIX, CHANNELS)):
 def init_attention(kind, nodes_u, nodes_v, **kwargs):
   module = make_adjacency(kind, CHANNELS, **kwargs)
   variables = module.init(jax.random.key(0, impl='rbg'), nodes_u, nodes_v)
-  if kind in ('correspondence', 'intra'):  # move W, W' away from their all-ones init
+  if kind in attention.DIAGONAL_KINDS:  # move W, W' away from their all-ones init
     rng = np.random.default_rng(1)
     variables = jax.tree.map(
       lambda w: jnp.asarray(rng.normal(size=w.shape), jnp.float32), variables
@@ -55,7 +55,7 @@ def test_blocked_adjacency_equals_dense_definition(kind):
 def test_fixed_adjacencies_have_the_documented_structure():
   nodes_u, nodes_v = random_nodes(0), random_nodes(1)
   dense = {}
-  for kind in ('none', 'part', 'full', 'topk', 'intra'):
+  for kind in ('none', 'part', 'full', 'topk', 'raw_intra', 'cosine_intra'):
     module, variables = init_attention(kind, nodes_u, nodes_v)
     dense[kind] = np.asarray(module.apply(variables, nodes_u, nodes_v))[0]
   n = N_PIX
@@ -63,8 +63,9 @@ def test_fixed_adjacencies_have_the_documented_structure():
   np.testing.assert_array_equal(dense['full'], 1.0)
   eye, zeros = np.eye(n), np.zeros((n, n))
   np.testing.assert_array_equal(dense['part'], np.block([[zeros, eye], [eye, zeros]]))
-  np.testing.assert_array_equal(dense['intra'][:n, n:], 0.0)  # Individual-GCN: no cross edges
-  assert dense['intra'][:n, :n].max() > 0
+  for kind in ('raw_intra', 'cosine_intra'):  # Individual-GCN: no cross edges
+    np.testing.assert_array_equal(dense[kind][:n, n:], 0.0)
+    assert dense[kind][:n, :n].max() > 0
   topk = dense['topk']
   assert set(np.unique(topk)) <= {0.0, 1.0}
   np.testing.assert_array_equal(topk[:n, :n], 0.0)
@@ -85,9 +86,30 @@ def test_topk_links_each_pixel_to_its_most_similar_pixel():
   np.testing.assert_array_equal(block, np.eye(N_PIX)[perm])
 
 
-def test_correspondence_attention_starts_as_relu_cosine():
+def test_raw_correspondence_is_eq_2_to_4_on_raw_features():
+  """A = ReLU([[X_u W X_u^T, X_u W' X_v^T], [X_v W' X_u^T, X_v W X_v^T]]), written out in numpy."""
+  rng = np.random.default_rng(5)
+  nodes_u, nodes_v = (jnp.asarray(3.0 * rng.normal(size=(2, 4, 8)), jnp.float32) for _ in range(2))
+  module = make_adjacency('raw_correspondence', 8)
+  w, w_prime = rng.normal(size=8), rng.normal(size=8)
+  variables = {'params': {'w_intra': jnp.asarray(w), 'w_inter': jnp.asarray(w_prime)}}
+  x_u, x_v = np.asarray(nodes_u, np.float64), np.asarray(nodes_v, np.float64)
+  expected = np.zeros((2, 8, 8))
+  for b in range(2):
+    s_uu = x_u[b] @ np.diag(w) @ x_u[b].T  # eq. 2
+    s_vv = x_v[b] @ np.diag(w) @ x_v[b].T
+    s_uv = x_u[b] @ np.diag(w_prime) @ x_v[b].T  # eq. 3
+    expected[b] = np.maximum(np.block([[s_uu, s_uv], [s_uv.T, s_vv]]), 0.0)  # eq. 4
+  dense = module.apply(variables, nodes_u, nodes_v)
+  np.testing.assert_allclose(dense, expected, rtol=1e-5, atol=1e-4)
+  assert np.abs(expected).max() > 10  # raw scale: far outside the cosine form's [0, 1]
+  blocks = assemble_blocks(module, variables, nodes_u, nodes_v)
+  np.testing.assert_allclose(blocks, attention.zero_diagonal(dense), rtol=1e-5, atol=1e-4)
+
+
+def test_cosine_correspondence_starts_as_relu_cosine():
   nodes_u, nodes_v = random_nodes(0), random_nodes(1)
-  module = make_adjacency('correspondence', CHANNELS)
+  module = make_adjacency('cosine_correspondence', CHANNELS)
   variables = module.init(jax.random.key(0, impl='rbg'), nodes_u, nodes_v)
   np.testing.assert_array_equal(variables['params']['w_intra'], 1.0)
   x = np.concatenate([nodes_u, nodes_v], 1)
@@ -141,6 +163,33 @@ def test_isolated_nodes_get_unit_normaliser_and_no_update():
     operator, np.array([[1, -1, 0, 0], [-1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]), atol=1e-6
   )
   np.testing.assert_array_equal(gcn.graph_operator(jnp.zeros((3, 3))), 0.0)  # 'none' graph
+
+
+def test_relative_threshold_makes_the_operator_scale_free():
+  """Raw-feature adjacencies: F(c A) = F(A) for any c, isolated nodes included."""
+  a = random_adjacency(2, 6).at[5, :].set(0.0).at[:, 5].set(0.0)  # node 5 isolated
+  a = a.at[4, :].multiply(1e-4).at[:, 4].multiply(1e-4)  # node 4 nearly so
+  for kind in ('discrepancy', 'normal'):
+    reference = gcn.graph_operator(a, kind, relative_threshold=True)
+    for scale in (1e-5, 300.0):
+      np.testing.assert_allclose(
+        gcn.graph_operator(scale * a, kind, relative_threshold=True), reference, atol=1e-5
+      )
+    # The absolute rule is not: at 1e-5 every node falls under 1e-3 and F changes.
+    absolute = gcn.graph_operator(1e-5 * a, kind)
+    assert np.abs(np.asarray(absolute - reference)).max() > 0.1
+  np.testing.assert_array_equal(
+    gcn.graph_operator(a, relative_threshold=True)[5], 0.0
+  )  # the isolated node stays untouched
+  # The blocked form agrees with the dense one under the relative rule.
+  intra_u, intra_v, cross, g_u, g_v = random_blocks(4)
+  dense = 500.0 * jnp.block([[intra_u, cross], [cross.T, intra_v]])
+  operator = gcn.graph_operator(dense, 'discrepancy', relative_threshold=True)
+  out_u, out_v = gcn.apply_operator_blocks(
+    'discrepancy', 500.0 * intra_u, 500.0 * intra_v, 500.0 * cross, g_u[0], g_v[0], True
+  )
+  z = jnp.concatenate([g_u[0], g_v[0]])
+  np.testing.assert_allclose(jnp.concatenate([out_u, out_v]), operator @ z, atol=1e-4)
 
 
 def test_degree_normaliser_is_held_constant_for_gradients():

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cace_jax import losses
-from cace_jax.models import ADJACENCY_KINDS, CACENet, GeM
+from cace_jax import checkpoint, losses
+from cace_jax.errors import ConfigError
+from cace_jax.models import ADJACENCY_KINDS, CACENet, GeM, build_model
 
 # Test computations are tiny: skip LLVM's optimisation passes, which halves compile time.
 jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
@@ -122,7 +123,7 @@ def test_output_shapes_for_every_variant(variant):
   'variant',
   [
     dict(),  # official graph, GAP shortcut
-    dict(adjacency='correspondence', gcn='normal', gcn_depth=2, pooling='gem'),  # map path
+    dict(adjacency='raw_correspondence', gcn='normal', gcn_depth=2, pooling='gem'),  # map path
     dict(adjacency='topk', topk=2, pooling='avgmax', pair_block=2),  # chunked lax.map
   ],
   ids=['projected-avg', 'correspondence-normal-depth2-gem', 'topk-avgmax-block2'],
@@ -180,7 +181,7 @@ def test_initialisation_of_the_head():
 @pytest.mark.parametrize('pooling', ['avg', 'gem'])
 def test_permuting_the_batch_permutes_every_output(pooling):
   fmap = random_fmap(batch=5)
-  model = tiny(pooling=pooling, num_classes=None, adjacency='correspondence')
+  model = tiny(pooling=pooling, num_classes=None, adjacency='cosine_correspondence')
   variables = head_variables(model, fmap)
   perm = np.array([3, 0, 4, 1, 2])
   heads = jit(lambda f, train: run_heads(model, variables, f, train)[0], static_argnums=1)
@@ -308,3 +309,16 @@ def test_training_step_compiles_once_and_reduces_the_loss():
 def test_invalid_configuration_is_rejected():
   with pytest.raises(ValueError, match='pooling'):
     jax.eval_shape(lambda: tiny(pooling='max').init(jax.random.key(0), jnp.zeros(IMAGES)))
+
+
+def test_renamed_adjacencies_fail_in_configs_and_load_from_old_checkpoints():
+  """'correspondence' and 'intra' meant the cosine form before the raw form existed."""
+  with pytest.raises(ConfigError, match="'cosine_correspondence' is what it meant"):
+    build_model({'depth': 'tiny', 'width': 8, 'adjacency': 'correspondence'})
+  with pytest.raises(ConfigError, match="'raw_intra' is the paper"):
+    build_model({'depth': 'tiny', 'width': 8, 'adjacency': 'intra'})
+  for old, new in (('correspondence', 'cosine_correspondence'), ('intra', 'cosine_intra')):
+    record = checkpoint.recorded_model({'depth': 'tiny', 'adjacency': old})
+    assert record == {'depth': 'tiny', 'adjacency': new}
+    assert build_model(record).adjacency == new
+  assert checkpoint.recorded_model({'adjacency': 'raw_intra'}) == {'adjacency': 'raw_intra'}

@@ -51,8 +51,8 @@ def run_onnx(model_proto, feeds: dict) -> list:
 # The official configuration (projected, GeM, non-local) and one of each other kind.
 CASES = [
   dict(adjacency='projected', pooling='gem', non_local=True),
-  dict(adjacency='correspondence', pooling='avg', non_local=False, gcn_depth=2),
-  dict(adjacency='intra', pooling='avgmax', gcn='normal'),
+  dict(adjacency='raw_correspondence', pooling='avg', non_local=False, gcn_depth=2),
+  dict(adjacency='cosine_intra', pooling='avgmax', gcn='normal'),
   dict(adjacency='topk', topk=2, pooling='gem'),
   dict(adjacency='part', pooling='avg', depth=18, last_stride=2),
 ]

@@ -46,7 +46,7 @@ def test_stage2_only_reorders_within_top_k(k):
     assert np.all(np.diff(scores) >= 0)
 
 
-@pytest.mark.parametrize('pooling,adjacency', [('avg', 'projected'), ('gem', 'correspondence')])
+@pytest.mark.parametrize('pooling,adjacency', [('avg', 'projected'), ('gem', 'raw_correspondence')])
 def test_compact_cache_equals_full_feature_maps(pooling, adjacency):
   model = CACENet(
     depth='tiny',
@@ -88,7 +88,7 @@ def test_compact_cache_equals_full_feature_maps(pooling, adjacency):
   host = jax.device_get(cache)
   for dtype, tolerance in ((np.float32, 1e-6), (jnp.bfloat16, 2e-2)):
     stored = stage2.compact_cache(host, dtype)
-    assert ('query' in stored) == (adjacency == 'correspondence')
+    assert ('query' in stored) == (adjacency == 'raw_correspondence')
     pick = lambda index: jax.tree.map(lambda c: c[np.asarray(index)], stored)
     np.testing.assert_allclose(step(variables, pick(q), pick(g)), compact, atol=tolerance)
   assert stage2.cache_nbytes(

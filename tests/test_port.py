@@ -504,7 +504,9 @@ def test_training_starts_from_a_whole_checkpoint(trained_workdir, tiny_data_dir,
   with pytest.raises(
     ConfigError, match=r'missing params/gemp/p.*unexpected params/pair_attention/y'
   ):
-    train_lib.init_from_checkpoint(fresh(5, pooling='gem', adjacency='correspondence'), config)
+    train_lib.init_from_checkpoint(
+      fresh(5, pooling='gem', adjacency='cosine_correspondence'), config
+    )
 
   # Through train_and_evaluate: the log says where the run started from.
   config.train.num_steps, config.train.eval_every_epochs = 1, 0

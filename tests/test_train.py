@@ -20,6 +20,7 @@ from cace_jax import checkpoint, input_pipeline, sharding, train_lib
 from cace_jax.errors import ConfigError
 from cace_jax.models import build_model
 from configs import tiny  # conftest puts the repository root on sys.path
+from configs.ablations import table2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -397,7 +398,7 @@ CONFIG_ARGS = (
     ('ablations/table1.py', v)
     for v in ('individual', 'individual_gcn', 'normal_gcn', 'discrepancy_gcn')
   ]
-  + [('ablations/table2.py', v) for v in ('none', 'part', 'topk', 'full', 'correspondence')]
+  + [('ablations/table2.py', v) for v in table2.ADJACENCIES]
   + [('ablations/table3.py', v) for v in ('1.0', '0.95', '0.6')]
 )
 

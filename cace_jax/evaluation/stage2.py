@@ -49,8 +49,8 @@ def alignment_distance(module: CACENet, cache_q: dict, cache_g: dict):
   """1 − adjacency-weighted mean cosine similarity of aligned cross-image pixels -> [N].
 
   The pixels are compared through the features the alignment itself uses
-  (the cache's keys: normalised backbone features for 'correspondence',
-  normalised projections for 'projected').
+  (the cache's keys, normalised here: backbone features for the
+  correspondence kinds and 'topk', projections for 'projected').
   """
   cross = cross_block(module.adjacency, cache_q['query'], cache_g['key'], module.topk)
   similarity = jnp.einsum(

@@ -30,6 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from cace_jax.augment import IMAGENET_MEAN_PIXEL, IMAGENET_STD_PIXEL
+from cace_jax.models.attention import RAW_KINDS
 from cace_jax.models.gcn import DEGREE_EPS
 from cace_jax.models.resnet import RESNET_SPECS, feature_map_shape, non_local_positions
 
@@ -278,7 +279,7 @@ def _adjacency(w: GraphWriter, model, params: Mapping, nodes: str, n: int) -> st
     kernel = np.asarray(params['pair_attention']['y']['kernel'])[0, 0]
     y = _l2_normalize(w, w.op('MatMul', nodes, w.const(kernel, 'y')))
     return w.op('Relu', w.op('MatMul', y, transpose(y)))
-  x = _l2_normalize(w, nodes)
+  x = nodes if kind in RAW_KINDS else _l2_normalize(w, nodes)
   if kind == 'topk':
     similarity = w.op('MatMul', x, transpose(x))
     masked = w.op(
@@ -298,7 +299,7 @@ def _adjacency(w: GraphWriter, model, params: Mapping, nodes: str, n: int) -> st
   s_intra = w.op(
     'MatMul', w.op('Mul', x, w.const(np.asarray(attention['w_intra']), 'w_intra')), transpose(x)
   )
-  if kind == 'intra':
+  if kind.endswith('intra'):
     return w.op('Mul', w.op('Relu', s_intra), w.const(same_image, 'same_image'))
   s_inter = w.op(
     'MatMul', w.op('Mul', x, w.const(np.asarray(attention['w_inter']), 'w_inter')), transpose(x)
@@ -311,17 +312,19 @@ def _adjacency(w: GraphWriter, model, params: Mapping, nodes: str, n: int) -> st
   return w.op('Relu', mixed)
 
 
-def _graph_operator(w: GraphWriter, adjacency: str, kind: str, n: int) -> str:
+def _graph_operator(
+  w: GraphWriter, adjacency: str, kind: str, n: int, relative_threshold: bool
+) -> str:
   """F [pairs, 2n, 2n] (models.gcn.graph_operator): N (D - A) N or I + N A N."""
   eye = np.eye(2 * n, dtype=np.float32)
   adjacency = w.op('Mul', adjacency, w.const(1.0 - eye, 'off_diagonal'))
   degree = w.op('ReduceSum', adjacency, w.const(np.array([-1], np.int64)), keepdims=1)
-  safe = w.op(
-    'Where',
-    w.op('Greater', degree, w.const(np.float32(DEGREE_EPS))),
-    degree,
-    w.const(np.float32(1.0)),
-  )
+  threshold = w.const(np.float32(DEGREE_EPS))
+  if relative_threshold:  # gcn.degree_threshold: 1e-3 times the mean edge weight
+    total = w.op('ReduceSum', degree, w.const(np.array([-2], np.int64)), keepdims=1)
+    mean_edge = w.op('Mul', total, w.const(np.float32(1.0 / (2 * n * (2 * n - 1)))))
+    threshold = w.op('Mul', mean_edge, threshold)
+  safe = w.op('Where', w.op('Greater', degree, threshold), degree, w.const(np.float32(1.0)))
   norm = w.op('Reciprocal', w.op('Sqrt', safe))  # [pairs, 2n, 1]
   norm_t = w.op('Transpose', norm, perm=[0, 2, 1])
   eye_name = w.const(eye, 'eye')
@@ -354,7 +357,8 @@ def pair_graph(model, variables: Mapping, fmap_shape: Sequence[int]) -> onnx.Mod
   ]
   flat = lambda name: w.op('Reshape', name, w.const(np.array([0, n, channels], np.int64)))
   nodes = w.op('Concat', flat('fmap_query'), flat('fmap_gallery'), axis=1)  # [pairs, 2n, C]
-  operator = _graph_operator(w, _adjacency(w, model, params, nodes, n), model.gcn, n)
+  adjacency = _adjacency(w, model, params, nodes, n)
+  operator = _graph_operator(w, adjacency, model.gcn, n, model.relative_threshold)
   for layer in range(model.gcn_depth):
     suffix = '' if layer == 0 else f'_{layer}'
     g = np.asarray(params['pair_graph'][f'g{suffix}']['kernel'])[0, 0]  # [C, r]

@@ -6,21 +6,29 @@ A pair graph has 2n nodes, u's n pixels then v's:
          [A_vu, A_vv]]      with A_vu = A_uv^T for every kind below.
 
 Kinds (`ClueAttention.kind`):
-  'correspondence'  paper eq. 2-4: A_uu = ReLU(X_u W X_u^T), A_uv = ReLU(X_u W' X_v^T)
-                    with diagonal learnable W (`w_intra`) and W' (`w_inter`).
-                    X is L2-normalised over channels first and W, W' start at
-                    ones, so at init A = ReLU(cosine similarity) in [0, 1]:
-                    raw ResNet-50 layer4 features give inner products in the
-                    hundreds, which would make the degree threshold meaningless
-                    and the early gradients of W huge. This is not the paper's
-                    eq. 2-4 on raw X but a different model: it drops every
-                    pixel's magnitude from every edge (no diagonal W restores
-                    it), and with non-negative layer-4 features and W = W' = 1
-                    the ReLU prunes nothing at the start (a dense graph). The
-                    raw-feature form is not offered yet (issue 12).
+  'raw_correspondence'
+                    paper eq. 2-4 on the backbone map X as it is:
+                    A_uu = ReLU(X_u W X_u^T), A_uv = ReLU(X_u W' X_v^T), with
+                    diagonal learnable W (`w_intra`) and W' (`w_inter`), both
+                    starting at ones. Each edge carries the magnitudes of both
+                    pixels, so A's scale is |x|^2 (hundreds for ResNet-50
+                    layer-4 maps); the GCN's operator F is invariant to that
+                    scale, and its isolated-node threshold is made relative
+                    to the graph's mean edge weight (`RAW_KINDS`,
+                    `gcn.degree_threshold`). Layer-4 features are non-negative,
+                    so with W = W' = 1 the ReLU prunes nothing at the start:
+                    the graph starts dense and learning W, W' must make it
+                    selective.
+  'cosine_correspondence'
+                    the same with every pixel L2-normalised over channels
+                    first: A = ReLU(cosine similarity) in [0, 1] at init. A
+                    different model, not a rescaling: it drops every pixel's
+                    magnitude from every edge, which no diagonal W restores.
   'projected'       the official code: Y = L2-normalise(y(X)), y a bias-free
                     1x1 conv C -> C/16; A = ReLU(Y Y^T) over all 2n nodes.
-  'intra'           Table 1's Individual-GCN: 'correspondence' with A_uv = 0.
+  'raw_intra', 'cosine_intra'
+                    Table 1's Individual-GCN: the correspondence kinds with
+                    A_uv = 0 (no cross-image edges).
   'none'            all zeros: the discrepancy GCN then contributes nothing.
   'part'            A_uv = I (pixel i of u <-> pixel i of v), A_uu = 0.
   'topk'            each pixel linked (weight 1) to its k most cosine-similar
@@ -45,7 +53,23 @@ import jax.numpy as jnp
 
 from cace_jax.models.layers import Conv1x1, l2_normalize
 
-ADJACENCY_KINDS = ('correspondence', 'projected', 'intra', 'none', 'part', 'topk', 'full')
+ADJACENCY_KINDS = (
+  'raw_correspondence',
+  'cosine_correspondence',
+  'projected',
+  'raw_intra',
+  'cosine_intra',
+  'none',
+  'part',
+  'topk',
+  'full',
+)
+# Kinds with learnable diagonal W (intra) and W' (inter, the correspondence kinds).
+DIAGONAL_KINDS = ('raw_correspondence', 'cosine_correspondence', 'raw_intra', 'cosine_intra')
+# Kinds on unnormalised features: A's scale is the features' |x|^2.
+RAW_KINDS = ('raw_correspondence', 'raw_intra')
+# Names before the raw form existed; both meant the cosine form.
+RENAMED_KINDS = {'correspondence': 'cosine_correspondence', 'intra': 'cosine_intra'}
 
 
 def zero_diagonal(matrix):
@@ -72,9 +96,9 @@ def cross_block(kind: str, query_u, key_v, topk: int = 1):
     A_uv: [..., n, n] (rows: u's pixels, columns: v's pixels).
   """
   shape = query_u.shape[:-1] + key_v.shape[-2:-1]
-  if kind in ('correspondence', 'projected'):
+  if kind in ('raw_correspondence', 'cosine_correspondence', 'projected'):
     return jax.nn.relu(jnp.einsum('...ik,...jk->...ij', query_u, key_v))
-  if kind in ('none', 'intra'):
+  if kind in ('none', 'raw_intra', 'cosine_intra'):
     return jnp.zeros(shape, query_u.dtype)
   if kind == 'part':
     return jnp.broadcast_to(jnp.eye(shape[-2], shape[-1], dtype=query_u.dtype), shape)
@@ -115,11 +139,11 @@ class ClueAttention(nn.Module):
         dtype=self.dtype,
         param_dtype=self.param_dtype,
       )
-    if self.kind in ('correspondence', 'intra'):
+    if self.kind in DIAGONAL_KINDS:
       self.w_intra = self.param(
         'w_intra', nn.initializers.ones, (self.in_features,), self.param_dtype
       )
-    if self.kind == 'correspondence':
+    if self.kind.endswith('correspondence'):
       self.w_inter = self.param(
         'w_inter', nn.initializers.ones, (self.in_features,), self.param_dtype
       )
@@ -128,6 +152,8 @@ class ClueAttention(nn.Module):
     """Per-pixel vectors whose (weighted) inner products define A; float32."""
     if self.kind == 'projected':
       return l2_normalize(self.y(nodes).astype(jnp.float32))
+    if self.kind in RAW_KINDS:
+      return nodes.astype(jnp.float32)
     return l2_normalize(nodes.astype(jnp.float32))
 
   def image_keys(self, nodes):
@@ -139,7 +165,7 @@ class ClueAttention(nn.Module):
     Returns:
       dict with 'intra' [..., n, n] (A_uu, zero diagonal), 'query' and 'key'
       [..., n, k] with A_uv = cross_block(kind, query_u, key_v); k is C/16 for
-      'projected', C for 'correspondence'/'topk' and 0 for the fixed kinds.
+      'projected', C for the correspondence kinds and 'topk', 0 otherwise.
     """
     n = nodes.shape[-2]
     empty = jnp.zeros(nodes.shape[:-1] + (0,), jnp.float32)
@@ -148,10 +174,11 @@ class ClueAttention(nn.Module):
       y = self._embed(nodes)
       intra = jax.nn.relu(jnp.einsum('...ik,...jk->...ij', y, y))
       return {'intra': zero_diagonal(intra), 'query': y, 'key': y}
-    if self.kind in ('correspondence', 'intra'):
+    if self.kind in DIAGONAL_KINDS:
       x = self._embed(nodes)
       intra = jax.nn.relu(jnp.einsum('...ik,...jk->...ij', x * self.w_intra, x))
-      query, key = (x * self.w_inter, x) if self.kind == 'correspondence' else (empty, empty)
+      inter = self.kind.endswith('correspondence')
+      query, key = (x * self.w_inter, x) if inter else (empty, empty)
       return {'intra': zero_diagonal(intra), 'query': query, 'key': key}
     if self.kind == 'topk':
       x = self._embed(nodes)
@@ -177,10 +204,10 @@ class ClueAttention(nn.Module):
     if self.kind == 'projected':
       y = self._embed(nodes)
       return jax.nn.relu(jnp.einsum('...ik,...jk->...ij', y, y))
-    if self.kind in ('correspondence', 'intra'):
+    if self.kind in DIAGONAL_KINDS:
       x = self._embed(nodes)
       s_intra = jnp.einsum('...ic,...jc->...ij', x * self.w_intra, x)
-      if self.kind == 'intra':
+      if self.kind.endswith('intra'):
         return jnp.where(same_image, jax.nn.relu(s_intra), 0.0)
       s_inter = jnp.einsum('...ic,...jc->...ij', x * self.w_inter, x)
       return jax.nn.relu(jnp.where(same_image, s_intra, s_inter))

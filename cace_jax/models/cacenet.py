@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 
 from cace_jax.errors import ConfigError
-from cace_jax.models.attention import ClueAttention, cross_block
+from cace_jax.models.attention import RAW_KINDS, RENAMED_KINDS, ClueAttention, cross_block
 from cace_jax.models.gcn import PairGCN, graph_operator, propagate_pair
 from cace_jax.models.layers import BatchNorm, Conv1x1, l2_normalize
 from cace_jax.models.resnet import make_resnet, output_channels
@@ -187,6 +187,11 @@ class CACENet(nn.Module):
   def pair_stage(self) -> bool:
     return self.gcn != 'none'
 
+  @property
+  def relative_threshold(self) -> bool:
+    """Whether the GCN's isolated-node threshold scales with A (raw-feature adjacencies)."""
+    return self.adjacency in RAW_KINDS
+
   def __call__(self, images, train: bool = False):
     """images [B, H, W, 3] -> output dict (module docstring)."""
     fmap, _ = self.backbone(images, train=train)
@@ -304,6 +309,7 @@ class CACENet(nn.Module):
     mix = self.pair_graph.mix() if self.gcn_depth > 1 else None
     p = self.gemp.p if self.pooling == 'gem' else None
     adjacency, gcn, pooling, topk = self.adjacency, self.gcn, self.pooling, self.topk
+    relative_threshold = self.relative_threshold
 
     def conditional_pooled(cache_u, cache_v):
       cross = cross_block(adjacency, cache_u['query'], cache_v['key'], topk)
@@ -316,6 +322,7 @@ class CACENet(nn.Module):
         cache_v['g'],
         mix,
         pooled=pooling == 'avg',
+        relative_threshold=relative_threshold,
       )
       if pooling == 'avg':  # increments: [L, r], already averaged over u's pixels
         return cache_u['pooled'] + jnp.einsum('lr,lrc->c', increments, o)
@@ -354,7 +361,7 @@ class CACENet(nn.Module):
     """
     n = nodes_u.shape[-2]
     adjacency = self.pair_attention(nodes_u, nodes_v)
-    operator = graph_operator(adjacency, self.gcn)
+    operator = graph_operator(adjacency, self.gcn, self.relative_threshold)
     cond = self.pair_graph(jnp.concatenate([nodes_u, nodes_v], axis=-2), operator)
     return cond[..., :n, :], cond[..., n:, :], adjacency
 
@@ -397,7 +404,8 @@ def build_model(model_config, num_classes: int | None = None, **overrides) -> CA
     **overrides: further fields, e.g. `sync_bn=False` for evaluation.
 
   Raises:
-    ConfigError: naming an unknown field or an unsupported dtype.
+    ConfigError: naming an unknown field, an unsupported dtype or an
+      adjacency name that was renamed.
   """
   fields = {**dict(model_config), **overrides}
   if num_classes is not None:
@@ -407,6 +415,12 @@ def build_model(model_config, num_classes: int | None = None, **overrides) -> CA
   if unknown:
     raise ConfigError(
       f'model.{unknown[0]} is not a CACENet field; the fields are {", ".join(sorted(known))}'
+    )
+  adjacency = fields.get('adjacency')
+  if adjacency in RENAMED_KINDS:
+    raise ConfigError(
+      f'model.adjacency={adjacency!r} was renamed: {RENAMED_KINDS[adjacency]!r} is what it meant '
+      f"(pixels L2-normalised first), {'raw_' + adjacency!r} is the paper's eq. 2-4 on raw features"
     )
   depth = fields.get('depth')
   if isinstance(depth, str) and depth.isdigit():  # configs hold depth as a string ('tiny' too)

@@ -10,9 +10,14 @@ with g: C -> C/16 and o: C/16 -> C 1x1 convs without bias and
     discrepancy:  F = N (D - A) N        normal:  F = I + N A N
 
 where A has its diagonal zeroed, D = diag(row sums of A) and N = D^-1/2 with
-degree <= 1e-3 rows given 1, held constant for gradients (stop_gradient), as in
-the official code. Every adjacency we build is symmetric, so F is symmetric
-and `F @ G` equals the official `G^T F` written channels-first.
+isolated rows (degree <= 1e-3) given 1, held constant for gradients
+(stop_gradient), as in the official code. Both operators are invariant to
+scaling A (N D N and N A N are), except through that threshold; for
+adjacencies on raw features, whose scale is |x|^2, the threshold is relative
+instead: 1e-3 times the graph's mean edge weight (`degree_threshold`), which
+makes the GCN scale-free and equals the official rule for edges near 1.
+Every adjacency we build is symmetric, so F is symmetric and `F @ G` equals
+the official `G^T F` written channels-first.
 
 Stacked layers (`depth` > 1) reuse the adjacency of the backbone maps; each
 layer has its own g and o (`g`, `o` for the first, `g_1`, `o_1`, ... after).
@@ -39,26 +44,44 @@ GCN_KINDS = ('discrepancy', 'normal', 'none')
 DEGREE_EPS = 1e-3
 
 
-def normalize_degree(degree):
-  """N's diagonal: degree^-1/2, with 1 where degree <= 1e-3; no gradient."""
-  safe = jnp.where(degree > DEGREE_EPS, degree, 1.0)
+def degree_threshold(total_degree, num_nodes: int, relative: bool = False):
+  """Degree at or below which a node counts as isolated (its N entry is 1).
+
+  Args:
+    total_degree: sum of all node degrees of the graph (any leading shape).
+    num_nodes: N, nodes of the graph.
+    relative: False: the official absolute 1e-3, for adjacencies in [0, 1].
+      True: 1e-3 times the mean edge weight, total_degree / (N (N - 1)), for
+      raw-feature adjacencies (`attention.RAW_KINDS`).
+  """
+  if not relative:
+    return DEGREE_EPS
+  return DEGREE_EPS * jax.lax.stop_gradient(total_degree) / (num_nodes * (num_nodes - 1))
+
+
+def normalize_degree(degree, threshold=DEGREE_EPS):
+  """N's diagonal: degree^-1/2, with 1 where degree <= threshold; no gradient."""
+  safe = jnp.where(degree > threshold, degree, 1.0)
   return jax.lax.stop_gradient(jax.lax.rsqrt(safe))
 
 
-def graph_operator(adjacency, kind: str = 'discrepancy'):
+def graph_operator(adjacency, kind: str = 'discrepancy', relative_threshold: bool = False):
   """The node-mixing operator F of a (batch of) dense adjacency [..., N, N].
 
   Args:
     adjacency: [..., N, N], symmetric and non-negative; its diagonal is ignored.
     kind: 'discrepancy' (N (D - A) N) or 'normal' (I + N A N).
+    relative_threshold: isolated nodes by `degree_threshold`'s relative rule.
 
   Returns:
     F: [..., N, N].
   """
-  eye = jnp.eye(adjacency.shape[-1], dtype=adjacency.dtype)
+  size = adjacency.shape[-1]
+  eye = jnp.eye(size, dtype=adjacency.dtype)
   adjacency = adjacency * (1.0 - eye)
   degree = adjacency.sum(-1)  # [..., N]
-  n = normalize_degree(degree)
+  total = degree.sum(-1, keepdims=True)
+  n = normalize_degree(degree, degree_threshold(total, size, relative_threshold))
   if kind == 'discrepancy':
     laplacian = degree[..., :, None] * eye - adjacency
     return n[..., :, None] * laplacian * n[..., None, :]
@@ -80,19 +103,32 @@ def block_degrees(intra_u, intra_v, cross):
   return intra_u.sum(-1) + cross.sum(-1), intra_v.sum(-1) + cross.sum(0)
 
 
-def apply_operator_blocks(kind, intra_u, intra_v, cross, z_u, z_v):
+def block_normalizers(intra_u, intra_v, cross, relative_threshold: bool = False):
+  """(degree_u, degree_v, N_u, N_v), each [n]: D and N of the pair graph from its blocks."""
+  degree_u, degree_v = block_degrees(intra_u, intra_v, cross)
+  total = degree_u.sum() + degree_v.sum()
+  threshold = degree_threshold(total, 2 * degree_u.shape[-1], relative_threshold)
+  return (
+    degree_u,
+    degree_v,
+    normalize_degree(degree_u, threshold),
+    normalize_degree(degree_v, threshold),
+  )
+
+
+def apply_operator_blocks(kind, intra_u, intra_v, cross, z_u, z_v, relative_threshold=False):
   """F @ [z_u; z_v] without forming the 2n x 2n F.
 
   Args:
     kind: 'discrepancy' or 'normal'.
     intra_u, intra_v, cross: [n, n] blocks as in `block_degrees`.
     z_u, z_v: [n, r] node features of u's and v's nodes.
+    relative_threshold: as in `graph_operator`.
 
   Returns:
     ((F z)_u [n, r], (F z)_v [n, r]).
   """
-  degree_u, degree_v = block_degrees(intra_u, intra_v, cross)
-  n_u, n_v = normalize_degree(degree_u), normalize_degree(degree_v)
+  degree_u, degree_v, n_u, n_v = block_normalizers(intra_u, intra_v, cross, relative_threshold)
   s_u, s_v = n_u[:, None] * z_u, n_v[:, None] * z_v
   mixed_u = intra_u @ s_u + cross @ s_v  # (A N z)_u
   mixed_v = cross.T @ s_u + intra_v @ s_v  # (A N z)_v
@@ -104,7 +140,7 @@ def apply_operator_blocks(kind, intra_u, intra_v, cross, z_u, z_v):
   return z_u + n_u[:, None] * mixed_u, z_v + n_v[:, None] * mixed_v
 
 
-def readout_weights(kind, intra_u, intra_v, cross):
+def readout_weights(kind, intra_u, intra_v, cross, relative_threshold=False):
   """Weights w with mean over u's nodes of (F z) = w_u . z_u + w_v . z_v.
 
   Since F is symmetric, w = F 1_u / n, a matrix-vector product: averaging a
@@ -113,8 +149,7 @@ def readout_weights(kind, intra_u, intra_v, cross):
   Returns:
     (w_u [n], w_v [n]).
   """
-  degree_u, degree_v = block_degrees(intra_u, intra_v, cross)
-  n_u, n_v = normalize_degree(degree_u), normalize_degree(degree_v)
+  degree_u, degree_v, n_u, n_v = block_normalizers(intra_u, intra_v, cross, relative_threshold)
   a_u = intra_u @ n_u  # (A N 1_u)_u
   a_v = cross.T @ n_u  # (A N 1_u)_v
   size = intra_u.shape[-1]
@@ -123,7 +158,9 @@ def readout_weights(kind, intra_u, intra_v, cross):
   return (1.0 + n_u * a_u) / size, n_v * a_v / size
 
 
-def propagate_pair(kind, intra_u, intra_v, cross, g_u, g_v, mix=None, pooled=True):
+def propagate_pair(
+  kind, intra_u, intra_v, cross, g_u, g_v, mix=None, pooled=True, relative_threshold=False
+):
   """The GCN increments of u's half of one pair graph, in the narrow width.
 
   With X_0 the backbone nodes, layer l adds H_l o_l where H_l = F (X_{l-1} W_g_l)
@@ -137,13 +174,14 @@ def propagate_pair(kind, intra_u, intra_v, cross, g_u, g_v, mix=None, pooled=Tru
     mix: [L, L, r, r] with mix[m, l] = o_m W_g_l (only m < l is read); None
       when L == 1.
     pooled: return the mean over u's nodes of each H_l instead of H_l itself.
+    relative_threshold: as in `graph_operator`.
 
   Returns:
     [L, r] if pooled else [L, n, r]: H_l restricted to u's nodes (averaged).
   """
   depth = g_u.shape[0]
   if pooled:
-    w_u, w_v = readout_weights(kind, intra_u, intra_v, cross)
+    w_u, w_v = readout_weights(kind, intra_u, intra_v, cross, relative_threshold)
   hist_u, hist_v, outputs = [], [], []
   for layer in range(depth):
     z_u, z_v = g_u[layer], g_v[layer]
@@ -154,7 +192,7 @@ def propagate_pair(kind, intra_u, intra_v, cross, g_u, g_v, mix=None, pooled=Tru
     if pooled and last:
       outputs.append(w_u @ z_u + w_v @ z_v)
       break
-    h_u, h_v = apply_operator_blocks(kind, intra_u, intra_v, cross, z_u, z_v)
+    h_u, h_v = apply_operator_blocks(kind, intra_u, intra_v, cross, z_u, z_v, relative_threshold)
     hist_u.append(h_u)
     hist_v.append(h_v)
     outputs.append(h_u.mean(0) if pooled else h_u)

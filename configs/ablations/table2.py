@@ -4,19 +4,21 @@
   python train.py --config configs/ablations/table2.py:part --workdir runs/t2_part
   python train.py --config configs/ablations/table2.py:topk --workdir runs/t2_topk
   python train.py --config configs/ablations/table2.py:full --workdir runs/t2_full
-  python train.py --config configs/ablations/table2.py:correspondence --workdir runs/t2_ca
+  python train.py --config configs/ablations/table2.py:raw_correspondence --workdir runs/t2_ca
 
+'raw_correspondence' is the paper's correspondence attention (eq. 2-4);
+'cosine_correspondence', the same on L2-normalised pixels, is an extra row.
 Semantic alignment needs human-part masks from outside and is not included.
 """
 
 from configs.ablations import paper
 
-ADJACENCIES = ('none', 'part', 'topk', 'full', 'correspondence')
+ADJACENCIES = ('none', 'part', 'topk', 'full', 'raw_correspondence', 'cosine_correspondence')
 
 
-def get_config(arg='correspondence'):
+def get_config(arg='raw_correspondence'):
   """`arg`: one of ADJACENCIES ('none' is the individual baseline)."""
-  arg = arg or 'correspondence'
+  arg = arg or 'raw_correspondence'
   if arg not in ADJACENCIES:
     raise ValueError(f'table2 adjacency {arg!r}: expected one of {", ".join(ADJACENCIES)}')
   config = paper.get_config()
