@@ -150,6 +150,7 @@ def total_loss(
   alpha: float = 0.9,
   pair_margin: float | None = None,
   weights: Mapping[str, float] | None = None,
+  rectified_triplets: bool = True,
 ):
   """Sum of the CACE-Net losses present in `outputs` (a `CACENet` output dict).
 
@@ -159,6 +160,11 @@ def total_loss(
   (pair_tri_loss) on the pair embeddings. Pair parts are skipped when the
   model has no pair stage.
 
+  Both triplets see ReLU(embedding) by default, as the official ones do: its
+  classifiers start with `nn.ReLU(inplace=True)`, which rectifies the BN
+  output in place before `compute_loss` reads it. Evaluation uses the
+  embedding before the ReLU in both codes.
+
   Args:
     outputs: model outputs.
     labels: [B] identity ids.
@@ -167,15 +173,17 @@ def total_loss(
     alpha: mix-up weight.
     pair_margin: margin of the pair triplet (default: `margin`).
     weights: optional per-part multipliers (default 1).
+    rectified_triplets: apply the triplets to ReLU(embedding) (official).
 
   Returns:
     (total scalar, {part name: scalar}).
   """
   pair_margin = margin if pair_margin is None else pair_margin
+  seen = jax.nn.relu if rectified_triplets else (lambda x: x)
   parts = {}
   if 'logits' in outputs:
     parts['id'] = label_smoothed_cross_entropy(outputs['logits'], labels, label_smoothing)
-  parts['triplet'] = triplet_loss(outputs['embedding'], labels, margin)
+  parts['triplet'] = triplet_loss(seen(outputs['embedding']), labels, margin)
   if 'pair_logits_uv' in outputs:
     parts['mixup_uv'] = mixup_cross_entropy(outputs['pair_logits_uv'], labels, alpha)
     parts['mixup_vu'] = mixup_cross_entropy(
@@ -183,7 +191,7 @@ def total_loss(
     )
   if 'pair_embedding_uv' in outputs:
     parts['pair_triplet'] = pair_triplet_loss(
-      outputs['pair_embedding_uv'], outputs['pair_embedding_vu'], labels, pair_margin
+      seen(outputs['pair_embedding_uv']), seen(outputs['pair_embedding_vu']), labels, pair_margin
     )
   weights = weights or {}
   total = sum(weights.get(name, 1.0) * value for name, value in parts.items())

@@ -134,6 +134,7 @@ def loss_kwargs_from(loss_config: ml_collections.ConfigDict) -> dict:
     pair_margin=loss_config.pair_margin,
     alpha=loss_config.alpha,
     weights=dict(loss_config.weights),
+    rectified_triplets=loss_config.rectified_triplets,
   )
 
 

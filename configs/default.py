@@ -60,6 +60,8 @@ def get_config(arg=None):
   config.loss.margin = 0.5  # Triplet margin; <= 0 selects the soft margin.
   config.loss.pair_margin = 0.5
   config.loss.alpha = 0.9  # Mix-up ID loss (eq. 8); 1.0 is plain CE.
+  # Triplets on ReLU(embedding): the official classifiers' in-place ReLU does this.
+  config.loss.rectified_triplets = True
   config.loss.weights = ml_collections.ConfigDict(
     {'id': 1.0, 'triplet': 1.0, 'mixup_uv': 1.0, 'mixup_vu': 1.0, 'pair_triplet': 1.0}
   )

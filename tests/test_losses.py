@@ -147,11 +147,42 @@ def test_total_loss_sums_named_parts():
 
 def test_total_loss_without_pair_stage():
   outputs = {k: v for k, v in fake_outputs().items() if not k.startswith('pair')}
-  total, parts = losses.total_loss(outputs, LABELS, margin=0.3)
+  total, parts = losses.total_loss(outputs, LABELS, margin=0.3, rectified_triplets=False)
   assert set(parts) == {'id', 'triplet'}
   np.testing.assert_allclose(
     parts['triplet'], losses.triplet_loss(outputs['embedding'], LABELS, 0.3), rtol=1e-6
   )
+
+
+def test_official_head_rectifies_what_its_triplets_see():
+  """The official fc_layer's ReLU(inplace=True) rewrites the embedding that compute_loss reads."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  torch.manual_seed(0)
+  embedding_layer = torch.nn.Sequential(
+    torch.nn.Conv2d(3, 6, 1, bias=False), torch.nn.BatchNorm2d(6)
+  )
+  fc_layer = torch.nn.Sequential(
+    torch.nn.ReLU(inplace=True), torch.nn.Dropout(), torch.nn.Linear(6, 5, bias=False)
+  )
+  f = embedding_layer(torch.randn(4, 3, 1, 1)).squeeze(dim=3).squeeze(dim=2)  # official head()
+  before = f.detach().numpy().copy()
+  assert before.min() < 0
+  fc_layer(f)  # the official forward: logit = self.fc_layer(f); then returns f
+  np.testing.assert_array_equal(f.detach().numpy(), np.maximum(before, 0.0))
+
+  outputs = fake_outputs()
+  _, parts = losses.total_loss(outputs, LABELS)  # default: rectified, as the official code
+  relu = lambda x: jnp.maximum(x, 0.0)
+  np.testing.assert_allclose(
+    parts['triplet'], losses.triplet_loss(relu(outputs['embedding']), LABELS, 0.5), rtol=1e-6
+  )
+  pair = losses.pair_triplet_loss(
+    relu(outputs['pair_embedding_uv']), relu(outputs['pair_embedding_vu']), LABELS, 0.5
+  )
+  np.testing.assert_allclose(parts['pair_triplet'], pair, rtol=1e-6)
+  _, raw = losses.total_loss(outputs, LABELS, rectified_triplets=False)
+  assert abs(float(raw['triplet'] - parts['triplet'])) > 1e-3
 
 
 @pytest.mark.parametrize('fn', [losses.triplet_loss, losses.label_smoothed_cross_entropy])
