@@ -333,6 +333,12 @@ def train_and_evaluate(
   if restored is not None:
     state, record = restored
     logger.info(f'resumed from {workdir} at step {record["step"]}')
+  elif not (config.init.backbone or config.init.checkpoint) and isinstance(model.depth, int):
+    # The official recipe always starts from ImageNet; nothing here can download it.
+    logger.info(
+      'the backbone starts from random weights; the official recipe starts from '
+      'ImageNet: pass --config.init.backbone=<torchvision resnet .pth>'
+    )
   start_step = int(state.step)
   logger.advance(start_step)
   logger.info(

@@ -388,8 +388,10 @@ def test_official_training_forward_leaves_the_official_batchnorm_buffers():
   4/3 for the pairs), so a biased or two-update scheme fails by far.
   """
   model, _ = official_case()
-  variables, config = torch_weights.load_official_cacenet(model.state_dict())
   trained = copy.deepcopy(model).train()
+  # From the live module: the port copies, so the forward below cannot reach it.
+  variables, config = torch_weights.load_official_cacenet(trained.state_dict())
+  start = jax.tree.map(np.copy, variables)
   with torch.no_grad():
     fmap = trained(torch.from_numpy(IMAGES_NCHW))[0].numpy()
   forward = lambda m, v, x: m.apply(
@@ -407,6 +409,7 @@ def test_official_training_forward_leaves_the_official_batchnorm_buffers():
   for key in buffers:
     assert not np.allclose(before[key], reference[key]), key  # torch did update it
     assert_close(ours[key], reference[key])
+  jax.tree.map(np.testing.assert_array_equal, variables, start)
 
 
 def test_official_round_trip_and_cli(tmp_path):

@@ -85,13 +85,15 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> dict:
 
 
 def _to_numpy(value) -> np.ndarray:
+  """A numpy copy: ported values must not alias a live module's tensors, whose
+  BN buffers a training forward updates in place."""
   if hasattr(value, 'detach'):  # torch.Tensor, without importing torch
     value = (
       value.detach().cpu().float().numpy()
       if value.is_floating_point()
       else value.detach().cpu().numpy()
     )
-  return np.asarray(value)
+  return np.array(value)
 
 
 def strip_prefix(state: Mapping, prefix: str = OFFICIAL_PREFIX) -> dict:
