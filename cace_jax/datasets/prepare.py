@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from cace_jax.datasets import builders, synthetic
@@ -64,3 +65,15 @@ def prepare_dataset(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
     )
   return builder
+
+
+def dataset_families(name: str, pids: np.ndarray) -> np.ndarray | None:
+  """The family of each identity of dataset `name`, or None if it has no families.
+
+  Only synthetic_details has them (its identities come in families that
+  differ in details); `synthetic.identity_families` says which is which.
+  """
+  builder_name, _, preset = name.partition('/')
+  if builder_name != 'synthetic_details':
+    return None
+  return synthetic.identity_families(pids, synthetic.PRESETS[preset or 'default'])

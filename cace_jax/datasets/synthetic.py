@@ -145,6 +145,17 @@ PRESETS = {
   'occluded': SyntheticConfig(occlusion_prob=0.1, query_occlusion=True),
 }
 
+
+def identity_families(pids: np.ndarray, config: SyntheticConfig) -> np.ndarray:
+  """The family of each identity, as `identity_attributes` lays them out.
+
+  Family f holds pids 1 + f * ids_per_family ... (f + 1) * ids_per_family;
+  distractors (pid 0) and junk (pid -1) belong to no family and get -1.
+  """
+  pids = np.asarray(pids)
+  return np.where(pids >= 1, (pids - 1) // config.ids_per_family, -1)
+
+
 # Stream tags: each purpose draws from its own stream.
 _FAMILY, _MEMBERS, _CAMERA, _PLAN, _VIEW, _JUNK, _DISTRACTOR, _PREVIEW = range(8)
 
