@@ -97,4 +97,7 @@ def get_config(arg=None):
   # evaluating (deleted after); 0 always uses files.
   config.eval.cache_memory_gb = 8.0
   config.eval.rerank = False  # k-reciprocal re-ranking as well.
+  # Pair-stage diagnostics (within-family retrieval on synthetic data, alignment
+  # selectivity, conditioning strength): printed, in results.json and TensorBoard.
+  config.eval.diagnostics = True
   return config.lock()

@@ -87,3 +87,14 @@ def test_synthetic_families_follow_the_generator_layout():
     prepare.dataset_families('synthetic_details/tiny', np.array([4])), [1]
   )
   assert prepare.dataset_families('market1501', np.array([4])) is None
+
+
+def test_probed_matches_take_every_querys_first_match_before_any_second():
+  from cace_jax.evaluation import evaluate  # pylint: disable=import-outside-toplevel
+
+  queries = np.array([0, 0, 0, 1, 2, 2])  # sorted query index of each match
+  counts = evaluate._running_count(queries)  # pylint: disable=protected-access
+  assert counts.tolist() == [0, 1, 2, 0, 0, 1]
+  order = np.lexsort((queries, counts))
+  assert queries[order].tolist() == [0, 1, 2, 0, 2, 0]
+  assert evaluate._running_count(np.array([], int)).tolist() == []  # pylint: disable=protected-access

@@ -140,6 +140,22 @@ def test_eval_py_end_to_end(trained_workdir, tiny_data_dir):
   for row in ('individual', 'clue_alignment', 'cacenet', 'individual+kr', 'cacenet+kr'):
     values = saved['results'][row]
     assert 0 <= values['mAP'] <= 100 and values['rank1'] <= values['rank5'] <= values['rank10']
+  # Diagnostics: in results.json and printed under the table.
+  found = saved['diagnostics']
+  assert set(found) == {
+    'family_retrieval',
+    'hard_pair_auc',
+    'alignment_selectivity',
+    'conditioning_strength',
+  }
+  for row in ('individual', 'cacenet'):
+    assert 0 < found['family_retrieval'][row]['mAP'] <= 100
+    assert 0 <= found['hard_pair_auc'][row] <= 1
+  # Restricted to the family, the impostors of other families are gone.
+  assert found['family_retrieval']['individual']['mAP'] >= saved['results']['individual']['mAP']
+  assert 0 < found['alignment_selectivity'] <= 1 and found['conditioning_strength'] >= 0
+  assert 'within-family retrieval, cacenet' in result.stdout
+  assert 'alignment selectivity' in result.stdout
 
 
 def test_eval_py_missing_checkpoint_is_one_line_error(tmp_path, tiny_data_dir):
@@ -199,6 +215,13 @@ def test_model_without_pair_stage_evaluates_stage_one_only(tiny_data_dir):
   evaluation = evaluate.evaluate(model, variables, query, gallery, config, mesh)
   assert set(evaluation.metrics) == set(evaluation.rankings) == {'individual'}
   assert evaluation.info == {'stage2_k': 0} and evaluation.figure_row == 'individual'
+  # Family diagnostics need no pair stage; alignment and conditioning do.
+  assert set(evaluation.diagnostics) == {'family_retrieval', 'hard_pair_auc'}
+  assert set(evaluation.diagnostics['family_retrieval']) == {'individual'}
+  flat = evaluate.flatten_metrics(evaluation)
+  assert flat['diagnostics/family_retrieval_individual_mAP'] == pytest.approx(
+    evaluation.diagnostics['family_retrieval']['individual']['mAP']
+  )
   assert 0 < evaluation.metrics['individual']['mAP'] <= 100
   assert evaluation.rankings['individual'].shape == (len(query), min(evaluate.TOP, len(gallery)))
 

@@ -19,7 +19,8 @@ import ml_collections
 import numpy as np
 
 from cace_jax import checkpoint, input_pipeline, sharding
-from cace_jax.evaluation import figures, metrics, rerank, stage1, stage2
+from cace_jax.datasets import prepare
+from cace_jax.evaluation import diagnostics, figures, metrics, rerank, stage1, stage2
 from cace_jax.models import CACENet
 
 RANKS = (1, 5, 10)
@@ -36,12 +37,14 @@ class Evaluation:
     per_query_ap: {row: [Nq] average precision (NaN for queries left out)}.
     info: how it was measured: 'stage2_k' and, with a stage 2,
       'cache_bytes_per_image' and 'cache_on_disk'.
+    diagnostics: what `diagnose` measured (empty with `eval.diagnostics` off).
   """
 
   metrics: dict
   rankings: dict
   per_query_ap: dict
   info: dict
+  diagnostics: dict = dataclasses.field(default_factory=dict)
 
   @property
   def figure_row(self) -> str:
@@ -120,11 +123,14 @@ def evaluate(
       )
     measured = {row: measure(d, query, gallery) for row, d in stage1_rows.items()}
     info = {'stage2_k': k}
+    conditional = None  # (pair distances, call size) of the conditional embeddings
     if k > 0:
       for row, score in stage2.pair_scorers(q_cache).items():
         pair_distances, pairs_per_call = stage2.make_pair_distances(
           model, variables, score, q_cache, g_cache, mesh
         )
+        if row == 'cacenet':
+          conditional = (pair_distances, pairs_per_call)
         for name, base in stage1_rows.items():
           suffix = name[len('individual') :]
           measured[row + suffix] = measure(
@@ -134,12 +140,99 @@ def evaluate(
         cache_bytes_per_image=stage2.cache_nbytes(g_cache, len(gallery)),
         cache_on_disk=isinstance(jax.tree.leaves(g_cache)[0], np.memmap),
       )
+    found = {}
+    if config.eval.diagnostics:
+      probe = (variables, q_cache, g_cache) if k > 0 else None
+      found = diagnose(model, query, gallery, config, stage1_rows['individual'], conditional, probe)
   return Evaluation(
     metrics={row: m[0] for row, m in measured.items()},
     rankings={row: m[1] for row, m in measured.items()},
     per_query_ap={row: m[2] for row, m in measured.items()},
     info=info,
+    diagnostics=found,
   )
+
+
+PROBED_MATCHES = 512  # true-match pairs whose adjacency `diagnose` reads
+
+
+def diagnose(
+  model: CACENet,
+  query: input_pipeline.SplitData,
+  gallery: input_pipeline.SplitData,
+  config: ml_collections.ConfigDict,
+  distmat: np.ndarray,
+  conditional: tuple | None,
+  probe: tuple | None,
+) -> dict:
+  """The pair-stage diagnostics of `diagnostics`, for one evaluation.
+
+  Args:
+    model, query, gallery, config: as `evaluate`'s.
+    distmat: [Nq, Ng] stage-1 (individual) cosine distances.
+    conditional: (pair distances, call size) of `stage2.make_pair_distances`
+      for the conditional embeddings; None without a pair stage.
+    probe: (variables, query cache, gallery cache); None without a pair stage.
+
+  Returns:
+    {'family_retrieval': {'individual'[, 'cacenet']: {'mAP', 'rank1'}},
+     'hard_pair_auc': {'individual'[, 'cacenet']: AUC}} where the dataset
+    has identity families (synthetic_details), and with a pair stage
+    'alignment_selectivity' (on up to PROBED_MATCHES true-match pairs, one
+    per query first) and 'conditioning_strength' (over each query's top
+    `eval.stage2_k`, at least 2, stage-1 neighbours).
+  """
+  found = {}
+  ids = (query.pids, gallery.pids, query.camids, gallery.camids)
+  q_families = prepare.dataset_families(config.data.dataset, query.pids)
+  g_families = prepare.dataset_families(config.data.dataset, gallery.pids)
+  if q_families is not None:
+    pairs, is_match = diagnostics.hard_pairs(*ids, q_families, g_families)
+    scored = {'individual': distmat[pairs[:, 0], pairs[:, 1]]}
+    if conditional is not None:
+      pair_distances, call_size = conditional
+      scored['cacenet'] = stage2.score_pairs(pair_distances, pairs[:, 0], pairs[:, 1], call_size)
+    found['family_retrieval'], found['hard_pair_auc'] = {}, {}
+    for row, distances in scored.items():
+      row_matrix = np.array(distmat, np.float64)
+      row_matrix[pairs[:, 0], pairs[:, 1]] = distances
+      found['family_retrieval'][row] = diagnostics.family_retrieval(
+        row_matrix, *ids, q_families, g_families
+      )
+      found['hard_pair_auc'][row] = diagnostics.roc_auc(distances[is_match], distances[~is_match])
+  if probe is not None:
+    variables, q_cache, g_cache = probe
+    probe_fn = stage2.make_pair_probe(model)
+    probe_pairs = lambda q, g: probe_fn(
+      variables,
+      jax.tree.map(lambda c: c[q], q_cache),
+      jax.tree.map(lambda c: c[g], g_cache),
+    )
+    matches = np.argwhere(
+      (query.pids[:, None] == gallery.pids[None, :])
+      & (query.camids[:, None] != gallery.camids[None, :])
+      & (query.pids[:, None] >= 0)
+    )
+    # Every query's first match, then every query's second, ...: spread over queries.
+    order = np.lexsort((matches[:, 0], _running_count(matches[:, 0])))[:PROBED_MATCHES]
+    if len(order):
+      cross = stage2.score_pairs(probe_pairs, *matches[order].T)['cross']
+      found['alignment_selectivity'] = diagnostics.alignment_selectivity(cross)
+    k = max(2, config.eval.stage2_k)
+    top = top_ranking(distmat, k)
+    probed = stage2.score_pairs(
+      probe_pairs, np.repeat(np.arange(len(top)), top.shape[1]), top.ravel()
+    )
+    found['conditioning_strength'] = diagnostics.conditioning_strength(
+      probed['conditional'].reshape(*top.shape, -1), probed['individual'][:: top.shape[1]]
+    )
+  return found
+
+
+def _running_count(keys: np.ndarray) -> np.ndarray:
+  """For sorted `keys`, how many earlier entries share each entry's key (0, 1, ... per key)."""
+  starts = np.r_[0, np.flatnonzero(keys[1:] != keys[:-1]) + 1]
+  return np.arange(len(keys)) - np.repeat(starts, np.diff(np.r_[starts, len(keys)]))
 
 
 def measure(
@@ -152,11 +245,20 @@ def measure(
 
 def flatten_metrics(evaluation: Evaluation) -> dict:
   """{'individual/mAP': x, ...} (for scalar logging)."""
-  return {
+  flat = {
     f'{row}/{name}': value
     for row, values in evaluation.metrics.items()
     for name, value in values.items()
   }
+  for name, value in evaluation.diagnostics.items():
+    if isinstance(value, dict):
+      for row, entry in value.items():
+        entries = entry.items() if isinstance(entry, dict) else [('', entry)]
+        for metric, number in entries:
+          flat['diagnostics/' + '_'.join(p for p in (name, row, metric) if p)] = number
+    else:
+      flat[f'diagnostics/{name}'] = value
+  return flat
 
 
 def format_table(evaluation: Evaluation, title: str = '') -> str:
@@ -169,7 +271,30 @@ def format_table(evaluation: Evaluation, title: str = '') -> str:
   )
   for row, values in evaluation.metrics.items():
     lines.append(f'{row:<{width}}  ' + '  '.join(f'{values[c]:7.2f}' for c in columns))
+  lines.extend(format_diagnostics(evaluation.diagnostics))
   return '\n'.join(lines)
+
+
+def format_diagnostics(found: dict) -> list[str]:
+  """The lines printed under the table for `diagnose`'s results (none if empty)."""
+  lines = []
+  for row, values in found.get('family_retrieval', {}).items():
+    lines.append(
+      f'within-family retrieval, {row}: mAP {values["mAP"]:.2f}, R-1 {values["rank1"]:.2f}'
+    )
+  for row, value in found.get('hard_pair_auc', {}).items():
+    lines.append(f'hard-pair ROC-AUC (match vs family impostor), {row}: {value:.4f}')
+  if 'alignment_selectivity' in found:
+    lines.append(
+      f'alignment selectivity (effective partners / n, 1 = uniform): '
+      f'{found["alignment_selectivity"]:.3f}'
+    )
+  if 'conditioning_strength' in found:
+    lines.append(
+      f'conditioning strength (spread of f(q|g) / |f(q|g) - f(q)|, 0 = ignores g): '
+      f'{found["conditioning_strength"]:.3f}'
+    )
+  return lines
 
 
 def write_report(
@@ -184,7 +309,8 @@ def write_report(
 ) -> None:
   """Writes `<workdir>/results.json` and the figures of `figures` (process 0 only).
 
-  results.json holds {'step', 'dataset', 'results': metrics per row, 'info'}.
+  results.json holds {'step', 'dataset', 'results': metrics per row,
+  'diagnostics', 'info'}.
   """
   if jax.process_index() != 0:
     return
@@ -205,6 +331,7 @@ def write_report(
         'step': step,
         'dataset': config.data.dataset,
         'results': evaluation.metrics,
+        'diagnostics': evaluation.diagnostics,
         'info': evaluation.info,
       },
       f,

@@ -181,17 +181,57 @@ def rerank_top_k(
   top = np.argsort(distmat, axis=1, kind='stable')[:, :k]  # [Nq, k]
   query_index = np.repeat(np.arange(distmat.shape[0]), k)
   gallery_index = top.reshape(-1)
-  scores = np.empty(len(query_index), np.float32)
-  for start in range(0, len(query_index), batch_size):
-    stop = min(start + batch_size, len(query_index))
-    q, g = query_index[start:stop], gallery_index[start:stop]
-    pad = batch_size - len(q)  # the last batch is padded with its first pair
-    q, g = np.pad(q, (0, pad), mode='edge'), np.pad(g, (0, pad), mode='edge')
-    scores[start:stop] = np.asarray(pair_distances(q, g))[: stop - start]
+  scores = score_pairs(pair_distances, query_index, gallery_index, batch_size)
   distmat[query_index, gallery_index] = scores + _TOPK_OFFSET
   return distmat
+
+
+def score_pairs(
+  pair_fn: Callable, query_index: np.ndarray, gallery_index: np.ndarray, batch_size: int = 256
+):
+  """`pair_fn` over any number of pairs, in calls of `batch_size` (so it compiles once).
+
+  Args:
+    pair_fn: (query index [batch_size], gallery index [batch_size]) -> a
+      pytree of arrays with leading axis batch_size.
+    query_index, gallery_index: [M] the pairs.
+
+  Returns:
+    The outputs for the M pairs, concatenated (the last call is padded with
+    its last pair and the padding dropped).
+  """
+  outputs = []
+  for start in range(0, len(query_index), batch_size):
+    stop = min(start + batch_size, len(query_index))
+    pad = batch_size - (stop - start)
+    q = np.pad(query_index[start:stop], (0, pad), mode='edge')
+    g = np.pad(gallery_index[start:stop], (0, pad), mode='edge')
+    outputs.append(jax.tree.map(lambda x: np.asarray(x)[: stop - start], pair_fn(q, g)))
+  if not outputs:
+    return np.zeros(0, np.float32)
+  return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
 
 
 def cache_nbytes(cache: dict, num_images: int) -> int:
   """Bytes per image of a host-side cache of `num_images` images."""
   return sum(np.asarray(v).nbytes for v in jax.tree.leaves(cache)) // max(num_images, 1)
+
+
+@functools.lru_cache(maxsize=4)
+def make_pair_probe(model: CACENet) -> Callable:
+  """Jitted (variables, cache_q, cache_g) -> what the diagnostics read of N pairs (q, g).
+
+  Returns a dict: 'cross' [N, n, n] the cross block A_qg of each pair graph,
+  'conditional' [N, E] f(q|g) and 'individual' [N, E] f(q), all eval mode.
+  """
+
+  def probe(variables, cache_q, cache_g):
+    cache_q, cache_g = expand_cache(cache_q), expand_cache(cache_g)
+    embeddings = model.apply(variables, cache_q, cache_g, method=CACENet.embed_cached_pairs)
+    return {
+      'cross': cross_block(model.adjacency, cache_q['query'], cache_g['key'], model.topk),
+      'conditional': embeddings['embedding_uv'],
+      'individual': model.apply(variables, cache_q, method=CACENet.embed_cache),
+    }
+
+  return jax.jit(probe)

@@ -36,7 +36,8 @@ pair's [2n, C] nodes, builds the dense 2n x 2n adjacency and F, and runs the
 GCN on C-wide maps (tests prove the two agree in values and gradients).
 
 For evaluation: `compute_image_cache(fmap)` (per image, cacheable),
-`embed_cached_pairs(cache_u, cache_v)` (fast f(u|v), f(v|u) of N pairs) and
+`embed_cached_pairs(cache_u, cache_v)` (fast f(u|v), f(v|u) of N pairs),
+`embed_cache(cache)` (f(u) from the cache) and
 `pair_features(fmap_u, fmap_v)` (adjacency, conditional maps and embeddings
 of N pairs, materialised, for re-ranking checks and heatmaps); call them with
 `model.apply(variables, ..., method=CACENet.<name>)`.
@@ -353,6 +354,11 @@ class CACENet(nn.Module):
     _, emb_uv = self.embed(pair_fn(cache_u, cache_v))
     _, emb_vu = self.embed(pair_fn(cache_v, cache_u))
     return {'embedding_uv': emb_uv, 'embedding_vu': emb_vu}
+
+  def embed_cache(self, cache):
+    """Eval-mode individual embeddings [N, E] from image caches (of the unflipped images)."""
+    pooled = cache['pooled'] if 'pooled' in cache else self.pool(cache['nodes'])
+    return self.embed(pooled)[1]
 
   def direct_pairs(self, nodes_u, nodes_v):
     """Materialised pair graphs: nodes [N, n, C] each -> (cond_u, cond_v, adjacency).
