@@ -11,8 +11,11 @@ where it stopped (and train.py resumes an interrupted run from its last
 checkpoint). Runs go seed by seed, so a study cut short is still balanced.
 
 The report averages every evaluation row (individual, clue_alignment,
-cacenet) over the seeds: `<out>.json` and a markdown table `<out>.md`. The
-numbers are on the dataset's test split: they report, they do not choose.
+cacenet) and every diagnostic (`cace_jax/evaluation/diagnostics.py`) over the
+seeds: `<out>.json` and a markdown table `<out>.md`. The numbers are on the
+dataset's test split: they report, they do not choose. A run trained before
+the diagnostics existed gets them by deleting its results.json: train.py then
+finds the run finished and only evaluates it again.
 
 Studies:
   attention  the adjacency of the pair graph: the official projected cosine
@@ -87,16 +90,41 @@ def run_once(config: str, overrides: dict, seed: int, workdir: str) -> dict:
     return json.load(f)
 
 
+def mean_std(values: list[float]) -> dict:
+  """{'mean', 'std' (ddof 1; 0 for one value), 'values'}."""
+  spread = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+  return {'mean': float(np.mean(values)), 'std': spread, 'values': [float(v) for v in values]}
+
+
+def flat_diagnostics(found: dict) -> dict:
+  """results.json's nested diagnostics as {'family_retrieval/cacenet/mAP': value, ...}."""
+  flat = {}
+  for name, value in found.items():
+    if not isinstance(value, dict):
+      flat[name] = value
+      continue
+    for row, entry in value.items():
+      for metric, number in entry.items() if isinstance(entry, dict) else [('', entry)]:
+        flat['/'.join(p for p in (name, row, metric) if p)] = number
+  return flat
+
+
 def summarise(per_seed: dict[int, dict]) -> dict:
-  """{eval row: {metric: {'mean', 'std', 'values'}}} in percent over the seeds (std: ddof 1)."""
-  summary = {}
-  for row in next(iter(per_seed.values()))['results']:
-    summary[row] = {}
-    for metric in METRICS:
-      values = [per_seed[s]['results'][row][metric] for s in sorted(per_seed)]
-      spread = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-      summary[row][metric] = {'mean': float(np.mean(values)), 'std': spread, 'values': values}
-  return summary
+  """Mean ± std over the seeds of every evaluation row's metrics (percent) and every diagnostic.
+
+  Returns:
+    {'results': {eval row: {metric: mean_std}}, 'diagnostics': {name: mean_std}}
+    (diagnostics that some seed lacks are left out).
+  """
+  seeds = sorted(per_seed)
+  results = {
+    row: {m: mean_std([per_seed[s]['results'][row][m] for s in seeds]) for m in METRICS}
+    for row in per_seed[seeds[0]]['results']
+  }
+  flat = [flat_diagnostics(per_seed[s].get('diagnostics', {})) for s in seeds]
+  shared = set.intersection(*(set(f) for f in flat))
+  found = {name: mean_std([f[name] for f in flat]) for name in sorted(shared)}
+  return {'results': results, 'diagnostics': found}
 
 
 def markdown_table(study: str, report: dict) -> str:
@@ -108,9 +136,18 @@ def markdown_table(study: str, report: dict) -> str:
     '|---|---|---|---|---|',
   ]
   for row, summary in report['rows'].items():
-    for scored_by, values in summary.items():
+    for scored_by, values in summary['results'].items():
       cells = [f'{values[m]["mean"]:.2f} ± {values[m]["std"]:.2f}' for m in METRICS]
       lines.append(f'| {row} | {scored_by} | ' + ' | '.join(cells) + ' |')
+  names = sorted({n for summary in report['rows'].values() for n in summary['diagnostics']})
+  if names:
+    lines += ['', '| row | ' + ' | '.join(names) + ' |', '|---|' + '---|' * len(names)]
+    for row, summary in report['rows'].items():
+      found = summary['diagnostics']
+      cells = [
+        f'{found[n]["mean"]:.3f} ± {found[n]["std"]:.3f}' if n in found else '' for n in names
+      ]
+      lines.append(f'| {row} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 
