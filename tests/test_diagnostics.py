@@ -91,10 +91,22 @@ def test_synthetic_families_follow_the_generator_layout():
 
 def test_probed_matches_take_every_querys_first_match_before_any_second():
   from cace_jax.evaluation import evaluate  # pylint: disable=import-outside-toplevel
+  from cace_jax.input_pipeline import SplitData  # pylint: disable=import-outside-toplevel
 
-  queries = np.array([0, 0, 0, 1, 2, 2])  # sorted query index of each match
-  counts = evaluate._running_count(queries)  # pylint: disable=protected-access
-  assert counts.tolist() == [0, 1, 2, 0, 0, 1]
-  order = np.lexsort((queries, counts))
-  assert queries[order].tolist() == [0, 1, 2, 0, 2, 0]
-  assert evaluate._running_count(np.array([], int)).tolist() == []  # pylint: disable=protected-access
+  def split(pids, camids):
+    n = len(pids)
+    return SplitData(
+      images=np.empty(n, object),
+      labels=np.full(n, -1, np.int32),
+      pids=np.asarray(pids),
+      camids=np.asarray(camids),
+      file_names=np.empty(n, object),
+    )
+
+  query = split([1, 2, 3], [1, 1, 1])
+  # Query 0 has matches at 0 and 2 (gallery 1 is its own camera); query 1 none; query 2 at 3.
+  gallery = split([1, 1, 1, 3, 0], [2, 1, 3, 2, 2])
+  pairs = evaluate.true_match_pairs(query, gallery, limit=10)
+  assert pairs.tolist() == [[0, 0], [2, 3], [0, 2]]
+  assert evaluate.true_match_pairs(query, gallery, limit=1).tolist() == [[0, 0]]
+  assert evaluate.true_match_pairs(query, split([5], [2]), limit=4).shape == (0, 2)

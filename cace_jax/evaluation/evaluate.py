@@ -208,15 +208,9 @@ def diagnose(
       jax.tree.map(lambda c: c[q], q_cache),
       jax.tree.map(lambda c: c[g], g_cache),
     )
-    matches = np.argwhere(
-      (query.pids[:, None] == gallery.pids[None, :])
-      & (query.camids[:, None] != gallery.camids[None, :])
-      & (query.pids[:, None] >= 0)
-    )
-    # Every query's first match, then every query's second, ...: spread over queries.
-    order = np.lexsort((matches[:, 0], _running_count(matches[:, 0])))[:PROBED_MATCHES]
-    if len(order):
-      cross = stage2.score_pairs(probe_pairs, *matches[order].T)['cross']
+    matches = true_match_pairs(query, gallery, PROBED_MATCHES)
+    if len(matches):
+      cross = stage2.score_pairs(probe_pairs, *matches.T)['cross']
       found['alignment_selectivity'] = diagnostics.alignment_selectivity(cross)
     k = max(2, config.eval.stage2_k)
     top = top_ranking(distmat, k)
@@ -229,10 +223,26 @@ def diagnose(
   return found
 
 
-def _running_count(keys: np.ndarray) -> np.ndarray:
-  """For sorted `keys`, how many earlier entries share each entry's key (0, 1, ... per key)."""
-  starts = np.r_[0, np.flatnonzero(keys[1:] != keys[:-1]) + 1]
-  return np.arange(len(keys)) - np.repeat(starts, np.diff(np.r_[starts, len(keys)]))
+def true_match_pairs(
+  query: input_pipeline.SplitData, gallery: input_pipeline.SplitData, limit: int
+) -> np.ndarray:
+  """Up to `limit` (query, gallery) index pairs of one identity in different cameras, [M, 2].
+
+  Every query's first match comes before any query's second, so the pairs
+  spread over as many queries as possible; only the queries needed are
+  searched (no query x gallery matrix, which MSMT17 makes 1e9 entries).
+  """
+  hits = []  # (query index, its matches in gallery order)
+  for q in range(len(query)):
+    found = np.flatnonzero((gallery.pids == query.pids[q]) & (gallery.camids != query.camids[q]))
+    if len(found):
+      hits.append((q, found))
+    if len(hits) == limit:
+      break
+  pairs = []
+  for nth in range(max((len(found) for _, found in hits), default=0)):
+    pairs += [(q, found[nth]) for q, found in hits if nth < len(found)]
+  return np.asarray(pairs[:limit], np.int64).reshape(-1, 2)
 
 
 def measure(
