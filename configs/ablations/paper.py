@@ -6,7 +6,7 @@ the discrepancy GCN (eq. 7), global average pooling before the 1x1
 embedding, no non-local blocks.
 
 What follows the official code instead, where the text is silent or says
-less (each is a flag away):
+less (with the flag that changes it, where there is one):
   * the embedding is 1x1 conv -> BatchNorm (the text: a 1x1 conv); there is
     no switch for the BN;
   * both classifiers are ReLU -> dropout 0.5 -> bias-free linear (the text
@@ -14,7 +14,10 @@ less (each is a flag away):
   * label smoothing 0.1 on the individual ID loss (the text: plain cross
     entropy, eq. 1); `--config.loss.label_smoothing=0`;
   * a batch-hard triplet loss on the B x B distances between f(u|v) and
-    f(v|u) (not in the text); `--config.loss.weights.pair_triplet=0`.
+    f(v|u) (not in the text); `--config.loss.weights.pair_triplet=0`;
+  * both triplets on ReLU(embedding), as the official classifiers' in-place
+    ReLU makes them (the text does not say);
+    `--config.loss.rectified_triplets=False`.
 
   python train.py --config configs/ablations/paper.py:dukemtmc_reid --workdir runs/paper_duke
 
