@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import save_report  # pylint: disable=wrong-import-position
 from cace_jax import cli  # pylint: disable=wrong-import-position
 from cace_jax.errors import ConfigError  # pylint: disable=wrong-import-position
+from cace_jax.evaluation import diagnostics  # pylint: disable=wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,19 +97,6 @@ def mean_std(values: list[float]) -> dict:
   return {'mean': float(np.mean(values)), 'std': spread, 'values': [float(v) for v in values]}
 
 
-def flat_diagnostics(found: dict) -> dict:
-  """results.json's nested diagnostics as {'family_retrieval/cacenet/mAP': value, ...}."""
-  flat = {}
-  for name, value in found.items():
-    if not isinstance(value, dict):
-      flat[name] = value
-      continue
-    for row, entry in value.items():
-      for metric, number in entry.items() if isinstance(entry, dict) else [('', entry)]:
-        flat['/'.join(p for p in (name, row, metric) if p)] = number
-  return flat
-
-
 def summarise(per_seed: dict[int, dict]) -> dict:
   """Mean ± std over the seeds of every evaluation row's metrics (percent) and every diagnostic.
 
@@ -121,7 +109,7 @@ def summarise(per_seed: dict[int, dict]) -> dict:
     row: {m: mean_std([per_seed[s]['results'][row][m] for s in seeds]) for m in METRICS}
     for row in per_seed[seeds[0]]['results']
   }
-  flat = [flat_diagnostics(per_seed[s].get('diagnostics', {})) for s in seeds]
+  flat = [diagnostics.flatten(per_seed[s].get('diagnostics', {})) for s in seeds]
   shared = set.intersection(*(set(f) for f in flat))
   found = {name: mean_std([f[name] for f in flat]) for name in sorted(shared)}
   return {'results': results, 'diagnostics': found}

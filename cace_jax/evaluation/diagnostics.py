@@ -28,6 +28,24 @@ import numpy as np
 from cace_jax.evaluation import metrics
 
 
+def same_family(query_families: np.ndarray, gallery_families: np.ndarray) -> np.ndarray:
+  """[Nq, Ng] bool: the gallery image is of the query's family (family < 0: of none)."""
+  return (query_families[:, None] == gallery_families[None, :]) & (gallery_families[None, :] >= 0)
+
+
+def flatten(found: dict, sep: str = '/') -> dict:
+  """Nested diagnostics as one level: {'family_retrieval/cacenet/mAP': value, ...}."""
+  flat = {}
+  for name, value in found.items():
+    if not isinstance(value, dict):
+      flat[name] = value
+      continue
+    for row, entry in value.items():
+      for metric, number in entry.items() if isinstance(entry, dict) else [('', entry)]:
+        flat[sep.join(p for p in (name, row, metric) if p)] = number
+  return flat
+
+
 def restrict_to_families(
   distmat: np.ndarray, query_families: np.ndarray, gallery_families: np.ndarray
 ) -> np.ndarray:
@@ -39,9 +57,8 @@ def restrict_to_families(
   equals ranking each query's own family alone.
   """
   distmat = np.asarray(distmat, np.float64)
-  same = (query_families[:, None] == gallery_families[None, :]) & (gallery_families[None, :] >= 0)
   beyond = np.abs(distmat).max() + 1.0
-  return np.where(same, distmat, beyond + distmat)
+  return np.where(same_family(query_families, gallery_families), distmat, beyond + distmat)
 
 
 def roc_auc(positive_distances: np.ndarray, negative_distances: np.ndarray) -> float:
@@ -75,12 +92,11 @@ def hard_pairs(
   Returns:
     (pairs [M, 2] int, is_match [M] bool).
   """
-  same_family = (query_families[:, None] == gallery_families[None, :]) & (
-    gallery_families[None, :] >= 0
-  )
   same_pid = query_pids[:, None] == gallery_pids[None, :]
   same_view = same_pid & (query_camids[:, None] == gallery_camids[None, :])
-  query_index, gallery_index = np.nonzero(same_family & ~same_view)
+  query_index, gallery_index = np.nonzero(
+    same_family(query_families, gallery_families) & ~same_view
+  )
   return np.stack([query_index, gallery_index], 1), same_pid[query_index, gallery_index]
 
 

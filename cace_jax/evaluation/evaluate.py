@@ -260,14 +260,8 @@ def flatten_metrics(evaluation: Evaluation) -> dict:
     for row, values in evaluation.metrics.items()
     for name, value in values.items()
   }
-  for name, value in evaluation.diagnostics.items():
-    if isinstance(value, dict):
-      for row, entry in value.items():
-        entries = entry.items() if isinstance(entry, dict) else [('', entry)]
-        for metric, number in entries:
-          flat['diagnostics/' + '_'.join(p for p in (name, row, metric) if p)] = number
-    else:
-      flat[f'diagnostics/{name}'] = value
+  for name, value in diagnostics.flatten(evaluation.diagnostics, sep='_').items():
+    flat[f'diagnostics/{name}'] = value
   return flat
 
 
