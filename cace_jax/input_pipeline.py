@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 
 from cace_jax import augment
 from cace_jax.datasets import prepare
+from cace_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,75 @@ def load_eval_splits(builder: tfds.core.DatasetBuilder) -> tuple[SplitData, Spli
   return _load_eval_splits(str(builder.data_dir))
 
 
+def select(data: SplitData, keep: np.ndarray) -> SplitData:
+  """The rows of `data` where the boolean mask `keep` is True."""
+  return SplitData(**{f.name: getattr(data, f.name)[keep] for f in dataclasses.fields(SplitData)})
+
+
+def hold_out_identities(
+  train: SplitData, num_ids: int, families: np.ndarray | None = None, seed: int = 0
+) -> tuple[SplitData, SplitData, SplitData, np.ndarray]:
+  """Carves a validation query/gallery split out of the training identities.
+
+  Chooses, by a permutation seeded with `seed`, whole families when
+  `families` is given (so no held-out identity has a relative in training,
+  as test identities have none) until at least `num_ids` identities are out,
+  else `num_ids` identities. Each held-out identity gives, per camera, its
+  first image by file name to the query and the rest to the gallery (the
+  Market-1501 convention); an identity seen by one camera only has no
+  cross-camera match and is dropped from both.
+
+  Args:
+    train: the training split.
+    num_ids: identities to hold out (>= 1, leaving at least 2 for training).
+    families: [N] family of each training image's identity, or None.
+    seed: the permutation's seed.
+
+  Returns:
+    (train without them, validation query, validation gallery, held-out pids
+    sorted). Validation rows keep their pids and get label -1, as test rows.
+  """
+  pids = np.unique(train.pids)
+  if not 1 <= num_ids <= len(pids) - 2:
+    raise ConfigError(
+      f'data.validation_ids={num_ids}: expected 1..{len(pids) - 2} '
+      f'(the training split has {len(pids)} identities)'
+    )
+  rng = np.random.default_rng(seed)
+  if families is None:
+    held = rng.permutation(pids)[:num_ids]
+  else:
+    family_of = dict(zip(train.pids.tolist(), np.asarray(families).tolist()))
+    groups = {}
+    for pid in pids.tolist():
+      groups.setdefault(family_of[pid], []).append(pid)
+    held = []
+    for family in rng.permutation(sorted(groups)).tolist():
+      if len(held) >= num_ids:
+        break
+      held += groups[family]
+    held = np.asarray(held)
+    if len(pids) - len(held) < 2:
+      raise ConfigError(
+        f'data.validation_ids={num_ids}: whole families leave fewer than 2 training identities'
+      )
+  held = np.sort(held)
+  out = np.isin(train.pids, held)
+  validation = select(train, out)
+  validation = dataclasses.replace(validation, labels=np.full(len(validation), -1, np.int32))
+  first_of_camera = np.zeros(len(validation), bool)
+  seen = set()
+  for i in np.argsort(validation.file_names, kind='stable'):
+    key = (int(validation.pids[i]), int(validation.camids[i]))
+    first_of_camera[i] = key not in seen
+    seen.add(key)
+  cameras = {pid: len({c for p, c in seen if p == pid}) for pid in held.tolist()}
+  seen_twice = np.array([cameras[int(p)] >= 2 for p in validation.pids], bool)
+  query = select(validation, first_of_camera & seen_twice)
+  gallery = select(validation, ~first_of_camera & seen_twice)
+  return select(train, ~out), query, gallery, held
+
+
 SAMPLERS = ('uniform', 'chunk')
 
 
@@ -101,13 +171,41 @@ def remove_small_identities(data: SplitData, min_images: int) -> SplitData:
   """
   classes, counts = np.unique(data.labels, return_counts=True)
   kept = classes[counts >= min_images]
-  keep = np.isin(data.labels, kept)
-  return SplitData(
-    images=data.images[keep],
-    labels=np.searchsorted(kept, data.labels[keep]).astype(np.int32),
-    pids=data.pids[keep],
-    camids=data.camids[keep],
-    file_names=data.file_names[keep],
+  kept_rows = select(data, np.isin(data.labels, kept))
+  return dataclasses.replace(
+    kept_rows, labels=np.searchsorted(kept, kept_rows.labels).astype(np.int32)
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSplits:
+  """The training split and, with `data.validation_ids`, the validation split carved from it."""
+
+  train: SplitData
+  validation: tuple[SplitData, SplitData] | None  # (query, gallery)
+  validation_pids: np.ndarray  # held-out identities (empty without validation)
+
+
+def load_training_splits(
+  builder: tfds.core.DatasetBuilder, data_config: ml_collections.ConfigDict
+) -> TrainingSplits:
+  """The prepared training split, less the validation identities and small identities.
+
+  The validation identities (`data.validation_ids`, whole families on
+  synthetic_details) are a fixed function of the dataset and
+  `data.validation_seed`: training and every later evaluation of the run
+  carve the same ones.
+  """
+  train = load_split(builder, 'train')
+  validation, held = None, np.zeros(0, np.int32)
+  if data_config.validation_ids:
+    families = prepare.dataset_families(data_config.dataset, train.pids)
+    train, query, gallery, held = hold_out_identities(
+      train, data_config.validation_ids, families, data_config.validation_seed
+    )
+    validation = (query, gallery)
+  return TrainingSplits(
+    remove_small_identities(train, data_config.min_images_per_id), validation, held
   )
 
 

@@ -83,6 +83,7 @@ def check_data_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f'data.erasing_fill={data.erasing_fill!r}: expected one of {", ".join(augment.ERASING_FILLS)}'
     )
+  evaluate.check_stage2_config(config)
 
 
 def check_config(config: ml_collections.ConfigDict, num_identities: int) -> None:
@@ -299,9 +300,8 @@ def train_and_evaluate(
   num_devices = jax.device_count()
   check_data_config(config)  # before preparing: a typo must not cost a dataset build
   builder = input_pipeline.prepare_on_first_process(config)
-  train_data = input_pipeline.remove_small_identities(
-    input_pipeline.load_split(builder, 'train'), config.data.min_images_per_id
-  )
+  splits = input_pipeline.load_training_splits(builder, config.data)
+  train_data = splits.train
   num_classes = len(np.unique(train_data.labels))
   check_config(config, num_classes)
 
@@ -345,6 +345,11 @@ def train_and_evaluate(
     f'{num_classes} identities, {len(train_data)} images, {steps_per_epoch} '
     f'steps/epoch, {num_steps} steps, {num_devices} devices × {data.p}×{data.k}'
   )
+  if splits.validation is not None:
+    logger.info(
+      f'validation: {len(splits.validation_pids)} training identities held out '
+      f'({len(splits.validation[0])} queries, {len(splits.validation[1])} gallery images)'
+    )
 
   train_step = make_train_step(model, tx, schedule, config.loss, mesh)
   dataset = input_pipeline.create_train_dataset(
@@ -379,9 +384,18 @@ def train_and_evaluate(
       logger.scalars(step, metrics)
     metrics_for_best = None
     periodic = eval_every and step % eval_every == 0
-    if periodic or (step == num_steps and config.train.eval_at_end):
+    final = step == num_steps and config.train.eval_at_end
+    if periodic or final:
       evaluation = evaluate_and_log(
-        model, variables_of(state), builder, config, mesh, workdir, logger, step
+        model,
+        variables_of(state),
+        builder,
+        config,
+        mesh,
+        workdir,
+        logger,
+        step,
+        splits.validation if final else None,
       )
       metrics_for_best = {'mAP': evaluation.metrics['individual']['mAP']}
     if (
@@ -399,7 +413,15 @@ def train_and_evaluate(
   if start_step >= num_steps and config.train.eval_at_end:  # Already trained: report again.
     logger.info(f'{workdir} is already trained to step {start_step}; evaluating it')
     evaluation = evaluate_and_log(
-      model, variables_of(state), builder, config, mesh, workdir, logger, start_step
+      model,
+      variables_of(state),
+      builder,
+      config,
+      mesh,
+      workdir,
+      logger,
+      start_step,
+      splits.validation,
     )
   if config.train.eval_at_end:  # the final evaluation ran, in the loop or just above
     query, gallery = input_pipeline.load_eval_splits(builder)
@@ -427,11 +449,16 @@ def evaluate_and_log(
   workdir: str,
   logger: RunLogger,
   step: int,
+  validation: tuple[input_pipeline.SplitData, input_pipeline.SplitData] | None = None,
 ) -> evaluate.Evaluation:
-  """One evaluation during training, logged as scalars and as a table."""
+  """One evaluation during training, logged as scalars and as a table.
+
+  With `validation` (the final evaluation of a run with a validation split),
+  stage 2's K and w are chosen on it first (`evaluate.evaluate_selected`).
+  """
   query, gallery = input_pipeline.load_eval_splits(builder)
-  evaluation = evaluate.evaluate(
-    model, variables, query, gallery, config, mesh, scratch_dir=workdir
+  evaluation = evaluate.evaluate_selected(
+    model, variables, query, gallery, config, mesh, workdir, validation
   )
   logger.scalars(step, evaluate.flatten_metrics(evaluation), prefix='eval')
   logger.info(evaluate.format_table(evaluation, title=f'step {step}'))

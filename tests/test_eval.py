@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cace_jax import checkpoint, input_pipeline, sharding
+from cace_jax.errors import ConfigError
 from cace_jax.evaluation import evaluate, stage2
 from cace_jax.models import CACENet, build_model
 from configs import tiny
@@ -235,3 +236,79 @@ def test_top_ranking_is_the_stable_argsort():
   np.testing.assert_array_equal(
     evaluate.top_ranking(distmat[:, :5], 12), np.argsort(distmat[:, :5], axis=1, kind='stable')
   )
+
+
+def test_stage2_mix_blends_the_two_distances_within_the_top_k():
+  distmat = random_distmat(3)
+  table = np.random.default_rng(4).uniform(size=distmat.shape).astype(np.float32)
+  pair = lambda q, g: table[q, g]
+  k = 6
+  top = np.argsort(distmat, axis=1, kind='stable')[:, :k]
+  # w = 0 keeps stage 1's order; w = 1 is the pair order; w = 0.5 the mean's.
+  for mix, score in [(0.0, distmat), (1.0, table), (0.5, (distmat + table) / 2)]:
+    out = stage2.rerank_top_k(distmat, k, pair, batch_size=5, mix=mix)
+    after = np.argsort(out, axis=1, kind='stable')[:, :k]
+    for row in range(len(distmat)):
+      assert set(after[row]) == set(top[row])
+      assert np.all(np.diff(score[row, after[row]]) >= 0)
+  # The pairs of a smaller K are each query's first pairs of a larger one.
+  q5, g5 = stage2.top_k_pairs(distmat, 5)
+  q9, g9 = stage2.top_k_pairs(distmat, 9)
+  np.testing.assert_array_equal(g5.reshape(-1, 5), g9.reshape(-1, 9)[:, :5])
+  np.testing.assert_array_equal(q5, np.repeat(np.arange(len(distmat)), 5))
+
+
+def test_stage2_choice_on_validation_is_the_best_of_its_grid(trained_workdir, tiny_data_dir):
+  config = tiny.get_config()
+  config.data.data_dir = tiny_data_dir
+  config.eval.diagnostics = False
+  config.data.validation_ids = 3
+  config.eval.stage2_k_grid = (2, 4)
+  config.eval.stage2_mix_grid = (0.0, 0.5, 1.0)
+  mesh = sharding.make_mesh()
+  run = checkpoint.load_run(trained_workdir, None, config.model, mesh)
+  builder = input_pipeline.prepare_on_first_process(config)
+  validation = input_pipeline.load_training_splits(builder, config.data).validation
+  chosen, selection = evaluate.select_stage2(run.model, run.variables, validation, config, mesh)
+  grid = {(row['k'], row['mix']): row['mAP'] for row in selection['grid']}
+  assert set(grid) == {(k, w) for k in (2, 4) for w in (0.0, 0.5, 1.0)}
+  best = (selection['stage2_k'], selection['stage2_mix'])
+  assert grid[best] == max(grid.values())
+  assert (chosen.eval.stage2_k, chosen.eval.stage2_mix) == best
+  assert config.eval.stage2_k == 5 and config.eval.stage2_mix == 1.0  # the input is untouched
+  # w = 0 is stage 1 whatever K; the chosen (K, w) evaluated afresh gives its grid mAP.
+  assert grid[(2, 0.0)] == grid[(4, 0.0)] == selection['individual']['mAP']
+  again = evaluate.evaluate(run.model, run.variables, *validation, chosen, mesh)
+  assert again.metrics['cacenet']['mAP'] == pytest.approx(grid[best], abs=1e-4)
+  # Held-out identities are whole families of the training split.
+  assert len(selection['pids']) == 3
+
+
+def test_training_with_validation_holds_it_out_and_chooses_stage2_on_it(
+  tiny_data_dir, trained_workdir, tmp_path
+):
+  from cace_jax import train_lib
+
+  config = tiny.get_config()
+  config.data.data_dir = tiny_data_dir
+  config.data.validation_ids = 3
+  config.eval.stage2_k_grid = (2, 3)
+  config.eval.diagnostics = False
+  config.train.num_steps = 2
+  workdir = str(tmp_path / 'run')
+  train_lib.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    saved = json.load(f)
+  selection = saved['info']['selection']
+  assert (saved['info']['stage2_k'], saved['info']['stage2_mix']) == (
+    selection['stage2_k'],
+    selection['stage2_mix'],
+  )
+  run = checkpoint.load_run(workdir)
+  assert run.record['num_classes'] == 6  # 9 training identities, one family of 3 held out
+  # eval.py's path carves the same split and makes the same choice.
+  again = evaluate.evaluate_checkpoint(config, workdir)
+  assert again.info['selection'] == selection
+  # A run that did not hold those identities out cannot be evaluated with them held out.
+  with pytest.raises(ConfigError, match='was not trained with these identities held out'):
+    evaluate.evaluate_checkpoint(config, trained_workdir)

@@ -308,3 +308,58 @@ def test_jpeg_decoding_equals_pil():
   np.testing.assert_array_equal(ours, reference)  # same size: the resize is the identity
   fast = tf.io.decode_jpeg(buffer.getvalue(), channels=3).numpy().astype(np.float32)
   assert np.abs(fast - reference).max() >= 1  # the default IDCT would not match
+
+
+def labelled_split(num_ids=12, images_per_id=6, cameras_per_id=3):
+  """A hand-made training split: identity pid has its images spread over cameras."""
+  pids = np.repeat(np.arange(1, num_ids + 1), images_per_id).astype(np.int32)
+  image = np.tile(np.arange(images_per_id), num_ids)
+  camids = (image % cameras_per_id + pids) % 6
+  camids = np.where(pids == num_ids, 0, camids).astype(np.int32)  # the last one: one camera
+  names = np.array([f'{p:04d}_c{c}_{i:02d}.jpg' for p, c, i in zip(pids, camids, image)], object)
+  return ip.SplitData(
+    images=np.array([b''] * len(pids), dtype=object),
+    labels=(pids - 1).astype(np.int32),
+    pids=pids,
+    camids=camids,
+    file_names=names,
+  )
+
+
+def test_validation_holds_out_whole_families_and_splits_them_market_style():
+  data = labelled_split()
+  families = (data.pids - 1) // 3  # 4 families of 3
+  train, query, gallery, held = ip.hold_out_identities(data, 4, families, seed=0)
+  # 4 identities asked: two whole families (6 identities) leave training.
+  assert len(held) == 6
+  held_families = set(((held - 1) // 3).tolist())
+  assert len(held_families) == 2 and set(held.tolist()) == {
+    pid for pid in range(1, 13) if (pid - 1) // 3 in held_families
+  }
+  assert not set(train.pids.tolist()) & set(held.tolist())
+  assert len(train) + len(np.flatnonzero(np.isin(data.pids, held))) == len(data)
+  # Query: each identity's first image per camera; gallery: the rest; labels -1.
+  pairs = list(zip(query.pids.tolist(), query.camids.tolist()))
+  assert len(pairs) == len(set(pairs))
+  for pid, cam in pairs:
+    rows = sorted(
+      n for n, p, c in zip(data.file_names, data.pids, data.camids) if (p, c) == (pid, cam)
+    )
+    assert rows[0] in set(query.file_names)
+  assert np.all(query.labels == -1) and np.all(gallery.labels == -1)
+  assert not set(query.file_names) & set(gallery.file_names)
+  # An identity seen by one camera has no cross-camera match: it is in neither.
+  kept = set(query.pids.tolist()) | set(gallery.pids.tolist())
+  assert kept == set(held.tolist()) - {12}
+  # The same seed carves the same split; another seed, another one.
+  assert np.array_equal(ip.hold_out_identities(data, 4, families, seed=0)[3], held)
+  others = {tuple(ip.hold_out_identities(data, 4, families, seed=s)[3]) for s in range(1, 6)}
+  assert others - {tuple(held)}
+
+
+def test_validation_without_families_holds_out_exactly_that_many_identities():
+  data = labelled_split()
+  train, _, _, held = ip.hold_out_identities(data, 5, None, seed=3)
+  assert len(held) == 5 and len(np.unique(train.pids)) == 7
+  with pytest.raises(ip.ConfigError, match=r'data.validation_ids=11: expected 1..10'):
+    ip.hold_out_identities(data, 11, None)

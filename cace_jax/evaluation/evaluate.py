@@ -9,6 +9,7 @@ metrics. `evaluate` returns all of them, with an info record kept apart.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -20,6 +21,7 @@ import numpy as np
 
 from cace_jax import checkpoint, input_pipeline, sharding
 from cace_jax.datasets import prepare
+from cace_jax.errors import ConfigError
 from cace_jax.evaluation import diagnostics, figures, metrics, rerank, stage1, stage2
 from cace_jax.models import CACENet
 
@@ -99,7 +101,8 @@ def evaluate(
     'individual': cosine distance of individual embeddings (stage 1).
     'clue_alignment': adjacency-weighted similarity of aligned pixel pairs
       (Table 1's "+ visual clue alignment"; adjacencies that compare features).
-    'cacenet': distance between f(q|g) and f(g|q) (the full two-stage inference).
+    'cacenet': (1 - w) d_individual + w d(f(q|g), f(g|q)), w = `eval.stage2_mix`
+      (the full two-stage inference; w = 1 is the conditional distance alone).
     '<row>+kr' with `config.eval.rerank`: the same after k-reciprocal re-ranking
       of stage 1 (k1 20, k2 6, lambda 0.3).
 
@@ -131,12 +134,14 @@ def evaluate(
         )
         if row == 'cacenet':
           conditional = (pair_distances, pairs_per_call)
+        mix = config.eval.stage2_mix if row == 'cacenet' else 1.0
         for name, base in stage1_rows.items():
           suffix = name[len('individual') :]
           measured[row + suffix] = measure(
-            stage2.rerank_top_k(base, k, pair_distances, pairs_per_call), query, gallery
+            stage2.rerank_top_k(base, k, pair_distances, pairs_per_call, mix), query, gallery
           )
       info.update(
+        stage2_mix=config.eval.stage2_mix,
         cache_bytes_per_image=stage2.cache_nbytes(g_cache, len(gallery)),
         cache_on_disk=isinstance(jax.tree.leaves(g_cache)[0], np.memmap),
       )
@@ -150,6 +155,123 @@ def evaluate(
     per_query_ap={row: m[2] for row, m in measured.items()},
     info=info,
     diagnostics=found,
+  )
+
+
+def check_stage2_config(config: ml_collections.ConfigDict) -> None:
+  """Fails, naming the field, on a stage-2 weight or selection grid that cannot be used."""
+  grids = {'eval.stage2_k_grid': config.eval.stage2_k_grid}
+  mixes = {'eval.stage2_mix': [config.eval.stage2_mix]}
+  mixes['eval.stage2_mix_grid'] = config.eval.stage2_mix_grid
+  for name, values in mixes.items():
+    if not values or any(not 0.0 <= float(w) <= 1.0 for w in values):
+      raise ConfigError(f'{name}={values}: expected weights in [0, 1]')
+  for name, values in grids.items():
+    if not values or any(int(k) < 1 for k in values):
+      raise ConfigError(f'{name}={values}: expected K values >= 1')
+  if config.data.validation_ids < 0:
+    raise ConfigError(f'data.validation_ids={config.data.validation_ids}: expected >= 0')
+
+
+def select_stage2(
+  model: CACENet,
+  variables: dict,
+  validation: tuple[input_pipeline.SplitData, input_pipeline.SplitData],
+  config: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  scratch_dir: str | None = None,
+) -> tuple[ml_collections.ConfigDict, dict]:
+  """Chooses stage 2's K and mix w on a validation split: the best mAP over their grids.
+
+  The pair distances of every query's largest-K neighbours are computed
+  once; each (K, w) of `eval.stage2_k_grid` x `eval.stage2_mix_grid` then
+  re-sorts a prefix of them. Ties go to the smaller K, then the smaller w
+  (w = 0 keeps the individual ranking: stage 2 is not used when it does not
+  help on validation).
+
+  Returns:
+    (a copy of `config` with `eval.stage2_k` and `eval.stage2_mix` set to the
+    choice, {'stage2_k', 'stage2_mix', 'individual': validation metrics,
+    'grid': [{'k', 'mix', 'mAP', 'rank1'}], 'num_query', 'num_gallery', 'pids'}).
+  """
+  query, gallery = validation
+  k_grid = sorted({int(k) for k in config.eval.stage2_k_grid})
+  mixes = sorted({float(w) for w in config.eval.stage2_mix_grid})
+  with tempfile.TemporaryDirectory(prefix='stage2_cache_', dir=scratch_dir) as cache_dir:
+    q_emb, q_cache = stage1.extract_features(
+      model, variables, query, config, mesh, True, os.path.join(cache_dir, 'query')
+    )
+    g_emb, g_cache = stage1.extract_features(
+      model, variables, gallery, config, mesh, True, os.path.join(cache_dir, 'gallery')
+    )
+    base = metrics.cosine_distance(q_emb, g_emb)
+    pair_distances, pairs_per_call = stage2.make_pair_distances(
+      model, variables, stage2.conditional_distance, q_cache, g_cache, mesh
+    )
+    query_index, gallery_index = stage2.top_k_pairs(base, k_grid[-1])
+    scores = stage2.score_pairs(pair_distances, query_index, gallery_index, pairs_per_call)
+  per_query = len(query_index) // max(len(query), 1)
+  nth = np.arange(len(query_index)) % max(per_query, 1)  # neighbour rank within its query
+  grid = []
+  for k in k_grid:
+    prefix = nth < k
+    for mix in mixes:
+      resorted = stage2.resort(
+        base, query_index[prefix], gallery_index[prefix], scores[prefix], mix
+      )
+      found = measure(resorted, query, gallery)[0]
+      grid.append({'k': k, 'mix': mix, 'mAP': found['mAP'], 'rank1': found['rank1']})
+  best = max(grid, key=lambda row: (row['mAP'], row['rank1']))  # first of equals wins
+  chosen = copy.deepcopy(config)
+  chosen.eval.stage2_k = best['k']
+  chosen.eval.stage2_mix = best['mix']
+  selection = {
+    'stage2_k': best['k'],
+    'stage2_mix': best['mix'],
+    'individual': measure(base, query, gallery)[0],
+    'grid': grid,
+    'num_query': len(query),
+    'num_gallery': len(gallery),
+    'pids': sorted({int(p) for p in gallery.pids}),
+  }
+  return chosen, selection
+
+
+def evaluate_selected(
+  model: CACENet,
+  variables: dict,
+  query: input_pipeline.SplitData,
+  gallery: input_pipeline.SplitData,
+  config: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  scratch_dir: str | None = None,
+  validation: tuple[input_pipeline.SplitData, input_pipeline.SplitData] | None = None,
+) -> Evaluation:
+  """`evaluate` on (query, gallery), with stage 2's K and w chosen on `validation` first.
+
+  Without a validation split, or without a pair stage, this is `evaluate`
+  with the configured values. The choice is recorded as info['selection'].
+  """
+  selection = None
+  if validation is not None and model.pair_stage:
+    config, selection = select_stage2(model, variables, validation, config, mesh, scratch_dir)
+  evaluation = evaluate(model, variables, query, gallery, config, mesh, scratch_dir)
+  if selection is not None:
+    evaluation.info['selection'] = selection
+  return evaluation
+
+
+def format_selection(selection: dict) -> str:
+  """One line: what validation chose and the validation mAP it gave."""
+  best = next(
+    row
+    for row in selection['grid']
+    if (row['k'], row['mix']) == (selection['stage2_k'], selection['stage2_mix'])
+  )
+  return (
+    f'validation ({selection["num_query"]} queries, {selection["num_gallery"]} gallery): '
+    f'stage2_k={selection["stage2_k"]}, stage2_mix={selection["stage2_mix"]:g} '
+    f'(mAP {best["mAP"]:.2f}; individual {selection["individual"]["mAP"]:.2f})'
   )
 
 
@@ -275,6 +397,8 @@ def format_table(evaluation: Evaluation, title: str = '') -> str:
   )
   for row, values in evaluation.metrics.items():
     lines.append(f'{row:<{width}}  ' + '  '.join(f'{values[c]:7.2f}' for c in columns))
+  if 'selection' in evaluation.info:
+    lines.append(format_selection(evaluation.info['selection']))
   lines.extend(format_diagnostics(evaluation.diagnostics))
   return '\n'.join(lines)
 
@@ -343,6 +467,25 @@ def write_report(
     )
 
 
+def check_held_out(
+  config: ml_collections.ConfigDict, trained: ml_collections.ConfigDict | None, workdir: str
+) -> None:
+  """Refuses to choose stage 2 on identities the checkpoint was trained on.
+
+  A validation split is only one if the run held the same identities out:
+  the same dataset, `data.validation_ids` and `data.validation_seed`.
+  """
+  fields = ('dataset', 'validation_ids', 'validation_seed')
+  wanted = {name: config.data[name] for name in fields}
+  recorded = {name: trained.data.get(name) for name in fields} if trained is not None else None
+  if recorded != wanted:
+    raise ConfigError(
+      f'data.validation_ids={config.data.validation_ids}: {workdir} was not trained with '
+      f'these identities held out (it recorded {recorded}, not {wanted}); its validation '
+      'split would be made of training images. Evaluate with data.validation_ids=0'
+    )
+
+
 def evaluate_checkpoint(
   config: ml_collections.ConfigDict, workdir: str, step: int | None = None
 ) -> Evaluation:
@@ -355,8 +498,15 @@ def evaluate_checkpoint(
   """
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(workdir, step, config.model, mesh)
-  query, gallery = input_pipeline.load_eval_splits(input_pipeline.prepare_on_first_process(config))
-  evaluation = evaluate(run.model, run.variables, query, gallery, config, mesh, scratch_dir=workdir)
+  builder = input_pipeline.prepare_on_first_process(config)
+  query, gallery = input_pipeline.load_eval_splits(builder)
+  validation = None
+  if config.data.validation_ids:
+    check_held_out(config, run.config, workdir)
+    validation = input_pipeline.load_training_splits(builder, config.data).validation
+  evaluation = evaluate_selected(
+    run.model, run.variables, query, gallery, config, mesh, workdir, validation
+  )
   if jax.process_index() == 0:
     print(format_table(evaluation, title=f'{config.data.dataset}, {workdir} step {run.step}'))
   write_report(workdir, run.step, config, evaluation, run.model, run.variables, query, gallery)

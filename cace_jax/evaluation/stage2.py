@@ -160,6 +160,7 @@ def rerank_top_k(
   k: int,
   pair_distances: Callable[[np.ndarray, np.ndarray], np.ndarray],
   batch_size: int = 256,
+  mix: float = 1.0,
 ) -> np.ndarray:
   """Stage 2: re-sorts each query's k nearest gallery images by pair distances.
 
@@ -168,22 +169,60 @@ def rerank_top_k(
     k: how many top gallery images per query are re-sorted; 0 returns a copy.
     pair_distances: (query_index [M], gallery_index [M]) -> distances [M].
     batch_size: pairs scored per call (fixed, so the scoring compiles once).
+    mix: w of the re-sorting score (1 - w) d_stage1 + w d_pair (`fuse`);
+      1 re-sorts by pair distances alone.
 
   Returns:
-    [Nq, Ng] distances whose ascending order is stage 2's ranking: the top-k
-    entries of each row are replaced by (pair distance + an offset that keeps
-    them ahead of every other entry); the others are unchanged.
+    [Nq, Ng] distances whose ascending order is stage 2's ranking (`resort`).
   """
-  distmat = np.array(distmat, dtype=np.float32, copy=True)
-  k = min(k, distmat.shape[1])
-  if k <= 0:
-    return distmat
-  top = np.argsort(distmat, axis=1, kind='stable')[:, :k]  # [Nq, k]
-  query_index = np.repeat(np.arange(distmat.shape[0]), k)
-  gallery_index = top.reshape(-1)
+  query_index, gallery_index = top_k_pairs(distmat, k)
   scores = score_pairs(pair_distances, query_index, gallery_index, batch_size)
-  distmat[query_index, gallery_index] = scores + _TOPK_OFFSET
-  return distmat
+  return resort(distmat, query_index, gallery_index, scores, mix)
+
+
+def top_k_pairs(distmat: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """(query index, gallery index), each [Nq * k]: every query's k nearest, nearest first.
+
+  The order is stable, so for each query the pairs of a smaller k are a
+  prefix of its pairs for a larger one.
+  """
+  k = max(min(k, distmat.shape[1]), 0)
+  top = np.argsort(distmat, axis=1, kind='stable')[:, :k]  # [Nq, k]
+  return np.repeat(np.arange(distmat.shape[0]), k), top.reshape(-1)
+
+
+def fuse(stage1_distances, pair_distances, mix: float) -> np.ndarray:
+  """The score stage 2 sorts by: (1 - w) d_stage1 + w d_pair, with w = `mix`.
+
+  The paper re-sorts the top-K "by the similarity of coupled features" and
+  describes its inference as using both individual and conditional features
+  (Sec. 3.5). w = 1 is the conditional distance alone; w < 1 keeps part of
+  the individual one. Both are cosine distances, so they share a scale.
+  """
+  pair_distances = np.asarray(pair_distances, np.float32)
+  if mix == 1.0:
+    return pair_distances
+  return ((1.0 - mix) * np.asarray(stage1_distances) + mix * pair_distances).astype(np.float32)
+
+
+def resort(
+  distmat: np.ndarray,
+  query_index: np.ndarray,
+  gallery_index: np.ndarray,
+  pair_distances: np.ndarray,
+  mix: float = 1.0,
+) -> np.ndarray:
+  """A copy of `distmat` whose listed (query, gallery) entries hold their fused score.
+
+  The replaced entries also get an offset that puts them ahead of every other
+  entry of their row: they are re-sorted among themselves, and the rest of
+  the list keeps its stage-1 order.
+  """
+  resorted = np.array(distmat, dtype=np.float32, copy=True)
+  if len(query_index):
+    scores = fuse(resorted[query_index, gallery_index], pair_distances, mix)
+    resorted[query_index, gallery_index] = scores + _TOPK_OFFSET
+  return resorted
 
 
 def score_pairs(
