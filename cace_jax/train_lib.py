@@ -61,7 +61,32 @@ def create_optimizer(
   # Added to the gradient before momentum: PyTorch SGD's weight_decay, not AdamW-style.
   parts.append(optax.add_decayed_weights(optim.weight_decay))
   parts.append(optax.sgd(schedule, momentum=optim.momentum))
+  if optim.pair_lr_scale != 1.0:  # only then: the optimizer state keeps its official form
+    parts.append(scale_pair_stage(optim.pair_lr_scale))
   return optax.chain(*parts), schedule
+
+
+PAIR_STAGE_PARAMS = ('pair_attention', 'pair_graph')
+
+
+def scale_pair_stage(factor: float) -> optax.GradientTransformation:
+  """Multiplies the updates of the alignment and GCN parameters by `factor`.
+
+  These start where the official init puts them (o at zero, so the others
+  get no gradient at first) and are a few thousand of the model's
+  parameters; a larger step lets them move within a short CPU schedule.
+  Their classifier (`pair_classifier`) keeps the base rate.
+  """
+
+  def factor_of(path) -> float:
+    return factor if getattr(path[0], 'key', None) in PAIR_STAGE_PARAMS else 1.0
+
+  def update(updates, state, params=None):
+    del params
+    scaled = jax.tree_util.tree_map_with_path(lambda path, u: u * factor_of(path), updates)
+    return scaled, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:

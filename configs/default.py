@@ -57,6 +57,8 @@ def get_config(arg=None):
   config.model.gcn_depth = 1
   config.model.reduction = 16
   config.model.dropout_rate = 0.5
+  # Initial scale of the GCN's output conv o (0: zeros, the official init).
+  config.model.gcn_output_init = 0.0
   config.model.dtype = 'float32'  # 'bfloat16' for mixed precision (params stay float32).
   config.model.sync_bn = False  # True: BatchNorm statistics over all devices.
 
@@ -78,6 +80,8 @@ def get_config(arg=None):
   config.optim.warmup_epochs = 5
   config.optim.epochs = 80
   config.optim.grad_clip = 0.0  # Global-norm clipping; 0 disables.
+  # Step-size multiplier of the alignment and GCN parameters (1: the official recipe).
+  config.optim.pair_lr_scale = 1.0
 
   config.train = ml_collections.ConfigDict()
   config.train.num_steps = 0  # > 0 overrides epochs (demos, tests).

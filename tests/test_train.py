@@ -439,3 +439,48 @@ def test_bfloat16_compute_keeps_float32_parameters(tiny_data_dir):
 def test_unknown_dtype_is_a_config_error(tiny_data_dir):
   with pytest.raises(ConfigError, match="model.dtype='float16'"):
     build_model(tiny_config(tiny_data_dir, **{'model.dtype': 'float16'}).model, 5)
+
+
+def test_pair_lr_scale_multiplies_only_the_alignment_and_gcn_updates(tiny_data_dir):
+  """`optim.pair_lr_scale` scales the steps of pair_attention and pair_graph, nothing else."""
+  config = tiny_config(tiny_data_dir, **{'model.adjacency': 'raw_correspondence'})
+  model = build_model(config.model, NUM_CLASSES)
+  params = train_lib.init_state(model, optax.identity(), config.data.image_size, 0).params
+  grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.01, params)
+  steps = {}
+  for scale in (1.0, 10.0):
+    config.optim.pair_lr_scale = scale
+    tx, _ = train_lib.create_optimizer(config, steps_per_epoch=3, global_batch=4)
+    state = tx.init(params)
+    for _ in range(3):  # past the first step, whose warm-up learning rate is 0
+      updates, state = tx.update(grads, state, params)
+    steps[scale] = updates
+  flat = lambda tree: {
+    jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
+  base, scaled = flat(steps[1.0]), flat(steps[10.0])
+  assert any('pair_graph' in name for name in base) and any(
+    'pair_attention' in name for name in base
+  )
+  for name, update in base.items():
+    factor = 10.0 if name.startswith(("['pair_attention']", "['pair_graph']")) else 1.0
+    assert np.abs(update).max() > 0, name
+    np.testing.assert_allclose(scaled[name], factor * update, rtol=1e-5, err_msg=name)
+  # The official recipe's optimizer state keeps its form (checkpoints stay compatible).
+  config.optim.pair_lr_scale = 1.0
+  tx, _ = train_lib.create_optimizer(config, steps_per_epoch=3, global_batch=4)
+  assert len(tx.init(params)) == 2
+
+
+def test_gcn_output_init_scales_o_and_zero_is_the_official_zeros(tiny_data_dir):
+  config = tiny_config(tiny_data_dir)
+  kernels = {}
+  for scale in (0.0, 1.0, 3.0):
+    config.model.gcn_output_init = scale
+    model = build_model(config.model, NUM_CLASSES)
+    params = train_lib.init_state(model, optax.identity(), config.data.image_size, 0).params
+    kernels[scale] = np.asarray(params['pair_graph']['o']['kernel'])
+  assert not kernels[0.0].any()
+  fan_in = kernels[1.0].shape[2]
+  assert np.std(kernels[1.0]) == pytest.approx(1 / np.sqrt(fan_in), rel=0.2)
+  np.testing.assert_allclose(kernels[3.0], 3 * kernels[1.0], rtol=1e-5)

@@ -118,6 +118,9 @@ class CACENet(nn.Module):
     pair_block: rows u per `lax.map` step for GeM/avg||max pair pooling (None: 1;
       B: all B^2 conditional maps at once).
     dropout_rate: dropout before both classifiers.
+    gcn_output_init: initial scale of the GCN's output convs o, relative to
+      LeCun-normal; 0 (the official init) starts them at zero, which also
+      zeroes the first gradients of g and of the attention (`PairGCN`).
     dtype: backbone compute dtype; parameters and the head stay float32.
     sync_bn: BatchNorm statistics over all devices of the `data` axis (else
       per device, as PyTorch DDP); only matters in training, under shard_map.
@@ -138,6 +141,7 @@ class CACENet(nn.Module):
   pair_path: str = 'fast'
   pair_block: int | None = None
   dropout_rate: float = 0.5
+  gcn_output_init: float = 0.0
   dtype: Any = jnp.float32
   sync_bn: bool = False
 
@@ -181,7 +185,12 @@ class CACENet(nn.Module):
         dtype=self.dtype,
       )
       self.pair_graph = PairGCN(
-        channels, kind=self.gcn, depth=self.gcn_depth, reduction=self.reduction, dtype=self.dtype
+        channels,
+        kind=self.gcn,
+        depth=self.gcn_depth,
+        reduction=self.reduction,
+        output_init=self.gcn_output_init,
+        dtype=self.dtype,
       )
 
   @property

@@ -207,12 +207,18 @@ class PairGCN(nn.Module):
     kind: 'discrepancy' or 'normal'.
     depth: number of stacked layers (all share the backbone adjacency).
     reduction: r = C // reduction (16 in the paper).
+    output_init: initial scale of every o relative to LeCun-normal. 0 (the
+      official init) makes each conditional map start equal to the individual
+      one; it also makes the first gradients of g and of the adjacency zero
+      (both reach the loss only through o), so they learn only as fast as o
+      grows away from 0.
   """
 
   in_features: int
   kind: str = 'discrepancy'
   depth: int = 1
   reduction: int = 16
+  output_init: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -229,12 +235,15 @@ class PairGCN(nn.Module):
       )
       for layer in range(self.depth)
     ]
-    # o starts at zero: every conditional map starts equal to the individual one.
+    if self.output_init:
+      output_init = nn.initializers.variance_scaling(self.output_init**2, 'fan_in', 'normal')
+    else:  # the official init: every conditional map starts equal to the individual one
+      output_init = nn.initializers.zeros
     self.o_layers = [
       Conv1x1(
         inner,
         self.in_features,
-        kernel_init=nn.initializers.zeros,
+        kernel_init=output_init,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         name=f'o{suffix(layer)}',
