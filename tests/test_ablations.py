@@ -45,3 +45,64 @@ def test_a_run_with_results_is_not_trained_again(tmp_path, monkeypatch):
     '--config.seed=2',
     '--workdir=w',
   ]
+
+
+def scored(individual, cacenet=None, family=None):
+  """A results.json with an individual row, optionally a cacenet row and family retrieval."""
+  row = lambda m: {'rank1': m, 'rank5': m, 'rank10': m, 'mAP': m, 'mINP': m}
+  results = {'individual': row(individual)}
+  found = {}
+  if cacenet is not None:
+    results['cacenet'] = row(cacenet)
+  if family is not None:
+    found['family_retrieval'] = {
+      'individual': {'mAP': family[0], 'rank1': 0.0},
+      'cacenet': {'mAP': family[1], 'rank1': 0.0},
+    }
+  return {'results': results, 'diagnostics': found}
+
+
+def test_gains_are_per_seed_differences_within_each_run():
+  summary = ablations.summarise(
+    {0: scored(80.0, 83.0, (70.0, 76.0)), 1: scored(82.0, 81.0, (72.0, 74.0))}
+  )
+  assert summary['gains']['mAP']['values'] == [3.0, -1.0]
+  assert summary['gains']['family_mAP']['values'] == [6.0, 2.0]
+  table = ablations.markdown_table(
+    'table1', {'config': 'c', 'seeds': [0, 1], 'rows': {'x': summary}}
+  )
+  assert '| x | +1.00 ± 2.83 | +4.00 ± 2.83 | no |' in table
+  assert ablations.summarise({0: scored(80.0)})['gains'] == {}
+
+
+def test_ordering_compares_headline_rows_and_says_whether_each_claim_holds():
+  rows = {
+    'individual': ablations.summarise({0: scored(80.0), 1: scored(82.0)}),
+    # Its individual row is higher, but a pair model is scored by its cacenet row.
+    'individual_gcn': ablations.summarise({0: scored(95.0, 81.0), 1: scored(95.0, 83.0)}),
+    'normal_gcn': ablations.summarise({0: scored(80.0, 79.0), 1: scored(80.0, 81.0)}),
+  }
+  checks = ablations.check_ordering(ablations.STUDIES['table1'], {'rows': rows})
+  assert [c['claim'] for c in checks] == [
+    'individual < individual_gcn',
+    'individual_gcn <= normal_gcn',
+  ]  # discrepancy_gcn was not run: its claim is left out
+  assert checks[0]['holds'] and checks[0]['lower']['mean'] == 81.0
+  assert checks[0]['higher']['mean'] == 82.0
+  assert not checks[1]['holds']
+  report = {'config': 'c', 'seeds': [0, 1], 'rows': rows, 'ordering': checks}
+  table = ablations.markdown_table('table1', report)
+  assert '- individual < individual_gcn: 81.00 ± 1.41 vs 82.00 ± 1.41: holds' in table
+  assert 'individual_gcn <= normal_gcn: 82.00 ± 1.41 vs 80.00 ± 1.41: does not hold' in table
+
+
+def test_every_study_row_names_config_fields_that_exist():
+  from configs import default
+
+  fields = default.get_config()
+  for name, study in ablations.STUDIES.items():
+    assert os.path.exists(os.path.join(ablations.ROOT, study.config)), name
+    for row, overrides in study.rows.items():
+      for path in overrides:
+        section, field = path.split('.')
+        assert field in fields[section], (name, row, path)

@@ -391,6 +391,7 @@ CONFIG_ARGS = (
     ('msmt17.py', None),
     ('occluded_duke.py', None),
     ('synthetic.py', None),
+    ('synthetic_pairs.py', None),
     ('tiny.py', None),
     ('ablations/paper.py', 'market1501'),
   ]
