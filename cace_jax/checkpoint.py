@@ -136,7 +136,7 @@ def read_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict, d
 
 
 def merge_variables(
-  target: dict, source: dict, replaceable: tuple[str, ...] = ()
+  target: dict, source: dict, replaceable: tuple[str, ...] = (), absent: tuple[str, ...] = ()
 ) -> tuple[dict, list[str]]:
   """`source`'s variables in `target`'s tree; every mismatch is an error, naming each.
 
@@ -146,6 +146,9 @@ def merge_variables(
     replaceable: '/'-joined path prefixes (e.g. 'params/classifier') whose
       leaves may be absent from `source` or differ in shape; they keep the
       target's value (a classifier over another dataset's identities).
+    absent: prefixes whose leaves may be absent from `source` (they keep the
+      target's value) but must match when present (a pair stage that the
+      source model did not have).
 
   Returns:
     (merged variables, the replaceable paths that kept the target's value).
@@ -155,13 +158,14 @@ def merge_variables(
   """
   flat_target = traverse_util.flatten_dict(target, sep='/')
   flat_source = traverse_util.flatten_dict(source, sep='/')
-  is_replaceable = lambda path: any(path.startswith(prefix + '/') for prefix in replaceable)
+  under = lambda path, prefixes: any(path.startswith(prefix + '/') for prefix in prefixes)
+  is_replaceable = lambda path: under(path, replaceable)
   merged, kept, problems = {}, [], []
   for path, value in flat_target.items():
     found = flat_source.get(path)
     if found is not None and found.shape == value.shape:
       merged[path] = found
-    elif is_replaceable(path):
+    elif is_replaceable(path) or (found is None and under(path, absent)):
       merged[path] = value
       kept.append(path)
     elif found is None:

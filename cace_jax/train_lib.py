@@ -221,6 +221,10 @@ def init_backbone(state: TrainState, config: ml_collections.ConfigDict) -> Train
 
 
 CLASSIFIERS = ('params/classifier', 'params/pair_classifier')
+# A checkpoint without a pair stage (gcn 'none') may start a full model: the
+# second phase of a two-phase schedule, whose first phase trains individual
+# embeddings only. The pair stage then starts from its initialisation.
+PAIR_STAGE = tuple(f'params/{name}' for name in PAIR_STAGE_PARAMS)
 
 
 def init_from_checkpoint(
@@ -231,8 +235,10 @@ def init_from_checkpoint(
   The workdir may hold a port (`tools/port.py official ...`) or
   another run. All variables must match the model exactly, except the two
   classifiers, which are kept freshly initialised when their number of
-  identities differs (fine-tuning on another dataset). Optimizer state and
-  step start afresh.
+  identities differs (fine-tuning on another dataset), and the pair stage,
+  kept at its initialisation when the checkpoint has none (a gcn 'none' run
+  as the first phase of a two-phase schedule). Optimizer state and step
+  start afresh.
 
   Returns:
     (state, the classifier variables that were not loaded).
@@ -248,6 +254,7 @@ def init_from_checkpoint(
       target,
       {'params': source['params'], 'batch_stats': source['batch_stats']},
       replaceable=CLASSIFIERS,
+      absent=PAIR_STAGE,
     )
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f'init.checkpoint={source_dir}: {e}') from e

@@ -519,6 +519,35 @@ def test_training_starts_from_a_whole_checkpoint(trained_workdir, tiny_data_dir,
     assert f'initialised from {trained_workdir}' in f.read()
 
 
+def test_a_model_without_pair_stage_starts_the_full_models_second_phase():
+  """merge_variables(absent=...): missing pair-stage leaves keep their init; others must fit."""
+  from cace_jax import train_lib  # pylint: disable=import-outside-toplevel
+
+  target = {
+    'params': {
+      'backbone': {'w': np.ones(3)},
+      'pair_graph': {'o': np.full(2, 7.0)},
+      'pair_attention': {'y': np.full(2, 5.0)},
+    },
+    'batch_stats': {},
+  }
+  individual_only = {'params': {'backbone': {'w': np.zeros(3)}}, 'batch_stats': {}}
+  merged, kept = checkpoint.merge_variables(
+    target, individual_only, train_lib.CLASSIFIERS, absent=train_lib.PAIR_STAGE
+  )
+  assert kept == ['params/pair_graph/o', 'params/pair_attention/y']
+  np.testing.assert_array_equal(merged['params']['backbone']['w'], np.zeros(3))
+  np.testing.assert_array_equal(merged['params']['pair_graph']['o'], np.full(2, 7.0))
+  # A pair stage of another shape is an error, not silently replaced.
+  wrong = {'params': {**individual_only['params'], 'pair_graph': {'o': np.zeros(4)}}}
+  wrong['batch_stats'] = {}
+  with pytest.raises(ValueError, match=r'params/pair_graph/o has shape \(4,\), expected \(2,\)'):
+    checkpoint.merge_variables(target, wrong, train_lib.CLASSIFIERS, absent=train_lib.PAIR_STAGE)
+  # Without `absent`, a missing pair stage is an error as before.
+  with pytest.raises(ValueError, match='missing params/pair_graph/o'):
+    checkpoint.merge_variables(target, individual_only, train_lib.CLASSIFIERS)
+
+
 def test_official_checkpoint_to_onnx_matches_pytorch(tmp_path):
   """Official .pth -> port -> ONNX: onnxruntime reproduces the PyTorch model's embeddings."""
   import onnxruntime  # pylint: disable=import-outside-toplevel
