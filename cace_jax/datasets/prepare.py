@@ -2,7 +2,8 @@
 
 NAME is a builder name, optionally with its config: market1501, dukemtmc_reid,
 msmt17, msmt17/combineall, occluded_duke, synthetic_details (= /default),
-synthetic_details/occluded, synthetic_details/tiny. A dataset that is already
+synthetic_details/occluded, synthetic_details/large_families,
+synthetic_details/tiny. A dataset that is already
 prepared is left as it is; a failed preparation leaves no partial records.
 """
 

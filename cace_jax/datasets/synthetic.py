@@ -143,6 +143,10 @@ PRESETS = {
   ),
   # Occluded-Duke style: every query and ~10% of train and gallery images occluded.
   'occluded': SyntheticConfig(occlusion_prob=0.1, query_occlusion=True),
+  # Harder: the same details, 8 identities per family (120 train / 104 test ids).
+  # A random 4-identity batch holds two members of a family twice as often as
+  # in 'default' (32% of batches, not 15%); each query has 7 look-alike impostors.
+  'large_families': SyntheticConfig(num_train_families=15, num_test_families=13, ids_per_family=8),
 }
 
 
