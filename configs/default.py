@@ -59,6 +59,8 @@ def get_config(arg=None):
   config.model.dropout_rate = 0.5
   # Initial scale of the GCN's output conv o (0: zeros, the official init).
   config.model.gcn_output_init = 0.0
+  # Initial intra-image diagonal W of the correspondence attention (eq. 2; W' starts at 1).
+  config.model.intra_init = 1.0
   config.model.dtype = 'float32'  # 'bfloat16' for mixed precision (params stay float32).
   config.model.sync_bn = False  # True: BatchNorm statistics over all devices.
 

@@ -118,6 +118,23 @@ def test_cosine_correspondence_starts_as_relu_cosine():
   np.testing.assert_allclose(module.apply(variables, nodes_u, nodes_v), expected, atol=1e-5)
 
 
+def test_intra_init_scales_only_the_intra_image_blocks_at_the_start():
+  nodes_u, nodes_v = random_nodes(0), random_nodes(1)
+  key = jax.random.key(0, impl='rbg')
+  base = make_adjacency('cosine_correspondence', CHANNELS)
+  low = make_adjacency('cosine_correspondence', CHANNELS, intra_init=0.25)
+  a = base.apply(base.init(key, nodes_u, nodes_v), nodes_u, nodes_v)
+  variables = low.init(key, nodes_u, nodes_v)
+  np.testing.assert_array_equal(variables['params']['w_intra'], 0.25)
+  np.testing.assert_array_equal(variables['params']['w_inter'], 1.0)
+  b = low.apply(variables, nodes_u, nodes_v)
+  n = nodes_u.shape[1]
+  same = np.zeros((2 * n, 2 * n), bool)
+  same[:n, :n] = same[n:, n:] = True
+  np.testing.assert_allclose(np.where(same, b, 0), np.where(same, 0.25 * a, 0), atol=1e-6)
+  np.testing.assert_allclose(np.where(same, 0, b), np.where(same, 0, a), atol=1e-6)
+
+
 def test_projected_attention_uses_y_without_bias():
   nodes = random_nodes(0)
   module = make_adjacency('projected', CHANNELS)

@@ -110,3 +110,15 @@ def test_probed_matches_take_every_querys_first_match_before_any_second():
   assert pairs.tolist() == [[0, 0], [2, 3], [0, 2]]
   assert evaluate.true_match_pairs(query, gallery, limit=1).tolist() == [[0, 0]]
   assert evaluate.true_match_pairs(query, split([5], [2]), limit=4).shape == (0, 2)
+
+
+def test_cross_share_is_the_fraction_of_each_pixels_degree_across_images():
+  n = 4
+  intra, cross = np.ones((1, n, n)), np.ones((1, n, n))
+  assert diagnostics.cross_share(intra, cross) == pytest.approx(0.5)
+  assert diagnostics.cross_share(intra * 3.0, cross) == pytest.approx(0.25)
+  assert diagnostics.cross_share(np.zeros((1, n, n)), cross) == pytest.approx(1.0)
+  # A pixel with no edge at all is left out, not counted as 0.
+  intra, cross = np.zeros((1, 2, 2)), np.array([[[1.0, 0.0], [0.0, 0.0]]])
+  assert diagnostics.cross_share(intra, cross) == pytest.approx(1.0)
+  assert np.isnan(diagnostics.cross_share(np.zeros((1, 2, 2)), np.zeros((1, 2, 2))))

@@ -147,6 +147,7 @@ def test_eval_py_end_to_end(trained_workdir, tiny_data_dir):
     'family_retrieval',
     'hard_pair_auc',
     'alignment_selectivity',
+    'cross_share',
     'conditioning_strength',
   }
   for row in ('individual', 'cacenet'):
@@ -155,6 +156,7 @@ def test_eval_py_end_to_end(trained_workdir, tiny_data_dir):
   # Restricted to the family, the impostors of other families are gone.
   assert found['family_retrieval']['individual']['mAP'] >= saved['results']['individual']['mAP']
   assert 0 < found['alignment_selectivity'] <= 1 and found['conditioning_strength'] >= 0
+  assert 0 <= found['cross_share'] <= 1
   assert 'within-family retrieval, cacenet' in result.stdout
   assert 'alignment selectivity' in result.stdout
 

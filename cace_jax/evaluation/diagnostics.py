@@ -15,6 +15,11 @@ identities, families, adjacency blocks, embeddings) and returns plain floats;
       A_uv, normalised to sum 1, as a fraction of the n pixels it could link
       to: the effective number of partners per pixel. 1.0 is a uniform
       (unaligned) row, 1/n a single partner.
+  cross-image share  The fraction of each pixel's degree that goes to the
+      other image: A_uv's row sum over (A_uu's + A_uv's). The GCN's
+      discrepancy compares a pixel with the mean of its neighbours, so with a
+      share near 0 it compares the image with itself and f(u|v) cannot
+      depend much on v.
   conditioning strength  For one query q and its top-K gallery images g, the
       spread of f(q|g) around its mean over g, relative to how far f(q|g) is
       from f(q). 0 means f(q|g) = f(q) + an offset that ignores g: the
@@ -135,6 +140,19 @@ def alignment_selectivity(cross_blocks: np.ndarray) -> float:
   p = rows / total[:, None]
   entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
   return float(np.mean(np.exp(entropy)) / blocks.shape[-1])
+
+
+def cross_share(intra_blocks: np.ndarray, cross_blocks: np.ndarray) -> float:
+  """Mean over pixels of cross degree / (intra + cross degree), blocks [..., n, n].
+
+  Pixels without any edge are left out; NaN if none has one.
+  """
+  intra = np.asarray(intra_blocks, np.float64).sum(-1).ravel()
+  cross = np.asarray(cross_blocks, np.float64).sum(-1).ravel()
+  total = intra + cross
+  if not np.any(total > 0):
+    return float('nan')
+  return float(np.mean(cross[total > 0] / total[total > 0]))
 
 
 def conditioning_strength(conditional: np.ndarray, individual: np.ndarray) -> float:

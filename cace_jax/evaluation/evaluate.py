@@ -300,8 +300,8 @@ def diagnose(
     {'family_retrieval': {'individual'[, 'cacenet']: {'mAP', 'rank1'}},
      'hard_pair_auc': {'individual'[, 'cacenet']: AUC}} where the dataset
     has identity families (synthetic_details), and with a pair stage
-    'alignment_selectivity' (on up to PROBED_MATCHES true-match pairs, one
-    per query first) and 'conditioning_strength' (over each query's top
+    'alignment_selectivity' and 'cross_share' (on up to PROBED_MATCHES
+    true-match pairs, one per query first) and 'conditioning_strength' (over each query's top
     `eval.stage2_k`, at least 2, stage-1 neighbours).
   """
   found = {}
@@ -332,8 +332,9 @@ def diagnose(
     )
     matches = true_match_pairs(query, gallery, PROBED_MATCHES)
     if len(matches):
-      cross = stage2.score_pairs(probe_pairs, *matches.T)['cross']
-      found['alignment_selectivity'] = diagnostics.alignment_selectivity(cross)
+      blocks = stage2.score_pairs(probe_pairs, *matches.T)
+      found['alignment_selectivity'] = diagnostics.alignment_selectivity(blocks['cross'])
+      found['cross_share'] = diagnostics.cross_share(blocks['intra'], blocks['cross'])
     k = max(2, config.eval.stage2_k)
     top = top_ranking(distmat, k)
     probed = stage2.score_pairs(
@@ -416,6 +417,10 @@ def format_diagnostics(found: dict) -> list[str]:
     lines.append(
       f'alignment selectivity (effective partners / n, 1 = uniform): '
       f'{found["alignment_selectivity"]:.3f}'
+    )
+  if 'cross_share' in found:
+    lines.append(
+      f'cross-image share of the degree (0 = only intra-image edges): {found["cross_share"]:.3f}'
     )
   if 'conditioning_strength' in found:
     lines.append(

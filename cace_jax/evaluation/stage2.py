@@ -261,7 +261,8 @@ def make_pair_probe(model: CACENet) -> Callable:
   """Jitted (variables, cache_q, cache_g) -> what the diagnostics read of N pairs (q, g).
 
   Returns a dict: 'cross' [N, n, n] the cross block A_qg of each pair graph,
-  'conditional' [N, E] f(q|g) and 'individual' [N, E] f(q), all eval mode.
+  'intra' [N, n, n] q's intra block A_qq, 'conditional' [N, E] f(q|g) and
+  'individual' [N, E] f(q), all eval mode.
   """
 
   def probe(variables, cache_q, cache_g):
@@ -269,6 +270,7 @@ def make_pair_probe(model: CACENet) -> Callable:
     embeddings = model.apply(variables, cache_q, cache_g, method=CACENet.embed_cached_pairs)
     return {
       'cross': cross_block(model.adjacency, cache_q['query'], cache_g['key'], model.topk),
+      'intra': cache_q['intra'],
       'conditional': embeddings['embedding_uv'],
       'individual': model.apply(variables, cache_q, method=CACENet.embed_cache),
     }

@@ -120,12 +120,16 @@ class ClueAttention(nn.Module):
     in_features: C, channels of the feature maps.
     reduction: C / width of the 'projected' embedding y (16).
     topk: neighbours per pixel for 'topk'.
+    intra_init: initial value of every entry of the intra-image diagonal W
+      (eq. 2) of the correspondence kinds; W' (eq. 3) starts at ones. Below 1
+      the graph starts with more of each pixel's degree across the pair.
   """
 
   kind: str = 'projected'
   in_features: int = 2048
   reduction: int = 16
   topk: int = 1
+  intra_init: float = 1.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -141,7 +145,7 @@ class ClueAttention(nn.Module):
       )
     if self.kind in DIAGONAL_KINDS:
       self.w_intra = self.param(
-        'w_intra', nn.initializers.ones, (self.in_features,), self.param_dtype
+        'w_intra', nn.initializers.constant(self.intra_init), (self.in_features,), self.param_dtype
       )
     if self.kind.endswith('correspondence'):
       self.w_inter = self.param(

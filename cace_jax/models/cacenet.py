@@ -118,6 +118,8 @@ class CACENet(nn.Module):
     pair_block: rows u per `lax.map` step for GeM/avg||max pair pooling (None: 1;
       B: all B^2 conditional maps at once).
     dropout_rate: dropout before both classifiers.
+    intra_init: initial value of the correspondence attention's intra-image
+      diagonal W (`ClueAttention.intra_init`; 1 as officially).
     gcn_output_init: initial scale of the GCN's output convs o, relative to
       LeCun-normal; 0 (the official init) starts them at zero, which also
       zeroes the first gradients of g and of the attention (`PairGCN`).
@@ -142,6 +144,7 @@ class CACENet(nn.Module):
   pair_block: int | None = None
   dropout_rate: float = 0.5
   gcn_output_init: float = 0.0
+  intra_init: float = 1.0
   dtype: Any = jnp.float32
   sync_bn: bool = False
 
@@ -182,6 +185,7 @@ class CACENet(nn.Module):
         in_features=channels,
         reduction=self.reduction,
         topk=self.topk,
+        intra_init=self.intra_init,
         dtype=self.dtype,
       )
       self.pair_graph = PairGCN(
