@@ -85,6 +85,31 @@ def top_ranking(distmat: np.ndarray, top: int = TOP, chunk_elements: int = 8_000
   return ranking
 
 
+def extract_both(
+  model: CACENet,
+  variables: dict,
+  splits: tuple[input_pipeline.SplitData, input_pipeline.SplitData],
+  config: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  with_cache: bool,
+  cache_dir: str,
+) -> tuple:
+  """Stage-1 embeddings of a (query, gallery) pair of splits, and their stage-2 caches.
+
+  Returns (query embeddings, query cache, gallery embeddings, gallery cache);
+  the caches are empty without `with_cache`, and go under `cache_dir` when
+  too large for memory.
+  """
+  query, gallery = splits
+  q_emb, q_cache = stage1.extract_features(
+    model, variables, query, config, mesh, with_cache, os.path.join(cache_dir, 'query')
+  )
+  g_emb, g_cache = stage1.extract_features(
+    model, variables, gallery, config, mesh, with_cache, os.path.join(cache_dir, 'gallery')
+  )
+  return q_emb, q_cache, g_emb, g_cache
+
+
 def evaluate(
   model: CACENet,
   variables: dict,
@@ -113,11 +138,8 @@ def evaluate(
     os.makedirs(scratch_dir, exist_ok=True)
   k = config.eval.stage2_k if model.pair_stage else 0
   with tempfile.TemporaryDirectory(prefix='stage2_cache_', dir=scratch_dir) as cache_dir:
-    q_emb, q_cache = stage1.extract_features(
-      model, variables, query, config, mesh, k > 0, os.path.join(cache_dir, 'query')
-    )
-    g_emb, g_cache = stage1.extract_features(
-      model, variables, gallery, config, mesh, k > 0, os.path.join(cache_dir, 'gallery')
+    q_emb, q_cache, g_emb, g_cache = extract_both(
+      model, variables, (query, gallery), config, mesh, k > 0, cache_dir
     )
     stage1_rows = {'individual': metrics.cosine_distance(q_emb, g_emb)}
     if config.eval.rerank:  # k-reciprocal re-ranking of stage 1; stage 2 re-sorts its top-K
@@ -198,11 +220,8 @@ def select_stage2(
   k_grid = sorted({int(k) for k in config.eval.stage2_k_grid})
   mixes = sorted({float(w) for w in config.eval.stage2_mix_grid})
   with tempfile.TemporaryDirectory(prefix='stage2_cache_', dir=scratch_dir) as cache_dir:
-    q_emb, q_cache = stage1.extract_features(
-      model, variables, query, config, mesh, True, os.path.join(cache_dir, 'query')
-    )
-    g_emb, g_cache = stage1.extract_features(
-      model, variables, gallery, config, mesh, True, os.path.join(cache_dir, 'gallery')
+    q_emb, q_cache, g_emb, g_cache = extract_both(
+      model, variables, validation, config, mesh, True, cache_dir
     )
     base = metrics.cosine_distance(q_emb, g_emb)
     pair_distances, pairs_per_call = stage2.make_pair_distances(
