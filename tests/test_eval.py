@@ -14,7 +14,7 @@ import pytest
 
 from cace_jax import checkpoint, input_pipeline, sharding
 from cace_jax.errors import ConfigError
-from cace_jax.evaluation import evaluate, stage2
+from cace_jax.evaluation import diagnostics, evaluate, stage2
 from cace_jax.models import CACENet, build_model
 from configs import tiny
 
@@ -263,7 +263,6 @@ def test_stage2_mix_blends_the_two_distances_within_the_top_k():
 def test_stage2_choice_on_validation_is_the_best_of_its_grid(trained_workdir, tiny_data_dir):
   config = tiny.get_config()
   config.data.data_dir = tiny_data_dir
-  config.eval.diagnostics = False
   config.data.validation_ids = 3
   config.eval.stage2_k_grid = (2, 4)
   config.eval.stage2_mix_grid = (0.0, 0.5, 1.0)
@@ -282,6 +281,15 @@ def test_stage2_choice_on_validation_is_the_best_of_its_grid(trained_workdir, ti
   assert grid[(2, 0.0)] == grid[(4, 0.0)] == selection['individual']['mAP']
   again = evaluate.evaluate(run.model, run.variables, *validation, chosen, mesh)
   assert again.metrics['cacenet']['mAP'] == pytest.approx(grid[best], abs=1e-4)
+  # The diagnostics of the validation split are those of evaluating it at the chosen K.
+  found, direct = map(diagnostics.flatten, (selection['diagnostics'], again.diagnostics))
+  assert 'family_retrieval/cacenet/mAP' in found and 'alignment_selectivity' in found
+  assert found == pytest.approx(direct, abs=1e-5)
+  logged = evaluate.flatten_metrics(
+    evaluate.Evaluation(again.metrics, {}, {}, {'selection': selection}, {})
+  )
+  assert logged['validation/stage2_k'] == best[0]
+  assert logged['validation_diagnostics/alignment_selectivity'] == found['alignment_selectivity']
   # Held-out identities are whole families of the training split.
   assert len(selection['pids']) == 3
 

@@ -37,8 +37,9 @@ class Evaluation:
     metrics: {row: {'rank1', 'rank5', 'rank10', 'mAP', 'mINP'}} in percent.
     rankings: {row: [Nq, TOP] gallery indices, nearest first}.
     per_query_ap: {row: [Nq] average precision (NaN for queries left out)}.
-    info: how it was measured: 'stage2_k' and, with a stage 2,
-      'cache_bytes_per_image' and 'cache_on_disk'.
+    info: how it was measured: 'stage2_k' and, with a stage 2, 'stage2_mix',
+      'cache_bytes_per_image', 'cache_on_disk', and 'selection' when K and w
+      were chosen on a validation split (`select_stage2`).
     diagnostics: what `diagnose` measured (empty with `eval.diagnostics` off).
   """
 
@@ -214,7 +215,9 @@ def select_stage2(
   Returns:
     (a copy of `config` with `eval.stage2_k` and `eval.stage2_mix` set to the
     choice, {'stage2_k', 'stage2_mix', 'individual': validation metrics,
-    'grid': [{'k', 'mix', 'mAP', 'rank1'}], 'num_query', 'num_gallery', 'pids'}).
+    'grid': [{'k', 'mix', 'mAP', 'rank1'}], 'num_query', 'num_gallery', 'pids',
+    'diagnostics': `diagnose` on the validation split at the chosen K, {}
+    without `eval.diagnostics`}).
   """
   query, gallery = validation
   k_grid = sorted({int(k) for k in config.eval.stage2_k_grid})
@@ -229,21 +232,25 @@ def select_stage2(
     )
     query_index, gallery_index = stage2.top_k_pairs(base, k_grid[-1])
     scores = stage2.score_pairs(pair_distances, query_index, gallery_index, pairs_per_call)
-  per_query = len(query_index) // max(len(query), 1)
-  nth = np.arange(len(query_index)) % max(per_query, 1)  # neighbour rank within its query
-  grid = []
-  for k in k_grid:
-    prefix = nth < k
-    for mix in mixes:
-      resorted = stage2.resort(
-        base, query_index[prefix], gallery_index[prefix], scores[prefix], mix
-      )
-      found = measure(resorted, query, gallery)[0]
-      grid.append({'k': k, 'mix': mix, 'mAP': found['mAP'], 'rank1': found['rank1']})
-  best = max(grid, key=lambda row: (row['mAP'], row['rank1']))  # first of equals wins
-  chosen = copy.deepcopy(config)
-  chosen.eval.stage2_k = best['k']
-  chosen.eval.stage2_mix = best['mix']
+    per_query = len(query_index) // max(len(query), 1)
+    nth = np.arange(len(query_index)) % max(per_query, 1)  # neighbour rank within its query
+    grid = []
+    for k in k_grid:
+      prefix = nth < k
+      for mix in mixes:
+        resorted = stage2.resort(
+          base, query_index[prefix], gallery_index[prefix], scores[prefix], mix
+        )
+        found = measure(resorted, query, gallery)[0]
+        grid.append({'k': k, 'mix': mix, 'mAP': found['mAP'], 'rank1': found['rank1']})
+    best = max(grid, key=lambda row: (row['mAP'], row['rank1']))  # first of equals wins
+    chosen = copy.deepcopy(config)
+    chosen.eval.stage2_k = best['k']
+    chosen.eval.stage2_mix = best['mix']
+    validation_diagnostics = {}
+    if config.eval.diagnostics:  # for choosing recipe knobs without looking at the test split
+      conditional, probe = (pair_distances, pairs_per_call), (variables, q_cache, g_cache)
+      validation_diagnostics = diagnose(model, query, gallery, chosen, base, conditional, probe)
   selection = {
     'stage2_k': best['k'],
     'stage2_mix': best['mix'],
@@ -252,6 +259,7 @@ def select_stage2(
     'num_query': len(query),
     'num_gallery': len(gallery),
     'pids': sorted({int(p) for p in gallery.pids}),
+    'diagnostics': validation_diagnostics,
   }
   return chosen, selection
 
@@ -396,7 +404,8 @@ def measure(
 
 
 def flatten_metrics(evaluation: Evaluation) -> dict:
-  """{'individual/mAP': x, ...} (for scalar logging)."""
+  """{'individual/mAP': x, ...} (for scalar logging), with the validation split's choice
+  and diagnostics when stage 2 was chosen on one."""
   flat = {
     f'{row}/{name}': value
     for row, values in evaluation.metrics.items()
@@ -404,6 +413,14 @@ def flatten_metrics(evaluation: Evaluation) -> dict:
   }
   for name, value in diagnostics.flatten(evaluation.diagnostics, sep='_').items():
     flat[f'diagnostics/{name}'] = value
+  selection = evaluation.info.get('selection', {})
+  for name, value in diagnostics.flatten(selection.get('diagnostics', {}), sep='_').items():
+    flat[f'validation_diagnostics/{name}'] = value
+  if selection:
+    flat['validation/stage2_k'], flat['validation/stage2_mix'] = (
+      selection['stage2_k'],
+      selection['stage2_mix'],
+    )
   return flat
 
 
@@ -417,9 +434,11 @@ def format_table(evaluation: Evaluation, title: str = '') -> str:
   )
   for row, values in evaluation.metrics.items():
     lines.append(f'{row:<{width}}  ' + '  '.join(f'{values[c]:7.2f}' for c in columns))
-  if 'selection' in evaluation.info:
-    lines.append(format_selection(evaluation.info['selection']))
   lines.extend(format_diagnostics(evaluation.diagnostics))
+  if 'selection' in evaluation.info:
+    selection = evaluation.info['selection']
+    lines.append(format_selection(selection))
+    lines.extend('  ' + line for line in format_diagnostics(selection.get('diagnostics', {})))
   return '\n'.join(lines)
 
 
