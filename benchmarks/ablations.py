@@ -21,6 +21,12 @@ Studies:
   attention  the adjacency of the pair graph: the official projected cosine
              (the demo's), the paper's eq. 2-4 on raw features, and the same
              on L2-normalised pixels (issue 12).
+  table1     the paper's Table 1 on configs/synthetic_pairs.py: individual
+             only, individual-GCN, normal GCN, discrepancy GCN (the
+             "+ clue alignment" row is every pair model's clue_alignment row).
+  table2     the paper's Table 2 on the same config: the discrepancy GCN
+             over fixed adjacencies (none, part, top-k, full), the paper's
+             correspondence attention and the official projected form.
 """
 
 from __future__ import annotations
