@@ -27,7 +27,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cace_jax import augment
-from cace_jax.datasets import prepare
+from cace_jax.datasets import prepare, query_split
 from cace_jax.errors import ConfigError
 
 
@@ -107,7 +107,10 @@ def hold_out_identities(
   else `num_ids` identities. Each held-out identity gives, per camera, its
   first image by file name to the query and the rest to the gallery (the
   Market-1501 convention); an identity seen by one camera only has no
-  cross-camera match and is dropped from both.
+  cross-camera match and is dropped from both. A training split without
+  cameras (one camera id throughout) gives each identity's first image to
+  the query instead, and the query and gallery different camera ids, as the
+  custom datasets without cameras do (`folder_spec`).
 
   Args:
     train: the training split.
@@ -147,16 +150,18 @@ def hold_out_identities(
   out = np.isin(train.pids, held)
   validation = select(train, out)
   validation = dataclasses.replace(validation, labels=np.full(len(validation), -1, np.int32))
-  first_of_camera = np.zeros(len(validation), bool)
-  seen = set()
-  for i in np.argsort(validation.file_names, kind='stable'):
-    key = (int(validation.pids[i]), int(validation.camids[i]))
-    first_of_camera[i] = key not in seen
-    seen.add(key)
-  cameras = {pid: len({c for p, c in seen if p == pid}) for pid in held.tolist()}
-  seen_twice = np.array([cameras[int(p)] >= 2 for p in validation.pids], bool)
-  query = select(validation, first_of_camera & seen_twice)
-  gallery = select(validation, ~first_of_camera & seen_twice)
+  with_cameras = len(np.unique(train.camids)) > 1
+  is_query, is_gallery = query_split.choose_queries(
+    validation.pids, validation.camids, validation.file_names, per_camera=with_cameras
+  )
+  query, gallery = select(validation, is_query), select(validation, is_gallery)
+  if not with_cameras:  # the no-camera convention: query and gallery are different cameras
+    query = dataclasses.replace(
+      query, camids=np.full(len(query), query_split.NO_CAMERA_QUERY, np.int32)
+    )
+    gallery = dataclasses.replace(
+      gallery, camids=np.full(len(gallery), query_split.NO_CAMERA_GALLERY, np.int32)
+    )
   return select(train, ~out), query, gallery, held
 
 

@@ -492,6 +492,7 @@ def evaluate_and_log(
   evaluation = evaluate.evaluate_selected(
     model, variables, query, gallery, config, mesh, workdir, validation
   )
+  evaluate.note_cameras(evaluation, builder)
   logger.scalars(step, evaluate.flatten_metrics(evaluation), prefix='eval')
   logger.info(evaluate.format_table(evaluation, title=f'step {step}'))
   return evaluation

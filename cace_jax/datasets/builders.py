@@ -1,4 +1,4 @@
-"""TFDS builders for Market-1501, DukeMTMC-reID, MSMT17, Occluded-Duke and synthetic_details.
+"""TFDS builders: Market-1501, DukeMTMC-reID, MSMT17, Occluded-Duke, synthetic, your own data.
 
 Importing this module registers the builders with TFDS, so
 `tfds.builder('market1501', data_dir='data')` works. Each reads the official
@@ -12,7 +12,7 @@ import os
 
 import tensorflow_datasets as tfds
 
-from cace_jax.datasets import synthetic
+from cace_jax.datasets import folder_spec, synthetic
 from cace_jax.datasets.manual_source import ManualSource, find_source
 from cace_jax.datasets.reid_builder import Record, ReIDBuilder, list_market_style_split
 from cace_jax.errors import DatasetError
@@ -198,6 +198,50 @@ class SyntheticDetails(ReIDBuilder):
     return source, _list_market_style(source)
 
 
+class ReidFolderConfig(tfds.core.BuilderConfig):
+  """One custom dataset, named after its folder or zip under the manual directory."""
+
+
+class ReidFolder(ReIDBuilder):
+  """Your own data: `<manual_dir>/<name>/` (or `<name>.zip`) read as its spec says.
+
+  `reid_dataset.json` at the dataset's root (`folder_spec`) chooses the layout
+  (Market-style names, a folder per identity, list files), the camera rule
+  and, for one labelled set, the seeded identity split. How the records were
+  made (the spec, whether there are cameras, the test identities of a split)
+  is kept with the prepared data as TFDS metadata (`metadata.json`), so that
+  a later change of the spec is noticed instead of silently re-splitting.
+  """
+
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+    'Put the dataset in <manual_dir>/<name>/ (a folder or <name>.zip; default '
+    'data/manual/) with a reid_dataset.json at its root unless it is laid out '
+    'like Market-1501; see "Your own data" in the README.'
+  )
+
+  def _info_extras(self) -> dict:
+    return {'metadata': tfds.core.MetadataDict()}
+
+  def _find_records(self, manual_dir: str):
+    source = find_custom_source(manual_dir, self.builder_config.name)
+    records, about = folder_spec.list_records(source, folder_spec.read_spec(source))
+    self.info.metadata.update(about)
+    return source, records
+
+
+def find_custom_source(manual_dir: str, name: str) -> ManualSource:
+  """The root of custom dataset `name`: `<manual_dir>/<name>/` or `<name>.zip`.
+
+  A root is recognised by its spec file or, without one, by Market-1501's folders.
+  """
+  try:
+    return find_source(manual_dir, (name,), [folder_spec.SPEC_FILE], '')
+  except DatasetError:
+    return find_source(
+      manual_dir, (name,), _MARKET_STYLE_FOLDERS.values(), ReidFolder.MANUAL_DOWNLOAD_INSTRUCTIONS
+    )
+
+
 def raw_synthetic_dir(manual_dir: str, preset: str) -> str:
   """Where the generator writes a preset's Market-layout folders."""
   return os.path.join(manual_dir, 'synthetic_details', preset)
@@ -209,4 +253,5 @@ BUILDERS = {
   'msmt17': Msmt17,
   'occluded_duke': OccludedDuke,
   'synthetic_details': SyntheticDetails,
+  'reid_folder': ReidFolder,
 }

@@ -69,6 +69,19 @@ class ManualSource:
     images = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
     return sorted(f'{folder}/{n}' if folder else n for n in images)
 
+  def list_folders(self, folder: str) -> list[str]:
+    """Sub-folders directly inside `folder`, sorted (identity and camera folders)."""
+    full = self._full(folder)
+    if self._archive is None:
+      path = os.path.join(self.location, full)
+      names = os.listdir(path) if os.path.isdir(path) else []
+      names = [n for n in names if os.path.isdir(os.path.join(path, n))]
+    else:
+      prefix = full + '/' if full else ''
+      rests = [n[len(prefix) :] for n in self._names if n.startswith(prefix)]
+      names = {rest.split('/', 1)[0] for rest in rests if '/' in rest}  # files deeper down
+    return sorted(f'{folder}/{n}' if folder else n for n in names)
+
   def read_text(self, relpath: str) -> str:
     """The text of a file under the root (list files of MSMT17)."""
     return self.read_bytes(relpath).decode('utf-8')
@@ -89,14 +102,15 @@ def read_jpeg(source: ManualSource, relpath: str) -> bytes:
 
   Every image is decoded once while preparing, so a truncated or corrupt file
   fails here, naming the file, instead of crashing a training run hours later.
-  Images stored in another format are re-encoded to JPEG so the input pipeline
-  can rely on one decoder.
+  Images stored in another format or mode (PNG, grayscale, CMYK) are
+  re-encoded as RGB JPEG so the input pipeline can rely on one decoder and
+  every stored image has 3 channels.
   """
   data = source.read_bytes(relpath)
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.load()
-      if image.format == 'JPEG' and image.mode in ('RGB', 'L'):
+      if image.format == 'JPEG' and image.mode == 'RGB':
         return data
       buffer = io.BytesIO()
       image.convert('RGB').save(buffer, format='JPEG', quality=95)

@@ -3,21 +3,24 @@
 NAME is a builder name, optionally with its config: market1501, dukemtmc_reid,
 msmt17, msmt17/combineall, occluded_duke, synthetic_details (= /default),
 synthetic_details/occluded, synthetic_details/large_families,
-synthetic_details/tiny. A dataset that is already
+synthetic_details/tiny, reid_folder/<name> (your own data in <manual_dir>/<name>;
+`folder_spec`). A dataset that is already
 prepared is left as it is; a failed preparation leaves no partial records.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cace_jax.datasets import builders, synthetic
+from cace_jax.datasets import builders, folder_spec, synthetic
 from cace_jax.errors import DatasetError
 
 DEFAULT_DATA_DIR = 'data'
+CUSTOM_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')
 
 
 def prepare_dataset(
@@ -53,6 +56,8 @@ def prepare_dataset(
       synthetic.generate_dataset(raw_dir, synthetic.PRESETS[preset])
     except FileExistsError as e:  # Something else lives there: never overwrite it.
       raise DatasetError(f'cannot generate synthetic_details into {raw_dir}: {e}') from e
+  elif builder_name == 'reid_folder':
+    return prepare_custom(config_name, data_dir, manual_dir)
   elif not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
     instructions = builders.BUILDERS[builder_name].MANUAL_DOWNLOAD_INSTRUCTIONS
     raise DatasetError(f'manual directory {manual_dir} is missing or empty. {instructions}')
@@ -68,6 +73,36 @@ def prepare_dataset(
   return builder
 
 
+def prepare_custom(name: str, data_dir: str, manual_dir: str) -> tfds.core.DatasetBuilder:
+  """Builds (once) custom dataset `reid_folder/<name>` from `<manual_dir>/<name>`.
+
+  A prepared dataset whose recorded spec differs from the spec file now
+  beside the images is an error, not a silent rebuild: its records (and any
+  identity split) are what earlier runs trained and evaluated on.
+  """
+  if not CUSTOM_NAME.fullmatch(name or ''):
+    raise DatasetError(
+      f'reid_folder/{name}: expected reid_folder/<name>, <name> the folder or zip under '
+      f'{manual_dir} (letters, digits, ".", "_", "-")'
+    )
+  builder = builders.ReidFolder(config=builders.ReidFolderConfig(name=name), data_dir=data_dir)
+  if builder.is_prepared():
+    source = builders.find_custom_source(manual_dir, name)
+    recorded = dict(builder.info.metadata).get('spec')
+    current = folder_spec.read_spec(source)
+    if recorded is not None and recorded != current:
+      changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+      raise DatasetError(
+        f'{builder.data_dir} was prepared with another {folder_spec.SPEC_FILE} '
+        f'({", ".join(changed)} differ from {source.describe(folder_spec.SPEC_FILE)}): '
+        'move the prepared folder away to prepare it again'
+      )
+    return builder
+  tfds.disable_progress_bar()
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder
+
+
 def dataset_families(name: str, pids: np.ndarray) -> np.ndarray | None:
   """The family of each identity of dataset `name`, or None if it has no families.
 
@@ -78,3 +113,9 @@ def dataset_families(name: str, pids: np.ndarray) -> np.ndarray | None:
   if builder_name != 'synthetic_details':
     return None
   return synthetic.identity_families(pids, synthetic.PRESETS[preset or 'default'])
+
+
+def has_cameras(builder: tfds.core.DatasetBuilder) -> bool:
+  """False for a custom dataset prepared without cameras (`folder_spec`); True otherwise."""
+  metadata = getattr(builder.info, 'metadata', None) or {}
+  return bool(dict(metadata).get('cameras', True))

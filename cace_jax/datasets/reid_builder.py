@@ -83,6 +83,7 @@ class ReIDBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
+      **self._info_extras(),
       features=tfds.features.FeaturesDict(
         {
           'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
@@ -97,6 +98,10 @@ class ReIDBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
       supervised_keys=('image', 'label'),
       homepage='https://github.com/cace-jax/cace_jax',
     )
+
+  def _info_extras(self) -> dict:
+    """More DatasetInfo arguments of a subclass (the custom builder's metadata)."""
+    return {}
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     source, records = self._find_records(str(dl_manager.manual_dir))

@@ -39,7 +39,8 @@ class Evaluation:
     per_query_ap: {row: [Nq] average precision (NaN for queries left out)}.
     info: how it was measured: 'stage2_k' and, with a stage 2, 'stage2_mix',
       'cache_bytes_per_image', 'cache_on_disk', and 'selection' when K and w
-      were chosen on a validation split (`select_stage2`).
+      were chosen on a validation split (`select_stage2`); 'cameras' for a
+      dataset without cameras (`NO_CAMERAS`).
     diagnostics: what `diagnose` measured (empty with `eval.diagnostics` off).
   """
 
@@ -434,6 +435,8 @@ def format_table(evaluation: Evaluation, title: str = '') -> str:
   )
   for row, values in evaluation.metrics.items():
     lines.append(f'{row:<{width}}  ' + '  '.join(f'{values[c]:7.2f}' for c in columns))
+  if 'cameras' in evaluation.info:
+    lines.append(f'cameras: {evaluation.info["cameras"]}')
   lines.extend(format_diagnostics(evaluation.diagnostics))
   if 'selection' in evaluation.info:
     selection = evaluation.info['selection']
@@ -510,6 +513,15 @@ def write_report(
     )
 
 
+NO_CAMERAS = 'none: query and gallery taken as different cameras (torchreid convention)'
+
+
+def note_cameras(evaluation: Evaluation, builder) -> None:
+  """Records in info['cameras'] that a dataset without cameras was evaluated by convention."""
+  if not prepare.has_cameras(builder):
+    evaluation.info['cameras'] = NO_CAMERAS
+
+
 def check_held_out(
   config: ml_collections.ConfigDict, trained: ml_collections.ConfigDict | None, workdir: str
 ) -> None:
@@ -550,6 +562,7 @@ def evaluate_checkpoint(
   evaluation = evaluate_selected(
     run.model, run.variables, query, gallery, config, mesh, workdir, validation
   )
+  note_cameras(evaluation, builder)
   if jax.process_index() == 0:
     print(format_table(evaluation, title=f'{config.data.dataset}, {workdir} step {run.step}'))
   write_report(workdir, run.step, config, evaluation, run.model, run.variables, query, gallery)
