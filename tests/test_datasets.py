@@ -83,7 +83,7 @@ def test_duke_style_builders(name, folder, tmp_path):
   'version,train_dir,test_dir',
   [('MSMT17_V1', 'train', 'test'), ('MSMT17_V2', 'mask_train_v2', 'mask_test_v2')],
 )
-def test_msmt17_layouts_and_combineall(version, train_dir, test_dir, tmp_path):
+def test_msmt17_layouts_and_trainval(version, train_dir, test_dir, tmp_path):
   manual = tmp_path / 'manual'
   write_files(str(manual), msmt_files(version, train_dir, test_dir))
   builder = prepare.prepare_dataset('msmt17', str(tmp_path / 'records'), str(manual))
@@ -97,16 +97,53 @@ def test_msmt17_layouts_and_combineall(version, train_dir, test_dir, tmp_path):
   assert [(r[1], r[3]) for r in rows['query']] == [(0, 7), (1, 8)]
   assert len(rows['gallery']) == 3
   combined = summary(
-    prepare.prepare_dataset('msmt17/combineall', str(tmp_path / 'records'), str(manual))
+    prepare.prepare_dataset('msmt17/trainval', str(tmp_path / 'records'), str(manual))
   )
   assert sorted({(r[1], r[2]) for r in combined['train']}) == [(0, 0), (1, 1), (2, 2)]
   assert len(combined['train']) == 6
+  with pytest.raises(DatasetError, match='msmt17/combineall is now msmt17/trainval'):
+    prepare.prepare_dataset('msmt17/combineall', str(tmp_path / 'records'), str(manual))
 
 
 def test_count_mismatch_is_a_warning(market_manual_dir, tmp_path, caplog):
   with caplog.at_level('WARNING'):
     prepare.prepare_dataset('market1501', str(tmp_path / 'records'), market_manual_dir)
   assert any('official release has 12936 / 751' in m for m in caplog.messages)
+
+
+@pytest.mark.parametrize(
+  'where',
+  [
+    'my_market',  # a renamed folder under data/manual
+    'my_market.zip',  # a renamed zip
+    'reid-data/market1501/Market-1501-v15.09.15',  # torchreid's tree, its root as manual_dir
+    'reid-data/anything/renamed',  # a renamed copy two levels down
+  ],
+)
+def test_market_found_wherever_users_keep_it(where, tmp_path):
+  manual = tmp_path / 'manual'
+  if where.endswith('.zip'):
+    manual.mkdir()
+    write_zip(str(manual / where), market_style_files('inside', MARKET_NAME))
+  else:
+    parent, name = os.path.split(where)
+    write_files(str(manual / parent), market_style_files(name, MARKET_NAME))
+  # Neither the synthetic data nor a custom dataset in the same layout is taken for Market.
+  write_files(str(manual / 'synthetic_details'), market_style_files('default', MARKET_NAME))
+  write_files(
+    str(manual), {**market_style_files('mine', MARKET_NAME), 'mine/reid_dataset.json': b'{}'}
+  )
+  manual_dir = str(manual / 'reid-data') if where.startswith('reid-data') else str(manual)
+  builder = prepare.prepare_dataset('market1501', str(tmp_path / 'records'), manual_dir)
+  assert [r[1] for r in summary(builder)['train']] == [2, 2, 2, 7, 7, 7, 9, 9, 9]
+
+
+def test_two_renamed_copies_are_named_not_guessed(tmp_path):
+  manual = tmp_path / 'manual'
+  for name in ('copy_a', 'copy_b'):
+    write_files(str(manual), market_style_files(name, MARKET_NAME))
+  with pytest.raises(DatasetError, match='several datasets .*copy_a.*copy_b.*point --manual_dir'):
+    prepare.prepare_dataset('market1501', str(tmp_path / 'records'), str(manual))
 
 
 def test_missing_dataset_names_path_and_expectation(tmp_path):

@@ -1,7 +1,7 @@
 """Prepare a dataset as TFDS records: python tools/prepare.py --dataset market1501
 
 NAME is a builder name, optionally with its config: market1501, dukemtmc_reid,
-msmt17, msmt17/combineall, occluded_duke, synthetic_details (= /default),
+msmt17, msmt17/trainval, occluded_duke, synthetic_details (= /default),
 synthetic_details/occluded, synthetic_details/tiny. Downloads are read from
 <data_dir>/manual (or --manual_dir). A dataset that is already prepared is
 left as it is; a failed preparation leaves no partial records. Training

@@ -84,11 +84,11 @@ class OccludedDuke(_MarketStyleBuilder):
 
 
 class Msmt17Config(tfds.core.BuilderConfig):
-  """`combineall` adds list_val.txt to the training split (off by convention)."""
+  """`trainval` adds list_val.txt to the training split (off by convention)."""
 
-  def __init__(self, *, combineall: bool, **kwargs):
+  def __init__(self, *, trainval: bool, **kwargs):
     super().__init__(**kwargs)
-    self.combineall = combineall
+    self.trainval = trainval
 
 
 class Msmt17(ReIDBuilder):
@@ -103,17 +103,17 @@ class Msmt17(ReIDBuilder):
   BUILDER_CONFIGS = [
     Msmt17Config(
       name='default',
-      combineall=False,
+      trainval=False,
       description='train = list_train.txt (the standard protocol).',
     ),
     Msmt17Config(
-      name='combineall', combineall=True, description='train = list_train.txt + list_val.txt.'
+      name='trainval', trainval=True, description='train = list_train.txt + list_val.txt.'
     ),
   ]
   _LISTS = ('list_train.txt', 'list_query.txt', 'list_gallery.txt')
 
   def _expected_counts(self):
-    train = (32621, 1041) if self.builder_config.combineall else (30248, 1041)
+    train = (32621, 1041) if self.builder_config.trainval else (30248, 1041)
     return {'train': train, 'query': (11659, 3060), 'gallery': (82161, 3060)}
 
   def _find_records(self, manual_dir: str):
@@ -126,9 +126,9 @@ class Msmt17(ReIDBuilder):
     train_dir = _first_existing(source, ('train', 'mask_train_v2'))
     test_dir = _first_existing(source, ('test', 'mask_test_v2'))
     train_lists = ['list_train.txt']
-    if self.builder_config.combineall:
+    if self.builder_config.trainval:
       if not source.exists('list_val.txt'):
-        raise DatasetError(f'combineall needs {source.describe("list_val.txt")}, not found')
+        raise DatasetError(f'trainval needs {source.describe("list_val.txt")}, not found')
       train_lists.append('list_val.txt')
     records = {
       'train': [r for name in train_lists for r in _read_msmt_list(source, name, train_dir)],
@@ -235,10 +235,14 @@ def find_custom_source(manual_dir: str, name: str) -> ManualSource:
   A root is recognised by its spec file or, without one, by Market-1501's folders.
   """
   try:
-    return find_source(manual_dir, (name,), [folder_spec.SPEC_FILE], '')
+    return find_source(manual_dir, (name,), [folder_spec.SPEC_FILE], '', search_contents=False)
   except DatasetError:
     return find_source(
-      manual_dir, (name,), _MARKET_STYLE_FOLDERS.values(), ReidFolder.MANUAL_DOWNLOAD_INSTRUCTIONS
+      manual_dir,
+      (name,),
+      _MARKET_STYLE_FOLDERS.values(),
+      ReidFolder.MANUAL_DOWNLOAD_INSTRUCTIONS,
+      search_contents=False,
     )
 
 

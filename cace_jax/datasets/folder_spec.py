@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 
 from cace_jax.datasets import query_split
-from cace_jax.datasets.manual_source import ManualSource
+from cace_jax.datasets.manual_source import CUSTOM_SPEC, ManualSource
 from cace_jax.datasets.reid_builder import SPLITS, Record
 from cace_jax.errors import DatasetError
 
-SPEC_FILE = 'reid_dataset.json'
+SPEC_FILE = CUSTOM_SPEC
 LAYOUTS = ('names', 'folders', 'lists')
 CAMERAS = ('name', 'subfolder', 'none')
 MARKET_PATTERN = r'^(?P<pid>-?\d+)_c(?P<camid>\d+)'

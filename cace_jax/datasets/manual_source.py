@@ -119,46 +119,111 @@ def read_jpeg(source: ManualSource, relpath: str) -> bytes:
     raise DatasetError(f'corrupt or unreadable image {source.describe(relpath)}: {e}') from e
 
 
+# Folders of the manual directory that never hold a benchmark download.
+NOT_SEARCHED = ('synthetic_details',)
+# The spec file of a custom dataset (`folder_spec`): a folder holding one is
+# the user's own data, never taken for a benchmark by its contents.
+CUSTOM_SPEC = 'reid_dataset.json'
+
+
+
 def find_source(
-  manual_dir: str, candidates: Sequence[str], required: Iterable[str], instructions: str
+  manual_dir: str,
+  candidates: Sequence[str],
+  required: Iterable[str],
+  instructions: str,
+  search_contents: bool = True,
 ) -> ManualSource:
   """Locates a dataset root under `manual_dir`.
 
+  Looks, in order, at: each candidate name under `manual_dir` (a folder, or
+  the same name with `.zip`); `manual_dir` itself (pointed straight at an
+  extracted dataset); each candidate one level down (torchreid's trees, e.g.
+  `<root>/market1501/Market-1501-v15.09.15/`); and, with `search_contents`,
+  every folder or zip one or two levels down that holds the required paths
+  (a renamed copy). The last is used only when it is the only one found.
+
   Args:
     manual_dir: the folder users put downloads in.
-    candidates: names of the official folder and zip (with or without `.zip`),
-      tried in order; `manual_dir` itself is tried last, for users who point
-      `manual_dir` straight at an extracted dataset.
+    candidates: names of the official folder and zip (with or without `.zip`).
     required: relative paths that must all exist under the root.
     instructions: what to download and where to put it, for the error.
+    search_contents: also accept a folder or zip of any name by its contents.
 
   Returns:
-    The first candidate that holds every required path.
+    The source of the root found.
 
   Raises:
-    DatasetError: naming every place looked at and what was expected there.
+    DatasetError: naming every place looked at and what was expected there,
+      or every match when a search by contents finds several.
   """
   required = list(required)
   looked = []
-  for name in list(candidates) + ['']:
-    path = os.path.join(manual_dir, name) if name else manual_dir
-    if os.path.isdir(path):
-      source = ManualSource(path)
-      if all(source.exists(r) for r in required):
-        return source
-      looked.append(path + '/')
-    zip_path = path if path.endswith('.zip') else path + '.zip'
-    if name and os.path.isfile(zip_path):
-      source = _find_root_in_zip(zip_path, required)
-      if source is not None:
-        return source
-      looked.append(zip_path)
-  where = ', '.join(looked) if looked else f'nothing under {manual_dir}'
+  children = _subfolders(manual_dir)
+  places = [os.path.join(manual_dir, name) for name in candidates] + [manual_dir]
+  places += [os.path.join(child, name) for child in children for name in candidates]
+  for path in places:
+    source = _source_at(path, required, looked, zip_too=path != manual_dir)
+    if source is not None:
+      return source
+  if search_contents and candidates:
+    found = {}
+    for path in _search_paths(manual_dir, children):
+      source = _source_at(path, required, [], zip_too=False)
+      if source is not None and not source.exists(CUSTOM_SPEC):
+        found[source.describe()] = source
+    if len(found) == 1:
+      return next(iter(found.values()))
+    if len(found) > 1:
+      raise DatasetError(
+        f'several datasets in {manual_dir} hold {", ".join(required)}: '
+        f'{", ".join(sorted(found))}; point --manual_dir (data.manual_dir) at the one to use'
+      )
+  where = ', '.join(dict.fromkeys(looked)) if looked else f'nothing under {manual_dir}'
   raise DatasetError(
     f'no dataset found in {manual_dir} (looked at {where}): expected '
-    f'{" or ".join(c for c in candidates if c)} containing '
+    f'{" or ".join(c for c in candidates if c) or "a folder"} containing '
     f'{", ".join(required)}. {instructions}'
   )
+
+
+def _subfolders(folder: str) -> list[str]:
+  """The searched sub-folders of `folder`, sorted (none if it is not a folder)."""
+  if not os.path.isdir(folder):
+    return []
+  names = sorted(n for n in os.listdir(folder) if not n.startswith('.') and n not in NOT_SEARCHED)
+  return [os.path.join(folder, n) for n in names if os.path.isdir(os.path.join(folder, n))]
+
+
+def _search_paths(manual_dir: str, children: list[str]) -> list[str]:
+  """Folders and zips one and two levels below `manual_dir`, for a search by contents."""
+  paths = []
+  for folder in [manual_dir] + children:
+    names = sorted(n for n in os.listdir(folder) if n not in NOT_SEARCHED)
+    paths += [
+      os.path.join(folder, n)
+      for n in names
+      if n.endswith('.zip') or (folder != manual_dir and os.path.isdir(os.path.join(folder, n)))
+    ]
+  return children + paths
+
+
+def _source_at(
+  path: str, required: list[str], looked: list[str], zip_too: bool
+) -> ManualSource | None:
+  """The source at folder `path` (or `path`.zip, with `zip_too`) holding `required`, if any."""
+  if os.path.isdir(path):
+    source = ManualSource(path)
+    if all(source.exists(r) for r in required):
+      return source
+    looked.append(path + '/')
+  zip_path = path if path.endswith('.zip') else path + '.zip'
+  if (zip_too or path.endswith('.zip')) and os.path.isfile(zip_path):
+    source = _find_root_in_zip(zip_path, required)
+    if source is not None:
+      return source
+    looked.append(zip_path)
+  return None
 
 
 def _find_root_in_zip(zip_path: str, required: list[str]) -> ManualSource | None:

@@ -1,7 +1,7 @@
 """Prepare a dataset as TFDS records (`tools/prepare.py --dataset NAME`; training does it too).
 
 NAME is a builder name, optionally with its config: market1501, dukemtmc_reid,
-msmt17, msmt17/combineall, occluded_duke, synthetic_details (= /default),
+msmt17, msmt17/trainval, occluded_duke, synthetic_details (= /default),
 synthetic_details/occluded, synthetic_details/large_families,
 synthetic_details/tiny, reid_folder/<name> (your own data in <manual_dir>/<name>;
 `folder_spec`). A dataset that is already
@@ -20,6 +20,12 @@ from cace_jax.datasets import builders, folder_spec, synthetic
 from cace_jax.errors import DatasetError
 
 DEFAULT_DATA_DIR = 'data'
+RENAMED = {
+  'msmt17/combineall': (
+    "msmt17/combineall is now msmt17/trainval (list_train + list_val); torchreid's and "
+    "fast-reid's combineall, which also trains on query and gallery, is not offered"
+  ),
+}
 CUSTOM_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')
 
 
@@ -41,6 +47,8 @@ def prepare_dataset(
     DatasetError: unknown name, missing or malformed download, corrupt image.
   """
   builder_name, _, config_name = name.partition('/')
+  if name in RENAMED:
+    raise DatasetError(RENAMED[name])
   if builder_name not in builders.BUILDERS:
     raise DatasetError(f'unknown dataset {name!r}: expected one of {", ".join(builders.BUILDERS)}')
   manual_dir = manual_dir or os.path.join(data_dir, 'manual')
