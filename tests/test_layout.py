@@ -2,7 +2,7 @@
 
 The modules must form a DAG (no import cycle), and an import inside a
 function is only for an optional or heavy dependency, never for a module of
-this package, with a comment saying why.
+this package (except a package's lazy `__getattr__`), with a comment saying why.
 """
 
 from __future__ import annotations
@@ -112,11 +112,14 @@ def test_deferred_imports_are_external_and_explained():
     for function in ast.walk(ast.parse(source, path)):
       if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
         continue
+      # A package's face may expose a module lazily (PEP 562 `__getattr__`): `cace_jax.load`
+      # without `import cace_jax` importing the API's TensorFlow and orbax; the graph keeps it.
+      lazy_face = function.name == '__getattr__' and path.endswith('__init__.py')
       for node in ast.walk(function):
         if not isinstance(node, (ast.Import, ast.ImportFrom)):
           continue
         where = f'{os.path.relpath(path, ROOT)}:{node.lineno}'
-        if imported_modules(node, modules):
+        if imported_modules(node, modules) and not lazy_face:
           problems.append(f'{where}: imports a package module inside {function.name}()')
         line, above = lines[node.lineno - 1], lines[node.lineno - 2].strip()
         if '#' not in line and not above.startswith('#') and '#' not in above:

@@ -98,15 +98,19 @@ class ManualSource:
 
 
 def read_jpeg(source: ManualSource, relpath: str) -> bytes:
-  """Returns the image at `relpath` as JPEG bytes, verified to decode fully.
+  """Returns the image at `relpath` as JPEG bytes, verified to decode fully (`to_rgb_jpeg`)."""
+  return to_rgb_jpeg(source.read_bytes(relpath), source.describe(relpath))
+
+
+def to_rgb_jpeg(data: bytes, where: str) -> bytes:
+  """Encoded image bytes as RGB JPEG bytes, verified to decode fully.
 
   Every image is decoded once while preparing, so a truncated or corrupt file
-  fails here, naming the file, instead of crashing a training run hours later.
-  Images stored in another format or mode (PNG, grayscale, CMYK) are
-  re-encoded as RGB JPEG so the input pipeline can rely on one decoder and
-  every stored image has 3 channels.
+  fails here, naming it (`where`), instead of crashing a training run hours
+  later. Images stored in another format or mode (PNG, grayscale, CMYK) are
+  re-encoded as RGB JPEG (quality 95) so the input pipeline can rely on one
+  decoder and every stored image has 3 channels; RGB JPEGs are kept as they are.
   """
-  data = source.read_bytes(relpath)
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.load()
@@ -116,7 +120,7 @@ def read_jpeg(source: ManualSource, relpath: str) -> bytes:
       image.convert('RGB').save(buffer, format='JPEG', quality=95)
       return buffer.getvalue()
   except (OSError, SyntaxError, ValueError) as e:
-    raise DatasetError(f'corrupt or unreadable image {source.describe(relpath)}: {e}') from e
+    raise DatasetError(f'corrupt or unreadable image {where}: {e}') from e
 
 
 # Folders of the manual directory that never hold a benchmark download.
@@ -124,7 +128,6 @@ NOT_SEARCHED = ('synthetic_details',)
 # The spec file of a custom dataset (`folder_spec`): a folder holding one is
 # the user's own data, never taken for a benchmark by its contents.
 CUSTOM_SPEC = 'reid_dataset.json'
-
 
 
 def find_source(

@@ -180,6 +180,7 @@ def draw_ranked_lists(
   titles: Sequence[str] | None = None,
   valid_mask: np.ndarray | None = None,
   image_size: tuple[int, int] | None = None,
+  captions: Sequence[Sequence[str]] | None = None,
 ) -> Figure:
   """Builds the ranked-list figure; see `plot_ranked_lists`."""
   q_pids, g_pids = np.asarray(query_pids), np.asarray(gallery_pids)
@@ -205,7 +206,7 @@ def draw_ranked_lists(
     ax.text(
       0.5,
       -0.03,
-      f'query\npid {q_pids[q]} c{q_cams[q]}',
+      f'query\npid {q_pids[q]} c{q_cams[q]}' if captions is None else 'query',
       transform=ax.transAxes,
       ha='center',
       va='top',
@@ -231,15 +232,17 @@ def draw_ranked_lists(
       keep = ~((g_pids[order] == q_pids[q]) & (g_cams[order] == q_cams[q]))
     shown = order[keep][:top]
     for k, g in enumerate(shown):
-      match = g_pids[g] == q_pids[q]
-      color = GREEN if match else RED
+      if captions is None:
+        color, caption = (GREEN if g_pids[g] == q_pids[q] else RED), f'pid {g_pids[g]} c{g_cams[g]}'
+      else:  # unlabelled (a search): no verdict, the caller's text
+        color, caption = NEUTRAL, captions[row][k]
       image = _add_frame(_resize(_get_image(gallery_images, g), size), color, frame)
       x = margin + cell_w + gap + k * (cell_w + col_gap)
       ax = _add_image_axes(figure, x, y, cell_w, cell_h, image, f'gallery_{row}_{k}')
       ax.text(
         0.5,
         -0.03,
-        f'#{k + 1}\npid {g_pids[g]} c{g_cams[g]}',
+        f'#{k + 1}\n{caption}',
         transform=ax.transAxes,
         ha='center',
         va='top',
@@ -263,6 +266,7 @@ def plot_ranked_lists(
   titles: Sequence[str] | None = None,
   valid_mask: np.ndarray | None = None,
   image_size: tuple[int, int] | None = None,
+  captions: Sequence[Sequence[str]] | None = None,
 ) -> str:
   """Saves one row per query: the query, then its top-`top` gallery matches.
 
@@ -286,6 +290,9 @@ def plot_ranked_lists(
       (at least `top` + the number of junk items). Pass all-True to draw
       `ranking` exactly as given.
     image_size: (height, width) of every cell.
+    captions: for unlabelled images (a search): per row, the text under
+      each shown gallery image instead of its pid and camera; frames are
+      then neutral.
 
   Returns:
     `out_path`.
@@ -303,6 +310,7 @@ def plot_ranked_lists(
     titles,
     valid_mask,
     image_size,
+    captions,
   )
   return save_figure(figure, out_path)
 

@@ -1,0 +1,136 @@
+"""The Python API (`cace_jax.load`, embed, index, search) and `python -m cace_jax.search`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+import cace_jax
+from cace_jax import api, checkpoint, input_pipeline, sharding
+from cace_jax.errors import DatasetError
+from cace_jax.evaluation import evaluate, stage1
+from configs import tiny
+
+
+@pytest.fixture(scope='module')
+def eval_files(tiny_data_dir, tmp_path_factory):
+  """The tiny dataset's query and gallery written out as files, in split order."""
+  builder = input_pipeline.prepare_on_first_process(config_for(tiny_data_dir))
+  query, gallery = input_pipeline.load_eval_splits(builder)
+  root = tmp_path_factory.mktemp('files')
+  paths = {}
+  for name, split in (('query', query), ('gallery', gallery)):
+    os.makedirs(root / name)
+    paths[name] = []
+    for i, data in enumerate(split.images):
+      path = str(root / name / f'{i:04d}.jpg')
+      with open(path, 'wb') as f:
+        f.write(data)
+      paths[name].append(path)
+  return query, gallery, paths
+
+
+def config_for(data_dir):
+  config = tiny.get_config()
+  config.data.data_dir = data_dir
+  return config
+
+
+def test_embeddings_are_evals_and_arrays_embed_like_their_files(
+  trained_workdir, tiny_data_dir, eval_files, tmp_path
+):
+  query, _, paths = eval_files
+  reid = cace_jax.load(trained_workdir)
+  mesh = sharding.make_mesh()
+  run = checkpoint.load_run(trained_workdir, None, None, mesh)
+  expected, _ = stage1.extract_features(
+    run.model, run.variables, query, config_for(tiny_data_dir), mesh, False
+  )
+  found = reid.embed(paths['query'])
+  expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+  np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.linalg.norm(found, axis=1), 1.0, rtol=1e-5)
+  # An array is stored as a prepared PNG would be: it embeds like that PNG file.
+  array = np.asarray(Image.open(paths['query'][0]).convert('RGB'))
+  Image.fromarray(array).save(tmp_path / 'q.png')
+  np.testing.assert_array_equal(reid.embed(array), reid.embed([str(tmp_path / 'q.png')]))
+  with pytest.raises(DatasetError, match=r'image 0: expected a file path or a uint8 \[H, W, 3\]'):
+    reid.embed([np.zeros((4, 4), np.float32)])
+  with pytest.raises(DatasetError, match='cannot read .*missing.jpg'):
+    reid.embed([str(tmp_path / 'missing.jpg')])
+
+
+def test_search_ranks_as_evals_stage2_and_the_index_resumes(
+  trained_workdir, tiny_data_dir, eval_files, tmp_path, monkeypatch
+):
+  query, gallery, paths = eval_files
+  reid = api.load(trained_workdir)
+  assert reid.model.pair_stage and reid.config.eval.stage2_k == 5
+  # An index built in chunks and interrupted resumes where it stopped.
+  monkeypatch.setattr(api, 'INDEX_CHUNK', 7)
+  calls = {'n': 0}
+  extract = api.ReID._extract
+
+  def failing(self, images, with_cache, cache_dir=None):
+    calls['n'] += 1
+    if calls['n'] == 4:
+      raise KeyboardInterrupt
+    return extract(self, images, with_cache, cache_dir)
+
+  monkeypatch.setattr(api.ReID, '_extract', failing)
+  directory = str(tmp_path / 'index')
+  with pytest.raises(KeyboardInterrupt):
+    reid.index(paths['gallery'], directory, progress=False)
+  with open(os.path.join(directory, 'index.json')) as f:
+    assert json.load(f)['done'] == 21  # three chunks of 7, then the interruption
+  with pytest.raises(DatasetError, match='holds 21 of'):
+    api.load_index(directory)
+  index = reid.index(paths['gallery'], directory, progress=False)
+  monkeypatch.setattr(api.ReID, '_extract', extract)
+  fresh = reid.index(paths['gallery'], str(tmp_path / 'fresh'), progress=False)
+  np.testing.assert_array_equal(index.embeddings, fresh.embeddings)
+  for name in fresh.caches:
+    np.testing.assert_array_equal(index.caches[name], fresh.caches[name])
+  with pytest.raises(DatasetError, match='an index of other images'):
+    reid.index(paths['gallery'][:-1], directory, progress=False)
+  # The two-stage ranking is eval's.
+  mesh = sharding.make_mesh()
+  run = checkpoint.load_run(trained_workdir, None, None, mesh)
+  config = config_for(tiny_data_dir)
+  config.eval.diagnostics = False
+  expected = evaluate.evaluate(run.model, run.variables, query, gallery, config, mesh)
+  hits = reid.search(paths['query'], api.load_index(directory), top_k=8)
+  ranking = np.array([[hit['index'] for hit in row] for row in hits])
+  np.testing.assert_array_equal(ranking, expected.rankings['cacenet'][:, :8])
+  for row in hits:
+    assert all('conditional_distance' in hit for hit in row[:5])
+    assert not any('conditional_distance' in hit for hit in row[5:])
+    assert [hit['rank'] for hit in row] == list(range(1, 9))
+
+
+def test_search_command_writes_results_and_figures(trained_workdir, eval_files, tmp_path):
+  _, _, paths = eval_files
+  out = tmp_path / 'out'
+  command = [sys.executable, '-m', 'cace_jax.search', f'--workdir={trained_workdir}']
+  command += [f'--gallery={os.path.dirname(paths["gallery"][0])}', f'--out={out}', '--top_k=4']
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(
+    command + [f'--query={paths["query"][0]}'], capture_output=True, text=True, cwd=root
+  )
+  assert done.returncode == 0, done.stderr
+  with open(out / 'results.json') as f:
+    results = json.load(f)
+  assert [len(q['hits']) for q in results['queries']] == [4]
+  assert results['queries'][0]['hits'][0]['path'].startswith(os.path.dirname(paths['gallery'][0]))
+  assert os.path.getsize(out / 'ranked_0.png') > 0
+  bad = subprocess.run(
+    command + [f'--query={tmp_path / "nothing"}'], capture_output=True, text=True, cwd=root
+  )
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1].startswith('error: --query=')
