@@ -45,20 +45,43 @@ class SplitData:
     return len(self.labels)
 
 
-def prepare_on_first_process(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The prepared builder of `config.data`, prepared by process 0 before the others read it.
+def dataset_names(dataset: str) -> list[str]:
+  """The datasets of `data.dataset`: one name, or several joined by '+' (trained on together)."""
+  names = [name.strip() for name in dataset.split('+')]
+  if not all(names) or len(set(names)) != len(names):
+    raise ConfigError(
+      f'data.dataset={dataset!r}: expected a dataset name or distinct names joined by "+" '
+      '(e.g. market1501+dukemtmc_reid)'
+    )
+  return names
+
+
+def prepare_on_first_process(
+  config: ml_collections.ConfigDict, name: str | None = None
+) -> tfds.core.DatasetBuilder:
+  """The prepared builder of dataset `name` (default `data.dataset`), prepared by process 0 first.
 
   Preparing writes records; several processes doing it at once would race.
   """
   data = config.data
+  name = name or data.dataset
+  if '+' in name:
+    raise ConfigError(f'{name!r} names several datasets: use prepare_datasets')
   manual_dir = data.manual_dir or None
   if jax.process_index() == 0:
-    builder = prepare.prepare_dataset(data.dataset, data.data_dir, manual_dir)
+    builder = prepare.prepare_dataset(name, data.data_dir, manual_dir)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('dataset prepared')
   if jax.process_index() != 0:
-    builder = prepare.prepare_dataset(data.dataset, data.data_dir, manual_dir)
+    builder = prepare.prepare_dataset(name, data.data_dir, manual_dir)
   return builder
+
+
+def prepare_datasets(config: ml_collections.ConfigDict) -> dict[str, tfds.core.DatasetBuilder]:
+  """{name: prepared builder} of every dataset of `data.dataset`, in the order named."""
+  return {
+    name: prepare_on_first_process(config, name) for name in dataset_names(config.data.dataset)
+  }
 
 
 def load_split(builder: tfds.core.DatasetBuilder, split: str) -> SplitData:
@@ -191,20 +214,26 @@ class TrainingSplits:
   validation_pids: np.ndarray  # held-out identities (empty without validation)
 
 
-def load_training_splits(
-  builder: tfds.core.DatasetBuilder, data_config: ml_collections.ConfigDict
-) -> TrainingSplits:
+def load_training_splits(builders, data_config: ml_collections.ConfigDict) -> TrainingSplits:
   """The prepared training split, less the validation identities and small identities.
 
-  The validation identities (`data.validation_ids`, whole families on
-  synthetic_details) are a fixed function of the dataset and
+  `builders` is one prepared builder or {name: builder} (`prepare_datasets`):
+  several datasets train on the union of their training splits
+  (`combine_training_splits`), with disjoint identities and labels. The
+  validation identities (`data.validation_ids`, whole families on
+  synthetic_details) are a fixed function of the datasets and
   `data.validation_seed`: training and every later evaluation of the run
   carve the same ones.
   """
-  train = load_split(builder, 'train')
+  if not isinstance(builders, dict):
+    builders = {data_config.dataset: builders}
+  parts = {}
+  for name, builder in builders.items():
+    train = load_split(builder, 'train')
+    parts[name] = (train, prepare.dataset_families(name, train.pids))
+  train, families = combine_training_splits(parts)
   validation, held = None, np.zeros(0, np.int32)
   if data_config.validation_ids:
-    families = prepare.dataset_families(data_config.dataset, train.pids)
     train, query, gallery, held = hold_out_identities(
       train, data_config.validation_ids, families, data_config.validation_seed
     )
@@ -212,6 +241,49 @@ def load_training_splits(
   return TrainingSplits(
     remove_small_identities(train, data_config.min_images_per_id), validation, held
   )
+
+
+def combine_training_splits(
+  parts: dict[str, tuple[SplitData, np.ndarray | None]],
+) -> tuple[SplitData, np.ndarray | None]:
+  """One training split from several datasets' (split, families or None), in the order given.
+
+  Each dataset's identities are shifted past the previous datasets' largest
+  identity and its labels past their classes, so no two datasets share an
+  identity or a class (fast-reid's multi-dataset convention); file names get
+  the dataset's name in front. One dataset is returned as it is.
+
+  Returns:
+    (the union, [N] families or None): identities of a dataset without
+    families are each their own family, so held-out validation families
+    never mix datasets.
+  """
+  if len(parts) == 1:
+    return next(iter(parts.values()))
+  splits, families = [], []
+  pid_offset, label_offset = 0, 0
+  any_families = any(f is not None for _, f in parts.values())
+  for name, (split, family) in parts.items():
+    pids = split.pids.astype(np.int64) + pid_offset
+    splits.append(
+      dataclasses.replace(
+        split,
+        pids=pids.astype(np.int32),
+        labels=(split.labels + label_offset).astype(np.int32),
+        file_names=np.array([f'{name}/{f}' for f in split.file_names], dtype=object),
+      )
+    )
+    if any_families:  # families of different datasets never coincide: negative for the ones without
+      families.append(-1 - pids if family is None else np.asarray(family) + pid_offset)
+    pid_offset = int(pids.max()) + 1 if len(pids) else pid_offset
+    label_offset += int(split.labels.max()) + 1 if len(split.labels) else 0
+  union = SplitData(
+    **{
+      f.name: np.concatenate([getattr(s, f.name) for s in splits])
+      for f in dataclasses.fields(SplitData)
+    }
+  )
+  return union, np.concatenate(families) if any_families else None
 
 
 def uniform_identity_batches(

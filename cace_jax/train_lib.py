@@ -109,6 +109,7 @@ def check_data_config(config: ml_collections.ConfigDict) -> None:
       f'data.erasing_fill={data.erasing_fill!r}: expected one of {", ".join(augment.ERASING_FILLS)}'
     )
   evaluate.check_stage2_config(config)
+  input_pipeline.dataset_names(data.dataset)
 
 
 def check_config(config: ml_collections.ConfigDict, num_identities: int) -> None:
@@ -325,14 +326,19 @@ def train_and_evaluate(
 ) -> evaluate.Evaluation | None:
   """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
 
+  `data.dataset` may name several datasets joined by '+': training uses the
+  union of their training splits (disjoint identities and classes), and the
+  evaluations score each test set in turn.
+
   Returns:
-    The final evaluation, or None when `train.eval_at_end` is off.
+    The final evaluation (of the first test set), or None when
+    `train.eval_at_end` is off.
   """
   mesh = sharding.make_mesh()
   num_devices = jax.device_count()
   check_data_config(config)  # before preparing: a typo must not cost a dataset build
-  builder = input_pipeline.prepare_on_first_process(config)
-  splits = input_pipeline.load_training_splits(builder, config.data)
+  builders = input_pipeline.prepare_datasets(config)
+  splits = input_pipeline.load_training_splits(builders, config.data)
   train_data = splits.train
   num_classes = len(np.unique(train_data.labels))
   check_config(config, num_classes)
@@ -406,7 +412,7 @@ def train_and_evaluate(
   )
   last_checkpoint = manager.latest_step()
   eval_every = config.train.eval_every_epochs * steps_per_epoch
-  evaluation = None
+  evaluations = {}
   for step in range(start_step + 1, num_steps + 1):
     state, metrics = train_step(state, next(batches))
     metrics = jax.device_get(metrics)
@@ -418,10 +424,10 @@ def train_and_evaluate(
     periodic = eval_every and step % eval_every == 0
     final = step == num_steps and config.train.eval_at_end
     if periodic or final:
-      evaluation = evaluate_and_log(
+      evaluations = evaluate_and_log(
         model,
         variables_of(state),
-        builder,
+        builders,
         config,
         mesh,
         workdir,
@@ -429,7 +435,8 @@ def train_and_evaluate(
         step,
         splits.validation if final else None,
       )
-      metrics_for_best = {'mAP': evaluation.metrics['individual']['mAP']}
+      first = next(iter(evaluations.values()))  # the first test set picks the best step
+      metrics_for_best = {'mAP': first.metrics['individual']['mAP']}
     if (
       step % config.train.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == num_steps
     ):
@@ -444,10 +451,10 @@ def train_and_evaluate(
       last_checkpoint = step
   if start_step >= num_steps and config.train.eval_at_end:  # Already trained: report again.
     logger.info(f'{workdir} is already trained to step {start_step}; evaluating it')
-    evaluation = evaluate_and_log(
+    evaluations = evaluate_and_log(
       model,
       variables_of(state),
-      builder,
+      builders,
       config,
       mesh,
       workdir,
@@ -456,43 +463,37 @@ def train_and_evaluate(
       splits.validation,
     )
   if config.train.eval_at_end:  # the final evaluation ran, in the loop or just above
-    query, gallery = input_pipeline.load_eval_splits(builder)
     evaluate.write_report(
-      workdir,
-      max(start_step, num_steps),
-      config,
-      evaluation,
-      model,
-      variables_of(state),
-      query,
-      gallery,
+      workdir, max(start_step, num_steps), config, evaluations, model, variables_of(state), builders
     )
   logger.close()
   manager.close()
-  return evaluation if config.train.eval_at_end else None
+  return next(iter(evaluations.values())) if config.train.eval_at_end else None
 
 
 def evaluate_and_log(
   model: CACENet,
   variables: dict,
-  builder,
+  builders: dict,
   config: ml_collections.ConfigDict,
   mesh: jax.sharding.Mesh,
   workdir: str,
   logger: RunLogger,
   step: int,
   validation: tuple[input_pipeline.SplitData, input_pipeline.SplitData] | None = None,
-) -> evaluate.Evaluation:
-  """One evaluation during training, logged as scalars and as a table.
+) -> dict[str, evaluate.Evaluation]:
+  """One evaluation during training on every test set, logged as scalars and as tables.
 
   With `validation` (the final evaluation of a run with a validation split),
-  stage 2's K and w are chosen on it first (`evaluate.evaluate_selected`).
+  stage 2's K and w are chosen on it first (`evaluate.evaluate_datasets`).
+  Scalars of a second and later test set are prefixed with its name.
   """
-  query, gallery = input_pipeline.load_eval_splits(builder)
-  evaluation = evaluate.evaluate_selected(
-    model, variables, query, gallery, config, mesh, workdir, validation
+  evaluations = evaluate.evaluate_datasets(
+    model, variables, builders, config, mesh, workdir, validation
   )
-  evaluate.note_cameras(evaluation, builder)
-  logger.scalars(step, evaluate.flatten_metrics(evaluation), prefix='eval')
-  logger.info(evaluate.format_table(evaluation, title=f'step {step}'))
-  return evaluation
+  for n, (name, evaluation) in enumerate(evaluations.items()):
+    prefix = 'eval' if n == 0 else f'eval_{name.replace("/", "_")}'
+    logger.scalars(step, evaluate.flatten_metrics(evaluation), prefix=prefix)
+    title = f'step {step}' if len(evaluations) == 1 else f'step {step}, {name}'
+    logger.info(evaluate.format_table(evaluation, title=title))
+  return evaluations

@@ -316,3 +316,51 @@ def test_training_on_a_dataset_without_cameras_says_how_it_was_evaluated(tiny_im
   # The validation split held out identities with one query each.
   assert saved['info']['selection']['num_query'] == len(saved['info']['selection']['pids'])
   assert saved['results']['individual']['mAP'] > 0
+
+
+def test_two_datasets_train_together_and_are_each_evaluated(tiny_data_dir, tmp_path):
+  from cace_jax import checkpoint, train_lib
+  from configs import tiny
+
+  # A second dataset: the tiny one's files again, as a custom dataset in Market's layout.
+  shutil.copytree(
+    os.path.join(tiny_data_dir, 'manual', 'synthetic_details', 'tiny'),
+    tmp_path / 'manual' / 'copy',
+    ignore=shutil.ignore_patterns('synthetic_config.json'),
+  )
+  shutil.copytree(
+    os.path.join(tiny_data_dir, 'manual', 'synthetic_details'),
+    tmp_path / 'manual' / 'synthetic_details',
+  )
+  config = tiny.get_config()
+  config.data.dataset = 'synthetic_details/tiny+reid_folder/copy'
+  config.data.data_dir = str(tmp_path / 'data')
+  config.data.manual_dir = str(tmp_path / 'manual')
+  config.data.validation_ids = 3
+  config.eval.stage2_k_grid = (2,)
+  config.eval.diagnostics = False
+  config.train.num_steps = 2
+  builders = input_pipeline.prepare_datasets(config)
+  alone = input_pipeline.load_split(builders['synthetic_details/tiny'], 'train')
+  union = input_pipeline.load_training_splits(builders, config.data)
+  # Identities and classes of the two never coincide; classes are the sum less the held out.
+  train = union.train
+  first = np.char.startswith(train.file_names.astype(str), 'synthetic_details/tiny/')
+  assert not set(train.pids[first].tolist()) & set(train.pids[~first].tolist())
+  assert not set(train.labels[first].tolist()) & set(train.labels[~first].tolist())
+  classes = len(np.unique(alone.labels))
+  assert len(np.unique(train.labels)) == 2 * classes - len(union.validation_pids)
+  workdir = str(tmp_path / 'run')
+  train_lib.train_and_evaluate(config, workdir)
+  assert checkpoint.load_run(workdir).record['num_classes'] == 2 * classes - 3
+  with open(os.path.join(workdir, 'results.json')) as f:
+    saved = json.load(f)
+  assert list(saved['test_sets']) == ['synthetic_details/tiny', 'reid_folder/copy']
+  tables = saved['test_sets']
+  assert saved['results'] == tables['synthetic_details/tiny']['results']
+  # The same images under two names: the same model scores them the same.
+  assert tables['reid_folder/copy']['results']['individual'] == pytest.approx(
+    tables['synthetic_details/tiny']['results']['individual']
+  )
+  with pytest.raises(Exception, match='distinct names joined by'):
+    input_pipeline.dataset_names('market1501++dukemtmc_reid')

@@ -26,7 +26,7 @@ RENAMED = {
     "fast-reid's combineall, which also trains on query and gallery, is not offered"
   ),
 }
-CUSTOM_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')
+CUSTOM_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_-]*')
 
 
 def prepare_dataset(
@@ -91,7 +91,7 @@ def prepare_custom(name: str, data_dir: str, manual_dir: str) -> tfds.core.Datas
   if not CUSTOM_NAME.fullmatch(name or ''):
     raise DatasetError(
       f'reid_folder/{name}: expected reid_folder/<name>, <name> the folder or zip under '
-      f'{manual_dir} (letters, digits, ".", "_", "-")'
+      f'{manual_dir} (letters, digits, "_", "-")'
     )
   builder = builders.ReidFolder(config=builders.ReidFolderConfig(name=name), data_dir=data_dir)
   if builder.is_prepared():

@@ -265,28 +265,35 @@ def select_stage2(
   return chosen, selection
 
 
-def evaluate_selected(
+def evaluate_datasets(
   model: CACENet,
   variables: dict,
-  query: input_pipeline.SplitData,
-  gallery: input_pipeline.SplitData,
+  builders: dict,
   config: ml_collections.ConfigDict,
   mesh: jax.sharding.Mesh,
   scratch_dir: str | None = None,
   validation: tuple[input_pipeline.SplitData, input_pipeline.SplitData] | None = None,
-) -> Evaluation:
-  """`evaluate` on (query, gallery), with stage 2's K and w chosen on `validation` first.
+) -> dict[str, Evaluation]:
+  """`evaluate` on the query/gallery of each prepared dataset {name: builder}, in turn.
 
-  Without a validation split, or without a pair stage, this is `evaluate`
-  with the configured values. The choice is recorded as info['selection'].
+  With a validation split and a pair stage, stage 2's K and w are chosen on
+  it once first (`select_stage2`) and every test set is scored with them;
+  the choice is recorded as each evaluation's info['selection'].
   """
   selection = None
   if validation is not None and model.pair_stage:
     config, selection = select_stage2(model, variables, validation, config, mesh, scratch_dir)
-  evaluation = evaluate(model, variables, query, gallery, config, mesh, scratch_dir)
-  if selection is not None:
-    evaluation.info['selection'] = selection
-  return evaluation
+  evaluations = {}
+  for name, builder in builders.items():
+    query, gallery = input_pipeline.load_eval_splits(builder)
+    test_config = copy.deepcopy(config)
+    test_config.data.dataset = name  # the diagnostics look up this test set's families
+    evaluation = evaluate(model, variables, query, gallery, test_config, mesh, scratch_dir)
+    if selection is not None:
+      evaluation.info['selection'] = selection
+    note_cameras(evaluation, builder)
+    evaluations[name] = evaluation
+  return evaluations
 
 
 def format_selection(selection: dict) -> str:
@@ -405,8 +412,7 @@ def measure(
 
 
 def flatten_metrics(evaluation: Evaluation) -> dict:
-  """{'individual/mAP': x, ...} (for scalar logging), with the validation split's choice
-  and diagnostics when stage 2 was chosen on one."""
+  """{'individual/mAP': x, ...} for scalar logging, with any validation choice and diagnostics."""
   flat = {
     f'{row}/{name}': value
     for row, values in evaluation.metrics.items()
@@ -475,19 +481,23 @@ def write_report(
   workdir: str,
   step: int,
   config: ml_collections.ConfigDict,
-  evaluation: Evaluation,
+  evaluations: dict[str, Evaluation],
   model: CACENet,
   variables: dict,
-  query: input_pipeline.SplitData,
-  gallery: input_pipeline.SplitData,
+  builders: dict,
 ) -> None:
   """Writes `<workdir>/results.json` and the figures of `figures` (process 0 only).
 
   results.json holds {'step', 'dataset', 'results': metrics per row,
-  'diagnostics', 'info'}.
+  'diagnostics', 'info'} of the first test set and, when there are several
+  (`data.dataset` 'a+b'), 'test_sets': {name: {'results', 'diagnostics',
+  'info'}} for each. The figures show the first test set.
   """
   if jax.process_index() != 0:
     return
+  first = next(iter(evaluations))
+  evaluation = evaluations[first]
+  query, gallery = input_pipeline.load_eval_splits(builders[first])
   row = evaluation.figure_row
   figures.write_figures(
     model,
@@ -499,18 +509,20 @@ def write_report(
     config.data.image_size,
     workdir,
   )
+  report = {'step': step, 'dataset': config.data.dataset, **tables_of(evaluation)}
+  if len(evaluations) > 1:
+    report['test_sets'] = {name: tables_of(e) for name, e in evaluations.items()}
   with open(os.path.join(workdir, 'results.json'), 'w', encoding='utf-8') as f:
-    json.dump(
-      {
-        'step': step,
-        'dataset': config.data.dataset,
-        'results': evaluation.metrics,
-        'diagnostics': evaluation.diagnostics,
-        'info': evaluation.info,
-      },
-      f,
-      indent=2,
-    )
+    json.dump(report, f, indent=2)
+
+
+def tables_of(evaluation: Evaluation) -> dict:
+  """{'results', 'diagnostics', 'info'} of one evaluation, as results.json keeps them."""
+  return {
+    'results': evaluation.metrics,
+    'diagnostics': evaluation.diagnostics,
+    'info': evaluation.info,
+  }
 
 
 NO_CAMERAS = 'none: query and gallery taken as different cameras (torchreid convention)'
@@ -553,17 +565,16 @@ def evaluate_checkpoint(
   """
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(workdir, step, config.model, mesh)
-  builder = input_pipeline.prepare_on_first_process(config)
-  query, gallery = input_pipeline.load_eval_splits(builder)
+  builders = input_pipeline.prepare_datasets(config)
   validation = None
   if config.data.validation_ids:
     check_held_out(config, run.config, workdir)
-    validation = input_pipeline.load_training_splits(builder, config.data).validation
-  evaluation = evaluate_selected(
-    run.model, run.variables, query, gallery, config, mesh, workdir, validation
+    validation = input_pipeline.load_training_splits(builders, config.data).validation
+  evaluations = evaluate_datasets(
+    run.model, run.variables, builders, config, mesh, workdir, validation
   )
-  note_cameras(evaluation, builder)
   if jax.process_index() == 0:
-    print(format_table(evaluation, title=f'{config.data.dataset}, {workdir} step {run.step}'))
-  write_report(workdir, run.step, config, evaluation, run.model, run.variables, query, gallery)
-  return evaluation
+    for name, evaluation in evaluations.items():
+      print(format_table(evaluation, title=f'{name}, {workdir} step {run.step}'))
+  write_report(workdir, run.step, config, evaluations, run.model, run.variables, builders)
+  return next(iter(evaluations.values()))
