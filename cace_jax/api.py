@@ -184,35 +184,43 @@ class ReID:
     embeddings; stage 2 re-sorts each query's `eval.stage2_k` nearest by
     (1 - w) d_individual + w d_conditional (w = `eval.stage2_mix`), as eval
     does. Returns per query its `top_k` hits, best first, each {'rank',
-    'path', 'index', 'individual_distance', and within the re-sorted K,
-    'conditional_distance'}.
+    'path', 'index', 'individual_distance', 'conditional_distance' (with a
+    pair stage; hits below the re-sorted K keep their stage-1 place but are
+    scored too), 'resorted' (whether stage 2 placed it)}.
     """
     if top_k < 1:
       raise ConfigError(f'top_k={top_k}: expected >= 1')
     k = min(self.config.eval.stage2_k, len(index)) if self.model.pair_stage else 0
     with tempfile.TemporaryDirectory(prefix='search_') as scratch:
-      q_emb, q_cache = self._extract(queries, k > 0, scratch)
+      q_emb, q_cache = self._extract(queries, self.model.pair_stage, scratch)
       individual = metrics.cosine_distance(q_emb, np.asarray(index.embeddings))
-      ranked, conditional = individual, {}
-      if k > 0:
+      ranked, resorted = individual, set()
+      if self.model.pair_stage:
         pair_distances, call_size = stage2.make_pair_distances(
           self.model, self.variables, stage2.conditional_distance, q_cache, index.caches, self.mesh
         )
+      if k > 0:
         query_index, gallery_index = stage2.top_k_pairs(individual, k)
         scores = stage2.score_pairs(pair_distances, query_index, gallery_index, call_size)
         ranked = stage2.resort(
           individual, query_index, gallery_index, scores, self.config.eval.stage2_mix
         )
-        conditional = dict(zip(zip(query_index.tolist(), gallery_index.tolist()), scores.tolist()))
-    order = np.argsort(ranked, axis=1, kind='stable')[:, :top_k]
+        resorted = set(zip(query_index.tolist(), gallery_index.tolist()))
+      order = np.argsort(ranked, axis=1, kind='stable')[:, :top_k]
+      shown_q = np.repeat(np.arange(len(order)), order.shape[1])
+      conditional = None
+      if self.model.pair_stage:  # the conditional distance of every hit shown
+        conditional = stage2.score_pairs(pair_distances, shown_q, order.ravel(), call_size)
+        conditional = np.asarray(conditional).reshape(order.shape)
     results = []
     for q, row in enumerate(order):
       hits = []
       for rank, g in enumerate(row.tolist(), 1):
         hit = {'rank': rank, 'path': index.paths[g], 'index': g}
         hit['individual_distance'] = float(individual[q, g])
-        if (q, g) in conditional:
-          hit['conditional_distance'] = float(conditional[(q, g)])
+        if conditional is not None:
+          hit['conditional_distance'] = float(conditional[q, rank - 1])
+          hit['resorted'] = (q, g) in resorted
         hits.append(hit)
       results.append(hits)
     return results

@@ -58,6 +58,14 @@ def read_rgb(path: str) -> np.ndarray:
     return np.asarray(image.convert('RGB'))
 
 
+def caption_of(hit: dict) -> str:
+  """The distances under a hit's image: individual, and conditional with a pair stage."""
+  text = f'{hit["individual_distance"]:.3f}'
+  if 'conditional_distance' in hit:
+    text += f' / {hit["conditional_distance"]:.3f}'
+  return text
+
+
 def search_folder(
   workdir: str, gallery: str, query: str, out: str, top_k: int = 10, step: int | None = None
 ) -> dict:
@@ -80,9 +88,7 @@ def search_folder(
   size = tuple(reid.config.data.image_size)
   for n, (path, hits) in enumerate(zip(query_paths, found)):
     ranking = np.array([[hit['index'] for hit in hits]])
-    captions = [
-      [f'd {hit.get("conditional_distance", hit["individual_distance"]):.3f}' for hit in hits]
-    ]
+    captions = [[caption_of(hit) for hit in hits]]
     plots.plot_ranked_lists(
       [read_rgb(path)],
       lambda g: read_rgb(index.paths[g]),

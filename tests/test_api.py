@@ -109,8 +109,9 @@ def test_search_ranks_as_evals_stage2_and_the_index_resumes(
   ranking = np.array([[hit['index'] for hit in row] for row in hits])
   np.testing.assert_array_equal(ranking, expected.rankings['cacenet'][:, :8])
   for row in hits:
-    assert all('conditional_distance' in hit for hit in row[:5])
-    assert not any('conditional_distance' in hit for hit in row[5:])
+    assert [hit['resorted'] for hit in row] == [True] * 5 + [False] * 3
+    conditional = [hit['conditional_distance'] for hit in row]
+    assert conditional[:5] == sorted(conditional[:5])  # stage 2 (w = 1) sorts the first K by it
     assert [hit['rank'] for hit in row] == list(range(1, 9))
 
 
