@@ -30,6 +30,7 @@ from cace_jax import checkpoint, input_pipeline, sharding
 from cace_jax.datasets.manual_source import to_rgb_jpeg
 from cace_jax.errors import ConfigError, DatasetError
 from cace_jax.evaluation import metrics, stage1, stage2
+from cace_jax.models import CACENet
 
 INDEX_VERSION = 1
 INDEX_CHUNK = 256  # images embedded (and committed to disk) per step of `index`
@@ -102,9 +103,15 @@ class GalleryIndex:
 
 @dataclasses.dataclass
 class ReID:
-  """A loaded model with the evaluation's preprocessing (see `load`)."""
+  """A loaded model with the evaluation's preprocessing (see `load`).
 
-  model: object
+  Attributes:
+    model, variables: the network and its variables (replicated over `mesh`).
+    config: the settings `embed` and `search` use (image size, flip, stage 2).
+    workdir, step: where the checkpoint came from (an index records both).
+  """
+
+  model: CACENet
   variables: dict
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
@@ -150,10 +157,12 @@ class ReID:
         'choose another directory'
       )
     done = record['done'] if record else 0
+    if done == len(paths):
+      return load_index(directory)
     arrays = None
     bar = tqdm.tqdm(total=len(paths), initial=done, disable=not progress, desc='index')
-    while done < len(paths) or arrays is None:
-      chunk = paths[done : done + INDEX_CHUNK] or paths[:1]  # one chunk gives the shapes
+    while done < len(paths):
+      chunk = paths[done : done + INDEX_CHUNK]
       embeddings, caches = self._extract(chunk, with_cache)
       if arrays is None:
         shapes = {'embeddings': embeddings.shape[1:]}
@@ -163,8 +172,6 @@ class ReID:
         arrays = open_index_arrays(directory, shapes, dtypes, len(paths), fresh=record is None)
         if record is None:
           record = {**identity, 'done': 0, 'arrays': {k: str(v) for k, v in dtypes.items()}}
-        if done == len(paths):
-          break
       stop = done + len(chunk)
       arrays['embeddings'][done:stop] = embeddings
       for name, value in caches.items():
