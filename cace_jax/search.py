@@ -54,6 +54,7 @@ def list_images(path: str, flag: str) -> list[str]:
 
 
 def read_rgb(path: str) -> np.ndarray:
+  """An image file as uint8 [H, W, 3], for the figures."""
   with Image.open(path) as image:
     return np.asarray(image.convert('RGB'))
 
