@@ -201,32 +201,35 @@ class ReID:
     with tempfile.TemporaryDirectory(prefix='search_') as scratch:
       q_emb, q_cache = self._extract(queries, self.model.pair_stage, scratch)
       individual = metrics.cosine_distance(q_emb, np.asarray(index.embeddings))
-      ranked, resorted = individual, set()
+      ranked, conditional, resorted = individual, {}, set()
       if self.model.pair_stage:
+        # Stage 2 only permutes each query's first K, which stay ahead of the rest: the
+        # hits shown are among its first max(K, top_k) stage-1 neighbours, scored once.
+        query_index, gallery_index = stage2.top_k_pairs(individual, max(k, top_k))
         pair_distances, call_size = stage2.make_pair_distances(
           self.model, self.variables, stage2.conditional_distance, q_cache, index.caches, self.mesh
         )
-      if k > 0:
-        query_index, gallery_index = stage2.top_k_pairs(individual, k)
         scores = stage2.score_pairs(pair_distances, query_index, gallery_index, call_size)
+        first_k = stage2.within_first(len(query_index), len(individual), k)
         ranked = stage2.resort(
-          individual, query_index, gallery_index, scores, self.config.eval.stage2_mix
+          individual,
+          query_index[first_k],
+          gallery_index[first_k],
+          scores[first_k],
+          self.config.eval.stage2_mix,
         )
-        resorted = set(zip(query_index.tolist(), gallery_index.tolist()))
-      order = np.argsort(ranked, axis=1, kind='stable')[:, :top_k]
-      shown_q = np.repeat(np.arange(len(order)), order.shape[1])
-      conditional = None
-      if self.model.pair_stage:  # the conditional distance of every hit shown
-        conditional = stage2.score_pairs(pair_distances, shown_q, order.ravel(), call_size)
-        conditional = np.asarray(conditional).reshape(order.shape)
+        pairs = list(zip(query_index.tolist(), gallery_index.tolist()))
+        conditional = dict(zip(pairs, np.asarray(scores).tolist()))
+        resorted = {pair for pair, inside in zip(pairs, first_k) if inside}
+    order = np.argsort(ranked, axis=1, kind='stable')[:, :top_k]
     results = []
     for q, row in enumerate(order):
       hits = []
       for rank, g in enumerate(row.tolist(), 1):
         hit = {'rank': rank, 'path': index.paths[g], 'index': g}
         hit['individual_distance'] = float(individual[q, g])
-        if conditional is not None:
-          hit['conditional_distance'] = float(conditional[q, rank - 1])
+        if self.model.pair_stage:
+          hit['conditional_distance'] = float(conditional[(q, g)])
           hit['resorted'] = (q, g) in resorted
         hits.append(hit)
       results.append(hits)

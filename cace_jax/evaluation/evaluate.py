@@ -233,11 +233,9 @@ def select_stage2(
     )
     query_index, gallery_index = stage2.top_k_pairs(base, k_grid[-1])
     scores = stage2.score_pairs(pair_distances, query_index, gallery_index, pairs_per_call)
-    per_query = len(query_index) // max(len(query), 1)
-    nth = np.arange(len(query_index)) % max(per_query, 1)  # neighbour rank within its query
     grid = []
     for k in k_grid:
-      prefix = nth < k
+      prefix = stage2.within_first(len(query_index), len(query), k)
       for mix in mixes:
         resorted = stage2.resort(
           base, query_index[prefix], gallery_index[prefix], scores[prefix], mix

@@ -191,6 +191,12 @@ def top_k_pairs(distmat: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   return np.repeat(np.arange(distmat.shape[0]), k), top.reshape(-1)
 
 
+def within_first(num_pairs: int, num_queries: int, k: int) -> np.ndarray:
+  """[num_pairs] mask of the `top_k_pairs` pairs among their query's first k (a prefix each)."""
+  per_query = num_pairs // max(num_queries, 1)
+  return np.arange(num_pairs) % max(per_query, 1) < k
+
+
 def fuse(stage1_distances, pair_distances, mix: float) -> np.ndarray:
   """The score stage 2 sorts by: (1 - w) d_stage1 + w d_pair, with w = `mix`.
 
