@@ -1,14 +1,14 @@
 """Host memory over a long run: does RSS stay flat? (issue 15, "long runs")
 
-  python benchmarks/memory_growth.py --steps 3000 [--out benchmarks/results/memory_growth.json]
+  python benchmarks/memory_growth.py --steps 4000 [--out benchmarks/results/memory_growth.json]
 
 Trains configs/tiny.py for --steps steps in a child `train.py` (periodic
 evaluation every --eval_every_epochs epochs, logging every 10 steps, the
 usual checkpoints), samples the child's resident set size every
 --interval seconds from /proc, and fits a line to RSS against the step the
 run has reached (read from its train.log). The first --warmup_fraction of
-the steps is left out of the fit: compilation, the first evaluation and
-allocator pools grow memory once. A leak in the input pipeline, logging or
+the steps is left out of the fit (compilation, the first evaluation and
+allocator pools grow memory once), and so is the final evaluation. A leak in the input pipeline, logging or
 periodic evaluation shows as a slope that does not vanish; the report gives
 it in MiB per 1000 steps, with the RSS at the start and end of the fit.
 Linux only (/proc).
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,7 +66,7 @@ def fit_slope(steps: np.ndarray, rss: np.ndarray) -> tuple[float, float]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--steps', type=int, default=3000)
+  parser.add_argument('--steps', type=int, default=4000)
   parser.add_argument('--eval_every_epochs', type=int, default=20)
   parser.add_argument('--interval', type=float, default=1.0)
   parser.add_argument('--warmup_fraction', type=float, default=0.25)
@@ -98,11 +99,13 @@ def main() -> None:
       samples.append((time.time() - start, last_logged_step(log_path), rss))
     time.sleep(args.interval)
   stderr = child.stderr.read().decode(errors='replace')
+  shutil.rmtree(workdir, ignore_errors=True)
   if child.returncode != 0:
     sys.exit(f'error: train.py exited {child.returncode}: {stderr.strip().splitlines()[-1:]}')
 
   seconds, steps, rss = (np.array(column, np.float64) for column in zip(*samples))
-  in_fit = steps >= args.warmup_fraction * args.steps
+  # The final evaluation (after the last step) compiles new programs: not part of the trend.
+  in_fit = (steps >= args.warmup_fraction * args.steps) & (steps < args.steps)
   slope, noise = fit_slope(steps[in_fit], rss[in_fit])
   report = {
     'command': ' '.join(command),
