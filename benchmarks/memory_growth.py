@@ -8,15 +8,15 @@ usual checkpoints), samples the child's resident set size every
 --interval seconds from /proc, and fits a line to RSS against the step the
 run has reached (read from its train.log). The first --warmup_fraction of
 the steps is left out of the fit (compilation, the first evaluation and
-allocator pools grow memory once), and so is the final evaluation. A leak in the input pipeline, logging or
-periodic evaluation shows as a slope that does not vanish; the report gives
-it in MiB per 1000 steps, with the RSS at the start and end of the fit.
+allocator pools grow memory once), and so is the final evaluation. A leak
+in the input pipeline, logging or periodic evaluation shows as a slope that
+does not vanish; the report gives it in MiB per 1000 steps, with the RSS at
+the start and end of the fit.
 Linux only (/proc).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -30,7 +30,11 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from absl import flags  # noqa: E402
+
 from benchmarks.common import save_report  # noqa: E402
+from cace_jax import cli  # noqa: E402
+from cace_jax.errors import RunFailure  # noqa: E402
 
 
 def read_rss_mib(pid: int) -> float | None:
@@ -64,16 +68,34 @@ def fit_slope(steps: np.ndarray, rss: np.ndarray) -> tuple[float, float]:
   return float(slope), float(residual.std())
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--steps', type=int, default=4000)
-  parser.add_argument('--eval_every_epochs', type=int, default=20)
-  parser.add_argument('--interval', type=float, default=1.0)
-  parser.add_argument('--warmup_fraction', type=float, default=0.25)
-  parser.add_argument('--data_dir', default=os.path.join(ROOT, 'data'))
-  parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks/results/memory_growth.json'))
-  args = parser.parse_args()
+def define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_integer('steps', 4000, 'Training steps of configs/tiny.py.', flag_values=flag_values)
+  flags.DEFINE_integer(
+    'eval_every_epochs', 20, 'Periodic evaluation (14 steps per epoch).', flag_values=flag_values
+  )
+  flags.DEFINE_integer(
+    'log_every', 10, 'train.log_every (logging is one suspect of a leak).', flag_values=flag_values
+  )
+  flags.DEFINE_float('interval', 1.0, 'Seconds between RSS samples.', flag_values=flag_values)
+  flags.DEFINE_float(
+    'warmup_fraction',
+    0.25,
+    'Leading share of the steps left out of the fit.',
+    flag_values=flag_values,
+  )
+  flags.DEFINE_string(
+    'data_dir', os.path.join(ROOT, 'data'), 'TFDS records.', flag_values=flag_values
+  )
+  flags.DEFINE_string(
+    'out',
+    os.path.join(ROOT, 'benchmarks/results/memory_growth.json'),
+    'JSON report.',
+    flag_values=flag_values,
+  )
 
+
+def main(args: flags.FlagValues, positional: list[str]) -> None:
+  cli.expect_arguments(positional, [])
   workdir = tempfile.mkdtemp(prefix='memory_growth_')
   command = [
     sys.executable,
@@ -85,12 +107,15 @@ def main() -> None:
     f'--config.data.data_dir={args.data_dir}',
     f'--config.train.num_steps={args.steps}',
     f'--config.train.eval_every_epochs={args.eval_every_epochs}',
-    '--config.train.log_every=10',
+    f'--config.train.log_every={args.log_every}',
     '--config.train.checkpoint_every=500',
     '--config.eval.diagnostics=False',
   ]
   start = time.time()
-  child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  # stderr to a file, not a pipe: the progress bar would fill a pipe nobody reads and block.
+  stderr_path = os.path.join(workdir, 'stderr.txt')
+  with open(stderr_path, 'wb') as stderr_file:
+    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr_file)
   samples = []  # (seconds, step, rss MiB)
   log_path = os.path.join(workdir, 'train.log')
   while child.poll() is None:
@@ -98,10 +123,12 @@ def main() -> None:
     if rss is not None:
       samples.append((time.time() - start, last_logged_step(log_path), rss))
     time.sleep(args.interval)
-  stderr = child.stderr.read().decode(errors='replace')
+  with open(stderr_path, encoding='utf-8', errors='replace') as f:
+    stderr = f.read()
   shutil.rmtree(workdir, ignore_errors=True)
   if child.returncode != 0:
-    sys.exit(f'error: train.py exited {child.returncode}: {stderr.strip().splitlines()[-1:]}')
+    last = (stderr.strip().splitlines() or ['(no output)'])[-1]
+    raise RunFailure(f'train.py exited {child.returncode}: {last}')
 
   seconds, steps, rss = (np.array(column, np.float64) for column in zip(*samples))
   # The final evaluation (after the last step) compiles new programs: not part of the trend.
@@ -130,4 +157,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(cli.run(sys.argv, define_flags, main, __doc__))

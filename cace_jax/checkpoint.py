@@ -20,10 +20,12 @@ from typing import Any
 from flax import traverse_util
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
 from cace_jax import sharding
+from cace_jax.errors import CheckpointError, ConfigError, RunFailure, is_disk_full
 from cace_jax.models import build_model, make_resnet
 from cace_jax.models.attention import RENAMED_KINDS
 
@@ -66,73 +68,175 @@ def save_checkpoint(
 ) -> None:
   """Saves `state` and the JSON-serialisable `record` at `step` (blocking).
 
-  `metrics` (with 'mAP') makes the checkpoint a candidate for "best".
+  `metrics` (with 'mAP') makes the checkpoint a candidate for "best". The
+  step appears only once it is complete: orbax writes into a temporary
+  directory and renames it, so a kill or a full disk mid-save leaves the
+  previous checkpoints as the latest.
+
+  Raises:
+    RunFailure: the disk is full (the message says which step resumes).
   """
-  manager.save(
-    step,
-    args=ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)),
-    metrics=metrics,
-    force=True,
-  )
-  manager.wait_until_finished()
+  try:
+    manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)),
+      metrics=metrics,
+      force=True,
+    )
+    manager.wait_until_finished()
+  except Exception as e:
+    if not is_disk_full(e):
+      raise
+    # Orbax wrote into a temporary directory, removed when the next manager starts.
+    previous = [s for s in manager.all_steps() if s != step]
+    raise RunFailure(
+      f'no space left on the device writing checkpoint step {step} to {manager.directory}: '
+      f'free some space and run again; '
+      + (f'it resumes from step {max(previous)}' if previous else 'no checkpoint was complete yet')
+    ) from e
 
 
 def restore_checkpoint(
   manager: ocp.CheckpointManager, target: Any, step: int | None = None
-) -> tuple[Any, dict] | None:
-  """Restores the latest (or given) checkpoint into the structure of `target`.
+) -> tuple[Any, dict, list[tuple[int, str]]] | None:
+  """Restores the newest checkpoint that can be read into the structure of `target`.
+
+  A checkpoint that cannot be restored (truncated or missing files, a
+  corrupt record) is skipped for the next older one; it is reported, never
+  deleted (`set_aside` moves it out of the way when training goes on).
 
   Args:
     manager: from `create_manager`.
     target: a state with the expected tree, shapes, dtypes and shardings
       (arrays or jax.ShapeDtypeStruct).
-    step: which checkpoint; the latest if None.
+    step: restore exactly this checkpoint (no fallback); the newest if None.
 
   Returns:
-    (state, record), or None when the directory holds no checkpoint.
+    (state, record, skipped) with `skipped` the (step, reason) of every newer
+    checkpoint that could not be read, or None when there is no checkpoint.
+
+  Raises:
+    CheckpointError: there are checkpoints but none of them can be restored.
   """
-  step = manager.latest_step() if step is None else step
-  if step is None:
+  steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+  if not steps:
     return None
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  restored = manager.restore(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()
-    ),
+  skipped = []
+  for candidate in steps:
+    try:
+      restored = manager.restore(
+        candidate,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()
+        ),
+      )
+    except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
+      skipped.append((candidate, failure_reason(e)))
+      continue
+    return restored['state'], restored['record'], skipped
+  raise CheckpointError(
+    f'no checkpoint in {manager.directory} can be restored: '
+    + '; '.join(f'step {s}: {why}' for s, why in skipped)
+    + ' (nothing was changed; a config other than the one trained, e.g. another optimizer, '
+    "cannot resume: pass the run's config, or move the checkpoints directory away to start "
+    'afresh)'
   )
-  return restored['state'], restored['record']
+
+
+def failure_reason(error: BaseException, limit: int = 200) -> str:
+  """A short reason for an unreadable checkpoint: the innermost message, first line."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return line if len(line) <= limit else line[:limit] + '...'
+
+
+DAMAGED_DIR = 'damaged_checkpoints'
+
+
+def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> list[str]:
+  """Moves unreadable checkpoints to `<workdir>/damaged_checkpoints/` (kept, never deleted).
+
+  Training resumed from an older step will save these steps again; orbax
+  refuses to overwrite a step, and the user may want the files.
+
+  Returns:
+    Where each one went.
+  """
+  checkpoints = str(manager.directory)
+  damaged = os.path.join(os.path.dirname(checkpoints), DAMAGED_DIR)
+  os.makedirs(damaged, exist_ok=True)
+  moved = []
+  for step in steps:
+    destination = os.path.join(damaged, str(step))
+    suffix = 1
+    while os.path.exists(destination):
+      destination = os.path.join(damaged, f'{step}.{suffix}')
+      suffix += 1
+    os.rename(os.path.join(checkpoints, str(step)), destination)
+    moved.append(destination)
+  manager.reload()
+  return moved
+
+
+def list_steps(workdir: str) -> list[int]:
+  """The steps of the complete checkpoints in `<workdir>/checkpoints` (no orbax needed)."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
 def read_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict, dict]:
   """Reads a checkpoint without knowing its structure (evaluation, porting, tests).
 
   Works whatever topology saved it (e.g. two processes of two devices): the
-  arrays are restored onto this process's first device.
+  arrays are restored onto this process's first device. Only complete
+  checkpoints are listed (orbax renames a step into place when it is
+  written), so a run that is training meanwhile is read safely.
 
   Returns:
-    (step, state as nested dicts of arrays, record). Raises FileNotFoundError
-    naming the directory when it holds no such checkpoint.
+    (step, state as nested dicts of arrays, record).
+
+  Raises:
+    CheckpointError: no such checkpoint, or it cannot be read; the message
+      names the directory, the step and the steps available.
   """
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise CheckpointError(
+      f'no checkpoint in {os.path.abspath(os.path.join(workdir, "checkpoints"))} '
+      f'({workdir} is not a training run or a port)'
+    )
   manager = create_manager(workdir, read_only=True)
   try:
+    available = list(manager.all_steps())
     step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-      raise FileNotFoundError(
+    if step is None or step not in available:
+      raise CheckpointError(
         f'no checkpoint{"" if step is None else f" at step {step}"} in '
-        f'{manager.directory} (available: {list(manager.all_steps())})'
+        f'{manager.directory} (available: {available})'
       )
-    record = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))['record']
     state_dir = os.path.join(str(manager.directory), str(step), 'state')
+    try:
+      record = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
+      checkpointer = ocp.StandardCheckpointer()
+      metadata = checkpointer.metadata(state_dir).item_metadata
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata
+      )
+      state = checkpointer.restore(state_dir, abstract)
+    except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
+      others = [s for s in available if s != step]
+      raise CheckpointError(
+        f'checkpoint step {step} in {manager.directory} cannot be read ({failure_reason(e)}); '
+        f'other steps: {others or "none"}'
+        + (f' (pass --checkpoint={others[-1]} to use one)' if others else '')
+      ) from e
   finally:
     manager.close()
-  checkpointer = ocp.StandardCheckpointer()
-  metadata = checkpointer.metadata(state_dir).item_metadata
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(
-    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata
-  )
-  return step, checkpointer.restore(state_dir, abstract), record
+  return step, state, record['record']
 
 
 def merge_variables(
@@ -228,7 +332,9 @@ def load_run(
 
   Raises:
     FileNotFoundError: no such checkpoint, naming the directory.
-    ConfigError: the model config names an unknown field.
+    ConfigError: the model config names an unknown field, or builds a model
+      whose variables do not fit the checkpoint (the message names the
+      config fields that differ from the checkpoint's).
   """
   step, state, record = read_checkpoint(workdir, step)
   config = ml_collections.ConfigDict(json.loads(record['config'])) if record.get('config') else None
@@ -240,10 +346,49 @@ def load_run(
       ported['resnet_depth'], last_stride=2, num_classes=fc['kernel'].shape[-1] if fc else None
     )
   else:
-    if model_config is None:
+    user_model = model_config is not None
+    if not user_model:
       model_config = recorded_model(config.model if config is not None else ported)
     # Evaluation normalises with running averages: no cross-device BN statistics.
     model = build_model(model_config, record.get('num_classes'), sync_bn=False)
+    if user_model:
+      check_model_fits(
+        model,
+        variables,
+        model_config,
+        recorded_model(config.model if config else ported),
+        f'checkpoint step {step} of {workdir}',
+      )
   if mesh is not None:
     variables = sharding.replicate(variables, mesh)
   return Run(step=step, record=record, model=model, variables=variables, config=config)
+
+
+def check_model_fits(
+  model: nn.Module, variables: dict, model_config, recorded: dict, where: str
+) -> None:
+  """Raises ConfigError unless `model`'s variables have exactly the shapes of `variables`.
+
+  Run before evaluating with a config's model: a different `model.embed_dim`
+  or `model.depth` would otherwise fail deep inside flax. The message names
+  the config fields that differ from the ones the checkpoint recorded.
+  """
+  key = jax.random.key(0)
+  shapes = jax.eval_shape(
+    lambda: model.init({'params': key, 'dropout': key}, jnp.zeros((1, 64, 32, 3)), train=False)
+  )
+  expected = {name: shapes.get(name, {}) for name in ('params', 'batch_stats')}
+  try:
+    merge_variables(expected, variables)
+  except ValueError as e:
+    fields = dict(model_config)
+    differ = [
+      f'model.{name}={fields[name]!r} (the checkpoint has {recorded[name]!r})'
+      for name in sorted(fields)
+      if name in recorded and fields[name] != recorded[name]
+    ]
+    raise ConfigError(
+      f"the config's model does not fit {where}: "
+      + (', '.join(differ) if differ else str(e))
+      + '; drop those overrides or pass the config the run was trained with'
+    ) from e

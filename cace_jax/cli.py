@@ -1,27 +1,38 @@
 """The command line every entry point shares: absl flags, process set-up, one-line errors.
 
-`train.py`, `eval.py`, `tools/*.py` and `benchmarks/*.py` each define their
-flags on a fresh `FlagValues` and hand them to `run`, so that a bad flag, a
-mistyped `--config.` field or a user error (`errors.UserError`) ends in one
-`error:` line and exit code 2, the same way everywhere. Fresh flag sets also
-let tests call several entry points in one process.
+`train.py`, `eval.py`, `tools/*.py`, `python -m cace_jax.search` and
+`benchmarks/*.py` each define their flags on a fresh `FlagValues` and hand
+them to `run`, so that every way a command can end badly (a bad flag, a
+mistyped `--config.` field, a user error, a failure of the run) ends in one
+`error:` line and one exit code, the same way everywhere. Fresh flag sets
+also let tests call several entry points in one process.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging as std_logging
 import os
 import sys
+import traceback
 from typing import Callable, Sequence
 
 from absl import flags, logging
 import jax
 import ml_collections
 
-from cace_jax.errors import UserError
+from cace_jax.errors import RunFailure, UserError, is_disk_full
 
 _OVERRIDE_PREFIX = '--config.'
 _HELP = ('-h', '--help', '--helpfull')
+
+
+DEBUG_FLAG = '--debug'
+DEBUG_ENV = 'CACE_JAX_DEBUG'
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+_MAX_MESSAGE = 2000  # characters of one error line; --debug shows everything
 
 
 def run(
@@ -32,31 +43,126 @@ def run(
 ) -> int:
   """Parses `argv` with the flags `define_flags` defines, then calls `main(flags, positional)`.
 
-  Returns the exit code: 0, or 2 after printing one `error:` line for a bad
-  flag, an unknown config field or a user error (also a non-finite loss and
-  a missing file). `--help` prints `usage` and the flags.
+  Every entry point goes through here, so every error ends the same way: one
+  line `error: ...` on stderr, nothing after it, no traceback unless
+  `--debug` (or the environment variable CACE_JAX_DEBUG=1) asks for one.
+
+  Returns:
+    The exit code: 0; 2 for bad input (a flag, a config field, a file, a
+    dataset: `errors.UserError` and missing or misplaced paths); 1 for a
+    failure of the run (a non-finite loss, a full disk, anything
+    unexpected); 130 when interrupted. `--help` prints `usage` and the flags.
   """
   flag_values = flags.FlagValues()
   define_flags(flag_values)
+  flags.DEFINE_boolean(
+    'debug', False, f'Print tracebacks (or set {DEBUG_ENV}=1).', flag_values=flag_values
+  )
+  debug = DEBUG_FLAG in argv[1:] or os.environ.get(DEBUG_ENV, '') not in ('', '0')
+  if not debug:
+    # A failed orbax restore leaves tensorstore callbacks that fire into a closed
+    # event loop, from C++ threads, until exit: hundreds of "unraisable"
+    # tracebacks around the one error line. They repeat the error; --debug shows them.
+    sys.unraisablehook = _ignore_unraisable
+    # Orbax's writes run as asyncio tasks; when one fails (a full disk), every
+    # sibling logs "Task exception was never retrieved" with its traceback.
+    std_logging.getLogger('asyncio').setLevel(std_logging.CRITICAL)
   if any(arg in _HELP for arg in argv[1:]):
     print(usage.strip() + '\n\n' + flag_values.get_help(include_special_flags=False))
     return 0
   try:
     positional = flag_values(list(argv))[1:]
+    for name in flag_values:  # a config file that failed to load fails here, as bad input
+      if type(flag_values[name].value).__name__ == '_ErrorConfig':  # ml_collections' stand-in
+        raise OSError(f'--{name}: cannot load the config file')
   except Exception as e:  # noqa: BLE001  (absl and ml_collections raise several kinds)
-    return _report(_explain_config_override(argv) or str(e))
+    if debug:
+      traceback.print_exc()
+    return _report(_explain_config_override(argv) or _flag_error(e), EXIT_BAD_INPUT)
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # absl logging asks for parsed global flags
   try:
     main(flag_values, positional)
-  except (UserError, FloatingPointError, FileNotFoundError) as e:
-    return _report(str(e))
+  except KeyboardInterrupt:
+    return _report(
+      'interrupted; complete checkpoints and prepared datasets are kept, and the same '
+      'command resumes',
+      EXIT_INTERRUPTED,
+    )
+  except Exception as e:  # noqa: BLE001  (the one place every failure is reported)
+    if debug:
+      traceback.print_exc()
+    code, message = describe_error(e)
+    return _report(message, code)
   return 0
 
 
-def _report(message: str) -> int:
-  print(f'error: {message}', file=sys.stderr)
-  return 2
+def _ignore_unraisable(unraisable) -> None:
+  del unraisable
+
+
+def describe_error(error: Exception) -> tuple[int, str]:
+  """The exit code and the one-line message for an exception that ended a command."""
+  if isinstance(error, UserError):
+    return EXIT_BAD_INPUT, str(error)
+  if isinstance(error, (FloatingPointError, RunFailure)):
+    return EXIT_FAILURE, str(error)
+  if is_disk_full(error):
+    where = _filename_in(error)
+    return EXIT_FAILURE, (
+      f'no space left on the device{f" ({where})" if where else ""}: free some space and run '
+      'the command again; complete checkpoints and prepared datasets are kept'
+    )
+  if isinstance(error, tuple(_PATH_ERRORS)):
+    if not error.filename:
+      return EXIT_BAD_INPUT, str(error)
+    return EXIT_BAD_INPUT, (
+      f'{(error.strerror or type(error).__name__).lower()} ({error.filename}): '
+      + next(advice for kind, advice in _PATH_ERRORS.items() if isinstance(error, kind))
+    )
+  first_line = (str(error).strip().splitlines() or [''])[0]
+  return EXIT_FAILURE, (
+    f'unexpected {type(error).__name__}: {first_line} (run again with {DEBUG_FLAG} or '
+    f'{DEBUG_ENV}=1 for the traceback)'
+  )
+
+
+_PATH_ERRORS = {
+  FileNotFoundError: 'expected an existing file or directory there',
+  NotADirectoryError: 'a file stands where a directory is expected',
+  IsADirectoryError: 'a directory stands where a file is expected',
+  FileExistsError: 'something already exists there; it is never overwritten',
+  PermissionError: 'this process may not read or write there',
+}
+
+
+def _filename_in(error: BaseException) -> str | None:
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.filename:
+      return str(error.filename)
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _flag_error(error: Exception) -> str:
+  # absl says "flag --x=None: Flag --x must have a value other than None."
+  message = str(error)
+  if 'must have a value other than None' in message:
+    name = message.split('=', 1)[0].removeprefix('flag ')
+    return f'{name} is required (see --help)'
+  return message
+
+
+def _report(message: str, code: int) -> int:
+  """Prints `error: message` as the last line of stderr and returns `code`."""
+  sys.stdout.flush()
+  message = ' '.join(str(message).split())  # one line, whatever the exception held
+  if len(message) > _MAX_MESSAGE:
+    message = message[:_MAX_MESSAGE] + f' ... ({len(message) - _MAX_MESSAGE} more characters)'
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  return code
 
 
 def expect_arguments(positional: Sequence[str], names: Sequence[str]) -> None:

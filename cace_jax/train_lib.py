@@ -10,6 +10,7 @@ step so every replica holds the same state.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any
@@ -21,10 +22,16 @@ import ml_collections
 import numpy as np
 import optax
 
-from cace_jax import augment, checkpoint, input_pipeline, losses, sharding
-from cace_jax.errors import ConfigError, PortError
+from cace_jax import (
+  checkpoint,
+  config_check,
+  input_pipeline,
+  losses,
+  sharding,
+  train_init,
+  workdir_lock,
+)
 from cace_jax.evaluation import evaluate
-from cace_jax.interop import torch_weights
 from cace_jax.models import CACENet, build_model
 from cace_jax.run_logger import RunLogger
 from cace_jax.sharding import AXIS
@@ -66,7 +73,7 @@ def create_optimizer(
   return optax.chain(*parts), schedule
 
 
-PAIR_STAGE_PARAMS = ('pair_attention', 'pair_graph')
+PAIR_STAGE_PARAMS = train_init.PAIR_STAGE_PARAMS
 
 
 def scale_pair_stage(factor: float) -> optax.GradientTransformation:
@@ -93,45 +100,6 @@ def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   if config.train.num_steps > 0:
     return int(config.train.num_steps)
   return int(config.optim.epochs * steps_per_epoch)
-
-
-def check_data_config(config: ml_collections.ConfigDict) -> None:
-  """Fails early, naming the field, on a sampler or augmentation setting that cannot work."""
-  data = config.data
-  if data.sampler not in input_pipeline.SAMPLERS:
-    raise ConfigError(
-      f'data.sampler={data.sampler!r}: expected one of {", ".join(input_pipeline.SAMPLERS)}'
-    )
-  if data.min_images_per_id < 1:
-    raise ConfigError(f'data.min_images_per_id={data.min_images_per_id}: expected >= 1')
-  if data.erasing_fill not in augment.ERASING_FILLS:
-    raise ConfigError(
-      f'data.erasing_fill={data.erasing_fill!r}: expected one of {", ".join(augment.ERASING_FILLS)}'
-    )
-  evaluate.check_stage2_config(config)
-  input_pipeline.dataset_names(data.dataset)
-
-
-def check_config(config: ml_collections.ConfigDict, num_identities: int) -> None:
-  """Fails early, naming the field, on values that cannot train."""
-  data = config.data
-  if data.k < 2:
-    raise ConfigError(f'data.k={data.k}: batch-hard triplets need K >= 2 images per identity')
-  if data.p < 2:
-    raise ConfigError(f'data.p={data.p}: triplets need P >= 2 identities per device batch')
-  if data.p > num_identities:
-    raise ConfigError(
-      f'data.p={data.p} identities per batch but {data.dataset} has only '
-      f'{num_identities} training identities with data.min_images_per_id='
-      f'{data.min_images_per_id} images or more'
-    )
-  if config.train.num_steps <= 0 and config.optim.epochs <= 0:
-    raise ConfigError('optim.epochs and train.num_steps are both <= 0: nothing to train')
-  if config.init.backbone and config.init.checkpoint:
-    raise ConfigError(
-      'init.backbone and init.checkpoint are both set: the checkpoint would '
-      'replace the backbone; set one'
-    )
 
 
 def init_state(
@@ -196,70 +164,6 @@ def step_dropout_key(state: TrainState, device_index):
   """Dropout key of a device at the state's step: folded from step, then device."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   return jax.random.fold_in(key, device_index)
-
-
-def with_variables(state: TrainState, params, batch_stats) -> TrainState:
-  """`state` with loaded (host, any float dtype) variables, as float32 jax arrays."""
-  as_float32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
-  return state.replace(params=as_float32(params), batch_stats=as_float32(batch_stats))
-
-
-def init_backbone(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
-  """Loads ImageNet weights from a torchvision ResNet file into the backbone (`init.backbone`)."""
-  depth = config.model.depth
-  if not str(depth).isdigit():
-    raise ConfigError(f'init.backbone needs a torchvision depth, not model.depth={depth!r}')
-  try:
-    params, batch_stats = torch_weights.load_backbone_into(
-      jax.device_get(state.params),
-      jax.device_get(state.batch_stats),
-      config.init.backbone,
-      int(depth),
-    )
-  except (PortError, OSError) as e:
-    raise ConfigError(f'init.backbone={config.init.backbone}: {e}') from e
-  return with_variables(state, params, batch_stats)
-
-
-CLASSIFIERS = ('params/classifier', 'params/pair_classifier')
-# A checkpoint without a pair stage (gcn 'none') may start a full model: the
-# second phase of a two-phase schedule, whose first phase trains individual
-# embeddings only. The pair stage then starts from its initialisation.
-PAIR_STAGE = tuple(f'params/{name}' for name in PAIR_STAGE_PARAMS)
-
-
-def init_from_checkpoint(
-  state: TrainState, config: ml_collections.ConfigDict
-) -> tuple[TrainState, list[str]]:
-  """Starts from every variable of a checkpoint (`init.checkpoint`: a workdir).
-
-  The workdir may hold a port (`tools/port.py official ...`) or
-  another run. All variables must match the model exactly, except the two
-  classifiers, which are kept freshly initialised when their number of
-  identities differs (fine-tuning on another dataset), and the pair stage,
-  kept at its initialisation when the checkpoint has none (a gcn 'none' run
-  as the first phase of a two-phase schedule). Optimizer state and step
-  start afresh.
-
-  Returns:
-    (state, the classifier variables that were not loaded).
-  """
-  source_dir = config.init.checkpoint
-  try:
-    _, source, _ = checkpoint.read_checkpoint(source_dir)
-    target = {
-      'params': jax.device_get(state.params),
-      'batch_stats': jax.device_get(state.batch_stats),
-    }
-    merged, kept = checkpoint.merge_variables(
-      target,
-      {'params': source['params'], 'batch_stats': source['batch_stats']},
-      replaceable=CLASSIFIERS,
-      absent=PAIR_STAGE,
-    )
-  except (FileNotFoundError, ValueError) as e:
-    raise ConfigError(f'init.checkpoint={source_dir}: {e}') from e
-  return with_variables(state, merged['params'], merged['batch_stats']), kept
 
 
 def make_train_step(
@@ -330,100 +234,154 @@ def train_and_evaluate(
   union of their training splits (disjoint identities and classes), and the
   evaluations score each test set in turn.
 
+  Resuming takes the newest checkpoint that can be restored; damaged newer
+  ones are moved to `<workdir>/damaged_checkpoints/` (`train_init`).
+
   Returns:
     The final evaluation (of the first test set), or None when
     `train.eval_at_end` is off.
+
+  Raises:
+    ConfigError, DatasetError: a config value, path or dataset that cannot
+      work (found before anything is compiled).
+    WorkdirBusyError: another live `train.py` holds the workdir.
+    CheckpointError: the workdir has checkpoints and none can be restored.
+    FloatingPointError: a non-finite loss (the last good checkpoint stays).
+    RunFailure: the disk filled up while checkpointing.
   """
-  mesh = sharding.make_mesh()
-  num_devices = jax.device_count()
-  check_data_config(config)  # before preparing: a typo must not cost a dataset build
-  builders = input_pipeline.prepare_datasets(config)
-  splits = input_pipeline.load_training_splits(builders, config.data)
-  train_data = splits.train
-  num_classes = len(np.unique(train_data.labels))
-  check_config(config, num_classes)
+  # Before anything expensive: a typo must not cost a dataset build or a compilation.
+  config_check.check_config(config, workdir)
+  with contextlib.ExitStack() as cleanup:
+    mesh = sharding.make_mesh()
+    num_devices = jax.device_count()
+    builders = input_pipeline.prepare_datasets(config)
+    splits = input_pipeline.load_training_splits(builders, config.data)
+    train_data = splits.train
+    num_classes = len(np.unique(train_data.labels))
+    config_check.check_training_data(config, num_classes)
+    backbone = None
+    if config.init.backbone and not checkpoint.list_steps(workdir):  # checked before compiling
+      backbone = train_init.read_backbone(config)
+    # One run per workdir (process 0 holds it for all); taken once the datasets
+    # are ready, so a failed preparation leaves nothing in the workdir.
+    if jax.process_index() == 0:
+      cleanup.enter_context(workdir_lock.hold(workdir, log=print))
+    manager = checkpoint.create_manager(workdir, keep_last=config.train.keep_last)
+    cleanup.callback(manager.close)
+    train_init.check_resumable(manager, config, num_classes, workdir)
 
-  data = config.data
-  images_per_step = data.p * data.k * num_devices
-  steps_per_epoch = input_pipeline.steps_per_epoch(
-    train_data.labels, data.p, data.k, num_devices, data.sampler
-  )
-  num_steps = total_steps(config, steps_per_epoch)
-  model = build_model(config.model, num_classes)
-  tx, schedule = create_optimizer(config, steps_per_epoch, images_per_step)
-  state = sharding.replicate(init_state(model, tx, data.image_size, config.seed), mesh)
+    data = config.data
+    images_per_step = data.p * data.k * num_devices
+    steps_per_epoch = input_pipeline.steps_per_epoch(
+      train_data.labels, data.p, data.k, num_devices, data.sampler
+    )
+    num_steps = total_steps(config, steps_per_epoch)
+    model = build_model(config.model, num_classes)
+    tx, schedule = create_optimizer(config, steps_per_epoch, images_per_step)
+    state = sharding.replicate(init_state(model, tx, data.image_size, config.seed), mesh)
 
-  manager = checkpoint.create_manager(workdir, keep_last=config.train.keep_last)
-  fresh_classifiers = []
-  if manager.latest_step() is None:  # on resume, the run's own checkpoint wins
-    if config.init.backbone:
-      state = init_backbone(state, config)
-    if config.init.checkpoint:
-      state, fresh_classifiers = init_from_checkpoint(state, config)
-    state = sharding.replicate(state, mesh)
-  restored = checkpoint.restore_checkpoint(manager, state)
-  logger = RunLogger(workdir, num_steps, 0, images_per_step)
-  if config.init.checkpoint and restored is None:
+    logger = RunLogger(workdir, num_steps, 0, images_per_step)
+    cleanup.callback(logger.close)  # first to close: the bar ends before any error line
+    fresh_classifiers = []
+    if manager.latest_step() is None:  # on resume, the run's own checkpoint wins
+      if config.init.backbone:
+        state = train_init.init_backbone(state, config, backbone)
+      if config.init.checkpoint:
+        state, fresh_classifiers = train_init.init_from_checkpoint(state, config)
+      state = sharding.replicate(state, mesh)
+    restored = checkpoint.restore_checkpoint(manager, state)
+    if config.init.checkpoint and restored is None:
+      logger.info(
+        f'initialised from {config.init.checkpoint}; classifiers kept at their '
+        f'initial values: {fresh_classifiers or "none"}'
+      )
+    if restored is not None:
+      state, record, skipped = restored
+      if skipped:
+        train_init.set_aside_damaged(manager, skipped, logger)
+      logger.info(f'resumed from {workdir} at step {record["step"]}')
+    elif not (config.init.backbone or config.init.checkpoint) and isinstance(model.depth, int):
+      # The official recipe always starts from ImageNet; nothing here can download it.
+      logger.info(
+        'the backbone starts from random weights; the official recipe starts from '
+        'ImageNet: pass --config.init.backbone=<torchvision resnet .pth>'
+      )
+    start_step = int(state.step)
+    logger.advance(start_step)
     logger.info(
-      f'initialised from {config.init.checkpoint}; classifiers kept at their '
-      f'initial values: {fresh_classifiers or "none"}'
+      f'{num_classes} identities, {len(train_data)} images, {steps_per_epoch} '
+      f'steps/epoch, {num_steps} steps, {num_devices} devices × {data.p}×{data.k}'
     )
-  if restored is not None:
-    state, record = restored
-    logger.info(f'resumed from {workdir} at step {record["step"]}')
-  elif not (config.init.backbone or config.init.checkpoint) and isinstance(model.depth, int):
-    # The official recipe always starts from ImageNet; nothing here can download it.
-    logger.info(
-      'the backbone starts from random weights; the official recipe starts from '
-      'ImageNet: pass --config.init.backbone=<torchvision resnet .pth>'
-    )
-  start_step = int(state.step)
-  logger.advance(start_step)
-  logger.info(
-    f'{num_classes} identities, {len(train_data)} images, {steps_per_epoch} '
-    f'steps/epoch, {num_steps} steps, {num_devices} devices × {data.p}×{data.k}'
-  )
-  if splits.validation is not None:
-    logger.info(
-      f'validation: {len(splits.validation_pids)} training identities held out '
-      f'({len(splits.validation[0])} queries, {len(splits.validation[1])} gallery images)'
-    )
+    if splits.validation is not None:
+      logger.info(
+        f'validation: {len(splits.validation_pids)} training identities held out '
+        f'({len(splits.validation[0])} queries, {len(splits.validation[1])} gallery images)'
+      )
 
-  train_step = make_train_step(model, tx, schedule, config.loss, mesh)
-  dataset = input_pipeline.create_train_dataset(
-    train_data,
-    image_size=data.image_size,
-    p=data.p,
-    k=data.k,
-    seed=config.seed,
-    num_devices=num_devices,
-    local_devices=jax.local_device_count(),
-    process_index=jax.process_index(),
-    start_step=start_step,
-    sampler=data.sampler,
-    flip=data.flip,
-    padding=data.padding,
-    erasing_probability=data.erasing_probability,
-    erasing_fill=data.erasing_fill,
-  )
-  batches = sharding.prefetch_to_device(
-    ({'image': b['image'], 'label': b['label']} for b in input_pipeline.iterate_numpy(dataset)),
-    mesh,
-  )
-  last_checkpoint = manager.latest_step()
-  eval_every = config.train.eval_every_epochs * steps_per_epoch
-  evaluations = {}
-  for step in range(start_step + 1, num_steps + 1):
-    state, metrics = train_step(state, next(batches))
-    metrics = jax.device_get(metrics)
-    check_finite(metrics, step, last_checkpoint)
-    logger.advance(step)
-    if step % config.train.log_every == 0 or step == num_steps:
-      logger.scalars(step, metrics)
-    metrics_for_best = None
-    periodic = eval_every and step % eval_every == 0
-    final = step == num_steps and config.train.eval_at_end
-    if periodic or final:
+    train_step = make_train_step(model, tx, schedule, config.loss, mesh)
+    dataset = input_pipeline.create_train_dataset(
+      train_data,
+      image_size=data.image_size,
+      p=data.p,
+      k=data.k,
+      seed=config.seed,
+      num_devices=num_devices,
+      local_devices=jax.local_device_count(),
+      process_index=jax.process_index(),
+      start_step=start_step,
+      sampler=data.sampler,
+      flip=data.flip,
+      padding=data.padding,
+      erasing_probability=data.erasing_probability,
+      erasing_fill=data.erasing_fill,
+    )
+    batches = sharding.prefetch_to_device(
+      ({'image': b['image'], 'label': b['label']} for b in input_pipeline.iterate_numpy(dataset)),
+      mesh,
+    )
+    last_checkpoint = manager.latest_step()
+    eval_every = config.train.eval_every_epochs * steps_per_epoch
+    evaluations = {}
+    for step in range(start_step + 1, num_steps + 1):
+      state, metrics = train_step(state, next(batches))
+      metrics = jax.device_get(metrics)
+      check_finite(metrics, step, last_checkpoint)
+      logger.advance(step)
+      if step % config.train.log_every == 0 or step == num_steps:
+        logger.scalars(step, metrics)
+      metrics_for_best = None
+      periodic = eval_every and step % eval_every == 0
+      final = step == num_steps and config.train.eval_at_end
+      if periodic or final:
+        evaluations = evaluate_and_log(
+          model,
+          variables_of(state),
+          builders,
+          config,
+          mesh,
+          workdir,
+          logger,
+          step,
+          splits.validation if final else None,
+        )
+        first = next(iter(evaluations.values()))  # the first test set picks the best step
+        metrics_for_best = {'mAP': first.metrics['individual']['mAP']}
+      if (
+        step % config.train.checkpoint_every == 0
+        or step % steps_per_epoch == 0
+        or step == num_steps
+      ):
+        record = {
+          'step': step,
+          'epoch': step / steps_per_epoch,
+          'seed': config.seed,
+          'num_classes': num_classes,
+          'config': config.to_json(),
+        }
+        checkpoint.save_checkpoint(manager, step, state, record, metrics_for_best)
+        last_checkpoint = step
+    if start_step >= num_steps and config.train.eval_at_end:  # Already trained: report again.
+      logger.info(f'{workdir} is already trained to step {start_step}; evaluating it')
       evaluations = evaluate_and_log(
         model,
         variables_of(state),
@@ -432,43 +390,20 @@ def train_and_evaluate(
         mesh,
         workdir,
         logger,
-        step,
-        splits.validation if final else None,
+        start_step,
+        splits.validation,
       )
-      first = next(iter(evaluations.values()))  # the first test set picks the best step
-      metrics_for_best = {'mAP': first.metrics['individual']['mAP']}
-    if (
-      step % config.train.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == num_steps
-    ):
-      record = {
-        'step': step,
-        'epoch': step / steps_per_epoch,
-        'seed': config.seed,
-        'num_classes': num_classes,
-        'config': config.to_json(),
-      }
-      checkpoint.save_checkpoint(manager, step, state, record, metrics_for_best)
-      last_checkpoint = step
-  if start_step >= num_steps and config.train.eval_at_end:  # Already trained: report again.
-    logger.info(f'{workdir} is already trained to step {start_step}; evaluating it')
-    evaluations = evaluate_and_log(
-      model,
-      variables_of(state),
-      builders,
-      config,
-      mesh,
-      workdir,
-      logger,
-      start_step,
-      splits.validation,
-    )
-  if config.train.eval_at_end:  # the final evaluation ran, in the loop or just above
-    evaluate.write_report(
-      workdir, max(start_step, num_steps), config, evaluations, model, variables_of(state), builders
-    )
-  logger.close()
-  manager.close()
-  return next(iter(evaluations.values())) if config.train.eval_at_end else None
+    if config.train.eval_at_end:  # the final evaluation ran, in the loop or just above
+      evaluate.write_report(
+        workdir,
+        max(start_step, num_steps),
+        config,
+        evaluations,
+        model,
+        variables_of(state),
+        builders,
+      )
+    return next(iter(evaluations.values())) if config.train.eval_at_end else None
 
 
 def evaluate_and_log(

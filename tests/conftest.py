@@ -111,10 +111,17 @@ def msmt_files(root: str, train_dir: str, test_dir: str) -> dict[str, bytes]:
 
 
 def run_tool(tool, argv) -> int:
-  """Runs an entry point (`tools/*.py`, train.py, eval.py) in this process; its exit code."""
+  """Runs an entry point (`tools/*.py`, train.py, eval.py) in this process; its exit code.
+
+  `sys.argv` is set too: ml_collections reads it to find `--config.*` overrides.
+  """
   from cace_jax import cli
 
-  return cli.run(['prog', *argv], tool.define_flags, tool.main, tool.__doc__)
+  saved, sys.argv = sys.argv, ['prog', *argv]
+  try:
+    return cli.run(list(sys.argv), tool.define_flags, tool.main, tool.__doc__)
+  finally:
+    sys.argv = saved
 
 
 @pytest.fixture

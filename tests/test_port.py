@@ -8,6 +8,7 @@ orders, so the observed gap is ~1e-6 relative). Round trips are exact.
 import copy
 import functools
 import os
+import pickle
 
 import jax
 import jax.numpy as jnp
@@ -142,9 +143,14 @@ def test_all_problems_are_reported_at_once():
     assert expected in message
 
 
-def test_wrong_depth_fails():
-  with pytest.raises(PortError, match='missing keys'):
+def test_wrong_depth_fails_naming_what_the_file_holds():
+  with pytest.raises(PortError, match='holds a ResNet-18 of width 64; the model is a ResNet-34'):
     torch_weights.load_torchvision_resnet(resnet_case(18, 2).state_dict(), 34)
+  # A layout that is no torchvision depth still lists every key that does not fit.
+  state = resnet_case(18, 2).state_dict()
+  state = {k: v for k, v in state.items() if not k.startswith('layer4.1.')}
+  with pytest.raises(PortError, match='missing keys'):
+    torch_weights.load_torchvision_resnet(state, 18)
 
 
 class _RunsCode:
@@ -160,7 +166,14 @@ class _RunsCode:
 def test_malicious_pickle_is_refused(tmp_path):
   marker, path = str(tmp_path / 'code_ran'), str(tmp_path / 'evil.pth')
   torch.save({'state_dict': {'conv1.weight': _RunsCode(marker)}}, path)
-  with pytest.raises(PortError, match='evil.pth: refused to unpickle'):
+  with pytest.raises(PortError, match='evil.pth: refused for safety') as error:
+    torch_weights.load_torchvision_resnet(path, 18)
+  assert 'it would build io.open' in str(error.value)  # what it would have built
+  assert 'weights_only' not in str(error.value)  # no advice to turn the safe loader off
+  # A bare pickle (not torch.save) of the same object is refused the same way.
+  with open(path, 'wb') as f:
+    pickle.dump({'conv1.weight': _RunsCode(marker)}, f)
+  with pytest.raises(PortError, match='evil.pth: refused for safety'):
     torch_weights.load_torchvision_resnet(path, 18)
   assert not os.path.exists(marker)
 
@@ -218,7 +231,7 @@ def test_load_backbone_into_replaces_only_the_backbone():
     )
   jax.tree.map(np.testing.assert_array_equal, params['pair_graph'], initial['params']['pair_graph'])
   assert jax.tree.structure(params) == jax.tree.structure(initial['params'])
-  with pytest.raises(PortError, match='missing keys'):
+  with pytest.raises(PortError, match='holds a ResNet-18 .* the model is a ResNet-34'):
     deeper = jax.eval_shape(
       lambda: CACENet(depth=34, gcn='none').init(jax.random.key(0), IMAGES_NHWC)
     )
@@ -445,7 +458,7 @@ def test_training_hook_loads_imagenet_backbone(tmp_path, tiny_data_dir):
   """`init.backbone` puts a torchvision file's weights into a fresh CACE-Net backbone."""
   import torchvision  # pylint: disable=import-outside-toplevel
 
-  from cace_jax import train_lib  # pylint: disable=import-outside-toplevel
+  from cace_jax import train_init, train_lib  # pylint: disable=import-outside-toplevel
   from configs import tiny  # pylint: disable=import-outside-toplevel
 
   reference = torchvision.models.resnet18(weights=None)
@@ -457,21 +470,21 @@ def test_training_hook_loads_imagenet_backbone(tmp_path, tiny_data_dir):
   config.init.backbone = path
   model = build_model(config.model, 9)
   tx, _ = train_lib.create_optimizer(config, 3, 4)
-  state = train_lib.init_backbone(train_lib.init_state(model, tx, (64, 32), 0), config)
+  state = train_init.init_backbone(train_lib.init_state(model, tx, (64, 32), 0), config)
   np.testing.assert_array_equal(
     np.asarray(state.params['backbone']['layer2_0']['conv1']['kernel']),
     reference.layer2[0].conv1.weight.detach().numpy().transpose(2, 3, 1, 0),
   )
   config.model.depth = '34'
   with pytest.raises(ConfigError, match='init.backbone='):
-    train_lib.init_backbone(
+    train_init.init_backbone(
       train_lib.init_state(build_model(config.model, 9), tx, (64, 32), 0), config
     )
 
 
 def test_training_starts_from_a_whole_checkpoint(trained_workdir, tiny_data_dir, tmp_path):
   """`init.checkpoint` loads every variable; only classifiers of another size stay fresh."""
-  from cace_jax import train_lib  # pylint: disable=import-outside-toplevel
+  from cace_jax import train_init, train_lib  # pylint: disable=import-outside-toplevel
   from configs import tiny  # pylint: disable=import-outside-toplevel
 
   _, source, record = checkpoint.read_checkpoint(trained_workdir)
@@ -485,7 +498,7 @@ def test_training_starts_from_a_whole_checkpoint(trained_workdir, tiny_data_dir,
     changed.model.update(model_fields)
     return train_lib.init_state(build_model(changed.model, num_classes), tx, (64, 32), 7)
 
-  state, kept = train_lib.init_from_checkpoint(fresh(record['num_classes']), config)
+  state, kept = train_init.init_from_checkpoint(fresh(record['num_classes']), config)
   assert kept == []
   for path, leaf in jax.tree_util.tree_leaves_with_path(source['params']):
     np.testing.assert_array_equal(
@@ -495,7 +508,7 @@ def test_training_starts_from_a_whole_checkpoint(trained_workdir, tiny_data_dir,
     )
 
   other_dataset = fresh(record['num_classes'] + 3)
-  state, kept = train_lib.init_from_checkpoint(other_dataset, config)
+  state, kept = train_init.init_from_checkpoint(other_dataset, config)
   assert kept == ['params/classifier/kernel', 'params/pair_classifier/kernel']
   np.testing.assert_array_equal(
     state.params['classifier']['kernel'], other_dataset.params['classifier']['kernel']
@@ -507,7 +520,7 @@ def test_training_starts_from_a_whole_checkpoint(trained_workdir, tiny_data_dir,
   with pytest.raises(
     ConfigError, match=r'missing params/gemp/p.*unexpected params/pair_attention/y'
   ):
-    train_lib.init_from_checkpoint(
+    train_init.init_from_checkpoint(
       fresh(5, pooling='gem', adjacency='cosine_correspondence'), config
     )
 
@@ -521,7 +534,7 @@ def test_training_starts_from_a_whole_checkpoint(trained_workdir, tiny_data_dir,
 
 def test_a_model_without_pair_stage_starts_the_full_models_second_phase():
   """merge_variables(absent=...): missing pair-stage leaves keep their init; others must fit."""
-  from cace_jax import train_lib  # pylint: disable=import-outside-toplevel
+  from cace_jax import train_init  # pylint: disable=import-outside-toplevel
 
   target = {
     'params': {
@@ -533,7 +546,7 @@ def test_a_model_without_pair_stage_starts_the_full_models_second_phase():
   }
   individual_only = {'params': {'backbone': {'w': np.zeros(3)}}, 'batch_stats': {}}
   merged, kept = checkpoint.merge_variables(
-    target, individual_only, train_lib.CLASSIFIERS, absent=train_lib.PAIR_STAGE
+    target, individual_only, train_init.CLASSIFIERS, absent=train_init.PAIR_STAGE
   )
   assert kept == ['params/pair_graph/o', 'params/pair_attention/y']
   np.testing.assert_array_equal(merged['params']['backbone']['w'], np.zeros(3))
@@ -542,10 +555,10 @@ def test_a_model_without_pair_stage_starts_the_full_models_second_phase():
   wrong = {'params': {**individual_only['params'], 'pair_graph': {'o': np.zeros(4)}}}
   wrong['batch_stats'] = {}
   with pytest.raises(ValueError, match=r'params/pair_graph/o has shape \(4,\), expected \(2,\)'):
-    checkpoint.merge_variables(target, wrong, train_lib.CLASSIFIERS, absent=train_lib.PAIR_STAGE)
+    checkpoint.merge_variables(target, wrong, train_init.CLASSIFIERS, absent=train_init.PAIR_STAGE)
   # Without `absent`, a missing pair stage is an error as before.
   with pytest.raises(ValueError, match='missing params/pair_graph/o'):
-    checkpoint.merge_variables(target, individual_only, train_lib.CLASSIFIERS)
+    checkpoint.merge_variables(target, individual_only, train_init.CLASSIFIERS)
 
 
 def test_official_checkpoint_to_onnx_matches_pytorch(tmp_path):

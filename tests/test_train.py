@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import glob
 import importlib.util
-import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,11 +16,13 @@ import numpy as np
 import optax
 import pytest
 
-from cace_jax import checkpoint, input_pipeline, sharding, train_lib
+from cace_jax import checkpoint, config_check, sharding, train_lib
 from cace_jax.errors import ConfigError
 from cace_jax.models import build_model
 from configs import tiny  # conftest puts the repository root on sys.path
 from configs.ablations import table2
+from conftest import run_tool
+import train as train_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -204,69 +206,24 @@ def final_params(workdir):
   return step, state['params']
 
 
-def assert_trees_equal(a, b):
-  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(leaves_a) == len(leaves_b)
-  for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def test_kill_and_resume_equals_uninterrupted_run(tiny_data_dir, tmp_path, monkeypatch):
-  config = tiny_config(tiny_data_dir, **{'train.eval_every_epochs': 0})
-  uninterrupted = str(tmp_path / 'uninterrupted')
-  train_lib.train_and_evaluate(config, uninterrupted)
-
-  real_iterate = input_pipeline.iterate_numpy
-
-  def dying_iterator(dataset):
-    for index, batch in enumerate(real_iterate(dataset)):
-      # Two batches are prefetched: batch 4 is fetched as step 4 starts, so the
-      # process dies after step 3 (checkpointed), before step 4 (an epoch end).
-      if index == 4:
-        raise KeyboardInterrupt
-      yield batch
-
-  interrupted = str(tmp_path / 'interrupted')
-  monkeypatch.setattr(input_pipeline, 'iterate_numpy', dying_iterator)
-  with pytest.raises(KeyboardInterrupt):
-    train_lib.train_and_evaluate(config, interrupted)
-  assert final_params(interrupted)[0] == 3
-  monkeypatch.setattr(input_pipeline, 'iterate_numpy', real_iterate)
-  train_lib.train_and_evaluate(config, interrupted)
-
-  with open(os.path.join(uninterrupted, 'results.json')) as f:
-    assert 0.0 <= json.load(f)['results']['individual']['mAP'] <= 100.0
-  step_a, params_a = final_params(uninterrupted)
-  step_b, params_b = final_params(interrupted)
-  assert step_a == step_b == 6
-  assert_trees_equal(params_a, params_b)
-  logged = lambda workdir: [
-    line
-    for line in open(os.path.join(workdir, 'train.log'))
-    if '"step": 6' in line and '"split": "train"' in line
-  ]
-  assert (
-    logged(uninterrupted)[0].split('"images_per_s"')[0]
-    == logged(interrupted)[-1].split('"images_per_s"')[0]
-  )
-
-
-def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoint(tiny_data_dir, tmp_path):
-  config = tiny_config(
-    tiny_data_dir,
-    **{
-      'optim.lr_per_16': 1e30,
-      'optim.warmup_epochs': 0,
-      'train.checkpoint_every': 1,
-      'train.eval_every_epochs': 0,
-    },
-  )
+def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoint(tiny_data_dir, tmp_path, capsys):
+  """The error is the last line, after the progress bar is closed; exit code 1 (the run failed)."""
   workdir = str(tmp_path / 'nan')
-  with pytest.raises(FloatingPointError, match=r'non-finite \w+=\S+ at step \d+') as error:
-    train_lib.train_and_evaluate(config, workdir)
-  bad_step = int(str(error.value).split(' at step ')[1].split(';')[0])
+  overrides = {
+    'data.data_dir': tiny_data_dir,
+    'optim.lr_per_16': 1e30,
+    'optim.warmup_epochs': 0,
+    'train.checkpoint_every': 1,
+    'train.eval_every_epochs': 0,
+  }
+  args = ['--config', os.path.join(ROOT, 'configs/tiny.py'), '--workdir', workdir]
+  assert run_tool(train_tool, args + [f'--config.{k}={v}' for k, v in overrides.items()]) == 1
+  err = capsys.readouterr().err
+  last = err.rstrip('\n').split('\n')[-1]
+  assert re.fullmatch(r'error: non-finite \w+=\S+ at step \d+; training stopped, .*', last), err
+  bad_step = int(last.split(' at step ')[1].split(';')[0])
   saved = final_params(workdir)
-  assert saved[0] == bad_step - 1
+  assert saved[0] == bad_step - 1 and f'(step {bad_step - 1}) is kept' in last
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(saved[1]))
 
 
@@ -413,6 +370,7 @@ def test_every_config_loads_and_builds_its_model(path, arg):
   spec.loader.exec_module(module)
   config = module.get_config(arg) if arg else module.get_config()
   assert config.data.dataset and config.optim.epochs > 0
+  config_check.check_values(config)  # every shipped config passes the rules
   model = build_model(config.model, num_classes=5)
   shapes = jax.eval_shape(
     lambda: model.init(jax.random.key(0), jnp.zeros((2, 64, 32, 3)), train=False)

@@ -21,6 +21,14 @@ from cace_jax.errors import DatasetError
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 
 
+def escapes_root(relpath: str) -> bool:
+  """True for a path that is absolute or has a '..' component ('/' or '\\' separated)."""
+  parts = relpath.replace('\\', '/').split('/')
+  return (
+    relpath.startswith(('/', '\\')) or (len(relpath) > 1 and relpath[1] == ':') or '..' in parts
+  )
+
+
 class ManualSource:
   """Files under one dataset root, in a directory or inside a zip archive.
 
@@ -33,6 +41,12 @@ class ManualSource:
     self._root = root.strip('/')
     self._archive = archive
     if archive is not None:
+      for name in archive.namelist():
+        if escapes_root(name):
+          raise DatasetError(
+            f'{location}: refused: entry {name!r} is absolute or climbs out with "..", '
+            'which a dataset archive never needs (nothing was read or written)'
+          )
       self._names = [n for n in archive.namelist() if not n.endswith('/')]
       # For exists() in O(1): list files check every line's path (MSMT17: 126k).
       self._files = set(self._names)
@@ -46,6 +60,12 @@ class ManualSource:
     return os.path.join(self.location, inner) if inner else self.location
 
   def _full(self, relpath: str) -> str:
+    # A leading '/' is stripped below; '..' (e.g. a list file line
+    # '../../elsewhere.jpg') would read from outside the dataset.
+    if '..' in relpath.replace('\\', '/').split('/'):
+      raise DatasetError(
+        f'{self.describe()}: refused path {relpath!r}: it climbs out of the dataset with ".."'
+      )
     return '/'.join(p for p in (self._root, relpath.strip('/')) if p)
 
   def exists(self, relpath: str) -> bool:

@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 
 from cace_jax.datasets import builders, folder_spec, synthetic
 from cace_jax.errors import DatasetError
+from cace_jax.paths import check_directory
 
 DEFAULT_DATA_DIR = 'data'
 RENAMED = {
@@ -51,7 +52,9 @@ def prepare_dataset(
     raise DatasetError(RENAMED[name])
   if builder_name not in builders.BUILDERS:
     raise DatasetError(f'unknown dataset {name!r}: expected one of {", ".join(builders.BUILDERS)}')
+  check_directory(data_dir, 'data_dir')
   manual_dir = manual_dir or os.path.join(data_dir, 'manual')
+  check_directory(manual_dir, 'manual_dir')
   if builder_name == 'synthetic_details':
     preset = config_name or 'default'
     if preset not in synthetic.PRESETS:

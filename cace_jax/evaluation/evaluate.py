@@ -19,11 +19,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from cace_jax import checkpoint, input_pipeline, sharding
+from cace_jax import checkpoint, config_check, input_pipeline, sharding
 from cace_jax.datasets import prepare
 from cace_jax.errors import ConfigError
 from cace_jax.evaluation import diagnostics, figures, metrics, rerank, stage1, stage2
 from cace_jax.models import CACENet
+from cace_jax.paths import check_directory
 
 RANKS = (1, 5, 10)
 TOP = 50  # gallery indices kept per query and row (the figures show the top 10)
@@ -180,21 +181,6 @@ def evaluate(
     info=info,
     diagnostics=found,
   )
-
-
-def check_stage2_config(config: ml_collections.ConfigDict) -> None:
-  """Fails, naming the field, on a stage-2 weight or selection grid that cannot be used."""
-  grids = {'eval.stage2_k_grid': config.eval.stage2_k_grid}
-  mixes = {'eval.stage2_mix': [config.eval.stage2_mix]}
-  mixes['eval.stage2_mix_grid'] = config.eval.stage2_mix_grid
-  for name, values in mixes.items():
-    if not values or any(not 0.0 <= float(w) <= 1.0 for w in values):
-      raise ConfigError(f'{name}={values}: expected weights in [0, 1]')
-  for name, values in grids.items():
-    if not values or any(int(k) < 1 for k in values):
-      raise ConfigError(f'{name}={values}: expected K values >= 1')
-  if config.data.validation_ids < 0:
-    raise ConfigError(f'data.validation_ids={config.data.validation_ids}: expected >= 0')
 
 
 def select_stage2(
@@ -560,7 +546,14 @@ def evaluate_checkpoint(
     config: the run's config (its model fields must match the checkpoint).
     workdir: the training run's directory (or a port).
     step: which checkpoint; the latest if None.
+
+  Raises:
+    ConfigError: a config value that cannot work, or a model that does not
+      fit the checkpoint (before any data is read or program compiled).
+    CheckpointError: no such checkpoint, or it cannot be read.
   """
+  config_check.check_config(config)
+  check_directory(workdir, '--workdir', must_exist=True)
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(workdir, step, config.model, mesh)
   builders = input_pipeline.prepare_datasets(config)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from typing import Mapping
 
 import jax
@@ -44,6 +45,7 @@ from cace_jax.interop.torch_keys import (
 )
 from cace_jax.models import CACENet, ResNet, build_model, make_resnet
 from cace_jax.models.resnet import RESNET_SPECS
+from cace_jax.paths import check_directory
 
 
 def read_state_dict(source: str | os.PathLike | Mapping) -> dict:
@@ -65,16 +67,7 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> dict:
 
     state = load_file(str(source))
   else:
-    import torch  # optional (the torch extra); only .pth files need it
-
-    try:
-      state = torch.load(str(source), map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as error:
-      raise PortError(
-        f'{source}: refused to unpickle: the file holds objects other than tensors '
-        f'(weights_only=True); it may try to run code. Only load files you trust, or '
-        f'convert them to .safetensors. Loader said: {str(error).splitlines()[0]}'
-      ) from error
+    state = _load_torch_file(str(source))
   if isinstance(state, Mapping) and isinstance(state.get('state_dict'), Mapping):
     state = state['state_dict']
   if not isinstance(state, Mapping):
@@ -82,6 +75,69 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> dict:
       f'{source}: expected a state_dict (a mapping of tensors), got {type(state).__name__}'
     )
   return {key: _to_numpy(value) for key, value in state.items()}
+
+
+def _load_torch_file(path: str):
+  """`torch.load` with the weights-only unpickler, its failures as one PortError each."""
+  import torch  # optional (the torch extra); only .pth files need it
+
+  if not os.path.isfile(path):
+    raise PortError(f'{path}: no such file')
+  with open(path, 'rb') as f:
+    magic = f.read(4)
+  if not (magic.startswith(b'PK') or magic.startswith(b'\x80')):  # a zip (torch.save) or a pickle
+    raise PortError(
+      f'{path}: not a torch file (expected a torch.save archive or pickle, or a .safetensors file)'
+    )
+  try:
+    return torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as error:
+    # Name what the file would have built, not torch's advice on loading it anyway.
+    found = re.search(r'GLOBAL ([\w.]+)', str(error))
+    operand = re.search(r'Unsupported operand \d+', str(error))
+    if found:
+      reason = f'it would build {found.group(1)}'
+    else:
+      reason = operand.group(0) if operand else 'objects other than tensors'
+    raise PortError(
+      f"{path}: refused for safety: torch's weights-only loader, which never runs code from "
+      f'the file, rejected it ({reason}); only tensors and plain containers are ever read '
+      'from .pth files'
+    ) from None
+  except (RuntimeError, EOFError, ValueError, IndexError, OSError) as error:
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    raise PortError(f'{path}: cannot be read as a torch file ({first_line})') from None
+
+
+def describe_resnet(state: Mapping) -> tuple[int | None, int] | None:
+  """(depth, stem width) of a torchvision ResNet state_dict, or None if it is not one.
+
+  Depth is None for a block layout torchvision does not have.
+  """
+  if 'conv1.weight' not in state:
+    return None
+  width = int(state['conv1.weight'].shape[0])
+  blocks = tuple(
+    len({key.split('.')[1] for key in state if key.startswith(f'layer{stage}.')})
+    for stage in range(1, 5)
+  )
+  kind = 'bottleneck' if 'layer1.0.conv3.weight' in state else 'basic'
+  for depth, spec in RESNET_SPECS.items():
+    if isinstance(depth, int) and spec == (blocks, kind):
+      return depth, width
+  return None, width
+
+
+def check_resnet_fits(state: Mapping, depth: int, width: int, name: str) -> None:
+  """Raises a PortError saying which ResNet the file holds, when it is not the one asked for."""
+  found = describe_resnet(state)
+  if found is None or found[0] is None or found == (depth, width):
+    return  # not a torchvision layout: the key-by-key merge lists what does not fit
+  found_depth, found_width = found
+  raise PortError(
+    f'{name} holds a ResNet-{found_depth} of width {found_width}; the model is a '
+    f'ResNet-{depth} of width {width} (torchvision ResNets have width 64)'
+  )
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -199,6 +255,7 @@ def load_torchvision_resnet(source, depth: int, include_fc: bool = True) -> dict
     num_classes = int(state['fc.weight'].shape[0])
   else:
     state = {k: v for k, v in state.items() if not k.startswith('fc.')}
+  check_resnet_fits(state, depth, 64, _name(source))
   table = resnet_key_table(depth, include_fc=include_fc)
   target = _abstract_variables(make_resnet(depth, last_stride=2, num_classes=num_classes))
   return _check_complete(merge_state_dict(state, table, target), _name(source))
@@ -226,6 +283,9 @@ def load_backbone_into(
   state = {
     k: v for k, v in strip_prefix(read_state_dict(source)).items() if not k.startswith('fc.')
   }
+  check_resnet_fits(
+    state, depth, int(params['backbone']['conv1']['kernel'].shape[-1]), _name(source)
+  )
   table = {
     key: ((path[0], 'backbone') + path[1:], how)
     for key, (path, how) in resnet_key_table(depth, include_fc=False).items()
@@ -297,7 +357,18 @@ def write_ported_checkpoint(
   the record carries 'model' (CACENet kwargs), 'num_classes' and
   'ported_from'. It is not a TrainState, so `train.py` cannot resume from it;
   fine-tune through `config.init` instead.
+
+  Raises:
+    UserError: `workdir` is a file or already holds checkpoints (nothing is
+      overwritten).
   """
+  check_directory(workdir, '--out')
+  existing = checkpoint.list_steps(workdir)
+  if existing:
+    raise PortError(
+      f'--out={workdir} already holds checkpoints (steps {existing}); nothing is overwritten: '
+      'choose another --out'
+    )
   state = {
     'step': jnp.zeros((), jnp.int32),
     'params': variables['params'],
@@ -399,6 +470,7 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None) -> dict:
   Returns:
     The exported {key: numpy array}.
   """
+  check_directory(os.path.dirname(os.path.abspath(out)), '--out directory')
   run = checkpoint.load_run(workdir, step)
   if isinstance(run.model, ResNet):
     exported = export_torchvision_resnet(
