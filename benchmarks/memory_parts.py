@@ -44,7 +44,7 @@ import tensorstore as ts
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import save_report  # noqa: E402
 from benchmarks.memory_growth import fit_slope, read_rss_mib  # noqa: E402
-from cace_jax import checkpoint, cli, input_pipeline, sharding, train_lib  # noqa: E402
+from cace_jax import checkpoint, cli, input_pipeline, sharding, train_step  # noqa: E402
 from cace_jax.models import build_model  # noqa: E402
 from configs import tiny  # noqa: E402
 
@@ -78,9 +78,9 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
   if args.part in ('step', 'checkpoint'):
     mesh = sharding.make_mesh()
     model = build_model(config.model, len(np.unique(splits.train.labels)))
-    tx, schedule = train_lib.create_optimizer(config, 14, data.p * data.k)
-    state = sharding.replicate(train_lib.init_state(model, tx, data.image_size, 0), mesh)
-    train_step = train_lib.make_train_step(model, tx, schedule, config.loss, mesh)
+    tx, schedule = train_step.create_optimizer(config, 14, data.p * data.k)
+    state = sharding.replicate(train_step.init_state(model, tx, data.image_size, 0), mesh)
+    step_fn = train_step.make_train_step(model, tx, schedule, config.loss, mesh)
     first = next(stream)
     local = {'image': first['image'], 'label': first['label']}
   if args.part == 'checkpoint':
@@ -94,7 +94,7 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
 
     def run(step):
       nonlocal state
-      state, metrics = train_step(state, sharding.global_batch(local, mesh))
+      state, metrics = step_fn(state, sharding.global_batch(local, mesh))
       jax.device_get(metrics)
 
   report_slopes(args, run, 10 if args.part == 'checkpoint' else 100)

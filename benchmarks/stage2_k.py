@@ -28,7 +28,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import save_report  # pylint: disable=wrong-import-position
 from cace_jax import checkpoint, cli, input_pipeline, sharding  # pylint: disable=wrong-import-position
-from cace_jax.evaluation import evaluate, metrics, stage1, stage2  # pylint: disable=wrong-import-position
+from cace_jax.evaluation import evaluate, extract, metrics, stage2  # pylint: disable=wrong-import-position
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -57,8 +57,8 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     query, gallery = input_pipeline.load_training_splits(builder, config.data).validation
   else:
     query, gallery = input_pipeline.load_eval_splits(builder)
-  q_emb, q_cache = stage1.extract_features(run.model, run.variables, query, config, mesh)
-  g_emb, g_cache = stage1.extract_features(run.model, run.variables, gallery, config, mesh)
+  q_emb, q_cache = extract.extract_features(run.model, run.variables, query, config, mesh)
+  g_emb, g_cache = extract.extract_features(run.model, run.variables, gallery, config, mesh)
   distmat = metrics.cosine_distance(q_emb, g_emb)
   rank = lambda d: evaluate.measure(d, query, gallery)[0]
 

@@ -5,7 +5,7 @@
   index = reid.index(gallery_paths, 'runs/synthetic/gallery_index')
   hits = reid.search(['query.jpg'], index, top_k=10)
 
-Every image goes through the evaluation's own path (`stage1.extract_features`
+Every image goes through the evaluation's own path (`extract.extract_features`
 over the eval tf.data pipeline: same resize, normalisation and flip
 averaging), so an embedding here is the embedding `eval.py` computes for the
 same file, and `search` ranks as eval's stage 2 does.
@@ -29,7 +29,7 @@ import tqdm
 from cace_jax import checkpoint, input_pipeline, sharding
 from cace_jax.datasets.manual_source import to_rgb_jpeg
 from cace_jax.errors import ConfigError, DatasetError
-from cace_jax.evaluation import metrics, stage1, stage2
+from cace_jax.evaluation import extract, metrics, stage2
 from cace_jax.models import CACENet
 
 INDEX_VERSION = 1
@@ -129,7 +129,7 @@ class ReID:
 
   def _extract(self, images, with_cache: bool, cache_dir: str | None = None):
     data = as_split(images)
-    return stage1.extract_features(
+    return extract.extract_features(
       self.model, self.variables, data, self.config, self.mesh, with_cache, cache_dir
     )
 

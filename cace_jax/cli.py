@@ -234,10 +234,12 @@ def init_distributed(
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   logging.set_verbosity(logging.WARNING)  # TFDS logs every file it opens at INFO.
   # tf.data only needs the CPU; it must not take GPU memory from JAX. TF is
-  # heavy and only input pipelines need it, so only this function imports it.
-  import tensorflow as tf
+  # heavy and only input pipelines need it, so only this function imports it,
+  # and only where it is installed (an accelerator check runs without it).
+  if importlib.util.find_spec('tensorflow') is not None:
+    import tensorflow as tf  # deferred: heavy, and absent on accelerator-check hosts
 
-  tf.config.set_visible_devices([], 'GPU')
+    tf.config.set_visible_devices([], 'GPU')
   explicit = coordinator_address is not None
   if explicit or os.environ.get('JAX_COORDINATOR_ADDRESS') or _in_cluster():
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')

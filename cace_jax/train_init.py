@@ -24,9 +24,7 @@ from cace_jax import checkpoint
 from cace_jax.errors import CheckpointError, ConfigError, PortError
 from cace_jax.interop import torch_weights
 from cace_jax.run_logger import RunLogger
-
-# The alignment and GCN parameters (the pair stage, without its classifier).
-PAIR_STAGE_PARAMS = ('pair_attention', 'pair_graph')
+from cace_jax.train_step import PAIR_STAGE_PARAMS
 
 
 def with_variables(state: Any, params, batch_stats) -> Any:

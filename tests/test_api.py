@@ -14,7 +14,7 @@ import pytest
 import cace_jax
 from cace_jax import api, checkpoint, input_pipeline, sharding
 from cace_jax.errors import DatasetError
-from cace_jax.evaluation import evaluate, stage1
+from cace_jax.evaluation import evaluate, extract
 from configs import tiny
 
 
@@ -49,7 +49,7 @@ def test_embeddings_are_evals_and_arrays_embed_like_their_files(
   reid = cace_jax.load(trained_workdir)
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(trained_workdir, None, None, mesh)
-  expected, _ = stage1.extract_features(
+  expected, _ = extract.extract_features(
     run.model, run.variables, query, config_for(tiny_data_dir), mesh, False
   )
   found = reid.embed(paths['query'])

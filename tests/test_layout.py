@@ -3,12 +3,17 @@
 The modules must form a DAG (no import cycle), and an import inside a
 function is only for an optional or heavy dependency, never for a module of
 this package (except a package's lazy `__getattr__`), with a comment saying why.
+And the core (models, losses, the train step, the evaluation steps) imports
+on a machine without TensorFlow or ml_collections: that one is imported, in
+a subprocess that refuses them.
 """
 
 from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = 'cace_jax'
@@ -125,3 +130,47 @@ def test_deferred_imports_are_external_and_explained():
         if '#' not in line and not above.startswith('#') and '#' not in above:
           problems.append(f'{where}: deferred import without a comment saying why')
   assert not problems, '\n'.join(problems)
+
+
+# What an accelerator machine without TensorFlow, TFDS or ml_collections runs
+# (`benchmarks/device_check.py`): the model, its losses, the train step and
+# optimizer, and the evaluation steps.
+CORE = (
+  'cace_jax.models',
+  'cace_jax.losses',
+  'cace_jax.sharding',
+  'cace_jax.train_step',
+  'cace_jax.evaluation.stage1',
+  'cace_jax.evaluation.stage2',
+  'cace_jax.evaluation.metrics',
+)
+REFUSED = ('tensorflow', 'tensorflow_datasets', 'ml_collections')
+
+IMPORT_WITHOUT = """
+import importlib, importlib.abc, sys
+
+class Refuse(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in {refused}:
+      raise ModuleNotFoundError(f'No module named {{name!r}} (refused by the test)')
+
+sys.meta_path.insert(0, Refuse())
+try:
+  import tensorflow
+except ModuleNotFoundError:
+  pass
+else:
+  raise SystemExit('the refusal did not work')
+for name in {core}:
+  importlib.import_module(name)
+print(sorted(m for m in sys.modules if m.split('.')[0] in {refused}))
+"""
+
+
+def test_the_core_imports_without_tensorflow_or_ml_collections():
+  code = IMPORT_WITHOUT.format(refused=REFUSED, core=CORE)
+  result = subprocess.run(
+    [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().splitlines()[-1] == '[]'

@@ -458,7 +458,7 @@ def test_training_hook_loads_imagenet_backbone(tmp_path, tiny_data_dir):
   """`init.backbone` puts a torchvision file's weights into a fresh CACE-Net backbone."""
   import torchvision  # pylint: disable=import-outside-toplevel
 
-  from cace_jax import train_init, train_lib  # pylint: disable=import-outside-toplevel
+  from cace_jax import train_init, train_step  # pylint: disable=import-outside-toplevel
   from configs import tiny  # pylint: disable=import-outside-toplevel
 
   reference = torchvision.models.resnet18(weights=None)
@@ -469,8 +469,8 @@ def test_training_hook_loads_imagenet_backbone(tmp_path, tiny_data_dir):
   config.model.depth, config.model.width = '18', 64
   config.init.backbone = path
   model = build_model(config.model, 9)
-  tx, _ = train_lib.create_optimizer(config, 3, 4)
-  state = train_init.init_backbone(train_lib.init_state(model, tx, (64, 32), 0), config)
+  tx, _ = train_step.create_optimizer(config, 3, 4)
+  state = train_init.init_backbone(train_step.init_state(model, tx, (64, 32), 0), config)
   np.testing.assert_array_equal(
     np.asarray(state.params['backbone']['layer2_0']['conv1']['kernel']),
     reference.layer2[0].conv1.weight.detach().numpy().transpose(2, 3, 1, 0),
@@ -478,25 +478,25 @@ def test_training_hook_loads_imagenet_backbone(tmp_path, tiny_data_dir):
   config.model.depth = '34'
   with pytest.raises(ConfigError, match='init.backbone='):
     train_init.init_backbone(
-      train_lib.init_state(build_model(config.model, 9), tx, (64, 32), 0), config
+      train_step.init_state(build_model(config.model, 9), tx, (64, 32), 0), config
     )
 
 
 def test_training_starts_from_a_whole_checkpoint(trained_workdir, tiny_data_dir, tmp_path):
   """`init.checkpoint` loads every variable; only classifiers of another size stay fresh."""
-  from cace_jax import train_init, train_lib  # pylint: disable=import-outside-toplevel
+  from cace_jax import train_init, train_lib, train_step  # pylint: disable=import-outside-toplevel
   from configs import tiny  # pylint: disable=import-outside-toplevel
 
   _, source, record = checkpoint.read_checkpoint(trained_workdir)
   config = tiny.get_config()
   config.data.data_dir = tiny_data_dir
   config.init.checkpoint = trained_workdir
-  tx, _ = train_lib.create_optimizer(config, 3, 4)
+  tx, _ = train_step.create_optimizer(config, 3, 4)
 
   def fresh(num_classes, **model_fields):
     changed = config.copy_and_resolve_references()
     changed.model.update(model_fields)
-    return train_lib.init_state(build_model(changed.model, num_classes), tx, (64, 32), 7)
+    return train_step.init_state(build_model(changed.model, num_classes), tx, (64, 32), 7)
 
   state, kept = train_init.init_from_checkpoint(fresh(record['num_classes']), config)
   assert kept == []

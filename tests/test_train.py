@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from cace_jax import checkpoint, config_check, sharding, train_lib
+from cace_jax import checkpoint, config_check, sharding, train_lib, train_step
 from cace_jax.errors import ConfigError
 from cace_jax.models import build_model
 from configs import tiny  # conftest puts the repository root on sys.path
@@ -51,8 +51,8 @@ def random_batch(seed, devices=4, p=2, k=2, size=(64, 32)):
 def setup_step(config, devices):
   mesh = sharding.make_mesh(jax.devices()[:devices])
   model = build_model(config.model, NUM_CLASSES)
-  tx, schedule = train_lib.create_optimizer(config, steps_per_epoch=3, global_batch=4 * devices)
-  state = train_lib.init_state(model, tx, config.data.image_size, config.seed)
+  tx, schedule = train_step.create_optimizer(config, steps_per_epoch=3, global_batch=4 * devices)
+  state = train_step.init_state(model, tx, config.data.image_size, config.seed)
   # A copy: the step donates its state, and tests keep using `state` as a reference.
   return mesh, model, tx, schedule, state, sharding.replicate(jax.tree.map(np.array, state), mesh)
 
@@ -61,7 +61,7 @@ def test_four_devices_loss_goes_down(tiny_data_dir):
   assert jax.device_count() == 4
   config = tiny_config(tiny_data_dir, **{'optim.lr_per_16': 0.05, 'optim.warmup_epochs': 0})
   mesh, model, tx, schedule, _, state = setup_step(config, 4)
-  step = train_lib.make_train_step(model, tx, schedule, config.loss, mesh)
+  step = train_step.make_train_step(model, tx, schedule, config.loss, mesh)
   batch = sharding.global_batch(random_batch(0), mesh)
   losses = []
   for _ in range(8):
@@ -75,20 +75,20 @@ def test_multi_device_update_is_the_mean_of_per_device_gradients(tiny_data_dir):
   config = tiny_config(tiny_data_dir)
   mesh, model, tx, schedule, host_state, state = setup_step(config, 4)
   batch = random_batch(1)
-  step = train_lib.make_train_step(model, tx, schedule, config.loss, mesh)
+  step = train_step.make_train_step(model, tx, schedule, config.loss, mesh)
   new_state, _ = step(state, sharding.global_batch(batch, mesh))
 
   # Reference without shard_map: each device's gradients on its own P·K images.
-  kwargs = train_lib.loss_kwargs_from(config.loss)
+  kwargs = train_step.loss_kwargs_from(config.loss)
   gradients = jax.jit(
-    lambda images, labels, key: train_lib.compute_gradients(
+    lambda images, labels, key: train_step.compute_gradients(
       model, kwargs, host_state.params, host_state.batch_stats, images, labels, key
     )
   )
   rows = lambda d: slice(4 * d, 4 * (d + 1))  # device d's P·K = 4 rows of the flat batch
   results = [
     gradients(
-      batch['image'][rows(d)], batch['label'][rows(d)], train_lib.step_dropout_key(host_state, d)
+      batch['image'][rows(d)], batch['label'][rows(d)], train_step.step_dropout_key(host_state, d)
     )
     for d in range(4)
   ]
@@ -159,7 +159,7 @@ def test_one_step_leaves_the_official_batchnorm_running_averages(tiny_data_dir):
   host_state = host_state.replace(batch_stats=stats)
   state = sharding.replicate(jax.tree.map(np.array, host_state), mesh)
   batch = random_batch(4, devices=1)
-  step = train_lib.make_train_step(model, tx, schedule, config.loss, mesh)
+  step = train_step.make_train_step(model, tx, schedule, config.loss, mesh)
   new_stats = jax.device_get(step(state, sharding.global_batch(batch, mesh))[0].batch_stats)
 
   # The values each BN saw in that step (dropout does not touch them).
@@ -267,6 +267,7 @@ def test_two_processes_over_gloo_match_one_process(tiny_data_dir, tmp_path):
     '--config.train.checkpoint_every=1',
     '--config.loss.weights.triplet=0',
     '--config.loss.weights.pair_triplet=0',
+    '--config.train.eval_at_end=False',  # three processes evaluating would double the test's time
   ]
   workers = [
     run_train_cli(
@@ -383,7 +384,7 @@ def test_every_config_loads_and_builds_its_model(path, arg):
 def test_bfloat16_compute_keeps_float32_parameters(tiny_data_dir):
   config = tiny_config(tiny_data_dir, **{'model.dtype': 'bfloat16'})
   mesh, model, tx, schedule, _, state = setup_step(config, 4)
-  step = train_lib.make_train_step(model, tx, schedule, config.loss, mesh)
+  step = train_step.make_train_step(model, tx, schedule, config.loss, mesh)
   state, metrics = step(state, sharding.global_batch(random_batch(3), mesh))
   assert np.isfinite(float(metrics['loss']))
   assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype('float32')}
@@ -404,12 +405,12 @@ def test_pair_lr_scale_multiplies_only_the_alignment_and_gcn_updates(tiny_data_d
   """`optim.pair_lr_scale` scales the steps of pair_attention and pair_graph, nothing else."""
   config = tiny_config(tiny_data_dir, **{'model.adjacency': 'raw_correspondence'})
   model = build_model(config.model, NUM_CLASSES)
-  params = train_lib.init_state(model, optax.identity(), config.data.image_size, 0).params
+  params = train_step.init_state(model, optax.identity(), config.data.image_size, 0).params
   grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.01, params)
   steps = {}
   for scale in (1.0, 10.0):
     config.optim.pair_lr_scale = scale
-    tx, _ = train_lib.create_optimizer(config, steps_per_epoch=3, global_batch=4)
+    tx, _ = train_step.create_optimizer(config, steps_per_epoch=3, global_batch=4)
     state = tx.init(params)
     for _ in range(3):  # past the first step, whose warm-up learning rate is 0
       updates, state = tx.update(grads, state, params)
@@ -427,7 +428,7 @@ def test_pair_lr_scale_multiplies_only_the_alignment_and_gcn_updates(tiny_data_d
     np.testing.assert_allclose(scaled[name], factor * update, rtol=1e-5, err_msg=name)
   # The official recipe's optimizer state keeps its form (checkpoints stay compatible).
   config.optim.pair_lr_scale = 1.0
-  tx, _ = train_lib.create_optimizer(config, steps_per_epoch=3, global_batch=4)
+  tx, _ = train_step.create_optimizer(config, steps_per_epoch=3, global_batch=4)
   assert len(tx.init(params)) == 2
 
 
@@ -437,7 +438,7 @@ def test_gcn_output_init_scales_o_and_zero_is_the_official_zeros(tiny_data_dir):
   for scale in (0.0, 1.0, 3.0):
     config.model.gcn_output_init = scale
     model = build_model(config.model, NUM_CLASSES)
-    params = train_lib.init_state(model, optax.identity(), config.data.image_size, 0).params
+    params = train_step.init_state(model, optax.identity(), config.data.image_size, 0).params
     kernels[scale] = np.asarray(params['pair_graph']['o']['kernel'])
   assert not kernels[0.0].any()
   fan_in = kernels[1.0].shape[2]

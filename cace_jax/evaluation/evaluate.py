@@ -22,7 +22,7 @@ import numpy as np
 from cace_jax import checkpoint, config_check, input_pipeline, sharding
 from cace_jax.datasets import prepare
 from cace_jax.errors import ConfigError
-from cace_jax.evaluation import diagnostics, figures, metrics, rerank, stage1, stage2
+from cace_jax.evaluation import diagnostics, extract, figures, metrics, rerank, stage2
 from cace_jax.models import CACENet
 from cace_jax.paths import check_directory
 
@@ -104,10 +104,10 @@ def extract_both(
   too large for memory.
   """
   query, gallery = splits
-  q_emb, q_cache = stage1.extract_features(
+  q_emb, q_cache = extract.extract_features(
     model, variables, query, config, mesh, with_cache, os.path.join(cache_dir, 'query')
   )
-  g_emb, g_cache = stage1.extract_features(
+  g_emb, g_cache = extract.extract_features(
     model, variables, gallery, config, mesh, with_cache, os.path.join(cache_dir, 'gallery')
   )
   return q_emb, q_cache, g_emb, g_cache

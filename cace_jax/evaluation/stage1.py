@@ -5,20 +5,26 @@ the `data` mesh. It yields the individual embedding (ranked by cosine
 distance) and, when a stage 2 follows, the compact per-image cache that
 stage needs (`CACENet.compute_image_cache`), stored on the host between the
 stages in `eval.cache_dtype`, in memory or as memory-mapped files.
+
+This module needs no TensorFlow: it takes batches from any iterator.
+`evaluation.extract` feeds it a split through tf.data.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from typing import TYPE_CHECKING, Iterable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from cace_jax import input_pipeline, sharding
+from cace_jax import sharding
 from cace_jax.models import CACENet
+
+if TYPE_CHECKING:
+  from ml_collections import ConfigDict
 
 
 def embed_and_cache(module: CACENet, images, flip: bool, with_cache: bool):
@@ -77,46 +83,40 @@ def allocate_host_cache(
   }
 
 
-def extract_features(
+def embed_batches(
   model: CACENet,
   variables,
-  data: input_pipeline.SplitData,
-  config: ml_collections.ConfigDict,
+  batches: Iterable[dict],
+  num_images: int,
+  config: ConfigDict,
   mesh: jax.sharding.Mesh,
   with_cache: bool = True,
   cache_dir: str | None = None,
 ) -> tuple[np.ndarray, dict]:
-  """Embeddings [N, E] and stage-2 caches (leading axis N) of every image of a split, in order.
+  """Embeddings [N, E] and stage-2 caches (leading axis N) of images given in batches.
 
   Args:
     model, variables: the network (variables replicated over `mesh`).
-    data: the split.
-    config: the run's config (`data.image_size`, `data.eval_batch_size`,
-      `eval.flip`, `eval.cache_dtype`, `eval.cache_memory_gb`).
+    batches: this process's share of each global batch, as numpy:
+      'image' [b, H, W, 3] and 'index' [b] (the image's row, -1 for padding).
+    num_images: N, the number of rows.
+    config: reads `eval.flip`, `eval.cache_dtype`, `eval.cache_memory_gb`.
     with_cache: also compute the stage-2 caches ({} otherwise).
     cache_dir: where caches larger than `eval.cache_memory_gb` go as
       memory-mapped files (`allocate_host_cache`).
   """
   embed_step = make_embed_step(model, mesh, config.eval.flip, with_cache)
-  dataset = input_pipeline.create_eval_dataset(
-    data,
-    image_size=config.data.image_size,
-    batch_size=config.data.eval_batch_size,
-    num_devices=jax.device_count(),
-    local_devices=jax.local_device_count(),
-    process_index=jax.process_index(),
-  )
   embeddings, caches = None, None
-  for batch in input_pipeline.iterate_numpy(dataset):
+  for batch in batches:
     batch = sharding.global_batch({'image': batch['image'], 'index': batch['index']}, mesh)
     output, cache = embed_step(variables, batch['image'])
     output, index = sharding.to_host(output), sharding.to_host(batch['index'])
     cache = jax.tree.map(sharding.to_host, cache)
     if embeddings is None:
-      embeddings = np.zeros((len(data), output.shape[-1]), np.float32)
+      embeddings = np.zeros((num_images, output.shape[-1]), np.float32)
       caches = allocate_host_cache(
         {name: value.shape[1:] for name, value in cache.items()},
-        len(data),
+        num_images,
         jnp.dtype(config.eval.cache_dtype),
         cache_dir,
         config.eval.cache_memory_gb,
