@@ -10,6 +10,9 @@ from typing import Callable
 import jax
 import numpy as np
 
+from cace_jax import sharding, train_step
+from cace_jax.models import build_model
+
 
 def median_seconds(fn: Callable, repeats: int) -> float:
   """Median wall time of `fn()` over `repeats` calls, after one untimed call (compilation)."""
@@ -35,10 +38,13 @@ def save_report(report: dict, path: str) -> None:
 # default on that chip: TF32 tensor cores on NVIDIA Ampere and later, bf16 passes
 # on TPUs (also their bf16 figure). Keys match `jax.Device.device_kind` by substring.
 PEAK_TFLOPS = {
-  # NVIDIA H200 datasheet (SXM): 1979 bf16 / 989 TF32 TFLOP/s "with sparsity", halved.
+  # NVIDIA H200 datasheet: SXM 1979 bf16 / 989 TF32 TFLOP/s "with sparsity", halved;
+  # the NVL card 1671 / 835.
+  'H200 NVL': {'bfloat16': 835.5, 'float32': 417.5},
   'H200': {'bfloat16': 989.0, 'float32': 494.5},
-  # NVIDIA H100 datasheet (SXM5; the PCIe card is 756 / 378).
+  # NVIDIA H100 datasheet: SXM5 as H200; PCIe 1513 / 756; NVL 1671 / 835 (sparse).
   'H100 PCIe': {'bfloat16': 756.0, 'float32': 378.0},
+  'H100 NVL': {'bfloat16': 835.5, 'float32': 417.5},
   'H100': {'bfloat16': 989.0, 'float32': 494.5},
   # NVIDIA A100 datasheet (SXM4 and PCIe alike).
   'A100': {'bfloat16': 312.0, 'float32': 156.0},
@@ -48,6 +54,8 @@ PEAK_TFLOPS = {
   'TPU v5e': {'bfloat16': 197.0, 'float32': 197.0},
   'TPU v5p': {'bfloat16': 459.0, 'float32': 459.0},
   'TPU v5': {'bfloat16': 459.0, 'float32': 459.0},
+  'TPU v6 lite': {'bfloat16': 918.0, 'float32': 918.0},  # Trillium (v6e)
+  'TPU v6e': {'bfloat16': 918.0, 'float32': 918.0},
 }
 
 
@@ -69,19 +77,68 @@ def peak_tflops(device: jax.Device, dtype: str) -> tuple[float, str]:
 
 
 def flops_of(lowered) -> float:
-  """FLOPs of a lowered program by XLA's cost analysis (nan when it gives none).
+  """FLOPs of a lowered program by XLA's cost analysis of its unoptimised HLO (nan if none).
 
-  XLA counts the body of a loop (`lax.map`, `scan`) once, whatever its trip
-  count: count a variant without the loop (CACENet's `pair_block` = B).
+  The count is per device for a `shard_map` program and includes what
+  `jax.checkpoint` recomputes. XLA counts the body of a loop (`lax.map`,
+  `scan`) once, whatever its trip count: count a variant without the loop
+  (CACENet's `pair_block` = B). Plugins (CUDA, TPU) do not analyse a lowered
+  program, but the HLO is the backend's input, so the CPU client counts it
+  without compiling anything.
   """
-  cost = lowered.cost_analysis()  # None on GPU and TPU backends: compile, then count
-  if not cost:
-    cost = lowered.compile().cost_analysis()
+  try:
+    cost = lowered.cost_analysis()
+  except NotImplementedError:
+    from jax._src.lib import _jax  # pylint: disable=import-outside-toplevel
+
+    cpu = jax.local_devices(backend='cpu')[0].client
+    cost = _jax.hlo_module_cost_analysis(cpu, lowered.compiler_ir('hlo').as_hlo_module())
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float((cost or {}).get('flops', float('nan')))
 
 
+def train_step_flops(config, model_fields: dict, num_classes: int, per_device: int, mesh) -> float:
+  """FLOPs per device of one `train_step.make_train_step` step, with nothing run or compiled.
+
+  The step of `config` (optimizer, losses) and a model of `model_fields`
+  (`config.model` or a variant of it) is lowered on abstract inputs of
+  `per_device` images per device, with all pair rows in one block
+  (`pair_block` = the batch): XLA counts a loop body once.
+  """
+  model = build_model(model_fields, num_classes, pair_block=per_device)
+  # The epoch length only shapes the learning-rate schedule, not the step's work.
+  tx, schedule = train_step.create_optimizer(config, 100, per_device * mesh.size)
+  image_size = tuple(config.data.image_size)
+  images = jax.ShapeDtypeStruct((2, *image_size, 3), np.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+  state = jax.eval_shape(lambda v: train_step.init_state(None, tx, image_size, 0, v), variables)
+  replicated = sharding.replicated(mesh)
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+  rows, split = per_device * mesh.size, sharding.split_over_data(mesh)
+  batch = {
+    'image': jax.ShapeDtypeStruct((rows, *image_size, 3), np.float32, sharding=split),
+    'label': jax.ShapeDtypeStruct((rows,), np.int32, sharding=split),
+  }
+  step = train_step.make_train_step(model, tx, schedule, config.loss, mesh)
+  return flops_of(step.lower(state, batch))
+
+
+def program_memory_bytes(compiled) -> int | None:
+  """Device bytes one compiled program needs: arguments + outputs − donated aliases + scratch."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  peak = getattr(stats, 'peak_memory_in_bytes', 0)
+  total = (
+    stats.argument_size_in_bytes
+    + stats.output_size_in_bytes
+    - stats.alias_size_in_bytes
+    + stats.temp_size_in_bytes
+  )
+  return int(max(peak, total))
+
+
 def peak_memory_bytes(device: jax.Device) -> int | None:
-  """Peak bytes the device's allocator has held (None where it does not say, as on CPUs)."""
+  """Peak bytes the device's allocator has held in this process so far (None on CPUs)."""
   stats = device.memory_stats()
   return None if not stats else int(stats.get('peak_bytes_in_use', stats.get('bytes_in_use', 0)))

@@ -13,9 +13,12 @@ Configurations (all train mode, jit, gradients w.r.t. all parameters):
 
 Configurations are compiled first, then timed round-robin (median of
 `--steps` rounds) so that load from other processes affects all alike. Prints
-a table with each configuration's step time and XLA-counted FLOPs relative to
-the backbone, and writes benchmarks/results/model_step.json. Expect 6-12 s per
-step on a 2-core CPU at the default size.
+a table with each configuration's step time, XLA-counted FLOPs (full_gem's
+counted on a lowering without the pair loop, whose body XLA counts once)
+relative to the backbone, and MFU against the device's peak (a datasheet
+figure, or on a CPU a measured float32 matrix product), and writes
+benchmarks/results/model_step.json. Expect 6-12 s per step on a 2-core CPU at
+the default size.
 """
 
 from __future__ import annotations
@@ -32,15 +35,18 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import save_report  # noqa: E402
+from benchmarks.common import flops_of, peak_tflops, save_report  # noqa: E402
 from cace_jax import cli, losses  # noqa: E402
 from cace_jax.models import build_model, make_resnet  # noqa: E402
 
 CONFIGS = ('backbone', 'individual', 'full_avg', 'full_gem')
 
 
-def build_loss_fn(name: str, args):
-  """(model, loss_fn(params, batch_stats, images, labels, key) -> scalar)."""
+def build_loss_fn(name: str, args, pair_block: int | None = None):
+  """(model, loss_fn(params, batch_stats, images, labels, key) -> scalar).
+
+  `pair_block` overrides `--pair_block` for full_gem.
+  """
   if name == 'backbone':
     model = make_resnet(args.depth, last_stride=1, non_local=args.non_local)
 
@@ -55,7 +61,7 @@ def build_loss_fn(name: str, args):
   settings = {
     'individual': dict(gcn='none', pooling='avg'),
     'full_avg': dict(pooling='avg'),
-    'full_gem': dict(pooling='gem', pair_block=args.pair_block or None),
+    'full_gem': dict(pooling='gem', pair_block=pair_block or args.pair_block or None),
   }[name]
   model = build_model(
     dict(depth=args.depth, non_local=args.non_local, adjacency=args.adjacency, **settings),
@@ -83,15 +89,13 @@ def compile_config(name: str, args) -> dict:
   model, loss_fn = build_loss_fn(name, args)
   variables = jax.jit(model.init)(jax.random.key(1), images[:2])
   params, batch_stats = variables['params'], variables['batch_stats']
+  arguments = (params, batch_stats, images, labels, jax.random.key(2))
   start = time.perf_counter()
-  step = (
-    jax.jit(jax.value_and_grad(loss_fn))
-    .lower(params, batch_stats, images, labels, jax.random.key(2))
-    .compile()
-  )
+  lowered = jax.jit(jax.value_and_grad(loss_fn)).lower(*arguments)
+  step = lowered.compile()
   compile_s = time.perf_counter() - start
-  cost = step.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if name == 'full_gem':  # count a lowering with all pair rows in one block: no loop
+    lowered = jax.jit(jax.value_and_grad(build_loss_fn(name, args, batch)[1])).lower(*arguments)
   run = lambda key: jax.block_until_ready(step(params, batch_stats, images, labels, key))
   for _ in range(args.warmup):
     run(jax.random.key(2))
@@ -99,13 +103,16 @@ def compile_config(name: str, args) -> dict:
     'run': run,
     'batch': batch,
     'compile_s': compile_s,
-    'gflop_per_step': float(cost.get('flops', float('nan'))) / 1e9,
+    'gflop_per_step': flops_of(lowered) / 1e9,
     'num_params': sum(x.size for x in jax.tree.leaves(params)),
   }
 
 
-def time_configs(names, args) -> dict:
-  """Times all configurations round-robin, so load from other processes hits all alike."""
+def time_configs(names, args, peak: float) -> dict:
+  """Times all configurations round-robin, so load from other processes hits all alike.
+
+  `peak` is the device's float32 TFLOP/s, for MFU.
+  """
   compiled = {}
   for name in names:
     compiled[name] = compile_config(name, args)
@@ -127,13 +134,9 @@ def time_configs(names, args) -> dict:
       'images_per_s': info['batch'] / median,
       'compile_s': info['compile_s'],
       'gflop_per_step': info['gflop_per_step'],
+      'mfu': info['gflop_per_step'] * 1e9 / median / (peak * 1e12),
       'num_params': info['num_params'],
     }
-    if name == 'full_gem' and args.pair_block != info['batch']:
-      results[name]['gflop_note'] = (
-        'lax.map loop body counted once by XLA: the pair-stage '
-        'GFLOP is undercounted; run with --pair_block=P*K'
-      )
   return results
 
 
@@ -155,7 +158,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     'pair_block',
     0,
     'Pair rows per lax.map step for full_gem; 0 = the model default (one row); P*K = all '
-    'pairs at once (the only setting whose GFLOP is exact: XLA counts a loop body once).',
+    'pairs at once (more memory). FLOPs are counted on P*K whatever this is.',
     flag_values=flag_values,
   )
   flags.DEFINE_integer('steps', 3, 'Timed steps.', flag_values=flag_values)
@@ -172,13 +175,14 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
   cli.expect_arguments(positional, [])
 
   load_before = os.getloadavg()[0]
-  results = time_configs(args.configs.split(','), args)
+  peak, peak_source = peak_tflops(jax.devices()[0], 'float32')
+  results = time_configs(args.configs.split(','), args, peak)
   base = results.get('backbone')
   print(
     f'\n{"config":>11} | {"s/step":>7} | {"img/s":>6} | {"x time":>6} | {"GFLOP":>7} | '
-    f'{"x FLOP":>6} | params'
+    f'{"x FLOP":>6} | {"MFU":>6} | params'
   )
-  print('-' * 72)
+  print('-' * 81)
   for name, r in results.items():
     r['ratio_to_backbone'] = r['step_time_s'] / base['step_time_s'] if base else float('nan')
     r['flop_ratio_to_backbone'] = (
@@ -187,9 +191,9 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     print(
       f'{name:>11} | {r["step_time_s"]:7.2f} | {r["images_per_s"]:6.2f} | '
       f'{r["ratio_to_backbone"]:6.2f} | {r["gflop_per_step"]:7.1f} | '
-      f'{r["flop_ratio_to_backbone"]:6.3f} | {r["num_params"]:,}'
-      + ('  (GFLOP undercounted: loop)' if 'gflop_note' in r else '')
+      f'{r["flop_ratio_to_backbone"]:6.3f} | {r["mfu"] * 100:5.1f}% | {r["num_params"]:,}'
     )
+  print(f'MFU against {peak:.3g} TFLOP/s float32 ({peak_source})')
   print(
     f'load average before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f} '
     f'(2 cores; > 2 means other processes shared the CPU)'
@@ -198,6 +202,7 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     'command': ' '.join(['python', 'benchmarks/model_step.py'] + sys.argv[1:]),
     'settings': args.flag_values_dict() | {'batch': args.identities * args.instances},
     'load_average': {'before': load_before, 'after': os.getloadavg()[0]},
+    'peak_tflops': {'float32': peak, 'source': peak_source},
     'platform': {
       'jax': jax.__version__,
       'backend': jax.default_backend(),

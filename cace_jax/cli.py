@@ -236,9 +236,12 @@ def init_distributed(
   # tf.data only needs the CPU; it must not take GPU memory from JAX. TF is
   # heavy and only input pipelines need it, so only this function imports it,
   # and only where it is installed (an accelerator check runs without it).
-  if importlib.util.find_spec('tensorflow') is not None:
+  try:
     import tensorflow as tf  # deferred: heavy, and absent on accelerator-check hosts
-
+  except ModuleNotFoundError as error:
+    if error.name != 'tensorflow':  # TensorFlow is there but broken: say so
+      raise
+  else:
     tf.config.set_visible_devices([], 'GPU')
   explicit = coordinator_address is not None
   if explicit or os.environ.get('JAX_COORDINATOR_ADDRESS') or _in_cluster():

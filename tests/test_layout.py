@@ -15,6 +15,8 @@ import os
 import subprocess
 import sys
 
+from refused_imports import ON_THE_ACCELERATOR_HOST, prelude
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = 'cace_jax'
 
@@ -144,23 +146,9 @@ CORE = (
   'cace_jax.evaluation.stage2',
   'cace_jax.evaluation.metrics',
 )
-REFUSED = ('tensorflow', 'tensorflow_datasets', 'ml_collections')
+REFUSED = (*ON_THE_ACCELERATOR_HOST, 'ml_collections')
 
-IMPORT_WITHOUT = """
-import importlib, importlib.abc, sys
-
-class Refuse(importlib.abc.MetaPathFinder):
-  def find_spec(self, name, path=None, target=None):
-    if name.split('.')[0] in {refused}:
-      raise ModuleNotFoundError(f'No module named {{name!r}} (refused by the test)')
-
-sys.meta_path.insert(0, Refuse())
-try:
-  import tensorflow
-except ModuleNotFoundError:
-  pass
-else:
-  raise SystemExit('the refusal did not work')
+IMPORT_CORE = """
 for name in {core}:
   importlib.import_module(name)
 print(sorted(m for m in sys.modules if m.split('.')[0] in {refused}))
@@ -168,7 +156,7 @@ print(sorted(m for m in sys.modules if m.split('.')[0] in {refused}))
 
 
 def test_the_core_imports_without_tensorflow_or_ml_collections():
-  code = IMPORT_WITHOUT.format(refused=REFUSED, core=CORE)
+  code = prelude(REFUSED) + IMPORT_CORE.format(refused=REFUSED, core=CORE)
   result = subprocess.run(
     [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300
   )
