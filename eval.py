@@ -3,7 +3,10 @@
 Evaluates the latest checkpoint of --workdir (or --checkpoint=STEP) on the
 query/gallery splits with the paper's two-stage inference, prints the results
 table and writes <workdir>/results.json and the figures. Config overrides
-work as in train.py (e.g. `--config.eval.stage2_k=50`).
+work as in train.py (e.g. `--config.eval.stage2_k=50`). Multi-host as in
+train.py (--coordinator_address, --num_processes, --process_id): every
+process embeds its share of each batch and scores its share of the stage-2
+pairs; process 0 writes the results.
 """
 
 import sys
@@ -20,6 +23,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_integer(
     'checkpoint', None, 'Step to evaluate (default: the latest).', flag_values=flag_values
   )
+  cli.define_distributed_flags(flag_values)
   config_flags.DEFINE_config_file(
     'config', None, 'Config file (configs/*.py[:arg]).', flag_values=flag_values, lock_config=True
   )
@@ -28,7 +32,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 
 def main(args: flags.FlagValues, positional: list[str]) -> None:
   cli.expect_arguments(positional, [])
-  cli.init_distributed()
+  cli.init_distributed(args.coordinator_address, args.num_processes, args.process_id)
   evaluate.evaluate_checkpoint(args.config, args.workdir, args.checkpoint)
 
 

@@ -20,13 +20,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, logs and results.', flag_values=flag_values
   )
-  flags.DEFINE_string(
-    'coordinator_address', None, 'host:port of process 0 (multi-host).', flag_values=flag_values
-  )
-  flags.DEFINE_integer(
-    'num_processes', None, 'Number of processes (multi-host).', flag_values=flag_values
-  )
-  flags.DEFINE_integer('process_id', None, 'This process (multi-host).', flag_values=flag_values)
+  cli.define_distributed_flags(flag_values)
   config_flags.DEFINE_config_file(
     'config', None, 'Config file (configs/*.py[:arg]).', flag_values=flag_values, lock_config=True
   )

@@ -360,7 +360,9 @@ def load_run(
         f'checkpoint step {step} of {workdir}',
       )
   if mesh is not None:
-    variables = sharding.replicate(variables, mesh)
+    # Restored arrays sit on this process's devices; a mesh over several processes
+    # takes host values (the same on each), never a transfer between hosts.
+    variables = sharding.replicate(jax.device_get(variables), mesh)
   return Run(step=step, record=record, model=model, variables=variables, config=config)
 
 

@@ -219,6 +219,17 @@ def load_config(config_arg: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
+def define_distributed_flags(flag_values: flags.FlagValues) -> None:
+  """--coordinator_address, --num_processes and --process_id, for `init_distributed`."""
+  flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0 (multi-host).', flag_values=flag_values
+  )
+  flags.DEFINE_integer(
+    'num_processes', None, 'Number of processes (multi-host).', flag_values=flag_values
+  )
+  flags.DEFINE_integer('process_id', None, 'This process (multi-host).', flag_values=flag_values)
+
+
 def init_distributed(
   coordinator_address: str | None = None,
   num_processes: int | None = None,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -227,11 +229,11 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoint(tiny_data_dir, t
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(saved[1]))
 
 
-def run_train_cli(args, env=None, devices=4):
+def run_train_cli(args, env=None, devices=4, tool='train.py'):
   env = dict(os.environ, **(env or {}))
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   return subprocess.Popen(
-    [sys.executable, 'train.py', *args],
+    [sys.executable, tool, *args],
     cwd=ROOT,
     env=env,
     stdout=subprocess.PIPE,
@@ -251,11 +253,31 @@ def tiny_cli_args(data_dir, workdir):
   ]
 
 
-@pytest.mark.slow
-def test_two_processes_over_gloo_match_one_process(tiny_data_dir, tmp_path):
+def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
+    return s.getsockname()[1]
+
+
+def two_processes(args: list[str], tool: str = 'train.py') -> list[subprocess.Popen]:
+  """`tool` in two processes of two CPU devices each, joined over gloo."""
+  port = free_port()
+  return [
+    run_train_cli(
+      args + [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+      devices=2,
+      tool=tool,
+    )
+    for i in range(2)
+  ]
+
+
+@pytest.mark.slow
+def test_two_processes_over_gloo_match_one_process(tiny_data_dir, tmp_path):
+  """Training and evaluation in two processes over gloo equal one process's (4 devices each).
+
+  Evaluation splits the stage-2 pairs over the processes: each scores half.
+  """
   multi = str(tmp_path / 'multi')
   # All-reduces over gloo and within one process sum in different orders. Those
   # last-bit differences can flip a batch-hard triplet's choice among near-equal
@@ -269,15 +291,7 @@ def test_two_processes_over_gloo_match_one_process(tiny_data_dir, tmp_path):
     '--config.loss.weights.pair_triplet=0',
     '--config.train.eval_at_end=False',  # three processes evaluating would double the test's time
   ]
-  workers = [
-    run_train_cli(
-      tiny_cli_args(tiny_data_dir, multi)
-      + stable
-      + [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
-      devices=2,
-    )
-    for i in range(2)
-  ]
+  workers = two_processes(tiny_cli_args(tiny_data_dir, multi) + stable)
   single = run_train_cli(tiny_cli_args(tiny_data_dir, str(tmp_path / 'single')) + stable, devices=4)
   for process in workers + [single]:
     _, stderr = process.communicate(timeout=600)
@@ -295,6 +309,25 @@ def test_two_processes_over_gloo_match_one_process(tiny_data_dir, tmp_path):
     for a, b in zip(jax.tree.leaves(params_single), jax.tree.leaves(earlier['params']))
   )
   assert moved > 1e-3, moved
+
+  # Both evaluate the two-process run's checkpoint (a copy, for its own results.json).
+  alone = str(tmp_path / 'multi_evaluated_alone')
+  shutil.copytree(os.path.join(multi, 'checkpoints'), os.path.join(alone, 'checkpoints'))
+  evaluations = two_processes(tiny_cli_args(tiny_data_dir, multi), tool='eval.py')
+  evaluations.append(run_train_cli(tiny_cli_args(tiny_data_dir, alone), devices=4, tool='eval.py'))
+  for process in evaluations:
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+  reports = [json.loads(open(os.path.join(d, 'results.json')).read()) for d in (multi, alone)]
+  assert reports[0]['results'].keys() == reports[1]['results'].keys() >= {'individual', 'cacenet'}
+  for row, values in reports[1]['results'].items():
+    for name, value in values.items():
+      assert reports[0]['results'][row][name] == pytest.approx(value, abs=1e-6), (row, name)
+  # Every pair scored once, by one of the two processes: each did half.
+  info = [report['info'] for report in reports]
+  assert [i['processes'] for i in info] == [2, 1]
+  scored = [i['stage2_pairs_scored_per_process'] for i in info]
+  assert scored[0] * 2 == scored[1] > 0
 
 
 def test_unknown_config_field_lists_valid_ones(tmp_path):

@@ -153,6 +153,7 @@ def evaluate(
     info = {'stage2_k': k}
     conditional = None  # (pair distances, call size) of the conditional embeddings
     if k > 0:
+      scored_here = 0
       for row, score in stage2.pair_scorers(q_cache).items():
         pair_distances, pairs_per_call = stage2.make_pair_distances(
           model, variables, score, q_cache, g_cache, mesh
@@ -165,8 +166,12 @@ def evaluate(
           measured[row + suffix] = measure(
             stage2.rerank_top_k(base, k, pair_distances, pairs_per_call, mix), query, gallery
           )
+        scored_here += pair_distances.pairs_scored_here
       info.update(
         stage2_mix=config.eval.stage2_mix,
+        # Each process scores its share (calls padded to a multiple of the devices).
+        stage2_pairs_scored_per_process=scored_here,
+        processes=jax.process_count(),
         cache_bytes_per_image=stage2.cache_nbytes(g_cache, len(gallery)),
         cache_on_disk=isinstance(jax.tree.leaves(g_cache)[0], np.memmap),
       )

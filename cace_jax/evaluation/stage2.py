@@ -106,8 +106,10 @@ def make_pair_step(
   """Jitted (variables, cache_q, cache_g) -> [N] distances with `score` as the method.
 
   The caches may be in `compact_cache` form; they are expanded on the device.
-  With a (single-process) `data` mesh, the N pairs are split over its
-  devices, so N must be a multiple of the mesh size; variables are replicated.
+  With a `data` mesh, the N pairs are split over its devices (N a multiple
+  of the mesh size) and the caches given are this process's share of the N
+  rows (`local_share`; all N in a single process); the distances returned
+  are all N, on every process. Variables are replicated.
   """
 
   def score_pairs(variables, cache_q, cache_g):
@@ -121,38 +123,64 @@ def make_pair_step(
     jax.shard_map(score_pairs, mesh=mesh, in_specs=(spec(), pairs, pairs), out_specs=pairs)
   )
 
-  def sharded_step(variables, cache_q, cache_g):
-    by_pair = sharding.split_over_data(mesh)
-    return step(
+  def sharded_step(variables, local_cache_q, local_cache_g):
+    distances = step(
       sharding.replicate(variables, mesh),
-      jax.device_put(cache_q, by_pair),
-      jax.device_put(cache_g, by_pair),
+      sharding.global_batch(local_cache_q, mesh),
+      sharding.global_batch(local_cache_g, mesh),
     )
+    return sharding.to_host(distances)
 
   return sharded_step
 
 
-def make_pair_distances(
-  model: CACENet, variables, score: Callable, cache_q: dict, cache_g: dict, mesh: jax.sharding.Mesh
-) -> tuple[Callable, int]:
-  """(query index [M], gallery index [M]) -> distances [M] of those pairs, and its call size M.
+def local_share(num_rows: int, mesh: jax.sharding.Mesh) -> slice:
+  """The rows of a `num_rows` array split over `mesh`'s `data` axis that this process holds.
 
-  Reads the pairs' rows of the host caches and scores them with `score`. In a
-  single process the M pairs of a call are split over the mesh's devices;
-  with several processes each holds all caches and scores all pairs, as one
-  replicated program.
+  A process's devices are consecutive in a mesh over the devices of several
+  processes (`sharding.make_mesh`), so it holds one block, the one that
+  `sharding.global_batch` assembles from it; `num_rows` must be a multiple
+  of the mesh size.
   """
-  pair_mesh = mesh if jax.process_count() == 1 else None
-  step = make_pair_step(model, score, pair_mesh)
+  per_device = num_rows // mesh.size
+  here = jax.process_index()
+  mine = [i for i, device in enumerate(mesh.devices.flat) if device.process_index == here]
+  return slice(mine[0] * per_device, (mine[-1] + 1) * per_device)
 
-  def pair_distances(query_index, gallery_index):
-    return step(
-      variables,
-      jax.tree.map(lambda c: c[query_index], cache_q),
-      jax.tree.map(lambda c: c[gallery_index], cache_g),
+
+class PairDistances:
+  """(query index [M], gallery index [M]) -> distances [M] of those pairs, on every process.
+
+  The M pairs of a call are split over all devices of the mesh, of every
+  process: each process reads the cache rows of its own share of the pairs
+  from its host caches and scores them on its devices, and only the M
+  distances are gathered. M must be a multiple of the mesh size
+  (`make_pair_distances` gives the call size). Counts the pairs this process
+  scored, for reports of how the work divides.
+  """
+
+  def __init__(self, model: CACENet, variables, score: Callable, cache_q, cache_g, mesh):
+    self.step = make_pair_step(model, score, mesh)
+    self.variables, self.cache_q, self.cache_g, self.mesh = variables, cache_q, cache_g, mesh
+    self.pairs_scored_here = 0
+
+  def __call__(self, query_index: np.ndarray, gallery_index: np.ndarray) -> np.ndarray:
+    mine = local_share(len(query_index), self.mesh)
+    query_index, gallery_index = query_index[mine], gallery_index[mine]
+    self.pairs_scored_here += len(query_index)
+    return self.step(
+      self.variables,
+      jax.tree.map(lambda c: c[query_index], self.cache_q),
+      jax.tree.map(lambda c: c[gallery_index], self.cache_g),
     )
 
-  return pair_distances, -(-PAIRS_PER_CALL // mesh.size) * mesh.size
+
+def make_pair_distances(
+  model: CACENet, variables, score: Callable, cache_q: dict, cache_g: dict, mesh: jax.sharding.Mesh
+) -> tuple[PairDistances, int]:
+  """(`PairDistances` of the host caches scored with `score`, its call size M)."""
+  call_size = -(-PAIRS_PER_CALL // mesh.size) * mesh.size
+  return PairDistances(model, variables, score, cache_q, cache_g, mesh), call_size
 
 
 def rerank_top_k(
