@@ -89,12 +89,18 @@ def flops_of(lowered) -> float:
   try:
     cost = lowered.cost_analysis()
   except NotImplementedError:
-    from jax._src.lib import _jax  # pylint: disable=import-outside-toplevel
-
-    cpu = jax.local_devices(backend='cpu')[0].client
-    cost = _jax.hlo_module_cost_analysis(cpu, lowered.compiler_ir('hlo').as_hlo_module())
+    return flops_counted_on_cpu(lowered)
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float((cost or {}).get('flops', float('nan')))
+
+
+def flops_counted_on_cpu(lowered) -> float:
+  """XLA's FLOP count of any backend's lowered program, by the CPU client's HLO cost analysis."""
+  from jax._src.lib import _jax  # deferred: a private module, only for plugins' programs
+
+  cpu = jax.local_devices(backend='cpu')[0].client
+  cost = _jax.hlo_module_cost_analysis(cpu, lowered.compiler_ir('hlo').as_hlo_module())
+  return float(cost.get('flops', float('nan')))
 
 
 def train_step_flops(config, model_fields: dict, num_classes: int, per_device: int, mesh) -> float:

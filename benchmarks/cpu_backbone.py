@@ -152,9 +152,10 @@ def run_child(name: str, steps: int, gradient_out: str) -> dict:
     text=True,
     env=env,
   )
-  if result.returncode != 0:
-    last = (result.stderr.strip().splitlines() or ['no output'])[-1]
-    return {'failed': last}
+  if result.returncode != 0:  # XLA answers a bad flag with its whole usage: find the reason
+    lines = result.stderr.strip().splitlines() or ['no output']
+    reasons = [line for line in lines if 'error' in line.lower() or 'unknown' in line.lower()]
+    return {'failed': (reasons or lines)[-1].strip()[:300]}
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 

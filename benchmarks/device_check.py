@@ -29,7 +29,11 @@ every code path with the tiny model at 64×32 on the CPU, P and the batch
 shrunk and one train variant (GeM, bfloat16: the variants differ in flags
 and shapes, not in code; correctness covers both poolings and both dtypes);
 the test suite runs it, so the check cannot rot between
-sessions. `--compile_cache DIR` keeps XLA's programs for a second run.
+sessions. `--compile_cache DIR` keeps XLA's programs for a second run;
+`--sections` and `--variants` run a part (a rerun after a failure, say);
+train variants and eval poolings not started within `--deadline_s` (8
+minutes) are skipped and listed, so a slow compiler costs figures, not the
+whole report.
 """
 
 from __future__ import annotations
@@ -63,13 +67,14 @@ SECTIONS = ('correctness', 'train', 'eval')
 NUM_CLASSES = 751  # Market-1501's training identities
 STEPS_PER_EPOCH = 200  # only shapes the learning-rate schedule
 # (name, model fields, P) of the train section. K comes from the config.
+# The recipe's own forms first: a run that reaches --deadline_s skips the rest.
 TRAIN_VARIANTS = (
-  ('gem_f32_p4', dict(pooling='gem', dtype='float32'), 4),
   ('gem_bf16_p4', dict(pooling='gem', dtype='bfloat16'), 4),
+  ('gem_f32_p4', dict(pooling='gem', dtype='float32'), 4),
+  ('avg_bf16_p4', dict(pooling='avg', dtype='bfloat16'), 4),
+  ('avg_f32_p4', dict(pooling='avg', dtype='float32'), 4),
   ('gem_bf16_p8', dict(pooling='gem', dtype='bfloat16'), 8),
   ('gem_bf16_p16', dict(pooling='gem', dtype='bfloat16'), 16),
-  ('avg_f32_p4', dict(pooling='avg', dtype='float32'), 4),
-  ('avg_bf16_p4', dict(pooling='avg', dtype='bfloat16'), 4),
 )
 # --tiny: the variants differ in flags and shapes, not in code: one of them, P halved.
 TINY_VARIANTS = ('gem_bf16_p4',)
@@ -93,9 +98,23 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     'tiny', False, 'The tiny model at 64×32: every code path in seconds.', flag_values=flag_values
   )
   flags.DEFINE_list('sections', list(SECTIONS), 'Which sections run.', flag_values=flag_values)
+  flags.DEFINE_list(
+    'variants',
+    [],
+    f'Train variants to run (default: all; with --tiny {", ".join(TINY_VARIANTS)}), of '
+    + ', '.join(name for name, _, _ in TRAIN_VARIANTS),
+    flag_values=flag_values,
+  )
   flags.DEFINE_integer('steps', 5, 'Timed train steps per variant.', flag_values=flag_values)
   flags.DEFINE_integer(
     'eval_batch', 512, 'Stage-1 images per step (over all devices).', flag_values=flag_values
+  )
+  flags.DEFINE_float(
+    'deadline_s',
+    480.0,
+    'Train variants and eval poolings not started this many seconds after the start are '
+    'skipped (and listed as skipped): a short session ends with a report, not a timeout.',
+    flag_values=flag_values,
   )
   flags.DEFINE_string(
     'compile_cache',
@@ -132,8 +151,13 @@ class DeviceCheck:
   `train_step.init_variables`).
   """
 
-  def __init__(self, config, mesh, tiny: bool, steps: int):
+  def __init__(
+    self, config, mesh, tiny: bool, steps: int, variants: list[str], deadline: float, save
+  ):
+    """`deadline`: time.time() after which nothing new starts; `save()` writes the report."""
     self.config, self.mesh, self.tiny, self.steps = config, mesh, tiny, steps
+    self.deadline, self.save = deadline, save
+    self.variant_names = variants or (TINY_VARIANTS if tiny else [n for n, _, _ in TRAIN_VARIANTS])
     self.image_size = tuple(config.data.image_size)
     self._variables = None
     self._train_steps = {}
@@ -225,24 +249,31 @@ class DeviceCheck:
   # -- train ------------------------------------------------------------------------
 
   def variants(self) -> list[tuple[str, dict, int]]:
-    """The train variants this run measures, P already shrunk for `--tiny`."""
-    if not self.tiny:
-      return list(TRAIN_VARIANTS)
-    return [(n, f, p // 2) for n, f, p in TRAIN_VARIANTS if n in TINY_VARIANTS]
+    """The train variants this run measures, P halved for `--tiny`."""
+    shrink = 2 if self.tiny else 1
+    return [(n, f, p // shrink) for n, f, p in TRAIN_VARIANTS if n in self.variant_names]
 
-  def train(self) -> dict:
-    results = {}
+  def train(self, results: dict) -> None:
+    """Fills `results` {variant: row}, saving the report after each variant."""
     for name, fields, p in self.variants():
+      if time.time() > self.deadline:
+        results[name] = {'skipped': 'not started before --deadline_s'}
+        print(f'train {name}: skipped (--deadline_s)', flush=True)
+        continue
       results[name] = self.train_variant(fields, p)
       print(f'train {name}: {format_row(results[name])}', flush=True)
-    return results
+      self.save()
 
   def train_variant(self, fields: dict, p: int) -> dict:
     """Times one train-step variant; its FLOPs, memory, MFU and cost over the backbone's."""
     per_device = p * self.config.data.k
     compiled, compile_s, tx = self.train_step(fields, p)
     model_fields = {**dict(self.config.model), **fields}
-    flops = train_step_flops(self.config, model_fields, NUM_CLASSES, per_device, self.mesh)
+    try:
+      flops = train_step_flops(self.config, model_fields, NUM_CLASSES, per_device, self.mesh)
+      flops_error = None
+    except Exception as error:  # pylint: disable=broad-except  # a count must not end the check
+      flops, flops_error = float('nan'), f'{type(error).__name__}: {error}'[:300]
     state = self.fresh_state(fields['pooling'], tx)
     batch = random_batch(self.mesh, p, self.config.data.k, self.image_size, seed=0)
     state, metrics = compiled(state, batch)  # warm-up (donates the state)
@@ -267,6 +298,7 @@ class DeviceCheck:
       'peak_tflops': peak,
       'peak_source': peak_source,
       'mfu': flops / step_s / (peak * 1e12),
+      'flops_error': flops_error,
       'program_memory_bytes': program_memory_bytes(compiled),
       'allocator_peak_bytes': peak_memory_bytes(jax.local_devices()[0]),
       'backbone_step_s': backbone_s,
@@ -276,7 +308,7 @@ class DeviceCheck:
 
   def backbone_step_seconds(self, dtype: str, per_device: int) -> float:
     """Forward and backward of the backbone alone on one device (a sum-of-squares loss)."""
-    model = self.config.model
+    model = self.model(dtype=dtype)  # the config's fields as CACENet reads them (depth '50': 50)
     backbone = make_resnet(
       model.depth,
       width=model.width,
@@ -300,11 +332,15 @@ class DeviceCheck:
 
   # -- eval -------------------------------------------------------------------------
 
-  def eval(self, eval_batch: int) -> dict:
-    """Stage-1 throughput and cache size; stage-2 ms per query at each K, for GAP and GeM."""
+  def eval(self, results: dict, eval_batch: int) -> None:
+    """Fills `results` with stage-1 throughput and cache size, stage-2 ms per query at each K."""
     batch = -(-(8 if self.tiny else eval_batch) // self.mesh.size) * self.mesh.size
-    results = {}
+    results['market_size'] = {'query': MARKET_QUERY, 'gallery': MARKET_GALLERY}
     for pooling in ('avg', 'gem'):
+      if time.time() > self.deadline:
+        results[pooling] = {'skipped': 'not started before --deadline_s'}
+        print(f'eval {pooling}: skipped (--deadline_s)', flush=True)
+        continue
       model = self.model(pooling=pooling, sync_bn=False)
       variables = sharding.replicate(self.variables(pooling), self.mesh)
       images = jax.device_put(
@@ -320,15 +356,15 @@ class DeviceCheck:
         'stage1_batch': batch,
         'cache_bytes_per_image': stage2.cache_nbytes(compact, batch),
       }
-      # Market's gallery, its rows cycling through the embedded batch: scoring a pair
-      # costs the same whichever image it reads.
+      # Market's gallery and some queries, their rows cycling through the embedded
+      # batch: scoring a pair costs the same whichever images it reads.
       num_query = 4 if self.tiny else 64
       gallery = 200 if self.tiny else MARKET_GALLERY
-      rows = np.arange(gallery) % batch
+      cycled = lambda n: jax.tree.map(lambda c: c[np.arange(n) % batch], compact)
       distmat = np.random.default_rng(0).random((num_query, gallery), np.float32)
       score = stage2.pair_scorers(compact)['cacenet']
       pair_distances, call_size = stage2.make_pair_distances(
-        model, variables, score, compact, jax.tree.map(lambda c: c[rows], compact), self.mesh
+        model, variables, score, cycled(num_query), cycled(gallery), self.mesh
       )
       for k in STAGE2_K:
         stage2.rerank_top_k(distmat[:1], k, pair_distances, call_size)  # compile
@@ -342,8 +378,7 @@ class DeviceCheck:
         + ', '.join(f'K={k} {row[f"stage2_ms_per_query_k{k}"]:.2f} ms/query' for k in STAGE2_K),
         flush=True,
       )
-    results['market_size'] = {'query': MARKET_QUERY, 'gallery': MARKET_GALLERY}
-    return results
+      self.save()
 
 
 def format_row(row: dict) -> str:
@@ -396,6 +431,16 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
   unknown = sorted(set(args.sections) - set(SECTIONS))
   if unknown:
     raise UserError(f'--sections={unknown[0]}: expected {", ".join(SECTIONS)}')
+  names = [name for name, _, _ in TRAIN_VARIANTS]
+  unknown = sorted(set(args.variants) - set(names))
+  if unknown:
+    raise UserError(f'--variants={unknown[0]}: expected some of {", ".join(names)}')
+  if (
+    'correctness' in args.sections and args.variants and not any('bf16' in v for v in args.variants)
+  ):
+    raise UserError(
+      f'--variants={",".join(args.variants)}: correctness trains a bfloat16 variant; name one'
+    )
   if args.compile_cache:
     jax.config.update('jax_compilation_cache_dir', args.compile_cache)
   cli.init_distributed()
@@ -420,21 +465,40 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     },
     'section_seconds': {},
   }
-  check = DeviceCheck(config, mesh, args.tiny, args.steps)
   started = time.time()
+
+  def save():  # after every variant and section: a run cut short keeps what it measured
+    report['seconds'] = time.time() - started
+    save_report(report, args.out)
+
+  check = DeviceCheck(
+    config, mesh, args.tiny, args.steps, args.variants, started + args.deadline_s, save
+  )
   for section in SECTIONS:
     if section not in args.sections:
       continue
     begin = time.time()
-    run = {'correctness': check.correctness, 'train': check.train}.get(section)
-    report[section] = run() if run else check.eval(args.eval_batch)
+    if section == 'correctness':
+      report[section] = check.correctness()
+    elif section == 'train':
+      check.train(report.setdefault(section, {}))
+    else:
+      check.eval(report.setdefault(section, {}), args.eval_batch)
     report['section_seconds'][section] = time.time() - begin
-    report['seconds'] = time.time() - started
-    save_report(report, args.out)  # after every section: a run cut short keeps what it measured
+    save()
   failed = [name for name, row in report.get('correctness', {}).items() if not row['passed']]
   if failed:
     raise RunFailure(f'device check failed: {", ".join(failed)} (details in {args.out})')
-  print(f'device check passed in {report["seconds"]:.0f} s')
+  skipped = [
+    f'{section} {name}'
+    for section in ('train', 'eval')
+    for name, row in report.get(section, {}).items()
+    if 'skipped' in row
+  ]
+  print(
+    f'device check passed in {report["seconds"]:.0f} s'
+    + (f'; past --deadline_s, skipped: {", ".join(skipped)}' if skipped else '')
+  )
 
 
 if __name__ == '__main__':

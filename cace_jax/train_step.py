@@ -100,10 +100,10 @@ def init_variables(model: CACENet, rngs, image_size) -> dict:
   """`model.init(rngs, images, train=False)` on two zero images, compiled cheaply.
 
   Initialisation runs once, so its own speed does not matter, but XLA:CPU
-  spends ~18 s optimising the threefry draws of even the tiny model (more
-  than compiling its train step). At LLVM optimisation level 0 the same
-  program compiles in about half the time and draws the same values to one
-  ulp (floating-point contraction differs). Other backends compile as usual.
+  spends ~18 s optimising the threefry draws of even the tiny model (about
+  as long as compiling its train step). At LLVM optimisation level 0 the
+  same program compiles in ~8 s and draws the same values to one ulp
+  (floating-point contraction differs). Other backends compile as usual.
   """
   images = jnp.zeros((2, *image_size, 3), jnp.float32)
   lowered = jax.jit(functools.partial(model.init, train=False)).lower(rngs, images)

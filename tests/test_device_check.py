@@ -13,7 +13,11 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 from refused_imports import ON_THE_ACCELERATOR_HOST, prelude
+
+from benchmarks import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_CHECK = """
@@ -70,3 +74,19 @@ def test_device_check_refuses_an_unknown_section_in_one_line(tmp_path):
   assert result.stderr.strip().splitlines()[-1].startswith('error: --sections=speed')
   assert 'Traceback' not in result.stderr
   assert not (tmp_path / 'check.json').exists()
+
+
+def test_a_deadline_skips_what_has_not_started_and_still_reports(tmp_path):
+  out = tmp_path / 'check.json'
+  result = run_check(['--tiny', '--sections=eval', '--deadline_s=0', f'--out={out}'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'skipped: eval avg, eval gem' in result.stdout
+  report = json.loads(out.read_text())
+  assert report['eval']['gem'] == {'skipped': 'not started before --deadline_s'}
+
+
+def test_the_cpu_client_counts_a_lowered_program_as_the_backend_does():
+  """The count the check uses for plugins (which analyse no lowered program) on a known one."""
+  lowered = jax.jit(lambda a, b: jnp.tanh(a @ b)).lower(jnp.ones((64, 32)), jnp.ones((32, 16)))
+  flops = common.flops_counted_on_cpu(lowered)
+  assert flops == lowered.cost_analysis()['flops'] >= 2 * 64 * 32 * 16
