@@ -57,8 +57,8 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     query, gallery = input_pipeline.load_training_splits(builder, config.data).validation
   else:
     query, gallery = input_pipeline.load_eval_splits(builder)
-  q_emb, q_cache = extract.extract_features(run.model, run.variables, query, config, mesh)
-  g_emb, g_cache = extract.extract_features(run.model, run.variables, gallery, config, mesh)
+  q_emb, q_cache, _ = extract.extract_features(run.model, run.variables, query, config, mesh)
+  g_emb, g_cache, _ = extract.extract_features(run.model, run.variables, gallery, config, mesh)
   distmat = metrics.cosine_distance(q_emb, g_emb)
   rank = lambda d: evaluate.measure(d, query, gallery)[0]
 
@@ -73,14 +73,14 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     'rows': {},
   }
   for row, score in stage2.pair_scorers(q_cache).items():
-    pair_distances, pairs_per_call = stage2.make_pair_distances(
+    pair_distances = stage2.make_pair_distances(
       run.model, run.variables, score, q_cache, g_cache, mesh
     )
-    stage2.rerank_top_k(distmat[:1], 1, pair_distances, pairs_per_call)  # compile, untimed
+    stage2.rerank_top_k(distmat[:1], 1, pair_distances)  # compile, untimed
     report['rows'][row] = {}
     for k in ks:
       start = time.perf_counter()
-      reranked = stage2.rerank_top_k(distmat, k, pair_distances, pairs_per_call)
+      reranked = stage2.rerank_top_k(distmat, k, pair_distances)
       seconds = (time.perf_counter() - start) / len(query)
       report['rows'][row][k] = {**rank(reranked), 'stage2_s_per_query': seconds}
 

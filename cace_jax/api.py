@@ -124,7 +124,7 @@ class ReID:
     Arrays are stored as the dataset builders store PNG images (RGB JPEG,
     quality 95), so an array embeds like its saved file would once prepared.
     """
-    embeddings, _ = self._extract(images, with_cache=False)
+    embeddings = self._extract(images, with_cache=False).embeddings
     return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
 
   def _extract(self, images, with_cache: bool, cache_dir: str | None = None):
@@ -163,7 +163,7 @@ class ReID:
     bar = tqdm.tqdm(total=len(paths), initial=done, disable=not progress, desc='index')
     while done < len(paths):
       chunk = paths[done : done + INDEX_CHUNK]
-      embeddings, caches = self._extract(chunk, with_cache)
+      embeddings, caches, _ = self._extract(chunk, with_cache)
       if arrays is None:
         shapes = {'embeddings': embeddings.shape[1:]}
         shapes.update({f'cache_{k}': v.shape[1:] for k, v in caches.items()})
@@ -199,17 +199,17 @@ class ReID:
       raise ConfigError(f'top_k={top_k}: expected >= 1')
     k = min(self.config.eval.stage2_k, len(index)) if self.model.pair_stage else 0
     with tempfile.TemporaryDirectory(prefix='search_') as scratch:
-      q_emb, q_cache = self._extract(queries, self.model.pair_stage, scratch)
+      q_emb, q_cache, _ = self._extract(queries, self.model.pair_stage, scratch)
       individual = metrics.cosine_distance(q_emb, np.asarray(index.embeddings))
       ranked, conditional, resorted = individual, {}, set()
       if self.model.pair_stage:
         # Stage 2 only permutes each query's first K, which stay ahead of the rest: the
         # hits shown are among its first max(K, top_k) stage-1 neighbours, scored once.
         query_index, gallery_index = stage2.top_k_pairs(individual, max(k, top_k))
-        pair_distances, call_size = stage2.make_pair_distances(
+        pair_distances = stage2.make_pair_distances(
           self.model, self.variables, stage2.conditional_distance, q_cache, index.caches, self.mesh
         )
-        scores = stage2.score_pairs(pair_distances, query_index, gallery_index, call_size)
+        scores = pair_distances(query_index, gallery_index)
         first_k = stage2.within_first(len(query_index), len(individual), k)
         ranked = stage2.resort(
           individual,

@@ -27,6 +27,12 @@ def make_mesh(devices: list | None = None) -> jax.sharding.Mesh:
   return jax.make_mesh((len(devices),), (AXIS,), devices=devices)
 
 
+def local_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+  """The `data` mesh of this process's devices of `mesh` (work with no cross-process collective)."""
+  here = jax.process_index()
+  return make_mesh([device for device in mesh.devices.flat if device.process_index == here])
+
+
 def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   """A full copy on every device (train state, variables)."""
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -35,6 +41,13 @@ def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
 def split_over_data(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   """Leading axis split over the `data` axis (batches)."""
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+
+def host_copy(tree):
+  """A replicated tree's value as numpy, from this process's own copy (no cross-host transfer)."""
+  return jax.tree.map(
+    lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree
+  )
 
 
 def replicate(tree, mesh: jax.sharding.Mesh):
@@ -70,7 +83,7 @@ def prefetch_to_device(
 
 
 def to_host(array: jax.Array) -> np.ndarray:
-  """A global array's full value on every process."""
-  if jax.process_count() == 1:
+  """A global array's full value on every process (an array of this process's devices: its own)."""
+  if jax.process_count() == 1 or array.is_fully_addressable:
     return np.asarray(array)
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))

@@ -49,9 +49,9 @@ def test_embeddings_are_evals_and_arrays_embed_like_their_files(
   reid = cace_jax.load(trained_workdir)
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(trained_workdir, None, None, mesh)
-  expected, _ = extract.extract_features(
+  expected = extract.extract_features(
     run.model, run.variables, query, config_for(tiny_data_dir), mesh, False
-  )
+  ).embeddings
   found = reid.embed(paths['query'])
   expected /= np.linalg.norm(expected, axis=1, keepdims=True)
   np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-7)

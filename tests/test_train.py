@@ -20,6 +20,7 @@ import pytest
 
 from cace_jax import checkpoint, config_check, sharding, train_lib, train_step
 from cace_jax.errors import ConfigError
+from cace_jax.evaluation import diagnostics
 from cace_jax.models import build_model
 from configs import tiny  # conftest puts the repository root on sys.path
 from configs.ablations import table2
@@ -276,7 +277,8 @@ def two_processes(args: list[str], tool: str = 'train.py') -> list[subprocess.Po
 def test_two_processes_over_gloo_match_one_process(tiny_data_dir, tmp_path):
   """Training and evaluation in two processes over gloo equal one process's (4 devices each).
 
-  Evaluation splits the stage-2 pairs over the processes: each scores half.
+  Evaluation keeps each process's gallery-cache rows where they were computed and
+  scores each stage-2 pair on the process holding its gallery row.
   """
   multi = str(tmp_path / 'multi')
   # All-reduces over gloo and within one process sum in different orders. Those
@@ -323,11 +325,25 @@ def test_two_processes_over_gloo_match_one_process(tiny_data_dir, tmp_path):
   for row, values in reports[1]['results'].items():
     for name, value in values.items():
       assert reports[0]['results'][row][name] == pytest.approx(value, abs=1e-6), (row, name)
-  # Every pair scored once, by one of the two processes: each did half.
+  # The diagnostics (hard pairs, the probe's blocks) are assembled across processes too.
+  flat = [diagnostics.flatten(report['diagnostics'], sep='/') for report in reports]
+  assert flat[0].keys() == flat[1].keys() and flat[1], flat
+  for name, value in flat[1].items():
+    assert flat[0][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+  # Every pair scored once, by the process holding its gallery row; each holds a share.
   info = [report['info'] for report in reports]
   assert [i['processes'] for i in info] == [2, 1]
-  scored = [i['stage2_pairs_scored_per_process'] for i in info]
-  assert scored[0] * 2 == scored[1] > 0
+  multi_info, alone_info = info
+  (scored,), by_process = (
+    alone_info['stage2_pairs_scored_by_process'],
+    multi_info['stage2_pairs_scored_by_process'],
+  )
+  assert len(by_process) == 2 and min(by_process) > 0 and sum(by_process) == scored, by_process
+  (rows,), held = (
+    alone_info['gallery_cache_rows_by_process'],
+    multi_info['gallery_cache_rows_by_process'],
+  )
+  assert len(held) == 2 and sum(held) == rows and max(held) < rows, held
 
 
 def test_unknown_config_field_lists_valid_ones(tmp_path):

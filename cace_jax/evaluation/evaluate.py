@@ -16,13 +16,14 @@ import os
 import tempfile
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
 from cace_jax import checkpoint, config_check, input_pipeline, sharding
 from cace_jax.datasets import prepare
 from cace_jax.errors import ConfigError
-from cace_jax.evaluation import diagnostics, extract, figures, metrics, rerank, stage2
+from cace_jax.evaluation import diagnostics, extract, figures, metrics, rerank, stage1, stage2
 from cace_jax.models import CACENet
 from cace_jax.paths import check_directory
 
@@ -65,6 +66,13 @@ def summarize(result: dict) -> dict:
   return summary
 
 
+def per_process(count) -> list[int]:
+  """`count` of every process, in process order (on every process)."""
+  if jax.process_count() == 1:
+    return [int(count)]
+  return [int(c) for c in multihost_utils.process_allgather(np.array([count], np.int32))[:, 0]]
+
+
 def top_ranking(distmat: np.ndarray, top: int = TOP, chunk_elements: int = 8_000_000) -> np.ndarray:
   """[Nq, top] gallery indices of each row's smallest distances: a stable argsort's first `top`.
 
@@ -96,21 +104,30 @@ def extract_both(
   mesh: jax.sharding.Mesh,
   with_cache: bool,
   cache_dir: str,
-) -> tuple:
+) -> tuple[stage1.SplitFeatures, stage1.SplitFeatures]:
   """Stage-1 embeddings of a (query, gallery) pair of splits, and their stage-2 caches.
 
-  Returns (query embeddings, query cache, gallery embeddings, gallery cache);
-  the caches are empty without `with_cache`, and go under `cache_dir` when
-  too large for memory.
+  The caches are empty without `with_cache`, and go under `cache_dir` when
+  too large for memory. Every process holds every query row; with several
+  processes, each holds only its own rows of the gallery cache (the larger
+  one), and stage 2 scores each pair where its gallery row is
+  (`stage2.PairFunction`).
   """
   query, gallery = splits
-  q_emb, q_cache = extract.extract_features(
+  query_features = extract.extract_features(
     model, variables, query, config, mesh, with_cache, os.path.join(cache_dir, 'query')
   )
-  g_emb, g_cache = extract.extract_features(
-    model, variables, gallery, config, mesh, with_cache, os.path.join(cache_dir, 'gallery')
+  gallery_features = extract.extract_features(
+    model,
+    variables,
+    gallery,
+    config,
+    mesh,
+    with_cache,
+    os.path.join(cache_dir, 'gallery'),
+    gather_cache=False,
   )
-  return q_emb, q_cache, g_emb, g_cache
+  return query_features, gallery_features
 
 
 def evaluate(
@@ -141,43 +158,42 @@ def evaluate(
     os.makedirs(scratch_dir, exist_ok=True)
   k = config.eval.stage2_k if model.pair_stage else 0
   with tempfile.TemporaryDirectory(prefix='stage2_cache_', dir=scratch_dir) as cache_dir:
-    q_emb, q_cache, g_emb, g_cache = extract_both(
-      model, variables, (query, gallery), config, mesh, k > 0, cache_dir
-    )
-    stage1_rows = {'individual': metrics.cosine_distance(q_emb, g_emb)}
+    q, g = extract_both(model, variables, (query, gallery), config, mesh, k > 0, cache_dir)
+    stage1_rows = {'individual': metrics.cosine_distance(q.embeddings, g.embeddings)}
     if config.eval.rerank:  # k-reciprocal re-ranking of stage 1; stage 2 re-sorts its top-K
       stage1_rows['individual+kr'] = rerank.k_reciprocal_rerank_features(
-        q_emb, g_emb, metric='cosine'
+        q.embeddings, g.embeddings, metric='cosine'
       )
     measured = {row: measure(d, query, gallery) for row, d in stage1_rows.items()}
     info = {'stage2_k': k}
-    conditional = None  # (pair distances, call size) of the conditional embeddings
+    conditional = None  # pair distances of the conditional embeddings
     if k > 0:
       scored_here = 0
-      for row, score in stage2.pair_scorers(q_cache).items():
-        pair_distances, pairs_per_call = stage2.make_pair_distances(
-          model, variables, score, q_cache, g_cache, mesh
+      for row, score in stage2.pair_scorers(q.cache).items():
+        pair_distances = stage2.make_pair_distances(
+          model, variables, score, q.cache, g.cache, mesh, g.held
         )
         if row == 'cacenet':
-          conditional = (pair_distances, pairs_per_call)
+          conditional = pair_distances
         mix = config.eval.stage2_mix if row == 'cacenet' else 1.0
         for name, base in stage1_rows.items():
           suffix = name[len('individual') :]
           measured[row + suffix] = measure(
-            stage2.rerank_top_k(base, k, pair_distances, pairs_per_call, mix), query, gallery
+            stage2.rerank_top_k(base, k, pair_distances, mix), query, gallery
           )
         scored_here += pair_distances.pairs_scored_here
       info.update(
         stage2_mix=config.eval.stage2_mix,
-        # Each process scores its share (calls padded to a multiple of the devices).
-        stage2_pairs_scored_per_process=scored_here,
         processes=jax.process_count(),
-        cache_bytes_per_image=stage2.cache_nbytes(g_cache, len(gallery)),
-        cache_on_disk=isinstance(jax.tree.leaves(g_cache)[0], np.memmap),
+        # Each process scores the pairs whose gallery row it holds, and holds only those rows.
+        stage2_pairs_scored_by_process=per_process(scored_here),
+        gallery_cache_rows_by_process=per_process(len(gallery) if g.held is None else g.held.sum()),
+        cache_bytes_per_image=stage2.cache_nbytes(g.cache, len(gallery)),
+        cache_on_disk=isinstance(jax.tree.leaves(g.cache)[0], np.memmap),
       )
     found = {}
     if config.eval.diagnostics:
-      probe = (variables, q_cache, g_cache) if k > 0 else None
+      probe = (variables, q.cache, g.cache, g.held) if k > 0 else None
       found = diagnose(model, query, gallery, config, stage1_rows['individual'], conditional, probe)
   return Evaluation(
     metrics={row: m[0] for row, m in measured.items()},
@@ -215,15 +231,13 @@ def select_stage2(
   k_grid = sorted({int(k) for k in config.eval.stage2_k_grid})
   mixes = sorted({float(w) for w in config.eval.stage2_mix_grid})
   with tempfile.TemporaryDirectory(prefix='stage2_cache_', dir=scratch_dir) as cache_dir:
-    q_emb, q_cache, g_emb, g_cache = extract_both(
-      model, variables, validation, config, mesh, True, cache_dir
-    )
-    base = metrics.cosine_distance(q_emb, g_emb)
-    pair_distances, pairs_per_call = stage2.make_pair_distances(
-      model, variables, stage2.conditional_distance, q_cache, g_cache, mesh
+    q, g = extract_both(model, variables, validation, config, mesh, True, cache_dir)
+    base = metrics.cosine_distance(q.embeddings, g.embeddings)
+    pair_distances = stage2.make_pair_distances(
+      model, variables, stage2.conditional_distance, q.cache, g.cache, mesh, g.held
     )
     query_index, gallery_index = stage2.top_k_pairs(base, k_grid[-1])
-    scores = stage2.score_pairs(pair_distances, query_index, gallery_index, pairs_per_call)
+    scores = pair_distances(query_index, gallery_index)
     grid = []
     for k in k_grid:
       prefix = stage2.within_first(len(query_index), len(query), k)
@@ -239,7 +253,7 @@ def select_stage2(
     chosen.eval.stage2_mix = best['mix']
     validation_diagnostics = {}
     if config.eval.diagnostics:  # for choosing recipe knobs without looking at the test split
-      conditional, probe = (pair_distances, pairs_per_call), (variables, q_cache, g_cache)
+      conditional, probe = pair_distances, (variables, q.cache, g.cache, g.held)
       validation_diagnostics = diagnose(model, query, gallery, chosen, base, conditional, probe)
   selection = {
     'stage2_k': best['k'],
@@ -316,9 +330,10 @@ def diagnose(
   Args:
     model, query, gallery, config: as `evaluate`'s.
     distmat: [Nq, Ng] stage-1 (individual) cosine distances.
-    conditional: (pair distances, call size) of `stage2.make_pair_distances`
-      for the conditional embeddings; None without a pair stage.
-    probe: (variables, query cache, gallery cache); None without a pair stage.
+    conditional: the `stage2.PairDistances` of the conditional embeddings;
+      None without a pair stage.
+    probe: (variables, query cache, gallery cache, the gallery rows held here
+      (`stage1.SplitFeatures.held`)); None without a pair stage.
 
   Returns:
     {'family_retrieval': {'individual'[, 'cacenet']: {'mAP', 'rank1'}},
@@ -336,8 +351,7 @@ def diagnose(
     pairs, is_match = diagnostics.hard_pairs(*ids, q_families, g_families)
     scored = {'individual': distmat[pairs[:, 0], pairs[:, 1]]}
     if conditional is not None:
-      pair_distances, call_size = conditional
-      scored['cacenet'] = stage2.score_pairs(pair_distances, pairs[:, 0], pairs[:, 1], call_size)
+      scored['cacenet'] = conditional(pairs[:, 0], pairs[:, 1])
     found['family_retrieval'], found['hard_pair_auc'] = {}, {}
     for row, distances in scored.items():
       row_matrix = np.array(distmat, np.float64)
@@ -347,22 +361,19 @@ def diagnose(
       )
       found['hard_pair_auc'][row] = diagnostics.roc_auc(distances[is_match], distances[~is_match])
   if probe is not None:
-    variables, q_cache, g_cache = probe
-    probe_fn = stage2.make_pair_probe(model)
-    probe_pairs = lambda q, g: probe_fn(
-      variables,
-      jax.tree.map(lambda c: c[q], q_cache),
-      jax.tree.map(lambda c: c[g], g_cache),
-    )
+    variables, q_cache, g_cache, g_held = probe
     matches = true_match_pairs(query, gallery, PROBED_MATCHES)
     if len(matches):
-      blocks = stage2.score_pairs(probe_pairs, *matches.T)
+      blocks = stage2.pair_probe(model, variables, q_cache, g_cache, g_held, ('cross', 'intra'))(
+        *matches.T
+      )
       found['alignment_selectivity'] = diagnostics.alignment_selectivity(blocks['cross'])
       found['cross_share'] = diagnostics.cross_share(blocks['intra'], blocks['cross'])
     k = max(2, config.eval.stage2_k)
     top = top_ranking(distmat, k)
-    probed = stage2.score_pairs(
-      probe_pairs, np.repeat(np.arange(len(top)), top.shape[1]), top.ravel()
+    embeddings = ('conditional', 'individual')
+    probed = stage2.pair_probe(model, variables, q_cache, g_cache, g_held, embeddings)(
+      np.repeat(np.arange(len(top)), top.shape[1]), top.ravel()
     )
     found['conditioning_strength'] = diagnostics.conditioning_strength(
       probed['conditional'].reshape(*top.shape, -1), probed['individual'][:: top.shape[1]]

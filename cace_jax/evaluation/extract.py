@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax
 import ml_collections
-import numpy as np
 
 from cace_jax import input_pipeline
 from cace_jax.evaluation import stage1
@@ -24,7 +23,8 @@ def extract_features(
   mesh: jax.sharding.Mesh,
   with_cache: bool = True,
   cache_dir: str | None = None,
-) -> tuple[np.ndarray, dict]:
+  gather_cache: bool = True,
+) -> stage1.SplitFeatures:
   """Embeddings [N, E] and stage-2 caches (leading axis N) of every image of a split, in order.
 
   Args:
@@ -35,6 +35,8 @@ def extract_features(
     with_cache: also compute the stage-2 caches ({} otherwise).
     cache_dir: where caches larger than `eval.cache_memory_gb` go as
       memory-mapped files (`stage1.allocate_host_cache`).
+    gather_cache: False keeps on each process only its own rows of the
+      caches (`stage1.embed_batches`).
   """
   dataset = input_pipeline.create_eval_dataset(
     data,
@@ -46,5 +48,5 @@ def extract_features(
   )
   batches = input_pipeline.iterate_numpy(dataset)
   return stage1.embed_batches(
-    model, variables, batches, len(data), config, mesh, with_cache, cache_dir
+    model, variables, batches, len(data), config, mesh, with_cache, cache_dir, gather_cache
   )

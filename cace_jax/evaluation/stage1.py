@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +83,22 @@ def allocate_host_cache(
   }
 
 
+class SplitFeatures(NamedTuple):
+  """A split's stage-1 output on this host (`embed_batches`).
+
+  embeddings: [N, E] every image's embedding (ranking needs them all, on
+    every process).
+  cache: the stage-2 caches {name: [N, ...]} ({} without them).
+  held: [N] bool, the rows of `cache` this process holds (the others are
+    zeros that were never written, so they take no memory); None when it
+    holds every row.
+  """
+
+  embeddings: np.ndarray
+  cache: dict
+  held: np.ndarray | None = None
+
+
 def embed_batches(
   model: CACENet,
   variables,
@@ -92,7 +108,8 @@ def embed_batches(
   mesh: jax.sharding.Mesh,
   with_cache: bool = True,
   cache_dir: str | None = None,
-) -> tuple[np.ndarray, dict]:
+  gather_cache: bool = True,
+) -> SplitFeatures:
   """Embeddings [N, E] and stage-2 caches (leading axis N) of images given in batches.
 
   Args:
@@ -104,14 +121,26 @@ def embed_batches(
     with_cache: also compute the stage-2 caches ({} otherwise).
     cache_dir: where caches larger than `eval.cache_memory_gb` go as
       memory-mapped files (`allocate_host_cache`).
+    gather_cache: every process gets every cache row; if False, each keeps
+      the rows of its own batches (`SplitFeatures.held`), which is what
+      stage 2 reads of a gallery (`stage2.PairDistances` scores a pair on the
+      process that holds its gallery row). Embeddings are always gathered.
   """
   embed_step = make_embed_step(model, mesh, config.eval.flip, with_cache)
+  keep_local = not gather_cache and jax.process_count() > 1
+  held = np.zeros(num_images, bool) if keep_local else None
+  # A process keeping its own rows holds about its devices' share of them.
+  share = jax.local_device_count() / jax.device_count() if keep_local else 1.0
   embeddings, caches = None, None
-  for batch in batches:
-    batch = sharding.global_batch({'image': batch['image'], 'index': batch['index']}, mesh)
+  for local in batches:
+    batch = sharding.global_batch({'image': local['image'], 'index': local['index']}, mesh)
     output, cache = embed_step(variables, batch['image'])
     output, index = sharding.to_host(output), sharding.to_host(batch['index'])
-    cache = jax.tree.map(sharding.to_host, cache)
+    if keep_local:  # this process's rows of the batch: its devices' shards, in order
+      cache = jax.tree.map(local_rows, cache)
+      rows = local['index']
+    else:
+      cache, rows = jax.tree.map(sharding.to_host, cache), index
     if embeddings is None:
       embeddings = np.zeros((num_images, output.shape[-1]), np.float32)
       caches = allocate_host_cache(
@@ -119,10 +148,19 @@ def embed_batches(
         num_images,
         jnp.dtype(config.eval.cache_dtype),
         cache_dir,
-        config.eval.cache_memory_gb,
+        config.eval.cache_memory_gb / share,
       )
     valid = index >= 0  # the last batch is padded
     embeddings[index[valid]] = output[valid]
+    valid = rows >= 0
     for stored, new in zip(jax.tree.leaves(caches), jax.tree.leaves(cache)):
-      stored[index[valid]] = new[valid]
-  return embeddings, caches
+      stored[rows[valid]] = new[valid]
+    if held is not None:
+      held[rows[valid]] = True
+  return SplitFeatures(embeddings, caches, held)
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of an array split over `data`: its shards, in row order."""
+  shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+  return np.concatenate([np.asarray(shard.data) for shard in shards])

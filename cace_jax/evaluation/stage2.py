@@ -18,6 +18,7 @@ import functools
 from typing import Callable
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -106,10 +107,9 @@ def make_pair_step(
   """Jitted (variables, cache_q, cache_g) -> [N] distances with `score` as the method.
 
   The caches may be in `compact_cache` form; they are expanded on the device.
-  With a `data` mesh, the N pairs are split over its devices (N a multiple
-  of the mesh size) and the caches given are this process's share of the N
-  rows (`local_share`; all N in a single process); the distances returned
-  are all N, on every process. Variables are replicated.
+  With a `data` mesh of this process's devices (`sharding.local_mesh`), the N
+  pairs are split over them (N a multiple of the mesh size): host caches in,
+  host distances out. Variables are replicated.
   """
 
   def score_pairs(variables, cache_q, cache_g):
@@ -122,72 +122,122 @@ def make_pair_step(
   step = jax.jit(
     jax.shard_map(score_pairs, mesh=mesh, in_specs=(spec(), pairs, pairs), out_specs=pairs)
   )
+  split = sharding.split_over_data(mesh)
 
-  def sharded_step(variables, local_cache_q, local_cache_g):
+  def sharded_step(variables, cache_q, cache_g):
     distances = step(
       sharding.replicate(variables, mesh),
-      sharding.global_batch(local_cache_q, mesh),
-      sharding.global_batch(local_cache_g, mesh),
+      jax.device_put(cache_q, split),
+      jax.device_put(cache_g, split),
     )
-    return sharding.to_host(distances)
+    return np.asarray(distances)
 
   return sharded_step
 
 
-def local_share(num_rows: int, mesh: jax.sharding.Mesh) -> slice:
-  """The rows of a `num_rows` array split over `mesh`'s `data` axis that this process holds.
+class PairFunction:
+  """(query index [M], gallery index [M]) -> `fn`'s outputs for those M pairs, on every process.
 
-  A process's devices are consecutive in a mesh over the devices of several
-  processes (`sharding.make_mesh`), so it holds one block, the one that
-  `sharding.global_batch` assembles from it; `num_rows` must be a multiple
-  of the mesh size.
-  """
-  per_device = num_rows // mesh.size
-  here = jax.process_index()
-  mine = [i for i, device in enumerate(mesh.devices.flat) if device.process_index == here]
-  return slice(mine[0] * per_device, (mine[-1] + 1) * per_device)
+  `fn` maps the cache rows of `call_size` pairs, (query rows, gallery rows)
+  as {name: [call_size, ...]}, to a pytree of host arrays with leading axis
+  `call_size`; pairs go to it in calls of that size (the last one padded),
+  so it compiles once. M may be any size.
 
-
-class PairDistances:
-  """(query index [M], gallery index [M]) -> distances [M] of those pairs, on every process.
-
-  The M pairs of a call are split over all devices of the mesh, of every
-  process: each process reads the cache rows of its own share of the pairs
-  from its host caches and scores them on its devices, and only the M
-  distances are gathered. M must be a multiple of the mesh size
-  (`make_pair_distances` gives the call size). Counts the pairs this process
-  scored, for reports of how the work divides.
+  With several processes, each holds every query row and only its own
+  gallery rows (`held_g`, from `stage1.SplitFeatures`). A pair is computed
+  by the process holding its gallery row, on that process's devices with no
+  collective, and only the outputs are gathered: no cache row leaves the
+  process that computed it. Every process must make the same calls.
+  Counts the pairs this process computed, for reports of how work divides.
   """
 
-  def __init__(self, model: CACENet, variables, score: Callable, cache_q, cache_g, mesh):
-    self.step = make_pair_step(model, score, mesh)
-    self.variables, self.cache_q, self.cache_g, self.mesh = variables, cache_q, cache_g, mesh
+  def __init__(
+    self, fn: Callable, cache_q: dict, cache_g: dict, call_size: int, held_g: np.ndarray | None
+  ):
+    self.fn, self.cache_q, self.cache_g, self.call_size = fn, cache_q, cache_g, call_size
+    self.held_g = held_g if jax.process_count() > 1 else None
     self.pairs_scored_here = 0
 
-  def __call__(self, query_index: np.ndarray, gallery_index: np.ndarray) -> np.ndarray:
-    mine = local_share(len(query_index), self.mesh)
-    query_index, gallery_index = query_index[mine], gallery_index[mine]
-    self.pairs_scored_here += len(query_index)
-    return self.step(
-      self.variables,
-      jax.tree.map(lambda c: c[query_index], self.cache_q),
-      jax.tree.map(lambda c: c[gallery_index], self.cache_g),
-    )
+  def _compute(self, query_index: np.ndarray, gallery_index: np.ndarray):
+    def on_rows(q, g):
+      return self.fn(
+        jax.tree.map(lambda c: c[q], self.cache_q), jax.tree.map(lambda c: c[g], self.cache_g)
+      )
+
+    return score_pairs(on_rows, query_index, gallery_index, self.call_size)
+
+  def __call__(self, query_index: np.ndarray, gallery_index: np.ndarray):
+    if self.held_g is None or not len(query_index):
+      self.pairs_scored_here += len(query_index)
+      return self._compute(query_index, gallery_index)
+    mine = np.flatnonzero(self.held_g[gallery_index])
+    self.pairs_scored_here += len(mine)
+    if len(mine):
+      outputs = self._compute(query_index[mine], gallery_index[mine])
+    else:  # the outputs' structure, from one pair whose outputs are dropped
+      outputs = jax.tree.map(lambda x: x[:0], self._compute(query_index[:1], gallery_index[:1]))
+    return gather_rows(outputs, mine, len(query_index))
+
+
+def gather_rows(local, rows: np.ndarray, num_rows: int):
+  """Every process's `local` outputs for its `rows` of `num_rows`, assembled on every process.
+
+  Each row must come from exactly one process. The processes' shares are
+  padded to the largest and allgathered, so the traffic is about `num_rows`
+  rows whatever the process count.
+  """
+  counts = multihost_utils.process_allgather(np.array([len(rows)]))[:, 0]
+  capacity = max(int(counts.max()), 1)
+  padded_rows = np.pad(rows.astype(np.int32), (0, capacity - len(rows)))
+  pad = lambda x: np.pad(x, [(0, capacity - len(x))] + [(0, 0)] * (x.ndim - 1))
+  padded = jax.tree.map(pad, local)
+  all_rows = multihost_utils.process_allgather(padded_rows)  # [processes, capacity]
+  everyone = multihost_utils.process_allgather(padded)  # leaves [processes, capacity, ...]
+
+  def assemble(gathered):
+    out = np.zeros((num_rows, *gathered.shape[2:]), gathered.dtype)
+    for process, count in enumerate(counts):
+      out[all_rows[process, :count]] = gathered[process, :count]
+    return out
+
+  return jax.tree.map(assemble, everyone)
+
+
+class PairDistances(PairFunction):
+  """(query index [M], gallery index [M]) -> distances [M] of those pairs, on every process.
+
+  `PairFunction` of `score` (a `CACENet` method over cache rows), each call
+  split over this process's devices.
+  """
+
+  def __init__(
+    self, model: CACENet, variables, score: Callable, cache_q, cache_g, mesh, held_g=None
+  ):
+    local = sharding.local_mesh(mesh)
+    step = make_pair_step(model, score, local)
+    if jax.process_count() > 1:  # the global copy would compute over every process's devices
+      variables = sharding.replicate(sharding.host_copy(variables), local)
+    call_size = -(-PAIRS_PER_CALL // local.size) * local.size
+    super().__init__(functools.partial(step, variables), cache_q, cache_g, call_size, held_g)
 
 
 def make_pair_distances(
-  model: CACENet, variables, score: Callable, cache_q: dict, cache_g: dict, mesh: jax.sharding.Mesh
-) -> tuple[PairDistances, int]:
-  """(`PairDistances` of the host caches scored with `score`, its call size M)."""
-  call_size = -(-PAIRS_PER_CALL // mesh.size) * mesh.size
-  return PairDistances(model, variables, score, cache_q, cache_g, mesh), call_size
+  model: CACENet,
+  variables,
+  score: Callable,
+  cache_q: dict,
+  cache_g: dict,
+  mesh: jax.sharding.Mesh,
+  held_g: np.ndarray | None = None,
+) -> PairDistances:
+  """`PairDistances` of the host caches scored with `score` (gallery rows `held_g` here)."""
+  return PairDistances(model, variables, score, cache_q, cache_g, mesh, held_g)
 
 
 def rerank_top_k(
   distmat: np.ndarray,
   k: int,
   pair_distances: Callable[[np.ndarray, np.ndarray], np.ndarray],
-  batch_size: int = 256,
   mix: float = 1.0,
 ) -> np.ndarray:
   """Stage 2: re-sorts each query's k nearest gallery images by pair distances.
@@ -195,8 +245,8 @@ def rerank_top_k(
   Args:
     distmat: [Nq, Ng] stage-1 distances.
     k: how many top gallery images per query are re-sorted; 0 returns a copy.
-    pair_distances: (query_index [M], gallery_index [M]) -> distances [M].
-    batch_size: pairs scored per call (fixed, so the scoring compiles once).
+    pair_distances: (query_index [M], gallery_index [M]) -> distances [M],
+      for any M (`PairDistances` calls its step in fixed-size calls).
     mix: w of the re-sorting score (1 - w) d_stage1 + w d_pair (`fuse`);
       1 re-sorts by pair distances alone.
 
@@ -204,7 +254,7 @@ def rerank_top_k(
     [Nq, Ng] distances whose ascending order is stage 2's ranking (`resort`).
   """
   query_index, gallery_index = top_k_pairs(distmat, k)
-  scores = score_pairs(pair_distances, query_index, gallery_index, batch_size)
+  scores = pair_distances(query_index, gallery_index)
   return resort(distmat, query_index, gallery_index, scores, mix)
 
 
@@ -290,23 +340,44 @@ def cache_nbytes(cache: dict, num_images: int) -> int:
   return sum(np.asarray(v).nbytes for v in jax.tree.leaves(cache)) // max(num_images, 1)
 
 
+PROBE_OUTPUTS = ('cross', 'intra', 'conditional', 'individual')
+
+
 @functools.lru_cache(maxsize=4)
-def make_pair_probe(model: CACENet) -> Callable:
+def make_pair_probe(model: CACENet, outputs: tuple[str, ...] = PROBE_OUTPUTS) -> Callable:
   """Jitted (variables, cache_q, cache_g) -> what the diagnostics read of N pairs (q, g).
 
-  Returns a dict: 'cross' [N, n, n] the cross block A_qg of each pair graph,
-  'intra' [N, n, n] q's intra block A_qq, 'conditional' [N, E] f(q|g) and
-  'individual' [N, E] f(q), all eval mode.
+  Returns a dict of the `outputs` named among: 'cross' [N, n, n] the cross
+  block A_qg of each pair graph, 'intra' [N, n, n] q's intra block A_qq,
+  'conditional' [N, E] f(q|g) and 'individual' [N, E] f(q), all eval mode
+  (what is not asked for is not computed).
   """
 
   def probe(variables, cache_q, cache_g):
     cache_q, cache_g = expand_cache(cache_q), expand_cache(cache_g)
     embeddings = model.apply(variables, cache_q, cache_g, method=CACENet.embed_cached_pairs)
-    return {
+    found = {
       'cross': cross_block(model.adjacency, cache_q['query'], cache_g['key'], model.topk),
       'intra': cache_q['intra'],
       'conditional': embeddings['embedding_uv'],
       'individual': model.apply(variables, cache_q, method=CACENet.embed_cache),
     }
+    return {name: found[name] for name in outputs}
 
   return jax.jit(probe)
+
+
+def pair_probe(
+  model: CACENet,
+  variables,
+  cache_q: dict,
+  cache_g: dict,
+  held_g: np.ndarray | None = None,
+  outputs: tuple[str, ...] = PROBE_OUTPUTS,
+  call_size: int = PAIRS_PER_CALL,
+) -> PairFunction:
+  """`make_pair_probe`'s `outputs` of any pairs of the host caches, as a `PairFunction`."""
+  probe = make_pair_probe(model, tuple(outputs))
+  if jax.process_count() > 1:  # the global copy would compute over every process's devices
+    variables = jax.device_put(sharding.host_copy(variables), jax.local_devices()[0])
+  return PairFunction(functools.partial(probe, variables), cache_q, cache_g, call_size, held_g)
