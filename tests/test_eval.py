@@ -198,7 +198,9 @@ def test_stage2_caches_stream_from_disk_with_the_same_results(
       run.model, run.variables, query, gallery, config, mesh, scratch_dir=str(tmp_path)
     )
   assert not results[8.0].info['cache_on_disk'] and results[0.0].info['cache_on_disk']
-  info = lambda r: {k: v for k, v in r.info.items() if k != 'cache_on_disk'}
+  info = lambda r: {
+    k: v for k, v in r.info.items() if k not in ('cache_on_disk', 'seconds_by_process')
+  }
   assert info(results[8.0]) == info(results[0.0])
   for row in ('individual', 'clue_alignment', 'cacenet'):
     assert results[8.0].metrics[row] == results[0.0].metrics[row], row
@@ -217,6 +219,7 @@ def test_model_without_pair_stage_evaluates_stage_one_only(tiny_data_dir):
   query, gallery = input_pipeline.load_eval_splits(input_pipeline.prepare_on_first_process(config))
   evaluation = evaluate.evaluate(model, variables, query, gallery, config, mesh)
   assert set(evaluation.metrics) == set(evaluation.rankings) == {'individual'}
+  assert evaluation.info.pop('seconds_by_process').keys() == {'stage1'}
   assert evaluation.info == {'stage2_k': 0} and evaluation.figure_row == 'individual'
   # Family diagnostics need no pair stage; alignment and conditioning do.
   assert set(evaluation.diagnostics) == {'family_retrieval', 'hard_pair_auc'}

@@ -344,6 +344,9 @@ def test_two_processes_over_gloo_match_one_process(tiny_data_dir, tmp_path):
     multi_info['gallery_cache_rows_by_process'],
   )
   assert len(held) == 2 and sum(held) == rows and max(held) < rows, held
+  for phase in ('stage1', 'stage2_pairs'):  # each process timed its own share
+    times = multi_info['seconds_by_process'][phase]
+    assert len(times) == 2 and min(times) > 0, (phase, times)
 
 
 def test_unknown_config_field_lists_valid_ones(tmp_path):

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import time
 
 import jax
 from jax.experimental import multihost_utils
@@ -39,8 +40,10 @@ class Evaluation:
     metrics: {row: {'rank1', 'rank5', 'rank10', 'mAP', 'mINP'}} in percent.
     rankings: {row: [Nq, TOP] gallery indices, nearest first}.
     per_query_ap: {row: [Nq] average precision (NaN for queries left out)}.
-    info: how it was measured: 'stage2_k' and, with a stage 2, 'stage2_mix',
-      'cache_bytes_per_image', 'cache_on_disk', and 'selection' when K and w
+    info: how it was measured: 'stage2_k', 'seconds_by_process' {'stage1'[,
+      'stage2_pairs']} and, with a stage 2, 'stage2_mix', 'processes',
+      'stage2_pairs_scored_by_process', 'gallery_cache_rows_by_process',
+      'cache_bytes_per_image', 'cache_on_disk'; 'selection' when K and w
       were chosen on a validation split (`select_stage2`); 'cameras' for a
       dataset without cameras (`NO_CAMERAS`).
     diagnostics: what `diagnose` measured (empty with `eval.diagnostics` off).
@@ -66,11 +69,12 @@ def summarize(result: dict) -> dict:
   return summary
 
 
-def per_process(count) -> list[int]:
-  """`count` of every process, in process order (on every process)."""
-  if jax.process_count() == 1:
-    return [int(count)]
-  return [int(c) for c in multihost_utils.process_allgather(np.array([count], np.int32))[:, 0]]
+def per_process(value, dtype=np.int32) -> list:
+  """`value` (a count, or seconds with a float dtype) of every process, in process order."""
+  values = [value]
+  if jax.process_count() > 1:
+    values = multihost_utils.process_allgather(np.array([value], dtype))[:, 0]
+  return [np.asarray(v, dtype).item() for v in values]
 
 
 def top_ranking(distmat: np.ndarray, top: int = TOP, chunk_elements: int = 8_000_000) -> np.ndarray:
@@ -158,17 +162,21 @@ def evaluate(
     os.makedirs(scratch_dir, exist_ok=True)
   k = config.eval.stage2_k if model.pair_stage else 0
   with tempfile.TemporaryDirectory(prefix='stage2_cache_', dir=scratch_dir) as cache_dir:
+    start = time.perf_counter()
     q, g = extract_both(model, variables, (query, gallery), config, mesh, k > 0, cache_dir)
+    # Wall time of this process's stage 1 (compiling included), and below of its pair
+    # scoring (gathers excluded): with several processes, how the work divides.
+    seconds = {'stage1': per_process(time.perf_counter() - start, np.float64)}
     stage1_rows = {'individual': metrics.cosine_distance(q.embeddings, g.embeddings)}
     if config.eval.rerank:  # k-reciprocal re-ranking of stage 1; stage 2 re-sorts its top-K
       stage1_rows['individual+kr'] = rerank.k_reciprocal_rerank_features(
         q.embeddings, g.embeddings, metric='cosine'
       )
     measured = {row: measure(d, query, gallery) for row, d in stage1_rows.items()}
-    info = {'stage2_k': k}
+    info = {'stage2_k': k, 'seconds_by_process': seconds}
     conditional = None  # pair distances of the conditional embeddings
     if k > 0:
-      scored_here = 0
+      scored_here, scoring_seconds = 0, 0.0
       for row, score in stage2.pair_scorers(q.cache).items():
         pair_distances = stage2.make_pair_distances(
           model, variables, score, q.cache, g.cache, mesh, g.held
@@ -182,6 +190,8 @@ def evaluate(
             stage2.rerank_top_k(base, k, pair_distances, mix), query, gallery
           )
         scored_here += pair_distances.pairs_scored_here
+        scoring_seconds += pair_distances.seconds_here
+      seconds['stage2_pairs'] = per_process(scoring_seconds, np.float64)
       info.update(
         stage2_mix=config.eval.stage2_mix,
         processes=jax.process_count(),

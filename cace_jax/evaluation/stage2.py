@@ -15,6 +15,7 @@ weighted by the adjacency, with no GCN.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Callable
 
 import jax
@@ -148,7 +149,8 @@ class PairFunction:
   by the process holding its gallery row, on that process's devices with no
   collective, and only the outputs are gathered: no cache row leaves the
   process that computed it. Every process must make the same calls.
-  Counts the pairs this process computed, for reports of how work divides.
+  Counts the pairs this process computed and the seconds it spent on them
+  (gathers excluded), for reports of how work divides.
   """
 
   def __init__(
@@ -156,7 +158,7 @@ class PairFunction:
   ):
     self.fn, self.cache_q, self.cache_g, self.call_size = fn, cache_q, cache_g, call_size
     self.held_g = held_g if jax.process_count() > 1 else None
-    self.pairs_scored_here = 0
+    self.pairs_scored_here, self.seconds_here = 0, 0.0
 
   def _compute(self, query_index: np.ndarray, gallery_index: np.ndarray):
     def on_rows(q, g):
@@ -164,7 +166,12 @@ class PairFunction:
         jax.tree.map(lambda c: c[q], self.cache_q), jax.tree.map(lambda c: c[g], self.cache_g)
       )
 
-    return score_pairs(on_rows, query_index, gallery_index, self.call_size)
+    start = time.perf_counter()
+    outputs = jax.block_until_ready(
+      score_pairs(on_rows, query_index, gallery_index, self.call_size)
+    )
+    self.seconds_here += time.perf_counter() - start
+    return outputs
 
   def __call__(self, query_index: np.ndarray, gallery_index: np.ndarray):
     if self.held_g is None or not len(query_index):
