@@ -166,7 +166,7 @@ def evaluate(
     q, g = extract_both(model, variables, (query, gallery), config, mesh, k > 0, cache_dir)
     # Wall time of this process's stage 1 (compiling included), and below of its pair
     # scoring (gathers excluded): with several processes, how the work divides.
-    seconds = {'stage1': per_process(time.perf_counter() - start, np.float64)}
+    seconds = {'stage1': per_process(time.perf_counter() - start, np.float32)}
     stage1_rows = {'individual': metrics.cosine_distance(q.embeddings, g.embeddings)}
     if config.eval.rerank:  # k-reciprocal re-ranking of stage 1; stage 2 re-sorts its top-K
       stage1_rows['individual+kr'] = rerank.k_reciprocal_rerank_features(
@@ -191,7 +191,7 @@ def evaluate(
           )
         scored_here += pair_distances.pairs_scored_here
         scoring_seconds += pair_distances.seconds_here
-      seconds['stage2_pairs'] = per_process(scoring_seconds, np.float64)
+      seconds['stage2_pairs'] = per_process(scoring_seconds, np.float32)
       info.update(
         stage2_mix=config.eval.stage2_mix,
         processes=jax.process_count(),
