@@ -30,6 +30,14 @@ from cace_jax.models import build_model, make_resnet
 from cace_jax.models.attention import RENAMED_KINDS
 
 BEST_METRIC = 'mAP'
+# Saves write one zarr directory per array rather than orbax's default OCDBT
+# store. An OCDBT save leaves ~4 Python objects per array behind in tensorstore
+# (its KvStore.Spec(...).to_json(), which orbax calls per array), so host memory
+# grew ~72 MiB per 1000 saves of the tiny state; in this format 23 MiB, a
+# per-save remainder in orbax's I/O metrics that does not grow with the model
+# (benchmarks/memory_parts.py --part=checkpoint). Restoring reads either
+# format, so runs saved before this change resume.
+USE_OCDBT = False
 
 
 def create_manager(
@@ -60,7 +68,11 @@ def create_manager(
     enable_async_checkpointing=False,
   )
   directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-  return ocp.CheckpointManager(directory, options=options, item_names=('state', 'record'))
+  handlers = {
+    'state': ocp.StandardCheckpointHandler(use_ocdbt=USE_OCDBT),
+    'record': ocp.JsonCheckpointHandler(),
+  }
+  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 def save_checkpoint(

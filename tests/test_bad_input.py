@@ -41,13 +41,20 @@ class Evil:
 
 
 def damage_checkpoint(workdir: str, step: int) -> None:
-  """Truncates every array file of a checkpoint to half its size (a disk or copy accident)."""
+  """Truncates every array's data to half its size (a disk or copy accident).
+
+  The data are each array's zarr chunk files (digits and dots: `0`, `0.0`)
+  or, in an OCDBT checkpoint, the files of its `d/` folders.
+  """
   state_dir = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  truncated = 0
   for folder, _, files in os.walk(state_dir):
-    if os.path.basename(folder) == 'd':
-      for name in files:
+    for name in files:
+      if os.path.basename(folder) == 'd' or set(name) <= set('0123456789.'):
         path = os.path.join(folder, name)
         os.truncate(path, os.path.getsize(path) // 2)
+        truncated += 1
+  assert truncated, f'no array data found under {state_dir}'
 
 
 @pytest.fixture(scope='module')

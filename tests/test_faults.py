@@ -199,6 +199,34 @@ def test_resume_skips_a_damaged_checkpoint_and_keeps_it(
   assert_same_params(reference_run, workdir)  # retrained from step 9
 
 
+def test_a_run_checkpointed_in_ocdbt_format_resumes(reference_run, tiny_data_dir, tmp_path):
+  """Runs saved before checkpoints left OCDBT (`checkpoint.USE_OCDBT`) still restore and resume."""
+  workdir = str(tmp_path / 'ocdbt')
+  step, state, record = checkpoint.read_checkpoint(reference_run, step=9)
+  old_format = ocp.StandardCheckpointHandler(use_ocdbt=True)
+  manager = ocp.CheckpointManager(
+    os.path.join(workdir, 'checkpoints'),
+    options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+    item_handlers={'state': old_format, 'record': ocp.JsonCheckpointHandler()},
+  )
+  manager.save(
+    step,
+    args=ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)),
+  )
+  manager.close()
+  stored = glob.glob(
+    os.path.join(workdir, 'checkpoints', '9', 'state', '**', 'manifest.ocdbt'), recursive=True
+  )
+  assert stored, 'not an OCDBT checkpoint'
+  config = reference_config(tiny_data_dir, **{'train.eval_at_end': False})
+  train_lib.train_and_evaluate(config, workdir)
+  assert_same_params(reference_run, workdir)  # step 10 trained from the OCDBT step 9
+  # ...and the new step is written in the new format.
+  assert not glob.glob(
+    os.path.join(workdir, 'checkpoints', '10', '**', 'manifest.ocdbt'), recursive=True
+  )
+
+
 # Reading a damaged checkpoint leaves tensorstore callbacks firing into a closed
 # event loop; the command line silences them (test_bad_input), a direct call does not.
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
