@@ -114,13 +114,12 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
   )
   layouts = {'one_process': one_process, 'two_processes': two_processes}
-  workdirs = {}
-  for name in layouts:  # a copy each: each run writes its own results.json
-    workdirs[name] = os.path.join(scratch, name)
-    shutil.copytree(
-      os.path.join(args.workdir, 'checkpoints'), os.path.join(workdirs[name], 'checkpoints')
-    )
+  workdirs = {name: os.path.join(scratch, name) for name in layouts}
   try:
+    for workdir in workdirs.values():  # a copy each: each run writes its own results.json
+      shutil.copytree(
+        os.path.join(args.workdir, 'checkpoints'), os.path.join(workdir, 'checkpoints')
+      )
     seconds = {name: [] for name in layouts}
     for round_ in range(args.repeats + 1):  # round 0 fills the compilation cache, untimed
       for name, commands in layouts.items():

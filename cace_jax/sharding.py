@@ -50,6 +50,14 @@ def host_copy(tree):
   )
 
 
+def per_process(value, dtype=np.int32) -> list:
+  """`value` (a count, or seconds with a float dtype) of every process, in process order."""
+  values = [value]
+  if jax.process_count() > 1:
+    values = multihost_utils.process_allgather(np.array([value], dtype))[:, 0]
+  return [np.asarray(v, dtype).item() for v in values]
+
+
 def replicate(tree, mesh: jax.sharding.Mesh):
   """`tree` (host or device arrays) copied onto every device of `mesh`."""
   return jax.device_put(tree, replicated(mesh))

@@ -7,8 +7,10 @@ from __future__ import annotations
 import torch  # pylint: disable=unused-import
 import torchvision  # pylint: disable=unused-import
 
+import atexit
 import io
 import os
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -17,7 +19,9 @@ import zipfile
 # identical programs compiled by several tests (or their subprocesses) are
 # compiled once. Both must be set before JAX initialises.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='jax_cache_'))
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # the suite's own, removed when it ends
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jax_cache_')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Tests import `configs` the way train.py does, from the repository root.

@@ -17,7 +17,6 @@ import tempfile
 import time
 
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -67,14 +66,6 @@ def summarize(result: dict) -> dict:
   summary = {f'rank{r}': 100.0 * float(cmc[min(r, len(cmc)) - 1]) for r in RANKS}
   summary.update(mAP=100.0 * result['mAP'], mINP=100.0 * result['mINP'])
   return summary
-
-
-def per_process(value, dtype=np.int32) -> list:
-  """`value` (a count, or seconds with a float dtype) of every process, in process order."""
-  values = [value]
-  if jax.process_count() > 1:
-    values = multihost_utils.process_allgather(np.array([value], dtype))[:, 0]
-  return [np.asarray(v, dtype).item() for v in values]
 
 
 def top_ranking(distmat: np.ndarray, top: int = TOP, chunk_elements: int = 8_000_000) -> np.ndarray:
@@ -166,7 +157,7 @@ def evaluate(
     q, g = extract_both(model, variables, (query, gallery), config, mesh, k > 0, cache_dir)
     # Wall time of this process's stage 1 (compiling included), and below of its pair
     # scoring (gathers excluded): with several processes, how the work divides.
-    seconds = {'stage1': per_process(time.perf_counter() - start, np.float32)}
+    seconds = {'stage1': sharding.per_process(time.perf_counter() - start, np.float32)}
     stage1_rows = {'individual': metrics.cosine_distance(q.embeddings, g.embeddings)}
     if config.eval.rerank:  # k-reciprocal re-ranking of stage 1; stage 2 re-sorts its top-K
       stage1_rows['individual+kr'] = rerank.k_reciprocal_rerank_features(
@@ -191,13 +182,15 @@ def evaluate(
           )
         scored_here += pair_distances.pairs_scored_here
         scoring_seconds += pair_distances.seconds_here
-      seconds['stage2_pairs'] = per_process(scoring_seconds, np.float32)
+      seconds['stage2_pairs'] = sharding.per_process(scoring_seconds, np.float32)
       info.update(
         stage2_mix=config.eval.stage2_mix,
         processes=jax.process_count(),
         # Each process scores the pairs whose gallery row it holds, and holds only those rows.
-        stage2_pairs_scored_by_process=per_process(scored_here),
-        gallery_cache_rows_by_process=per_process(len(gallery) if g.held is None else g.held.sum()),
+        stage2_pairs_scored_by_process=sharding.per_process(scored_here),
+        gallery_cache_rows_by_process=sharding.per_process(
+          len(gallery) if g.held is None else g.held.sum()
+        ),
         cache_bytes_per_image=stage2.cache_nbytes(g.cache, len(gallery)),
         cache_on_disk=isinstance(jax.tree.leaves(g.cache)[0], np.memmap),
       )

@@ -159,6 +159,7 @@ class PairFunction:
     self.fn, self.cache_q, self.cache_g, self.call_size = fn, cache_q, cache_g, call_size
     self.held_g = held_g if jax.process_count() > 1 else None
     self.pairs_scored_here, self.seconds_here = 0, 0.0
+    self._no_rows = None  # the outputs' structure with zero rows, once known
 
   def _compute(self, query_index: np.ndarray, gallery_index: np.ndarray):
     def on_rows(q, g):
@@ -181,8 +182,11 @@ class PairFunction:
     self.pairs_scored_here += len(mine)
     if len(mine):
       outputs = self._compute(query_index[mine], gallery_index[mine])
-    else:  # the outputs' structure, from one pair whose outputs are dropped
-      outputs = jax.tree.map(lambda x: x[:0], self._compute(query_index[:1], gallery_index[:1]))
+    elif self._no_rows is not None:
+      outputs = self._no_rows
+    else:  # the structure is not known yet: one pair is computed for it and dropped
+      outputs = self._compute(query_index[:1], gallery_index[:1])
+    self._no_rows = jax.tree.map(lambda x: x[:0], outputs)
     return gather_rows(outputs, mine, len(query_index))
 
 
@@ -193,8 +197,8 @@ def gather_rows(local, rows: np.ndarray, num_rows: int):
   padded to the largest and allgathered, so the traffic is about `num_rows`
   rows whatever the process count.
   """
-  counts = multihost_utils.process_allgather(np.array([len(rows)]))[:, 0]
-  capacity = max(int(counts.max()), 1)
+  counts = sharding.per_process(len(rows))
+  capacity = max(max(counts), 1)
   padded_rows = np.pad(rows.astype(np.int32), (0, capacity - len(rows)))
   pad = lambda x: np.pad(x, [(0, capacity - len(x))] + [(0, 0)] * (x.ndim - 1))
   padded = jax.tree.map(pad, local)
