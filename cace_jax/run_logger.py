@@ -45,6 +45,15 @@ class RunLogger:
     if self.active:
       self._bar.update(step - self._bar.n)
 
+  def end_progress(self) -> None:
+    """Closes the bar once the steps are done.
+
+    Lines logged after it (the final evaluation's tables) are then the last the
+    console shows; an open bar would be redrawn below each of them.
+    """
+    if self.active:
+      self._bar.close()
+
   def scalars(self, step: int, values: dict, prefix: str = 'train') -> None:
     """Logs scalars: TensorBoard, the text log, and throughput since the last call."""
     if not self.active:

@@ -9,6 +9,7 @@ the end.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import jax
@@ -165,6 +166,15 @@ def train_and_evaluate(
     )
     last_checkpoint = manager.latest_step()
     eval_every = config.train.eval_every_epochs * steps_per_epoch
+    evaluate_now = functools.partial(
+      evaluate_and_log,
+      model,
+      builders=builders,
+      config=config,
+      mesh=mesh,
+      workdir=workdir,
+      logger=logger,
+    )
     evaluations = {}
     for step in range(start_step + 1, num_steps + 1):
       state, metrics = train_step(state, next(batches))
@@ -176,17 +186,11 @@ def train_and_evaluate(
       metrics_for_best = None
       periodic = eval_every and step % eval_every == 0
       final = step == num_steps and config.train.eval_at_end
+      if final:
+        logger.end_progress()
       if periodic or final:
-        evaluations = evaluate_and_log(
-          model,
-          variables_of(state),
-          builders,
-          config,
-          mesh,
-          workdir,
-          logger,
-          step,
-          splits.validation if final else None,
+        evaluations = evaluate_now(
+          variables_of(state), step=step, validation=splits.validation if final else None
         )
         first = next(iter(evaluations.values()))  # the first test set picks the best step
         metrics_for_best = {'mAP': first.metrics['individual']['mAP']}
@@ -205,18 +209,9 @@ def train_and_evaluate(
         checkpoint.save_checkpoint(manager, step, state, record, metrics_for_best)
         last_checkpoint = step
     if start_step >= num_steps and config.train.eval_at_end:  # Already trained: report again.
+      logger.end_progress()
       logger.info(f'{workdir} is already trained to step {start_step}; evaluating it')
-      evaluations = evaluate_and_log(
-        model,
-        variables_of(state),
-        builders,
-        config,
-        mesh,
-        workdir,
-        logger,
-        start_step,
-        splits.validation,
-      )
+      evaluations = evaluate_now(variables_of(state), step=start_step, validation=splits.validation)
     if config.train.eval_at_end:  # the final evaluation ran, in the loop or just above
       evaluate.write_report(
         workdir,

@@ -1,0 +1,132 @@
+"""Prepare a dataset as TFDS records (`tools/prepare.py --dataset NAME`; training does it too).
+
+NAME is a builder name, optionally with its config: market1501, dukemtmc_reid,
+msmt17, msmt17/trainval, occluded_duke, synthetic_details (= /default),
+synthetic_details/occluded, synthetic_details/large_families,
+synthetic_details/tiny, reid_folder/<name> (your own data in <manual_dir>/<name>;
+`folder_spec`). A dataset that is already
+prepared is left as it is; a failed preparation leaves no partial records.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from cace_jax.datasets import builders, folder_spec, synthetic
+from cace_jax.errors import DatasetError
+from cace_jax.paths import check_directory
+
+DEFAULT_DATA_DIR = 'data'
+RENAMED = {
+  'msmt17/combineall': (
+    "msmt17/combineall is now msmt17/trainval (list_train + list_val); torchreid's and "
+    "fast-reid's combineall, which also trains on query and gallery, is not offered"
+  ),
+}
+CUSTOM_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_-]*')
+
+
+def prepare_dataset(
+  name: str, data_dir: str = DEFAULT_DATA_DIR, manual_dir: str | None = None
+) -> tfds.core.DatasetBuilder:
+  """Builds (once) and returns the TFDS builder of a dataset.
+
+  Args:
+    name: builder name with an optional `/config`, e.g. 'synthetic_details/tiny'.
+    data_dir: where TFDS records go (default `data/`).
+    manual_dir: where downloads are (default `<data_dir>/manual`). For
+      synthetic_details the generator writes there first, if not already done.
+
+  Returns:
+    The prepared builder; `builder.as_dataset(split=...)` reads it.
+
+  Raises:
+    DatasetError: unknown name, missing or malformed download, corrupt image.
+  """
+  builder_name, _, config_name = name.partition('/')
+  if name in RENAMED:
+    raise DatasetError(RENAMED[name])
+  if builder_name not in builders.BUILDERS:
+    raise DatasetError(f'unknown dataset {name!r}: expected one of {", ".join(builders.BUILDERS)}')
+  check_directory(data_dir, 'data_dir')
+  manual_dir = manual_dir or os.path.join(data_dir, 'manual')
+  check_directory(manual_dir, 'manual_dir')
+  if builder_name == 'synthetic_details':
+    preset = config_name or 'default'
+    if preset not in synthetic.PRESETS:
+      raise DatasetError(
+        f'unknown synthetic_details preset {preset!r}: expected one of '
+        f'{", ".join(synthetic.PRESETS)}'
+      )
+    raw_dir = builders.raw_synthetic_dir(manual_dir, preset)
+    try:
+      synthetic.generate_dataset(raw_dir, synthetic.PRESETS[preset])
+    except FileExistsError as e:  # Something else lives there: never overwrite it.
+      raise DatasetError(f'cannot generate synthetic_details into {raw_dir}: {e}') from e
+  elif builder_name == 'reid_folder':
+    return prepare_custom(config_name, data_dir, manual_dir)
+  elif not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
+    instructions = builders.BUILDERS[builder_name].MANUAL_DOWNLOAD_INSTRUCTIONS
+    raise DatasetError(f'manual directory {manual_dir} is missing or empty. {instructions}')
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DatasetError(f'unknown dataset config {name!r}: {e}') from e
+  if not builder.is_prepared():
+    tfds.disable_progress_bar()  # One line per split in logs, not a bar per shard.
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+    )
+  return builder
+
+
+def prepare_custom(name: str, data_dir: str, manual_dir: str) -> tfds.core.DatasetBuilder:
+  """Builds (once) custom dataset `reid_folder/<name>` from `<manual_dir>/<name>`.
+
+  A prepared dataset whose recorded spec differs from the spec file now
+  beside the images is an error, not a silent rebuild: its records (and any
+  identity split) are what earlier runs trained and evaluated on.
+  """
+  if not CUSTOM_NAME.fullmatch(name or ''):
+    raise DatasetError(
+      f'reid_folder/{name}: expected reid_folder/<name>, <name> the folder or zip under '
+      f'{manual_dir} (letters, digits, "_", "-")'
+    )
+  builder = builders.ReidFolder(config=builders.ReidFolderConfig(name=name), data_dir=data_dir)
+  if builder.is_prepared():
+    source = builders.find_custom_source(manual_dir, name)
+    recorded = dict(builder.info.metadata).get('spec')
+    current = folder_spec.read_spec(source)
+    if recorded is not None and recorded != current:
+      changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+      raise DatasetError(
+        f'{builder.data_dir} was prepared with another {folder_spec.SPEC_FILE} '
+        f'({", ".join(changed)} differ from {source.describe(folder_spec.SPEC_FILE)}): '
+        'move the prepared folder away to prepare it again'
+      )
+    return builder
+  tfds.disable_progress_bar()
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder
+
+
+def dataset_families(name: str, pids: np.ndarray) -> np.ndarray | None:
+  """The family of each identity of dataset `name`, or None if it has no families.
+
+  Only synthetic_details has them (its identities come in families that
+  differ in details); `synthetic.identity_families` says which is which.
+  """
+  builder_name, _, preset = name.partition('/')
+  if builder_name != 'synthetic_details':
+    return None
+  return synthetic.identity_families(pids, synthetic.PRESETS[preset or 'default'])
+
+
+def has_cameras(builder: tfds.core.DatasetBuilder) -> bool:
+  """False for a custom dataset prepared without cameras (`folder_spec`); True otherwise."""
+  metadata = getattr(builder.info, 'metadata', None) or {}
+  return bool(dict(metadata).get('cameras', True))

@@ -1,0 +1,1 @@
+"""Evaluation: stage 1 and stage 2 of the paper's inference, metrics, re-ranking, figures."""

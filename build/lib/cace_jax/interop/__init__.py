@@ -1,0 +1,1 @@
+"""Interoperability: PyTorch weights in and out, ONNX and `jax.export` deployment."""

@@ -1,0 +1,394 @@
+"""ONNX graphs of a trained CACE-Net, written node by node from its Flax variables.
+
+Two models make the paper's two-stage inference runnable outside JAX:
+
+  features:  images [batch, H, W, 3] float32 RGB in [0, 255]
+             -> embedding [batch, E] (L2-normalised; flip-averaged if asked)
+                fmap      [batch, h, w, C] (backbone maps, the pair stage's input)
+  pair:      fmap_query, fmap_gallery [pairs, h, w, C]
+             -> distance [pairs] (1 - cos(f(q|g), f(g|q)), what stage 2 sorts by)
+                embedding_qg, embedding_gq [pairs, E]
+
+Why a writer of our own: the converters that exist do not fit this stack
+(jax2onnx 0.17 requires orbax-checkpoint < 0.11.37, and jax2tf in JAX 0.10 only
+emits `XlaCallModule`, which tf2onnx cannot convert), and a CACE-Net is a
+short list of standard operators. Writing them here keeps export independent
+of torch and of any converter, and makes every operator visible. The graphs compute
+what `CACENet.features` and `evaluation.stage2.conditional_distance`
+compute, in float32, with BatchNorm folded into the preceding convolution or
+projection; tests compare them with JAX through onnxruntime.
+
+Opset 17; the batch (pairs) axis is dynamic, image size fixed at export.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from cace_jax.augment import IMAGENET_MEAN_PIXEL, IMAGENET_STD_PIXEL
+from cace_jax.models.attention import RAW_KINDS
+from cace_jax.models.gcn import DEGREE_EPS
+from cace_jax.models.resnet import RESNET_SPECS, feature_map_shape, non_local_positions
+
+OPSET = 17
+BN_EPS = 1e-5
+L2_EPS = 1e-12
+GEM_EPS = 1e-6  # models.cacenet.GeM.eps
+
+
+class GraphWriter:
+  """Accumulates nodes and constants; every op returns the name of its one output."""
+
+  def __init__(self):
+    self.nodes, self.initializers, self._count = [], [], 0
+
+  def _name(self, hint: str) -> str:
+    self._count += 1
+    return f'{hint}_{self._count}'
+
+  def const(self, value, hint: str = 'c') -> str:
+    name = self._name(hint)
+    array = np.asarray(value)
+    array = array.astype(np.float32) if array.dtype.kind == 'f' else array
+    self.initializers.append(numpy_helper.from_array(array, name))
+    return name
+
+  def op(
+    self, op_type: str, *inputs: str, output: str | None = None, num_outputs: int = 1, **attrs
+  ):
+    """Appends a node; returns its output name (a tuple of names if `num_outputs` > 1)."""
+    outputs = [output] if output else [self._name(op_type.lower()) for _ in range(num_outputs)]
+    self.nodes.append(helper.make_node(op_type, list(inputs), outputs, **attrs))
+    return outputs[0] if num_outputs == 1 else tuple(outputs)
+
+  def model(self, inputs: Sequence, outputs: Mapping[str, tuple], doc: str) -> onnx.ModelProto:
+    """inputs: value infos; outputs: {graph output name: (tensor name, shape)}."""
+    outs = []
+    for name, (tensor, shape) in outputs.items():
+      self.op('Identity', tensor, output=name)
+      outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+    graph = helper.make_graph(self.nodes, 'cace_net', list(inputs), outs, self.initializers)
+    model = helper.make_model(
+      graph,
+      opset_imports=[helper.make_opsetid('', OPSET)],
+      producer_name='cace_jax',
+      doc_string=doc,
+    )
+    onnx.checker.check_model(model)
+    return model
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def _fold_bn(bn_params: Mapping, bn_stats: Mapping):
+  """(scale, shift) with BN(x) = x * scale + shift, computed in float64."""
+  scale = np.asarray(bn_params['scale'], np.float64) / np.sqrt(
+    np.asarray(bn_stats['var'], np.float64) + BN_EPS
+  )
+  shift = (
+    np.asarray(bn_params['bias'], np.float64) - np.asarray(bn_stats['mean'], np.float64) * scale
+  )
+  return scale, shift
+
+
+def _conv(w: GraphWriter, x: str, kernel, bias=None, stride: int = 1, bn=None) -> str:
+  """NCHW conv from a Flax HWIO kernel (same-size padding, as the ResNet); `bn`: (params, stats)."""
+  kernel = np.asarray(kernel, np.float64)
+  bias = np.zeros(kernel.shape[-1]) if bias is None else np.asarray(bias, np.float64)
+  if bn is not None:
+    scale, shift = _fold_bn(*bn)
+    kernel, bias = kernel * scale, bias * scale + shift
+  size = kernel.shape[0]
+  pad = size // 2
+  return w.op(
+    'Conv',
+    x,
+    w.const(kernel.transpose(3, 2, 0, 1), 'kernel'),
+    w.const(bias, 'bias'),
+    kernel_shape=[size, size],
+    strides=[stride, stride],
+    pads=[pad] * 4,
+  )
+
+
+def _l2_normalize(w: GraphWriter, x: str) -> str:
+  """x / (||x|| + 1e-12) over the last axis (losses.l2_normalize)."""
+  norm = w.op('ReduceL2', x, axes=[-1], keepdims=1)
+  return w.op('Div', x, w.op('Add', norm, w.const(np.float32(L2_EPS))))
+
+
+def _pool(w: GraphWriter, x: str, pooling: str, params: Mapping, axis) -> str:
+  """Pools pixels away: axis (2, 3) of NCHW maps or axis 1 of nodes [N, n, C] -> [N, P]."""
+  axes = [axis] if isinstance(axis, int) else list(axis)
+  if pooling == 'avg':
+    return w.op('ReduceMean', x, axes=axes, keepdims=0)
+  if pooling == 'gem':
+    p = np.asarray(params['gemp']['p'], np.float32).reshape(())
+    clamped = w.op('Max', x, w.const(np.float32(GEM_EPS)))
+    mean = w.op('ReduceMean', w.op('Pow', clamped, w.const(p, 'p')), axes=axes, keepdims=0)
+    return w.op('Pow', mean, w.const(np.float32(1.0) / p, 'inv_p'))
+  if pooling == 'avgmax':
+    return w.op(
+      'Concat',
+      w.op('ReduceMean', x, axes=axes, keepdims=0),
+      w.op('ReduceMax', x, axes=axes, keepdims=0),
+      axis=-1,
+    )
+  raise ValueError(f'unknown pooling {pooling!r}')
+
+
+def _embed(w: GraphWriter, pooled: str, variables: Mapping) -> str:
+  """Pooled [N, P] -> eval-mode embedding [N, E]: 1x1 conv and BN folded into one Gemm."""
+  params, stats = variables['params'], variables['batch_stats']
+  kernel = np.asarray(params['embedding_conv']['kernel'], np.float64)[0, 0]  # [P, E]
+  scale, shift = _fold_bn(params['embedding_bn'], stats['embedding_bn'])
+  return w.op('Gemm', pooled, w.const(kernel * scale, 'embed'), w.const(shift, 'embed_bias'))
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def _non_local(w: GraphWriter, x: str, params: Mapping) -> str:
+  """x + W(softmax(theta^T phi) g) on NCHW maps (models.resnet.NonLocal)."""
+  inner = np.asarray(params['g']['kernel']).shape[-1]
+  flat = lambda name: w.op(
+    'Reshape',
+    _conv(w, x, params[name]['kernel'], params[name]['bias']),
+    w.const(np.array([0, inner, -1], np.int64)),
+  )  # [B, r, hw]
+  g, theta, phi = flat('g'), flat('theta'), flat('phi')
+  logits = w.op('MatMul', w.op('Transpose', theta, perm=[0, 2, 1]), phi)  # [B, hw_i, hw_j]
+  attention = w.op('Softmax', logits, axis=-1)
+  y = w.op('MatMul', g, w.op('Transpose', attention, perm=[0, 2, 1]))  # [B, r, hw_i]
+  y = w.op('Reshape', y, w.op('Concat', w.op('Shape', g, end=2), w.op('Shape', x, start=2), axis=0))
+  return w.op('Add', x, _conv(w, y, params['W']['kernel'], params['W']['bias']))
+
+
+def _block(w: GraphWriter, x: str, kind: str, stride: int, params: Mapping, stats: Mapping) -> str:
+  """A torchvision BasicBlock / Bottleneck (models.resnet) with BN folded."""
+  bn = lambda name: (params[name], stats[name])
+  if kind == 'basic':
+    out = w.op('Relu', _conv(w, x, params['conv1']['kernel'], stride=stride, bn=bn('bn1')))
+    out = _conv(w, out, params['conv2']['kernel'], bn=bn('bn2'))
+  else:
+    out = w.op('Relu', _conv(w, x, params['conv1']['kernel'], bn=bn('bn1')))
+    out = w.op('Relu', _conv(w, out, params['conv2']['kernel'], stride=stride, bn=bn('bn2')))
+    out = _conv(w, out, params['conv3']['kernel'], bn=bn('bn3'))
+  if 'downsample_conv' in params:
+    x = _conv(w, x, params['downsample_conv']['kernel'], stride=stride, bn=bn('downsample_bn'))
+  return w.op('Relu', w.op('Add', out, x))
+
+
+def _backbone(w: GraphWriter, x: str, model, params: Mapping, stats: Mapping) -> str:
+  """models.resnet.ResNet on NCHW input -> layer4 maps [B, C, h, w]."""
+  stage_sizes, kind = RESNET_SPECS[model.depth]
+  x = w.op(
+    'Relu', _conv(w, x, params['conv1']['kernel'], stride=2, bn=(params['bn1'], stats['bn1']))
+  )
+  x = w.op('MaxPool', x, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+  non_local_after = non_local_positions(stage_sizes) if model.non_local else ()
+  for stage, num_blocks in enumerate(stage_sizes):
+    stage_stride = 1 if stage == 0 else (model.last_stride if stage == 3 else 2)
+    for index in range(num_blocks):
+      name = f'layer{stage + 1}_{index}'
+      x = _block(w, x, kind, stage_stride if index == 0 else 1, params[name], stats[name])
+      if name in non_local_after:
+        x = _non_local(w, x, params[f'nl_{name}'])
+  return x
+
+
+def feature_graph(
+  model, variables: Mapping, image_size: Sequence[int], flip: bool = False
+) -> onnx.ModelProto:
+  """The stage-1 model: images [batch, H, W, 3] (RGB, 0-255) -> embedding, fmap.
+
+  Args:
+    model: the `CACENet` whose fields describe `variables`.
+    variables: {'params', 'batch_stats'} (numpy or jax arrays).
+    image_size: (H, W) the model was trained at.
+    flip: embed each image and its mirror and average (eval.flip).
+  """
+  height, width = image_size
+  params, stats = variables['params'], variables['batch_stats']
+  w = GraphWriter()
+  images = helper.make_tensor_value_info('images', TensorProto.FLOAT, ['batch', height, width, 3])
+  x = w.op(
+    'Div',
+    w.op('Sub', 'images', w.const(IMAGENET_MEAN_PIXEL, 'mean')),  # augment.normalize
+    w.const(IMAGENET_STD_PIXEL, 'std'),
+  )
+  if flip:  # mirrored copies after the originals: one backbone pass over 2B images
+    batch = w.op('Shape', 'images', end=1)
+    mirrored = w.op(
+      'Slice',
+      x,
+      w.const(np.array([-1])),
+      w.const(np.array([-(2**62)])),
+      w.const(np.array([2])),
+      w.const(np.array([-1])),
+    )
+    x = w.op('Concat', x, mirrored, axis=0)
+  fmap = _backbone(
+    w, w.op('Transpose', x, perm=[0, 3, 1, 2]), model, params['backbone'], stats['backbone']
+  )
+  embedding = _l2_normalize(w, _embed(w, _pool(w, fmap, model.pooling, params, (2, 3)), variables))
+  if flip:
+    first = lambda t: w.op('Slice', t, w.const(np.array([0])), batch, w.const(np.array([0])))
+    second = w.op('Slice', embedding, batch, w.const(np.array([2**62])), w.const(np.array([0])))
+    embedding = _l2_normalize(w, w.op('Add', first(embedding), second))
+    fmap = first(fmap)
+  fmap_nhwc = w.op('Transpose', fmap, perm=[0, 2, 3, 1])
+  outputs = {
+    'embedding': (embedding, ['batch', model.embed_dim]),
+    'fmap': (
+      fmap_nhwc,
+      ['batch', *feature_map_shape(image_size, model.depth, model.width, model.last_stride)],
+    ),
+  }
+  return w.model(
+    [images],
+    outputs,
+    doc='CACE-Net stage 1: images (RGB 0-255, NHWC) -> '
+    'L2-normalised embedding and backbone feature maps',
+  )
+
+
+# ----------------------------------------------------------------------------- pair stage
+
+
+def _adjacency(w: GraphWriter, model, params: Mapping, nodes: str, n: int) -> str:
+  """A [pairs, 2n, 2n] from nodes [pairs, 2n, C] (models.attention.ClueAttention.__call__)."""
+  side = np.arange(2 * n) >= n
+  same_image = (side[:, None] == side[None, :]).astype(np.float32)
+  kind = model.adjacency
+  transpose = lambda t: w.op('Transpose', t, perm=[0, 2, 1])
+  if kind in ('none', 'full', 'part'):
+    same_pixel = np.arange(2 * n)[:, None] % n == np.arange(2 * n)[None, :] % n
+    fixed = {
+      'none': np.zeros_like(same_image),
+      'full': np.ones_like(same_image),
+      'part': (same_pixel & (same_image == 0)).astype(np.float32),
+    }[kind]
+    return w.const(fixed[None], 'adjacency')
+  if kind == 'projected':
+    kernel = np.asarray(params['pair_attention']['y']['kernel'])[0, 0]
+    y = _l2_normalize(w, w.op('MatMul', nodes, w.const(kernel, 'y')))
+    return w.op('Relu', w.op('MatMul', y, transpose(y)))
+  x = nodes if kind in RAW_KINDS else _l2_normalize(w, nodes)
+  if kind == 'topk':
+    similarity = w.op('MatMul', x, transpose(x))
+    masked = w.op(
+      'Where', w.const(same_image.astype(bool)), w.const(np.float32(-np.inf)), similarity
+    )
+    _, index = w.op(
+      'TopK', masked, w.const(np.array([model.topk], np.int64)), axis=-1, num_outputs=2
+    )
+    ones = w.op(
+      'ConstantOfShape', w.op('Shape', index), value=numpy_helper.from_array(np.ones(1, np.float32))
+    )
+    picks = w.op(
+      'ScatterElements', w.op('Mul', similarity, w.const(np.float32(0))), index, ones, axis=-1
+    )
+    return w.op('Max', picks, transpose(picks))
+  attention = params['pair_attention']
+  s_intra = w.op(
+    'MatMul', w.op('Mul', x, w.const(np.asarray(attention['w_intra']), 'w_intra')), transpose(x)
+  )
+  if kind.endswith('intra'):
+    return w.op('Mul', w.op('Relu', s_intra), w.const(same_image, 'same_image'))
+  s_inter = w.op(
+    'MatMul', w.op('Mul', x, w.const(np.asarray(attention['w_inter']), 'w_inter')), transpose(x)
+  )
+  mixed = w.op(
+    'Add',
+    w.op('Mul', s_intra, w.const(same_image, 'same_image')),
+    w.op('Mul', s_inter, w.const(1.0 - same_image, 'other_image')),
+  )
+  return w.op('Relu', mixed)
+
+
+def _graph_operator(
+  w: GraphWriter, adjacency: str, kind: str, n: int, relative_threshold: bool
+) -> str:
+  """F [pairs, 2n, 2n] (models.gcn.graph_operator): N (D - A) N or I + N A N."""
+  eye = np.eye(2 * n, dtype=np.float32)
+  adjacency = w.op('Mul', adjacency, w.const(1.0 - eye, 'off_diagonal'))
+  degree = w.op('ReduceSum', adjacency, w.const(np.array([-1], np.int64)), keepdims=1)
+  threshold = w.const(np.float32(DEGREE_EPS))
+  if relative_threshold:  # gcn.degree_threshold: 1e-3 times the mean edge weight
+    total = w.op('ReduceSum', degree, w.const(np.array([-2], np.int64)), keepdims=1)
+    mean_edge = w.op('Mul', total, w.const(np.float32(1.0 / (2 * n * (2 * n - 1)))))
+    threshold = w.op('Mul', mean_edge, threshold)
+  safe = w.op('Where', w.op('Greater', degree, threshold), degree, w.const(np.float32(1.0)))
+  norm = w.op('Reciprocal', w.op('Sqrt', safe))  # [pairs, 2n, 1]
+  norm_t = w.op('Transpose', norm, perm=[0, 2, 1])
+  eye_name = w.const(eye, 'eye')
+  if kind == 'discrepancy':
+    laplacian = w.op('Sub', w.op('Mul', degree, eye_name), adjacency)
+    return w.op('Mul', w.op('Mul', norm, laplacian), norm_t)
+  return w.op('Add', eye_name, w.op('Mul', w.op('Mul', norm, adjacency), norm_t))
+
+
+def pair_graph(model, variables: Mapping, fmap_shape: Sequence[int]) -> onnx.ModelProto:
+  """The stage-2 model: (fmap_query, fmap_gallery) [pairs, h, w, C] -> distance and f(q|g), f(g|q).
+
+  The dense pair graph of `CACENet.pair_features` (2n x 2n adjacency, C-wide
+  GCN); it equals the compact-cache path stage 2 uses in JAX.
+
+  Args:
+    model: the `CACENet` whose fields describe `variables`.
+    variables: {'params', 'batch_stats'}.
+    fmap_shape: (h, w, C) of the backbone maps (the features model's `fmap`).
+  """
+  if model.gcn == 'none':
+    raise ValueError('model.gcn is "none": this model has no pair stage to export')
+  height, width, channels = fmap_shape
+  n = height * width
+  params = variables['params']
+  w = GraphWriter()
+  inputs = [
+    helper.make_tensor_value_info(name, TensorProto.FLOAT, ['pairs', height, width, channels])
+    for name in ('fmap_query', 'fmap_gallery')
+  ]
+  flat = lambda name: w.op('Reshape', name, w.const(np.array([0, n, channels], np.int64)))
+  nodes = w.op('Concat', flat('fmap_query'), flat('fmap_gallery'), axis=1)  # [pairs, 2n, C]
+  adjacency = _adjacency(w, model, params, nodes, n)
+  operator = _graph_operator(w, adjacency, model.gcn, n, model.relative_threshold)
+  for layer in range(model.gcn_depth):
+    suffix = '' if layer == 0 else f'_{layer}'
+    g = np.asarray(params['pair_graph'][f'g{suffix}']['kernel'])[0, 0]  # [C, r]
+    o = np.asarray(params['pair_graph'][f'o{suffix}']['kernel'])[0, 0]  # [r, C]
+    mixed = w.op('MatMul', operator, w.op('MatMul', nodes, w.const(g, 'g')))
+    nodes = w.op('Add', nodes, w.op('MatMul', mixed, w.const(o, 'o')))
+  half = lambda start: w.op(
+    'Slice',
+    nodes,
+    w.const(np.array([start])),
+    w.const(np.array([start + n])),
+    w.const(np.array([1])),
+  )
+  embed = lambda cond: _embed(w, _pool(w, cond, model.pooling, params, 1), variables)
+  emb_qg, emb_gq = embed(half(0)), embed(half(n))
+  cosine = w.op(
+    'ReduceSum',
+    w.op('Mul', _l2_normalize(w, emb_qg), _l2_normalize(w, emb_gq)),
+    w.const(np.array([-1], np.int64)),
+    keepdims=0,
+  )
+  distance = w.op('Sub', w.const(np.float32(1.0)), cosine)
+  outputs = {
+    'distance': (distance, ['pairs']),
+    'embedding_qg': (emb_qg, ['pairs', model.embed_dim]),
+    'embedding_gq': (emb_gq, ['pairs', model.embed_dim]),
+  }
+  return w.model(
+    inputs,
+    outputs,
+    doc='CACE-Net stage 2: backbone maps of (query, gallery) '
+    'pairs -> conditional embeddings and their cosine distance',
+  )
