@@ -1,1 +1,0 @@
-"""Interoperability: PyTorch weights in and out, ONNX and `jax.export` deployment."""
