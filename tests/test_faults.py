@@ -199,21 +199,17 @@ def test_resume_skips_a_damaged_checkpoint_and_keeps_it(
   assert_same_params(reference_run, workdir)  # retrained from step 9
 
 
-def test_a_run_checkpointed_in_ocdbt_format_resumes(reference_run, tiny_data_dir, tmp_path):
+def test_a_run_checkpointed_in_ocdbt_format_resumes(
+  reference_run, tiny_data_dir, tmp_path, monkeypatch
+):
   """Runs saved before checkpoints left OCDBT (`checkpoint.USE_OCDBT`) still restore and resume."""
   workdir = str(tmp_path / 'ocdbt')
   step, state, record = checkpoint.read_checkpoint(reference_run, step=9)
-  old_format = ocp.StandardCheckpointHandler(use_ocdbt=True)
-  manager = ocp.CheckpointManager(
-    os.path.join(workdir, 'checkpoints'),
-    options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
-    item_handlers={'state': old_format, 'record': ocp.JsonCheckpointHandler()},
-  )
-  manager.save(
-    step,
-    args=ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)),
-  )
-  manager.close()
+  with monkeypatch.context() as old_format:
+    old_format.setattr(checkpoint, 'USE_OCDBT', True)
+    manager = checkpoint.create_manager(workdir)
+    checkpoint.save_checkpoint(manager, step, state, record)
+    manager.close()
   stored = glob.glob(
     os.path.join(workdir, 'checkpoints', '9', 'state', '**', 'manifest.ocdbt'), recursive=True
   )
