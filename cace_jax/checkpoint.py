@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -38,6 +39,16 @@ BEST_METRIC = 'mAP'
 # (benchmarks/memory_parts.py --part=checkpoint). Restoring reads either
 # format, so runs saved before this change resume.
 USE_OCDBT = False
+
+
+def _not_the_ocdbt_merge_notice(record: logging.LogRecord) -> bool:
+  # Orbax 0.12.8 tries to merge per-process OCDBT files after every save, OCDBT
+  # or not, and warns when there are none: in this format, on every save.
+  return 'Skipping merge of OCDBT checkpoints' not in str(record.msg)
+
+
+if not USE_OCDBT:
+  logging.getLogger('absl').addFilter(_not_the_ocdbt_merge_notice)  # orbax logs through absl
 
 
 def create_manager(

@@ -392,3 +392,14 @@ def test_a_second_run_is_refused_and_a_killed_runs_lock_taken_over(tmp_path):
   with workdir_lock.hold(workdir, log=said.append):  # a clean exit leaves nothing to take over
     pass
   assert len(said) == 1
+
+
+def test_saving_logs_no_ocdbt_merge_warning(reference_run, tmp_path, caplog):
+  """Orbax's "Skipping merge of OCDBT checkpoints", logged at every non-OCDBT save, is hidden."""
+  step, state, record = checkpoint.read_checkpoint(reference_run, step=9)
+  manager = checkpoint.create_manager(str(tmp_path))
+  with caplog.at_level('WARNING'):
+    checkpoint.save_checkpoint(manager, step, state, record)
+  manager.close()
+  assert os.path.isdir(tmp_path / 'checkpoints' / str(step))
+  assert 'OCDBT' not in caplog.text
