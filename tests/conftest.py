@@ -26,6 +26,8 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Tests import `configs` the way train.py does, from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The project's default XLA flags join the ones above, as in every entry point.
+import cace_jax
 
 import numpy as np
 from PIL import Image
