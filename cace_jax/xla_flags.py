@@ -129,3 +129,26 @@ def apply_default_xla_flags() -> str:
 def outcome() -> str:
   """What the import of cace_jax did with the default flags (benchmarks record it)."""
   return _outcome
+
+
+def count_ynnpack_convolutions(hlo_text: str) -> int:
+  """Convolutions that a compiled program hands to YNNPACK, from `compiled.as_text()`.
+
+  YNNPACK's fusions are named `ynn_fusion` and call a computation; matrix
+  products go there too by default, so only fusions whose computation holds a
+  convolution count.
+  """
+  bodies, name, lines = {}, None, []
+  for line in hlo_text.splitlines():
+    if line.startswith('%') and line.rstrip().endswith('{'):
+      name, lines = line.split()[0][1:], []
+    elif line.startswith('}') and name is not None:
+      bodies[name], name = '\n'.join(lines), None
+    elif name is not None:
+      lines.append(line)
+  count = 0
+  for line in hlo_text.splitlines():
+    if '= ' in line and 'ynn_fusion' in line.split('= ', 1)[0] and 'calls=%' in line:
+      called = line.split('calls=%', 1)[1].split(',', 1)[0].split()[0]
+      count += ' convolution(' in bodies.get(called, '')
+  return count

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,8 @@ import cace_jax
 import jax, jax.numpy as jnp
 conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
     x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
-print('ynn_fusion' in conv.lower(jnp.ones((2, 16, 8, 32)), jnp.ones((3, 3, 32, 32))).compile().as_text())
+compiled = conv.lower(jnp.ones((2, 16, 8, 32)), jnp.ones((3, 3, 32, 32))).compile()
+print(cace_jax.xla_flags.count_ynnpack_convolutions(compiled.as_text()) == 1)
 """
 
 
@@ -33,7 +35,7 @@ def conv_uses_ynnpack() -> bool:
     )
   )
   text = conv.lower(jnp.ones((2, 16, 8, 32)), jnp.ones((3, 3, 32, 32))).compile().as_text()
-  return 'ynn_fusion' in text
+  return xla_flags.count_ynnpack_convolutions(text) == 1
 
 
 def run_probe(**env_changes: str | None) -> bool:
@@ -47,6 +49,19 @@ def run_probe(**env_changes: str | None) -> bool:
     [sys.executable, '-c', PROBE], capture_output=True, text=True, env=env, cwd=ROOT, check=True
   )
   return result.stdout.strip().splitlines()[-1] == 'True'
+
+
+def test_convolutions_are_counted_apart_from_matrix_products():
+  def conv_then_dot(x, w, m):
+    y = jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
+    return y.reshape(-1, 32) @ m
+
+  args = (jnp.ones((2, 16, 8, 32)), jnp.ones((3, 3, 32, 32)), jnp.ones((32, 32)))
+  text = jax.jit(conv_then_dot).lower(*args).compile().as_text()
+  assert 'ynn_fusion' in text  # the product still goes to YNNPACK, as jaxlib does by default
+  assert xla_flags.count_ynnpack_convolutions(text) == 0
 
 
 def test_the_suite_itself_runs_convolutions_off_ynnpack():
@@ -133,3 +148,23 @@ def test_every_entry_point_imports_cace_jax():
       for alias in node.names
     }
     assert imported & {'cace_jax', 'benchmarks', 'tools'}, path
+
+
+def test_cpu_step_benchmark_measures_both_paths_against_float64(tmp_path):
+  """The benchmark behind the docs' table: each variant in its own process, on the right path,
+  and a float64 reference with no float32 left in it (the child checks its HLO)."""
+  out = tmp_path / 'cpu_step.json'
+  command = [sys.executable, 'benchmarks/cpu_step.py', '--depth=18', '--height=64', '--width=32']
+  command += ['--steps_of=cacenet_gem', '--variants=ynnpack,fast,fast_bf16', '--steps=1']
+  result = subprocess.run(
+    command + [f'--out={out}'], cwd=ROOT, capture_output=True, text=True, timeout=600
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads(out.read_text())['results']['cacenet_gem']
+  assert 'failed' not in rows['float64'], rows['float64']
+  assert rows['ynnpack']['ynnpack_convolutions'] > 10 and rows['fast']['ynnpack_convolutions'] == 0
+  assert FAST not in rows['ynnpack']['xla_flags'] and FAST in rows['fast']['xla_flags']
+  for name in ('ynnpack', 'fast'):  # float32 is close to float64; bfloat16 is not as close
+    assert 0 < rows[name]['max_relative_to_float64'] < 1e-3
+    assert rows[name]['max_relative_to_float64'] < rows['fast_bf16']['max_relative_to_float64']
+    assert rows[name]['step_s'] > 0 and rows[name]['speed_over_ynnpack'] > 0
