@@ -2,36 +2,42 @@
 
   python benchmarks/ablations.py --study=attention --seeds=0,1,2
   python benchmarks/ablations.py --study=attention --seeds=0 --rows=raw_correspondence
+  python benchmarks/ablations.py --study=table2 --row mutual=model.adjacency=mutual_topk
+  python benchmarks/ablations.py --study=my_study.py          # a study file of your own
 
-Each (row, seed) trains `--config` (default configs/synthetic.py, the demo)
-with the row's overrides and `config.seed`, by running train.py into
-`<runs>/<study>/<row>/seed<k>`, final evaluation included. A run whose
-results.json exists is not trained again, so an interrupted study resumes
-where it stopped (and train.py resumes an interrupted run from its last
-checkpoint). Runs go seed by seed, so a study cut short is still balanced.
+A study is a file (`configs/studies/<name>.py`, or any path) whose
+`get_study()` returns {'config': base config file, 'rows': {row name:
+{config field: value}}, 'ordering': ((lower row, '<' or '<=', higher row),
+...)}. `--row name=field=value,field=value` adds a row (or replaces one) from
+the command line; `--rows` trains a subset.
+
+Each (row, seed) trains the base config (`--config` replaces it) with the
+row's overrides and `config.seed`, by running train.py into
+`<runs>/<study>/<row>/seed<k>`, final evaluation included. What a finished
+run reports (its evaluation rows and diagnostics, a few KB) is kept in the
+repository, `benchmarks/results/studies/<study>/<row>/seed<k>.json`: a row
+whose seeds are kept there is not trained again, so a new row joins a
+study's table without retraining the others, and an interrupted study
+resumes where it stopped (train.py also resumes an interrupted run from its
+last checkpoint). A kept summary whose overrides or base config differ from
+the row's is an error, not a silent reuse. Runs go seed by seed, so a study
+cut short is still balanced.
 
 The report averages every evaluation row (individual, clue_alignment,
-cacenet) and every diagnostic (`cace_jax/evaluation/diagnostics.py`) over the
-seeds: `<out>.json` and a markdown table `<out>.md`. The numbers are on the
-dataset's test split: they report, they do not choose. A run trained before
-the diagnostics existed gets them by deleting its results.json: train.py then
-finds the run finished and only evaluates it again.
-
-Studies:
-  attention  the adjacency of the pair graph: the official projected cosine
-             (the demo's), the paper's eq. 2-4 on raw features, and the same
-             on L2-normalised pixels (issue 12).
-  table1     the paper's Table 1 on configs/synthetic_pairs.py: individual
-             only, individual-GCN, normal GCN, discrepancy GCN (the
-             "+ clue alignment" row is every pair model's clue_alignment row).
-  table2     the paper's Table 2 on the same config: the discrepancy GCN
-             over fixed adjacencies (none, part, top-k, full), the paper's
-             correspondence attention and the official projected form.
+cacenet) and every diagnostic (`cace_jax/evaluation/diagnostics.py`) over
+the seeds of every row kept for the study: `<out>.json` and a markdown table
+`<out>.md`. A report that lacks a row of the study file or a seed of a row
+is written beside them as `<out>.partial.json` / `.md`, never over them. The
+numbers are on the dataset's test split: they report, they do not choose.
+Relative paths are the caller's: `--runs`, `--out`, `--config` and a study
+file are resolved against the directory the command runs in.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -44,10 +50,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import save_report  # pylint: disable=wrong-import-position
 from cace_jax import cli  # pylint: disable=wrong-import-position
-from cace_jax.errors import ConfigError  # pylint: disable=wrong-import-position
+from cace_jax.errors import ConfigError, RunFailure  # pylint: disable=wrong-import-position
 from cace_jax.evaluation import diagnostics  # pylint: disable=wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDY_DIR = os.path.join(ROOT, 'configs', 'studies')
+KEPT = os.path.join(ROOT, 'benchmarks', 'results', 'studies')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,63 +63,98 @@ class Study:
   """Rows of config overrides trained on one base config.
 
   Attributes:
+    name: the study's name (its file's, without .py).
     config: the base config file (`--config` overrides it).
     rows: {row name: {config field: value}}.
     ordering: the paper's claim about the rows, as (lower row, relation,
-      higher row) triples compared on each row's best-scored mAP (`best_map`).
+      higher row) triples compared on each row's headline mAP (`headline_row`).
   """
 
+  name: str
   config: str
   rows: dict
   ordering: tuple = ()
 
 
-STUDIES = {
-  'attention': Study(
-    'configs/synthetic.py',
-    {
-      'projected': {'model.adjacency': 'projected'},
-      'raw_correspondence': {'model.adjacency': 'raw_correspondence'},
-      'cosine_correspondence': {'model.adjacency': 'cosine_correspondence'},
-    },
-  ),
-  # Table 1: the stages of CACE-Net. "+ clue alignment" is the clue_alignment
-  # row of every model with a pair stage (adjacency-weighted pixel similarity, no GCN).
-  'table1': Study(
-    'configs/synthetic_pairs.py',
-    {
-      'individual': {'model.gcn': 'none'},
-      'individual_gcn': {'model.adjacency': 'cosine_intra'},
-      'normal_gcn': {'model.gcn': 'normal'},
-      'discrepancy_gcn': {},
-    },
-    (
-      ('individual', '<', 'individual_gcn'),
-      ('individual_gcn', '<=', 'normal_gcn'),
-      ('normal_gcn', '<', 'discrepancy_gcn'),
-    ),
-  ),
-  # Table 2: the cross-image adjacency of the discrepancy GCN.
-  'table2': Study(
-    'configs/synthetic_pairs.py',
-    {
-      'none': {'model.adjacency': 'none'},
-      'part': {'model.adjacency': 'part'},
-      'topk': {'model.adjacency': 'topk'},
-      'full': {'model.adjacency': 'full'},
-      'correspondence': {},
-      'projected': {'model.adjacency': 'projected'},
-    },
-    tuple((fixed, '<=', 'correspondence') for fixed in ('none', 'part', 'topk', 'full')),
-  ),
-}
+def study_names() -> list[str]:
+  """The studies of configs/studies/."""
+  return sorted(
+    os.path.basename(path)[:-3]
+    for path in glob.glob(os.path.join(STUDY_DIR, '*.py'))
+    if not os.path.basename(path).startswith('_')
+  )
+
+
+def load_study(spec: str) -> Study:
+  """A study by name (configs/studies/<name>.py) or by file path (the caller's directory)."""
+  path = spec if spec.endswith('.py') else os.path.join(STUDY_DIR, f'{spec}.py')
+  if not os.path.isfile(path):
+    raise ConfigError(
+      f'--study={spec}: no such study file; the studies are {", ".join(study_names())} '
+      '(or give a .py file)'
+    )
+  name = os.path.basename(path)[:-3]
+  module_spec = importlib.util.spec_from_file_location(f'study_{name}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+    found = module.get_study()
+    study = Study(name, found['config'], dict(found['rows']), tuple(found.get('ordering', ())))
+  except (AttributeError, KeyError, TypeError, SyntaxError) as e:
+    raise ConfigError(
+      f'{path}: a study file defines get_study() returning {{"config", "rows"[, "ordering"]}} '
+      f'({type(e).__name__}: {e})'
+    ) from e
+  for row, overrides in study.rows.items():
+    if not isinstance(overrides, dict):
+      raise ConfigError(f'{path}: row {row!r}: expected a dict of config overrides')
+  return study
+
+
+def parse_row(text: str) -> tuple[str, dict]:
+  """'name=model.gcn=none,model.topk=2' -> ('name', {'model.gcn': 'none', 'model.topk': '2'})."""
+  name, _, rest = text.partition('=')
+  overrides = {}
+  for item in filter(None, rest.split(',')):
+    field, equals, value = item.partition('=')
+    if not equals or not field:
+      raise ConfigError(f'--row={text}: expected name=field=value[,field=value...]')
+    overrides[field] = value
+  if not name or not name.replace('_', '').isalnum():
+    raise ConfigError(f'--row={text}: the row name must be letters, digits and _')
+  return name, overrides
+
+
+def studies_help() -> str:
+  """The studies and their rows, for --help."""
+  lines = ['Studies (configs/studies/):']
+  for name in study_names():
+    try:
+      study = load_study(name)
+    except ConfigError as e:
+      lines.append(f'  {name}: {e}')
+      continue
+    lines.append(f'  {name} (on {study.config}): ' + ', '.join(study.rows))
+  return '\n'.join(lines)
+
+
 METRICS = ('rank1', 'mAP', 'mINP')
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
-  flags.DEFINE_enum('study', None, list(STUDIES), 'Which study.', flag_values=flag_values)
+  flags.DEFINE_string(
+    'study', None, 'A study name (listed above) or a study .py file.', flag_values=flag_values
+  )
+  flags.DEFINE_multi_string(
+    'row',
+    [],
+    'An extra row: name=field=value[,field=value...] (repeatable).',
+    flag_values=flag_values,
+  )
   flags.DEFINE_string('seeds', '0,1,2', 'Comma-separated seeds.', flag_values=flag_values)
-  flags.DEFINE_string('rows', '', 'Comma-separated rows (default: all).', flag_values=flag_values)
+  flags.DEFINE_string(
+    'rows', '', 'Comma-separated rows to train (default: all).', flag_values=flag_values
+  )
   flags.DEFINE_string(
     'config', '', "Base config (default: the study's own).", flag_values=flag_values
   )
@@ -132,21 +175,100 @@ def train_command(config: str, overrides: dict, seed: int, workdir: str) -> list
   return command + [f'--config.seed={seed}', f'--workdir={workdir}']
 
 
-def run_once(config: str, overrides: dict, seed: int, workdir: str) -> dict:
-  """Trains one (row, seed) unless its results.json exists; returns that file's contents."""
+def kept_path(study: str, row: str, seed: int) -> str:
+  """Where the repository keeps what one (row, seed) run reported."""
+  return os.path.join(KEPT, study, row, f'seed{seed}.json')
+
+
+def as_strings(overrides: dict) -> dict:
+  """Overrides as the command line gives them (what kept summaries are compared by)."""
+  return {field: str(value) for field, value in overrides.items()}
+
+
+def summary_of(saved: dict, config: str, overrides: dict) -> dict:
+  """What a kept summary holds of a run's results.json: metrics, flat diagnostics, K and w."""
+  info = saved.get('info', {})
+  return {
+    'config': config,
+    'overrides': as_strings(overrides),
+    'step': saved.get('step'),
+    'results': saved['results'],
+    'diagnostics': diagnostics.flatten(saved.get('diagnostics', {})),
+    'info': {k: info[k] for k in ('stage2_k', 'stage2_mix') if k in info},
+  }
+
+
+def run_once(study: str, row: str, config: str, overrides: dict, seed: int, workdir: str) -> dict:
+  """One (row, seed): its kept summary, else its run's results.json, else a training; kept after.
+
+  Raises:
+    ConfigError: a kept summary of this row and seed was made with other
+      overrides or another base config.
+    RunFailure: the training failed.
+  """
+  kept = kept_path(study, row, seed)
+  if os.path.exists(kept):
+    with open(kept, encoding='utf-8') as f:
+      summary = json.load(f)
+    if summary['config'] != config or summary['overrides'] != as_strings(overrides):
+      raise ConfigError(
+        f'{kept} was made by {summary["config"]} with {summary["overrides"]}, but row {row!r} is '
+        f'{config} with {as_strings(overrides)}: name the row differently, or delete that file '
+        'to train it again'
+      )
+    return summary
   results = os.path.join(workdir, 'results.json')
   if not os.path.exists(results):
     os.makedirs(workdir, exist_ok=True)
-    command = train_command(config, overrides, seed, workdir)
+    command = train_command(config_file(config), overrides, seed, workdir)
     print(' '.join(command), flush=True)
     start = time.time()
     with open(os.path.join(workdir, 'train.log'), 'a', encoding='utf-8') as log:
       code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if code != 0 or not os.path.exists(results):
-      raise ConfigError(f'training failed (exit {code}); see {os.path.join(workdir, "train.log")}')
+      raise RunFailure(
+        f'training {row} seed {seed} failed (exit {code}, no {results}); '
+        f'see {os.path.join(workdir, "train.log")}'
+      )
     print(f'  done in {time.time() - start:.0f} s', flush=True)
   with open(results, encoding='utf-8') as f:
-    return json.load(f)
+    summary = summary_of(json.load(f), config, overrides)
+  save_report(summary, kept)
+  return summary
+
+
+def config_file(config: str) -> str:
+  """A config path as train.py (run from the repository root) finds it: the repository's
+  configs first, else the caller's directory."""
+  if os.path.isabs(config):
+    return config
+  in_repository = os.path.join(ROOT, config)
+  return in_repository if os.path.exists(in_repository) else os.path.abspath(config)
+
+
+def as_given(path: str) -> str:
+  """A path of the caller's, absolute; inside the repository, relative to its root (kept so)."""
+  path = os.path.abspath(path)
+  inside = os.path.relpath(path, ROOT)
+  return path if inside.startswith('..') else inside
+
+
+def kept_rows(study: str) -> list[str]:
+  return (
+    sorted(os.listdir(os.path.join(KEPT, study)))
+    if os.path.isdir(os.path.join(KEPT, study))
+    else []
+  )
+
+
+def kept_seeds(study: str, row: str, seeds: list[int]) -> dict[int, dict]:
+  found = {}
+  for seed in seeds:
+    path = kept_path(study, row, seed)
+    if os.path.exists(path):
+      with open(path, encoding='utf-8') as f:
+        found[seed] = json.load(f)
+  return found
 
 
 def mean_std(values: list[float]) -> dict:
@@ -272,34 +394,51 @@ def markdown_table(study: str, report: dict) -> str:
 
 def main(args: flags.FlagValues, positional: list[str]) -> None:
   cli.expect_arguments(positional, [])
-  study = STUDIES[args.study]
-  config = args.config or study.config
-  rows = [r for r in args.rows.split(',') if r] or list(study.rows)
-  unknown = [r for r in rows if r not in study.rows]
+  study = load_study(args.study)
+  rows = dict(study.rows)
+  for text in args.row:
+    name, overrides = parse_row(text)
+    rows[name] = overrides
+  config = as_given(args.config) if args.config else study.config
+  if not os.path.isfile(config_file(config)):
+    raise ConfigError(f'{config}: no such config file (the base config of {study.name})')
+  to_train = [r for r in args.rows.split(',') if r] or list(rows)
+  unknown = [r for r in to_train if r not in rows]
   if unknown:
     raise ConfigError(
-      f'--rows: {unknown[0]!r} is not a row of {args.study}; rows: {list(study.rows)}'
+      f'--rows: {unknown[0]!r} is not a row of {study.name}; rows: {", ".join(rows)}'
     )
   try:
     seeds = [int(s) for s in args.seeds.split(',')]
   except ValueError as e:
     raise ConfigError(f'--seeds={args.seeds!r}: expected comma-separated integers') from e
-  runs = {row: {} for row in rows}
+  runs_dir = os.path.abspath(args.runs)
   for seed in seeds:  # seed-major: a study cut short stays balanced across rows
-    for row in rows:
-      workdir = os.path.join(args.runs, args.study, row, f'seed{seed}')
-      runs[row][seed] = run_once(config, study.rows[row], seed, workdir)
+    for row in to_train:
+      workdir = os.path.join(runs_dir, study.name, row, f'seed{seed}')
+      run_once(study.name, row, config, rows[row], seed, workdir)
+  # The table: every row of the study file, every row trained now, every row kept before.
+  shown = list(rows) + [r for r in kept_rows(study.name) if r not in rows]
+  per_row = {row: kept_seeds(study.name, row, seeds) for row in shown}
+  per_row = {row: found for row, found in per_row.items() if found}
+  complete = set(study.rows) <= set(per_row) and all(
+    sorted(found) == sorted(seeds) for found in per_row.values()
+  )
   report = {
-    'study': args.study,
+    'study': study.name,
     'config': config,
     'seeds': seeds,
-    'overrides': {row: study.rows[row] for row in rows},
-    'rows': {row: summarise(runs[row]) for row in rows},
+    'overrides': {row: next(iter(found.values()))['overrides'] for row, found in per_row.items()},
+    'seeds_by_row': {row: sorted(found) for row, found in per_row.items()},
+    'rows': {row: summarise(found) for row, found in per_row.items()},
   }
   report['ordering'] = check_ordering(study, report)
-  out = args.out or os.path.join(ROOT, 'benchmarks', 'results', f'ablations_{args.study}')
-  table = markdown_table(args.study, report)
+  out = args.out or os.path.join(ROOT, 'benchmarks', 'results', f'ablations_{study.name}')
+  out = os.path.abspath(out) + ('' if complete else '.partial')
+  table = markdown_table(study.name, report)
   print(table)
+  if not complete:
+    print(f'not every row of {study.name} has every seed: the report goes beside the full one')
   save_report(report, out + '.json')
   with open(out + '.md', 'w', encoding='utf-8') as f:
     f.write(table)
@@ -307,4 +446,4 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  sys.exit(cli.run(sys.argv, define_flags, main, usage=__doc__))
+  sys.exit(cli.run(sys.argv, define_flags, main, usage=__doc__ + '\n' + studies_help()))

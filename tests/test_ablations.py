@@ -31,12 +31,24 @@ def test_summary_is_mean_and_sample_std_over_seeds_with_shared_diagnostics():
   assert '0.900 ± 0.000' in table
 
 
-def test_a_run_with_results_is_not_trained_again(tmp_path, monkeypatch):
+def test_a_run_with_results_is_kept_and_not_trained_again(tmp_path, monkeypatch):
+  monkeypatch.setattr(ablations, 'KEPT', str(tmp_path / 'kept'))
   workdir = tmp_path / 'row' / 'seed0'
   workdir.mkdir(parents=True)
   (workdir / 'results.json').write_text(json.dumps(fake_results(70.0)))
   monkeypatch.setattr(ablations.subprocess, 'call', lambda *a, **k: pytest.fail('trained again'))
-  assert ablations.run_once('configs/synthetic.py', {}, 0, str(workdir))['results']
+  overrides = {'model.topk': 2}
+  found = ablations.run_once('s', 'row', 'configs/synthetic.py', overrides, 0, str(workdir))
+  assert found['results']['cacenet']['mAP'] == 70.0
+  assert found['diagnostics'] == {'hard_pair_auc/individual': 0.9}  # flat, as summarise reads
+  kept = ablations.kept_path('s', 'row', 0)
+  assert json.load(open(kept))['overrides'] == {'model.topk': '2'}
+  # Kept: found again without the run; a different row of the same name is refused.
+  os.remove(workdir / 'results.json')
+  again = ablations.run_once('s', 'row', 'configs/synthetic.py', {'model.topk': '2'}, 0, 'gone')
+  assert again == found
+  with pytest.raises(ablations.ConfigError, match='name the row differently'):
+    ablations.run_once('s', 'row', 'configs/synthetic.py', {'model.topk': 3}, 0, 'gone')
   command = ablations.train_command('configs/synthetic.py', {'model.gcn': 'none'}, 2, 'w')
   assert command[1:] == [
     os.path.join(ablations.ROOT, 'train.py'),
@@ -45,6 +57,84 @@ def test_a_run_with_results_is_not_trained_again(tmp_path, monkeypatch):
     '--config.seed=2',
     '--workdir=w',
   ]
+
+
+STUDY_FILE = """
+def get_study():
+  return {'config': 'configs/synthetic.py', 'rows': {'a': {}, 'b': {'model.gcn': 'none'}}}
+"""
+
+
+def test_a_new_row_joins_the_table_without_retraining_the_others(tmp_path, monkeypatch, capsys):
+  """Rows from the command line; kept rows reused; relative paths are the caller's; a partial
+  report goes beside the full one."""
+  from conftest import run_tool
+
+  monkeypatch.setattr(ablations, 'KEPT', str(tmp_path / 'kept'))
+  caller = tmp_path / 'caller'
+  caller.mkdir()
+  (caller / 'mine.py').write_text(STUDY_FILE)
+  for row, value in (('a', 80.0), ('b', 70.0)):
+    for seed in (0, 1):
+      kept = ablations.summary_of(fake_results(value + seed), 'configs/synthetic.py', {})
+      kept['overrides'] = ablations.as_strings(
+        ablations.load_study(str(caller / 'mine.py')).rows[row]
+      )
+      ablations.save_report(kept, ablations.kept_path('mine', row, seed))
+  trained = []
+
+  def fake_train(command, stdout, stderr, cwd):  # writes what train.py would
+    workdir = command[-1].split('=', 1)[1]
+    assert os.path.isabs(workdir) and workdir.startswith(str(caller / 'runs')), workdir
+    trained.append(command)
+    results = fake_results(90.0 + int(command[-2].split('=')[1]))
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(results, f)
+    return 0
+
+  monkeypatch.setattr(ablations.subprocess, 'call', fake_train)
+  monkeypatch.chdir(caller)
+  args = ['--study=mine.py', '--runs=runs', '--out=report', '--seeds=0,1']
+  assert run_tool(ablations, args + ['--row=c=model.topk=2', '--rows=c']) == 0
+  assert [c[2:4] for c in trained] == [
+    ['--config=' + os.path.join(ablations.ROOT, 'configs/synthetic.py'), '--config.model.topk=2']
+  ] * 2
+  report = json.load(open(caller / 'report.json'))
+  assert list(report['rows']) == ['a', 'b', 'c']
+  assert report['rows']['c']['results']['cacenet']['mAP']['values'] == [90.0, 91.0]
+  assert report['rows']['a']['results']['cacenet']['mAP']['values'] == [80.0, 81.0]
+  assert '| c | cacenet |' in (caller / 'report.md').read_text()
+  # A seed that rows a and b lack: the report is partial and does not replace the full one.
+  full = (caller / 'report.md').read_text()
+  assert run_tool(ablations, args[:3] + ['--seeds=0,1,2', '--row=c=model.topk=2', '--rows=c']) == 0
+  assert (caller / 'report.md').read_text() == full
+  partial = json.load(open(caller / 'report.partial.json'))
+  assert partial['seeds_by_row'] == {'a': [0, 1], 'b': [0, 1], 'c': [0, 1, 2]}
+  assert 'the report goes beside the full one' in capsys.readouterr().out
+
+
+def test_study_errors_name_the_problem(tmp_path):
+  from conftest import run_tool
+
+  assert run_tool(ablations, ['--study=nonsense']) == 2
+  with pytest.raises(ablations.ConfigError, match='the studies are attention, table1, table2'):
+    ablations.load_study('nonsense')
+  with pytest.raises(ablations.ConfigError, match='expected name=field=value'):
+    ablations.parse_row('x=model.gcn')
+  assert ablations.parse_row('x=model.gcn=none,model.topk=2') == (
+    'x',
+    {'model.gcn': 'none', 'model.topk': '2'},
+  )
+  broken = tmp_path / 'broken.py'
+  broken.write_text('def get_study():\n  return {"rows": {}}\n')
+  with pytest.raises(ablations.ConfigError, match='broken.py: a study file defines get_study'):
+    ablations.load_study(str(broken))
+
+
+def test_help_lists_the_studies_and_their_rows():
+  listed = ablations.studies_help()
+  assert 'table1 (on configs/synthetic_pairs.py): individual, individual_gcn' in listed
+  assert 'attention' in listed and 'table2' in listed
 
 
 def scored(individual, cacenet=None, family=None):
@@ -82,7 +172,7 @@ def test_ordering_compares_headline_rows_and_says_whether_each_claim_holds():
     'individual_gcn': ablations.summarise({0: scored(95.0, 81.0), 1: scored(95.0, 83.0)}),
     'normal_gcn': ablations.summarise({0: scored(80.0, 79.0), 1: scored(80.0, 81.0)}),
   }
-  checks = ablations.check_ordering(ablations.STUDIES['table1'], {'rows': rows})
+  checks = ablations.check_ordering(ablations.load_study('table1'), {'rows': rows})
   assert [c['claim'] for c in checks] == [
     'individual < individual_gcn',
     'individual_gcn <= normal_gcn',
@@ -100,7 +190,8 @@ def test_every_study_row_names_config_fields_that_exist():
   from configs import default
 
   fields = default.get_config()
-  for name, study in ablations.STUDIES.items():
+  for name in ablations.study_names():
+    study = ablations.load_study(name)
     assert os.path.exists(os.path.join(ablations.ROOT, study.config)), name
     for row, overrides in study.rows.items():
       for path in overrides:

@@ -12,8 +12,10 @@ Semantic alignment needs human-part masks from outside and is not included.
 """
 
 from configs.ablations import paper
+from configs.studies import table2 as study
 
-ADJACENCIES = ('none', 'part', 'topk', 'full', 'raw_correspondence', 'cosine_correspondence')
+# The fixed adjacencies of the CPU study (benchmarks/ablations.py --study=table2), then the paper's.
+ADJACENCIES = study.FIXED + ('raw_correspondence', 'cosine_correspondence')
 
 
 def get_config(arg='raw_correspondence'):
