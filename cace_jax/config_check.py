@@ -18,7 +18,7 @@ import ml_collections
 
 from cace_jax import augment, input_pipeline
 from cace_jax.errors import ConfigError
-from cace_jax.models import ADJACENCY_KINDS, GCN_KINDS, POOLINGS, RESNET_SPECS
+from cace_jax.models import ADJACENCY_KINDS, GCN_KINDS, PAIR_PATHS, POOLINGS, RESNET_SPECS
 from cace_jax.paths import check_directory
 
 # A rule returns None for a valid value, or what was expected.
@@ -125,6 +125,7 @@ RULES: dict[str, Rule | tuple[Rule, str]] = {
   'model.dropout_rate': number(0.0, 0.99),
   'model.gcn_output_init': number(),
   'model.intra_init': number(),
+  'model.pair_path': one_of(*PAIR_PATHS),
   'model.dtype': one_of('float32', 'bfloat16'),
   'model.sync_bn': boolean,
   'loss.label_smoothing': number(0.0, 0.99),

@@ -61,6 +61,9 @@ def get_config(arg=None):
   config.model.gcn_output_init = 0.0
   # Initial intra-image diagonal W of the correspondence attention (eq. 2; W' starts at 1).
   config.model.intra_init = 1.0
+  # 'direct' trains and evaluates on the materialised pair graphs (the readable reference
+  # path; slower): where a new graph variant can be tried before its fast form exists.
+  config.model.pair_path = 'fast'
   config.model.dtype = 'float32'  # 'bfloat16' for mixed precision (params stay float32).
   config.model.sync_bn = False  # True: BatchNorm statistics over all devices.
 

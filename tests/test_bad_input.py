@@ -192,6 +192,13 @@ CASES = [
     "model.gcn='foo'",
   ),
   (
+    'train-pair-path-unknown',
+    train_tool,
+    lambda p: train_args(p, fresh(p), '--config.model.pair_path=slow'),
+    2,
+    "model.pair_path='slow'",
+  ),
+  (
     'train-dtype-unknown',
     train_tool,
     lambda p: train_args(p, fresh(p), '--config.model.dtype=float16'),

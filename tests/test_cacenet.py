@@ -93,6 +93,25 @@ VARIANTS = (
 )
 
 
+@pytest.mark.parametrize('pooling', ['avg', 'gem'])
+def test_stage_two_on_the_direct_path_equals_the_fast_one(pooling):
+  """`pair_path='direct'` evaluates too: caches hold the maps, pairs are built densely."""
+  fmap = random_fmap()
+  fast, direct = tiny(pooling=pooling), tiny(pooling=pooling, pair_path='direct')
+  variables = head_variables(fast, fmap)
+  pairs = {}
+  for name, model in (('fast', fast), ('direct', direct)):
+    cache = model.apply(variables, fmap, method=CACENet.compute_image_cache)
+    rolled = jax.tree.map(lambda x: jnp.roll(x, 1, axis=0), cache)
+    pairs[name] = model.apply(variables, cache, rolled, method=CACENet.embed_cached_pairs)
+  assert 'nodes' in direct.apply(variables, fmap, method=CACENet.compute_image_cache)
+  for key in ('embedding_uv', 'embedding_vu'):
+    np.testing.assert_allclose(pairs['fast'][key], pairs['direct'][key], rtol=1e-4, atol=1e-5)
+  # Not vacuous: the conditional embeddings differ from the individual ones.
+  individual = fast.apply(variables, fmap, method=CACENet.embed_fmap)
+  assert np.abs(np.asarray(pairs['direct']['embedding_uv'] - individual)).max() > 1e-2
+
+
 @pytest.mark.parametrize('variant', VARIANTS, ids=lambda v: '-'.join(f'{k}={v[k]}' for k in v))
 def test_output_shapes_for_every_variant(variant):
   model = tiny(**variant)

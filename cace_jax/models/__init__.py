@@ -4,7 +4,7 @@
 """
 
 from cace_jax.models.attention import ADJACENCY_KINDS, ClueAttention, cross_block, make_adjacency
-from cace_jax.models.cacenet import POOLINGS, CACENet, GeM, build_model, pool_nodes
+from cace_jax.models.cacenet import PAIR_PATHS, POOLINGS, CACENet, GeM, build_model, pool_nodes
 from cace_jax.models.gcn import GCN_KINDS, PairGCN, graph_operator, propagate_pair
 from cace_jax.models.layers import Conv1x1, l2_normalize
 from cace_jax.models.resnet import (
@@ -25,6 +25,7 @@ __all__ = [
   'GCN_KINDS',
   'GeM',
   'NonLocal',
+  'PAIR_PATHS',
   'POOLINGS',
   'PairGCN',
   'RESNET_SPECS',

@@ -114,7 +114,8 @@ class CACENet(nn.Module):
     gcn: 'discrepancy', 'normal' or 'none' (no pair stage at all).
     gcn_depth: stacked GCN layers.
     reduction: C / width of y, g and o (16).
-    pair_path: 'fast' or 'direct' (materialised reference).
+    pair_path: 'fast' or 'direct' (materialised reference, in training and in
+      evaluation: slower, and what a new graph variant can be tried on first).
     pair_block: rows u per `lax.map` step for GeM/avg||max pair pooling (None: 1;
       B: all B^2 conditional maps at once).
     dropout_rate: dropout before both classifiers.
@@ -311,9 +312,9 @@ class CACENet(nn.Module):
     nodes = fmap.reshape(batch, height * width, channels).astype(jnp.float32)
     cache = dict(self.pair_attention.image_keys(nodes))
     cache['g'] = self.pair_graph.project(nodes)
-    if self.pooling == 'avg':
+    if self.pooling == 'avg' and self.pair_path == 'fast':
       cache['pooled'] = nodes.mean(-2)
-    else:
+    else:  # the map: built into conditional maps (GeM, avg||max) or a dense graph ('direct')
       cache['nodes'] = nodes
     return cache
 
@@ -357,12 +358,21 @@ class CACENet(nn.Module):
   def embed_cached_pairs(self, cache_u, cache_v):
     """Eval-mode conditional embeddings of pairs (cache_u[i], cache_v[i]).
 
+    With `pair_path='direct'` the caches hold the maps and each pair graph is
+    built densely (`direct_pairs`): the reference path, for prototyping.
+
     Args:
       cache_u, cache_v: caches from `compute_image_cache` with leading axis N.
 
     Returns:
       dict with 'embedding_uv' (f(u_i|v_i)) and 'embedding_vu' (f(v_i|u_i)), [N, E].
     """
+    if self.pair_path == 'direct':  # the materialised reference, from the cached maps
+      cond_u, cond_v, _ = self.direct_pairs(cache_u['nodes'], cache_v['nodes'])
+      return {
+        'embedding_uv': self.embed(self.pool(cond_u))[1],
+        'embedding_vu': self.embed(self.pool(cond_v))[1],
+      }
     pair_fn = jax.vmap(self._conditional_pooled_fn())
     _, emb_uv = self.embed(pair_fn(cache_u, cache_v))
     _, emb_vu = self.embed(pair_fn(cache_v, cache_u))
