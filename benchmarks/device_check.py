@@ -57,7 +57,7 @@ from benchmarks.common import (  # noqa: E402
   save_report,
   train_step_flops,
 )
-from cace_jax import cli, sharding, train_step  # noqa: E402
+from cace_jax import cli, sharding, train_step, xla_flags  # noqa: E402
 from cace_jax.errors import RunFailure, UserError  # noqa: E402
 from cace_jax.evaluation import stage1, stage2  # noqa: E402
 from cace_jax.models import CACENet, build_model, make_resnet  # noqa: E402
@@ -456,6 +456,9 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
       'device_kind': device.device_kind,
       'local_devices': jax.local_device_count(),
       'machine': platform.machine(),
+      # What importing cace_jax did with its default XLA flags (none on GPUs and TPUs).
+      'default_xla_flags': xla_flags.outcome(),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
     },
     'recipe': {
       'image_size': list(config.data.image_size),

@@ -95,6 +95,29 @@ def test_pair_graph_needs_a_pair_stage():
     onnx_graph.pair_graph(model, perturbed_variables(model), (4, 2, 256))
 
 
+def test_deploy_fails_when_an_exported_model_computes_another_model(
+  trained_workdir, tmp_path, monkeypatch, capsys
+):
+  """A pair graph that silently computes another model (here: o moved by 0.1) ends in exit 1."""
+  real = onnx_graph.pair_graph
+
+  def wrong_pair_graph(model, variables, fmap_shape):
+    moved = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: leaf + 0.1 if "'o'" in jax.tree_util.keystr(path) else leaf, variables
+    )
+    return real(model, moved, fmap_shape)
+
+  monkeypatch.setattr(onnx_graph, 'pair_graph', wrong_pair_graph)
+  out = str(tmp_path / 'export')
+  assert run_tool(deploy_tool, [trained_workdir, '--out', out]) == 1
+  last = capsys.readouterr().err.strip().splitlines()[-1]
+  assert last.startswith(f'error: {os.path.join(out, "pair.onnx")} does not compute what JAX')
+  assert 'distance differs by' in last and 'tolerance 0.0001' in last
+  summary = json.load(open(os.path.join(out, 'export.json')))
+  assert summary['verified'] is False and summary['max_abs_diff_onnx_vs_jax']['distance'] > 1e-4
+  assert summary['max_abs_diff_onnx_vs_jax']['embedding'] <= TOLERANCE  # only the pair model
+
+
 def test_deploy_cli_writes_models_that_agree(trained_workdir, tmp_path, capsys):
   out = str(tmp_path / 'export')
   assert run_tool(deploy_tool, [trained_workdir, '--out', out]) == 0
@@ -107,7 +130,7 @@ def test_deploy_cli_writes_models_that_agree(trained_workdir, tmp_path, capsys):
     'pair.onnx',
   ]
   assert summary['image_size'] == list(IMAGE_SIZE) and summary['step'] == 2
-  assert max(summary['max_abs_diff_onnx_vs_jax'].values()) <= TOLERANCE
+  assert max(summary['max_abs_diff_onnx_vs_jax'].values()) <= TOLERANCE and summary['verified']
 
   # The jax.export modules need no model code, take any batch size and match ONNX.
   load = lambda name: jax.export.deserialize(bytearray(open(os.path.join(out, name), 'rb').read()))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from refused_imports import ON_THE_ACCELERATOR_HOST, prelude
 
 from benchmarks import common
+from cace_jax import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_CHECK = """
@@ -41,6 +42,8 @@ def test_tiny_device_check_passes_without_tensorflow_and_reports_every_figure(tm
   assert 'device check passed' in result.stdout
   report = json.loads(out.read_text())
   assert report['platform']['local_devices'] == 4
+  # On a CPU the check runs with cace_jax's convolutions, as training here does.
+  assert xla_flags.FAST_CONVOLUTIONS in report['platform']['xla_flags']
   assert set(report['section_seconds']) == {'correctness', 'train', 'eval'}
 
   correctness = report['correctness']

@@ -2,8 +2,9 @@
 
 Writes both stages of the paper's inference, each as ONNX (opset 17) and as a
 serialized `jax.export` module, into --out (default WORKDIR/export), with
-export.json recording the shapes and the onnxruntime-vs-JAX differences.
-Ported checkpoints need --image_size=384,128. Needs the onnx extra.
+export.json recording the shapes and the onnxruntime-vs-JAX differences; an
+ONNX model that misses JAX by more than --tolerance ends the command with
+exit 1. Ported checkpoints need --image_size=384,128. Needs the onnx extra.
 """
 
 import json
@@ -31,6 +32,12 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flag_values=flag_values,
   )
   flags.DEFINE_boolean('no_verify', False, 'Skip the onnxruntime check.', flag_values=flag_values)
+  flags.DEFINE_float(
+    'tolerance',
+    deploy.VERIFY_TOLERANCE,
+    'Largest onnxruntime-vs-JAX difference accepted; larger exits 1.',
+    flag_values=flag_values,
+  )
 
 
 def main(args: flags.FlagValues, positional: list[str]) -> None:
@@ -47,6 +54,7 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     image_size,
     flip=False if args.no_flip else None,
     verify=not args.no_verify,
+    tolerance=args.tolerance,
   )
   print(json.dumps(summary, indent=2))
 
