@@ -1,7 +1,7 @@
 """The XLA flags cace_jax sets by default, before JAX starts its backend.
 
 One flag today: convolutions on the CPU are compiled by XLA itself rather than
-handed to YNNPACK. jaxlib 0.9 to 0.12 send every convolution to YNNPACK by
+handed to YNNPACK. jaxlib 0.10 to 0.12 send every convolution to YNNPACK by
 default (`--xla_cpu_experimental_ynn_fusion_type` holds `individual_convolution`),
 and that path trains a ResNet-50 at half the speed of XLA's own
 convolutions on an AVX-512 CPU; `docs/cpu.md` has the measurements and the
@@ -36,10 +36,10 @@ FUSION_FLAG = '--xla_cpu_experimental_ynn_fusion_type'
 # `-x` removes x from jaxlib's default set; dots and reductions stay with YNNPACK.
 FAST_CONVOLUTIONS = f'{FUSION_FLAG}=-individual_convolution'
 OPT_OUT = 'CACE_JAX_DEFAULT_XLA_FLAGS'
-# jaxlib releases whose XLA knows the flag and its `-` edits: 0.10.2 (Python
-# 3.11, the pinned set), 0.11.2 and 0.12.0.1 (Python 3.12) were run; 0.9.0 to
-# 0.10.0 ship the flag (its name and values are in their libraries).
-KNOWN_JAXLIB = ((0, 9), (0, 13))
+# jaxlib releases whose XLA takes the flag with its `-` edits: 0.10.2 (Python 3.11,
+# the pinned set), 0.11.2 and 0.12.0.1 (Python 3.12) were run. 0.9 ships the flag
+# too, but was not run: outside this range nothing is added.
+KNOWN_JAXLIB = ((0, 10), (0, 13))
 _ACCELERATOR_MODULES = ('jax_plugins', 'libtpu')
 
 _log = logging.getLogger(__name__)

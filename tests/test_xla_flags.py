@@ -104,6 +104,7 @@ def test_user_flags_are_kept_and_the_default_appended():
     ({'XLA_FLAGS': f'{xla_flags.FUSION_FLAG}=dot'}, '0.10.2', False, 'already sets'),
     ({xla_flags.OPT_OUT: 'off'}, '0.10.2', False, 'defaults kept'),
     ({}, '0.8.3', False, 'not known'),  # XLA would abort on the unknown flag
+    ({}, '0.9.2', False, 'not known'),  # has the flag, but was never run with it
     ({}, '0.13.0', False, 'not known'),
     ({}, None, False, 'not known'),
     ({}, '0.10.2', True, 'accelerator'),  # a GPU/TPU plugin is installed
