@@ -86,7 +86,7 @@ INTERNAL = ('init', 'float64')  # child jobs that are not timed variants
 def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_list('steps_of', list(STEPS), 'Steps to measure.', flag_values=flag_values)
   flags.DEFINE_list('variants', list(VARIANTS), 'Variants to run.', flag_values=flag_values)
-  flags.DEFINE_integer('depth', 50, 'ResNet depth.', flag_values=flag_values)
+  flags.DEFINE_string('depth', '50', "ResNet depth ('tiny' for tests).", flag_values=flag_values)
   flags.DEFINE_integer('height', 256, 'Image height.', flag_values=flag_values)
   flags.DEFINE_integer('width', 128, 'Image width.', flag_values=flag_values)
   flags.DEFINE_integer('rounds', 1, 'Round-robin rounds.', flag_values=flag_values)
@@ -112,7 +112,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 # ---------------------------------------------------------------- child jobs
 
 
-def model_and_loss(step: str, dtype, depth: int):
+def model_and_loss(step: str, dtype, depth: str):
   """(model, loss(params, batch_stats, images, labels) -> scalar or embeddings)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
@@ -120,7 +120,8 @@ def model_and_loss(step: str, dtype, depth: int):
   from cace_jax.models import build_model, make_resnet  # pylint: disable=import-outside-toplevel
 
   if step == 'backbone':
-    model = make_resnet(depth, last_stride=1, non_local=False, dtype=dtype)
+    resnet_depth = int(depth) if depth.isdigit() else depth
+    model = make_resnet(resnet_depth, last_stride=1, non_local=False, dtype=dtype)
 
     def loss(params, batch_stats, images, labels):
       del labels

@@ -89,7 +89,11 @@ def cpu_speed() -> str:
 def cpu_options() -> str:
   """Every variant's speed over ours and its accuracy against the float64 reference."""
   report = load('cpu_step_variants.json')
+  shape = report['shape']
   lines = [
+    f'Batch {shape["batch"]} at {shape["height"]}×{shape["width"]}, ResNet-{shape["depth"]}; '
+    f'{report["date"]}, `{report["command"]}`.',
+    '',
     '| step | variant | s/step | × cace_jax default | gradient vs float64, max | '
     'gradient vs float64, L2 |',
     '|---|---|---|---|---|---|',
@@ -160,6 +164,7 @@ def demo_time() -> str:
 
 TABLES: dict[str, Callable[[], str]] = {
   'cpu_speed': cpu_speed,
+  'cpu_options': cpu_options,
   'demo_results': demo_results,
   'demo_time': demo_time,
 }

@@ -60,6 +60,7 @@ def parse_version(text: str) -> tuple[int, ...]:
 
 
 def jaxlib_knows_flag(jaxlib_version: str) -> bool:
+  """Whether this jaxlib release is one run with the flag (`KNOWN_JAXLIB`)."""
   low, high = KNOWN_JAXLIB
   return low <= parse_version(jaxlib_version)[:2] < high
 
