@@ -1,7 +1,15 @@
 """The train step on the CPU: each XLA:CPU set-up's speed against PyTorch, accuracy against float64.
 
-    python benchmarks/cpu_step.py --official=/tmp/official       # everything, ~40 min on 2 cores
-    python benchmarks/cpu_step.py --steps_of=backbone --variants=ynnpack,fast,torch --rounds=2
+    # speed against PyTorch (what docs/cpu.md shows), ~20 min on 2 cores:
+    python benchmarks/cpu_step.py --official=<PersonReID-YouReID checkout> \
+        --steps_of=backbone,cacenet_gem,stage1 --variants=ynnpack,fast,torch --rounds=2 --noaccuracy
+    # accuracy against float64 and the other options, at 128x64, ~15 min:
+    python benchmarks/cpu_step.py --steps_of=backbone,cacenet_gem,cacenet_avg \
+        --variants=ynnpack,fast,ynnpack_bf16,fast_bf16,fast_onednn,fast_eigen1 --steps=2 \
+        --height=128 --width=64 --out=benchmarks/results/cpu_step_variants.json
+
+(A float64 ResNet-50 gradient at 256x128 takes many minutes on a CPU: XLA's
+float64 convolutions are slow, hence the smaller size for accuracy.)
 
 Steps (batch 16 = P 4 × K 4 identities at 256×128, train mode, gradients of
 every parameter; `stage1` is evaluation's forward):
