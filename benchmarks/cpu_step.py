@@ -1,4 +1,4 @@
-"""The train step on the CPU: each XLA:CPU set-up's speed against PyTorch, accuracy against float64.
+r"""The train step on the CPU: each XLA:CPU set-up's speed against PyTorch and accuracy vs float64.
 
     # speed against PyTorch (what docs/cpu.md shows), ~20 min on 2 cores:
     python benchmarks/cpu_step.py --official=<PersonReID-YouReID checkout> \
