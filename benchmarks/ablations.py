@@ -15,7 +15,8 @@ Each (row, seed) trains the base config (`--config` replaces it) with the
 row's overrides and `config.seed`, by running train.py into
 `<runs>/<study>/<row>/seed<k>`, final evaluation included. What a finished
 run reports (its evaluation rows and diagnostics, a few KB) is kept in the
-repository, `benchmarks/results/studies/<study>/<row>/seed<k>.json`: a row
+repository, `benchmarks/results/studies/<study>/<row>/seed<k>.json` (`--kept`
+puts them elsewhere, e.g. for a study of your own): a row
 whose seeds are kept there is not trained again, so a new row joins a
 study's table without retraining the others, and an interrupted study
 resumes where it stopped (train.py also resumes an interrupted run from its
@@ -29,8 +30,8 @@ the seeds of every row kept for the study: `<out>.json` and a markdown table
 `<out>.md`. A report that lacks a row of the study file or a seed of a row
 is written beside them as `<out>.partial.json` / `.md`, never over them. The
 numbers are on the dataset's test split: they report, they do not choose.
-Relative paths are the caller's: `--runs`, `--out`, `--config` and a study
-file are resolved against the directory the command runs in.
+Relative paths are the caller's: `--runs`, `--out`, `--kept`, `--config`
+and a study file are resolved against the directory the command runs in.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import save_report  # pylint: disable=wrong-import-position
-from cace_jax import cli  # pylint: disable=wrong-import-position
+from cace_jax import cli, plugins  # pylint: disable=wrong-import-position
 from cace_jax.errors import ConfigError, RunFailure  # pylint: disable=wrong-import-position
 from cace_jax.evaluation import diagnostics  # pylint: disable=wrong-import-position
 
@@ -165,6 +166,12 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     'Report path without extension (default benchmarks/results/ablations_<study>).',
     flag_values=flag_values,
   )
+  flags.DEFINE_string(
+    'kept',
+    '',
+    "Where finished runs' summaries are kept (default benchmarks/results/studies).",
+    flag_values=flag_values,
+  )
   flags.mark_flags_as_required(['study'], flag_values=flag_values)
 
 
@@ -175,9 +182,9 @@ def train_command(config: str, overrides: dict, seed: int, workdir: str) -> list
   return command + [f'--config.seed={seed}', f'--workdir={workdir}']
 
 
-def kept_path(study: str, row: str, seed: int) -> str:
-  """Where the repository keeps what one (row, seed) run reported."""
-  return os.path.join(KEPT, study, row, f'seed{seed}.json')
+def kept_path(study: str, row: str, seed: int, kept: str | None = None) -> str:
+  """Where what one (row, seed) run reported is kept (the repository's `KEPT` by default)."""
+  return os.path.join(kept or KEPT, study, row, f'seed{seed}.json')
 
 
 def as_strings(overrides: dict) -> dict:
@@ -198,7 +205,15 @@ def summary_of(saved: dict, config: str, overrides: dict) -> dict:
   }
 
 
-def run_once(study: str, row: str, config: str, overrides: dict, seed: int, workdir: str) -> dict:
+def run_once(
+  study: str,
+  row: str,
+  config: str,
+  overrides: dict,
+  seed: int,
+  workdir: str,
+  kept: str | None = None,
+) -> dict:
   """One (row, seed): its kept summary, else its run's results.json, else a training; kept after.
 
   Raises:
@@ -206,7 +221,7 @@ def run_once(study: str, row: str, config: str, overrides: dict, seed: int, work
       overrides or another base config.
     RunFailure: the training failed.
   """
-  kept = kept_path(study, row, seed)
+  kept = kept_path(study, row, seed, kept)
   if os.path.exists(kept):
     with open(kept, encoding='utf-8') as f:
       summary = json.load(f)
@@ -246,6 +261,15 @@ def config_file(config: str) -> str:
   return in_repository if os.path.exists(in_repository) else os.path.abspath(config)
 
 
+def with_callers_plugins(overrides: dict) -> dict:
+  """Overrides with `model.plugins` files read as the caller's paths (`as_given`)."""
+  if 'model.plugins' not in overrides:
+    return overrides
+  names = plugins.split(str(overrides['model.plugins']))
+  given = [as_given(name) if plugins.is_file(name) else name for name in names]
+  return {**overrides, 'model.plugins': ','.join(given)}
+
+
 def as_given(path: str) -> str:
   """A path of the caller's, absolute; inside the repository, relative to its root (kept so)."""
   path = os.path.abspath(path)
@@ -253,18 +277,15 @@ def as_given(path: str) -> str:
   return path if inside.startswith('..') else inside
 
 
-def kept_rows(study: str) -> list[str]:
-  return (
-    sorted(os.listdir(os.path.join(KEPT, study)))
-    if os.path.isdir(os.path.join(KEPT, study))
-    else []
-  )
+def kept_rows(study: str, kept: str | None = None) -> list[str]:
+  directory = os.path.join(kept or KEPT, study)
+  return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
 
 
-def kept_seeds(study: str, row: str, seeds: list[int]) -> dict[int, dict]:
+def kept_seeds(study: str, row: str, seeds: list[int], kept: str | None = None) -> dict[int, dict]:
   found = {}
   for seed in seeds:
-    path = kept_path(study, row, seed)
+    path = kept_path(study, row, seed, kept)
     if os.path.exists(path):
       with open(path, encoding='utf-8') as f:
         found[seed] = json.load(f)
@@ -399,6 +420,7 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
   for text in args.row:
     name, overrides = parse_row(text)
     rows[name] = overrides
+  rows = {name: with_callers_plugins(overrides) for name, overrides in rows.items()}
   config = as_given(args.config) if args.config else study.config
   if not os.path.isfile(config_file(config)):
     raise ConfigError(f'{config}: no such config file (the base config of {study.name})')
@@ -413,13 +435,14 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
   except ValueError as e:
     raise ConfigError(f'--seeds={args.seeds!r}: expected comma-separated integers') from e
   runs_dir = os.path.abspath(args.runs)
+  kept = os.path.abspath(args.kept) if args.kept else None  # None: the repository's KEPT
   for seed in seeds:  # seed-major: a study cut short stays balanced across rows
     for row in to_train:
       workdir = os.path.join(runs_dir, study.name, row, f'seed{seed}')
-      run_once(study.name, row, config, rows[row], seed, workdir)
+      run_once(study.name, row, config, rows[row], seed, workdir, kept)
   # The table: every row of the study file, every row trained now, every row kept before.
-  shown = list(rows) + [r for r in kept_rows(study.name) if r not in rows]
-  per_row = {row: kept_seeds(study.name, row, seeds) for row in shown}
+  shown = list(rows) + [r for r in kept_rows(study.name, kept) if r not in rows]
+  per_row = {row: kept_seeds(study.name, row, seeds, kept) for row in shown}
   per_row = {row: found for row, found in per_row.items() if found}
   complete = set(study.rows) <= set(per_row) and all(
     sorted(found) == sorted(seeds) for found in per_row.values()

@@ -162,11 +162,36 @@ def demo_time() -> str:
   return '\n'.join(lines)
 
 
+def graph_conformance() -> str:
+  """Adjacency x operator: the largest gap between the pair stage's paths, and ONNX's."""
+  report = load('graph_conformance.json')
+  gaps: dict = {}
+  for key, found in report['matrix'].items():
+    adjacency, operator, _ = key.split('/')
+    paths = max(found['fast-direct embedding'], found['fast-direct gradient'], found['cache-dense'])
+    onnx = found['onnx-jax']
+    before = gaps.get((adjacency, operator), (0.0, 0.0))
+    gaps[adjacency, operator] = (
+      max(before[0], paths),
+      None if onnx is None else max(before[1], onnx),
+    )
+  operators = list(dict.fromkeys(operator for _, operator in gaps))
+  lines = ['| adjacency | ' + ' | '.join(operators) + ' |', '|---|' + '---|' * len(operators)]
+  for adjacency in dict.fromkeys(adjacency for adjacency, _ in gaps):
+    cells = []
+    for operator in operators:
+      paths, onnx = gaps[adjacency, operator]
+      cells.append(f'{paths:.0e} · ' + ('no ONNX form' if onnx is None else f'{onnx:.0e}'))
+    lines.append(f'| {adjacency} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
 TABLES: dict[str, Callable[[], str]] = {
   'cpu_speed': cpu_speed,
   'cpu_options': cpu_options,
   'demo_results': demo_results,
   'demo_time': demo_time,
+  'graph_conformance': graph_conformance,
 }
 
 

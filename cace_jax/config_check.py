@@ -16,9 +16,10 @@ from typing import Any, Callable
 
 import ml_collections
 
-from cace_jax import augment, input_pipeline
+from cace_jax import augment, input_pipeline, losses, plugins
 from cace_jax.errors import ConfigError
-from cace_jax.models import ADJACENCY_KINDS, GCN_KINDS, PAIR_PATHS, POOLINGS, RESNET_SPECS
+from cace_jax.models import PAIR_PATHS, POOLINGS, RESNET_SPECS, adjacency_kinds, gcn_kinds
+from cace_jax.models.attention import RENAMED_KINDS
 from cace_jax.paths import check_directory
 
 # A rule returns None for a valid value, or what was expected.
@@ -71,6 +72,15 @@ def one_of(*choices) -> Rule:
   return rule
 
 
+def registered(kinds: Callable[[], tuple]) -> Rule:
+  """One of what a registry holds when the config is checked (extensions add kinds)."""
+
+  def rule(value):
+    return one_of(*kinds())(value)
+
+  return rule
+
+
 def boolean(value) -> str | None:
   return None if isinstance(value, bool) else 'True or False'
 
@@ -117,9 +127,11 @@ RULES: dict[str, Rule | tuple[Rule, str]] = {
   'model.non_local': boolean,
   'model.pooling': one_of(*POOLINGS),
   'model.embed_dim': integer(1),
-  'model.adjacency': one_of(*ADJACENCY_KINDS, 'correspondence', 'intra'),  # renamed: build_model
+  'model.adjacency': registered(
+    lambda: (*adjacency_kinds(), *RENAMED_KINDS)
+  ),  # renamed: build_model
   'model.topk': integer(1),
-  'model.gcn': one_of(*GCN_KINDS),
+  'model.gcn': registered(gcn_kinds),
   'model.gcn_depth': integer(1),
   'model.reduction': integer(1),
   'model.dropout_rate': number(0.0, 0.99),
@@ -128,6 +140,7 @@ RULES: dict[str, Rule | tuple[Rule, str]] = {
   'model.pair_path': one_of(*PAIR_PATHS),
   'model.dtype': one_of('float32', 'bfloat16'),
   'model.sync_bn': boolean,
+  'model.plugins': text,
   'loss.label_smoothing': number(0.0, 0.99),
   'loss.margin': number(),
   'loss.pair_margin': number(),
@@ -173,7 +186,14 @@ _MISSING = object()
 
 
 def check_values(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the first field whose value breaks its rule in `RULES`."""
+  """Raises ConfigError naming the first field whose value breaks its rule in `RULES`.
+
+  Imports `model.plugins` first (their kinds are valid values), making their
+  file paths absolute in `config` so that the run's record finds them.
+  """
+  if isinstance(_lookup(config, 'model.plugins'), str):
+    config.model.plugins = plugins.resolve(config.model.plugins)
+    plugins.load(config.model.plugins)
   for path, rule in RULES.items():
     rule, why = rule if isinstance(rule, tuple) else (rule, '')
     value = _lookup(config, path)
@@ -185,6 +205,11 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   weights = _lookup(config, 'loss.weights')
   if weights is not _MISSING:
     for name, weight in weights.items():
+      if name not in losses.LOSS_PARTS:
+        raise ConfigError(
+          f'loss.weights.{name}: no loss part of that name is computed; the parts are '
+          f'{", ".join(losses.loss_names())} (a plugin registers more: losses.register_loss)'
+        )
       if number(0.0)(weight) is not None:
         raise ConfigError(f'loss.weights.{name}={weight!r}: expected a number >= 0')
   input_pipeline.dataset_names(config.data.dataset)

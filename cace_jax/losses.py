@@ -1,5 +1,10 @@
 """CACE-Net losses: label-smoothed CE, batch-hard triplet, mix-up ID loss, pair triplet.
 
+The training loss is a sum of registered parts (`register_loss`), each with
+its weight in `config.loss.weights`; a plugin may register more (a penalty
+on the adjacency, say: the model outputs its blocks, 'pair_intra' and
+'pair_cross').
+
 All functions are pure jnp and return scalars averaged over the batch (or
 over the B^2 ordered pairs). Pair tensors follow the model's convention:
 entry [u, v] of `pair_embedding_uv` / `pair_logits_uv` belongs to f(u|v),
@@ -8,7 +13,8 @@ entry [u, v] of `pair_embedding_vu` / `pair_logits_vu` to f(v|u).
 
 from __future__ import annotations
 
-from typing import Mapping
+import dataclasses
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +147,96 @@ def pair_triplet_loss(
   return ranking_loss(d_ap, d_an, margin)
 
 
+@dataclasses.dataclass(frozen=True)
+class LossPart:
+  """A registered loss part.
+
+  Attributes:
+    name: its name in `total_loss`'s parts and in `config.loss.weights`.
+    fn: (outputs, labels, settings) -> scalar; `settings` holds the scalar
+      fields of `config.loss` (label_smoothing, margin, pair_margin, alpha,
+      rectified_triplets).
+    needs: the model outputs it reads; the part is computed when all are
+      present (pair parts are skipped for a model without a pair stage).
+  """
+
+  name: str
+  fn: Callable
+  needs: tuple[str, ...]
+
+
+LOSS_PARTS: dict[str, LossPart] = {}
+
+
+def register_loss(name: str, *, needs: tuple[str, ...]):
+  """Decorator: registers `fn(outputs, labels, settings) -> scalar` as the loss part `name`.
+
+  Its weight is `config.loss.weights.<name>` (1 when the config has none;
+  a config file adds the field inside `with config.unlocked():`, and the
+  command line can then set it). Parts are summed in registration order.
+  Example (a penalty on the cross-image adjacency):
+
+      @register_loss('cross_density', needs=('pair_cross',))
+      def cross_density(outputs, labels, settings):
+        return outputs['pair_cross'].mean()
+  """
+  if name in LOSS_PARTS:
+    raise ValueError(f'loss part {name!r} is already registered')
+
+  def register(fn: Callable) -> Callable:
+    LOSS_PARTS[name] = LossPart(name, fn, tuple(needs))
+    return fn
+
+  return register
+
+
+def loss_names() -> tuple[str, ...]:
+  """Every registered loss part (what `config.loss.weights` may name)."""
+  return tuple(LOSS_PARTS)
+
+
+def rectified(settings, x):
+  """What the triplets see: ReLU(x) by default, as the official ones do (see `total_loss`)."""
+  return jax.nn.relu(x) if settings['rectified_triplets'] else x
+
+
+@register_loss('id', needs=('logits',))
+def id_loss(outputs, labels, settings):
+  """The official cls_loss: label-smoothed CE of the individual classifier."""
+  return label_smoothed_cross_entropy(outputs['logits'], labels, settings['label_smoothing'])
+
+
+@register_loss('triplet', needs=('embedding',))
+def individual_triplet(outputs, labels, settings):
+  """The official tri_loss: batch-hard triplet on the individual embeddings."""
+  return triplet_loss(rectified(settings, outputs['embedding']), labels, settings['margin'])
+
+
+@register_loss('mixup_uv', needs=('pair_logits_uv',))
+def mixup_uv(outputs, labels, settings):
+  """The official mixup_loss_0: eq. 8 on the pair classifier's f(u|v) logits."""
+  return mixup_cross_entropy(outputs['pair_logits_uv'], labels, settings['alpha'])
+
+
+@register_loss('mixup_vu', needs=('pair_logits_vu',))
+def mixup_vu(outputs, labels, settings):
+  """The official mixup_loss_1: eq. 8 on f(v|u), indexed by v first."""
+  return mixup_cross_entropy(
+    jnp.swapaxes(outputs['pair_logits_vu'], 0, 1), labels, settings['alpha']
+  )
+
+
+@register_loss('pair_triplet', needs=('pair_embedding_uv', 'pair_embedding_vu'))
+def pair_triplet(outputs, labels, settings):
+  """The official pair_tri_loss: the triplet on the distances of f(u|v) and f(v|u)."""
+  return pair_triplet_loss(
+    rectified(settings, outputs['pair_embedding_uv']),
+    rectified(settings, outputs['pair_embedding_vu']),
+    labels,
+    settings['pair_margin'],
+  )
+
+
 def total_loss(
   outputs: Mapping[str, jnp.ndarray],
   labels,
@@ -152,13 +248,13 @@ def total_loss(
   weights: Mapping[str, float] | None = None,
   rectified_triplets: bool = True,
 ):
-  """Sum of the CACE-Net losses present in `outputs` (a `CACENet` output dict).
+  """Weighted sum of the registered loss parts whose inputs are in `outputs`.
 
-  Parts (official names in brackets): 'id' (cls_loss) label-smoothed CE on
-  'logits'; 'triplet' (tri_loss) on 'embedding'; 'mixup_uv' and 'mixup_vu'
-  (mixup_loss_0/1) on 'pair_logits_uv' / 'pair_logits_vu'; 'pair_triplet'
-  (pair_tri_loss) on the pair embeddings. Pair parts are skipped when the
-  model has no pair stage.
+  Built-in parts (official names in brackets): 'id' (cls_loss)
+  label-smoothed CE on 'logits'; 'triplet' (tri_loss) on 'embedding';
+  'mixup_uv' and 'mixup_vu' (mixup_loss_0/1) on 'pair_logits_uv' /
+  'pair_logits_vu'; 'pair_triplet' (pair_tri_loss) on the pair embeddings.
+  Pair parts are skipped when the model has no pair stage.
 
   Both triplets see ReLU(embedding) by default, as the official ones do: its
   classifiers start with `nn.ReLU(inplace=True)`, which rectifies the BN
@@ -178,21 +274,18 @@ def total_loss(
   Returns:
     (total scalar, {part name: scalar}).
   """
-  pair_margin = margin if pair_margin is None else pair_margin
-  seen = jax.nn.relu if rectified_triplets else (lambda x: x)
-  parts = {}
-  if 'logits' in outputs:
-    parts['id'] = label_smoothed_cross_entropy(outputs['logits'], labels, label_smoothing)
-  parts['triplet'] = triplet_loss(seen(outputs['embedding']), labels, margin)
-  if 'pair_logits_uv' in outputs:
-    parts['mixup_uv'] = mixup_cross_entropy(outputs['pair_logits_uv'], labels, alpha)
-    parts['mixup_vu'] = mixup_cross_entropy(
-      jnp.swapaxes(outputs['pair_logits_vu'], 0, 1), labels, alpha
-    )
-  if 'pair_embedding_uv' in outputs:
-    parts['pair_triplet'] = pair_triplet_loss(
-      seen(outputs['pair_embedding_uv']), seen(outputs['pair_embedding_vu']), labels, pair_margin
-    )
+  settings = {
+    'label_smoothing': label_smoothing,
+    'margin': margin,
+    'pair_margin': margin if pair_margin is None else pair_margin,
+    'alpha': alpha,
+    'rectified_triplets': rectified_triplets,
+  }
+  parts = {
+    part.name: part.fn(outputs, labels, settings)
+    for part in LOSS_PARTS.values()
+    if all(name in outputs for name in part.needs)
+  }
   weights = weights or {}
   total = sum(weights.get(name, 1.0) * value for name, value in parts.items())
   return total, parts

@@ -148,7 +148,7 @@ def check_resumable(manager, config, num_classes: int, workdir: str) -> None:
 
 
 # Fields that do not change the variables: a resumed run may change them.
-RESUMABLE_MODEL_FIELDS = ('dropout_rate', 'dtype', 'sync_bn', 'pair_path')
+RESUMABLE_MODEL_FIELDS = ('dropout_rate', 'dtype', 'sync_bn', 'pair_path', 'plugins')
 
 
 def set_aside_damaged(manager, skipped: list[tuple[int, str]], logger: RunLogger) -> None:

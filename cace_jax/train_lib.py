@@ -137,6 +137,8 @@ def train_and_evaluate(
       f'{num_classes} identities, {len(train_data)} images, {steps_per_epoch} '
       f'steps/epoch, {num_steps} steps, {num_devices} devices × {data.p}×{data.k}'
     )
+    for note in model.pair_stage_notes():
+      logger.info(note)
     if splits.validation is not None:
       logger.info(
         f'validation: {len(splits.validation_pids)} training identities held out '

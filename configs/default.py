@@ -51,9 +51,9 @@ def get_config(arg=None):
   config.model.non_local = True
   config.model.pooling = 'gem'  # 'avg' (paper text, cheapest pair stage), 'gem', 'avgmax'.
   config.model.embed_dim = 768
-  config.model.adjacency = 'projected'  # See cace_jax.models.ADJACENCY_KINDS.
+  config.model.adjacency = 'projected'  # See cace_jax.models.ADJACENCIES.
   config.model.topk = 1  # Neighbours for adjacency 'topk'.
-  config.model.gcn = 'discrepancy'  # 'discrepancy', 'normal', or 'none' (individual only).
+  config.model.gcn = 'discrepancy'  # See cace_jax.models.OPERATORS; 'none': individual only.
   config.model.gcn_depth = 1
   config.model.reduction = 16
   config.model.dropout_rate = 0.5
@@ -66,6 +66,9 @@ def get_config(arg=None):
   config.model.pair_path = 'fast'
   config.model.dtype = 'float32'  # 'bfloat16' for mixed precision (params stay float32).
   config.model.sync_bn = False  # True: BatchNorm statistics over all devices.
+  # Modules or .py files (comma-separated) that register more adjacencies, graph
+  # operators or pair losses; imported before the config is checked (docs/extending.md).
+  config.model.plugins = ''
 
   config.loss = ml_collections.ConfigDict()
   config.loss.label_smoothing = 0.1

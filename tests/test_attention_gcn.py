@@ -1,12 +1,13 @@
-"""Adjacencies (dense vs per-image/cross-block form) and the discrepancy / normal GCN."""
+"""Adjacencies (registered blocks against dense definitions written here) and GCN operators."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cace_jax.errors import ConfigError
 from cace_jax.models import attention, gcn
-from cace_jax.models.attention import ADJACENCY_KINDS, ClueAttention, cross_block, make_adjacency
+from cace_jax.models.attention import ClueAttention, cross_block, make_adjacency
 
 N_PIX, CHANNELS = 6, 32  # pixels per image, channels
 
@@ -22,7 +23,7 @@ def random_nodes(seed, shape=(3, N_PIX, CHANNELS)):
 def init_attention(kind, nodes_u, nodes_v, **kwargs):
   module = make_adjacency(kind, CHANNELS, **kwargs)
   variables = module.init(jax.random.key(0, impl='rbg'), nodes_u, nodes_v)
-  if kind in attention.DIAGONAL_KINDS:  # move W, W' away from their all-ones init
+  if attention.get_adjacency(kind).params:  # move W, W' away from their all-ones init
     rng = np.random.default_rng(1)
     variables = jax.tree.map(
       lambda w: jnp.asarray(rng.normal(size=w.shape), jnp.float32), variables
@@ -30,24 +31,69 @@ def init_attention(kind, nodes_u, nodes_v, **kwargs):
   return module, variables
 
 
-def assemble_blocks(module, variables, nodes_u, nodes_v):
-  """[[A_uu, A_uv], [A_uv^T, A_vv]] from image_keys + cross_block."""
-  keys_u = module.apply(variables, nodes_u, method=ClueAttention.image_keys)
-  keys_v = module.apply(variables, nodes_v, method=ClueAttention.image_keys)
-  cross = cross_block(module.kind, keys_u['query'], keys_v['key'], module.topk)
-  top = jnp.concatenate([keys_u['intra'], cross], -1)
-  bottom = jnp.concatenate([jnp.swapaxes(cross, -1, -2), keys_v['intra']], -1)
-  return jnp.concatenate([top, bottom], -2)
+def dense_reference(kind, variables, nodes_u, nodes_v, topk):
+  """The built-in kinds' dense 2n x 2n adjacency, straight from their definitions.
+
+  Independent of the registered per-image/cross-block form the model uses:
+  every node against every node, then the kind's pattern.
+  """
+  n = nodes_u.shape[-2]
+  nodes = jnp.concatenate([nodes_u, nodes_v], axis=-2)
+  side = jnp.arange(2 * n) >= n
+  same_image = side[:, None] == side[None, :]
+  shape = nodes.shape[:-1] + (2 * n,)
+  params = variables.get('params', {})
+  normalised = nodes / (jnp.linalg.norm(nodes, axis=-1, keepdims=True) + 1e-12)
+  x = nodes if kind.startswith('raw') else normalised
+  if kind == 'projected':
+    y = nodes @ params['y']['kernel'][0, 0]
+    y = y / (jnp.linalg.norm(y, axis=-1, keepdims=True) + 1e-12)
+    return jax.nn.relu(y @ jnp.swapaxes(y, -1, -2))
+  if kind.endswith(('correspondence', 'intra')):
+    s_intra = (x * params['w_intra']) @ jnp.swapaxes(x, -1, -2)
+    if kind.endswith('intra'):
+      return jnp.where(same_image, jax.nn.relu(s_intra), 0.0)
+    s_inter = (x * params['w_inter']) @ jnp.swapaxes(x, -1, -2)
+    return jax.nn.relu(jnp.where(same_image, s_intra, s_inter))
+  if kind == 'none':
+    return jnp.zeros(shape)
+  if kind == 'full':
+    return jnp.ones(shape)
+  if kind == 'part':
+    same_pixel = jnp.arange(2 * n)[:, None] % n == jnp.arange(2 * n)[None, :] % n
+    return jnp.broadcast_to((same_pixel & ~same_image).astype(jnp.float32), shape)
+  assert kind == 'topk'  # each node picks among the other image's nodes; symmetrised
+  similarity = x @ jnp.swapaxes(x, -1, -2)
+  picks = attention.topk_mask(jnp.where(same_image, -jnp.inf, similarity), topk)
+  return jnp.maximum(picks, jnp.swapaxes(picks, -1, -2))
 
 
-@pytest.mark.parametrize('kind', ADJACENCY_KINDS)
-def test_blocked_adjacency_equals_dense_definition(kind):
+BUILT_IN = (
+  'raw_correspondence',
+  'cosine_correspondence',
+  'projected',
+  'raw_intra',
+  'cosine_intra',
+  'none',
+  'part',
+  'topk',
+  'full',
+)
+
+
+def test_every_built_in_kind_is_registered_and_nothing_else_by_default():
+  assert set(BUILT_IN) <= set(attention.adjacency_kinds())
+
+
+@pytest.mark.parametrize('kind', BUILT_IN)
+def test_registered_blocks_equal_the_dense_definition(kind):
   nodes_u, nodes_v = random_nodes(0), random_nodes(1)
   module, variables = init_attention(kind, nodes_u, nodes_v, topk=2)
-  dense = attention.zero_diagonal(module.apply(variables, nodes_u, nodes_v))
-  blocks = assemble_blocks(module, variables, nodes_u, nodes_v)
+  dense = module.apply(variables, nodes_u, nodes_v)
+  reference = attention.zero_diagonal(dense_reference(kind, variables, nodes_u, nodes_v, 2))
   assert dense.shape == (3, 2 * N_PIX, 2 * N_PIX)
-  np.testing.assert_allclose(blocks, dense, atol=1e-6)
+  np.testing.assert_allclose(dense, reference, atol=1e-5)
+  np.testing.assert_array_equal(np.diagonal(dense, axis1=-2, axis2=-1), 0.0)
   np.testing.assert_allclose(dense, jnp.swapaxes(dense, -1, -2), atol=1e-6)  # undirected
   assert float(dense.min()) >= 0.0
 
@@ -60,7 +106,7 @@ def test_fixed_adjacencies_have_the_documented_structure():
     dense[kind] = np.asarray(module.apply(variables, nodes_u, nodes_v))[0]
   n = N_PIX
   np.testing.assert_array_equal(dense['none'], 0.0)
-  np.testing.assert_array_equal(dense['full'], 1.0)
+  np.testing.assert_array_equal(dense['full'], 1.0 - np.eye(2 * N_PIX))  # diagonals are zero
   eye, zeros = np.eye(n), np.zeros((n, n))
   np.testing.assert_array_equal(dense['part'], np.block([[zeros, eye], [eye, zeros]]))
   for kind in ('raw_intra', 'cosine_intra'):  # Individual-GCN: no cross edges
@@ -101,10 +147,8 @@ def test_raw_correspondence_is_eq_2_to_4_on_raw_features():
     s_uv = x_u[b] @ np.diag(w_prime) @ x_v[b].T  # eq. 3
     expected[b] = np.maximum(np.block([[s_uu, s_uv], [s_uv.T, s_vv]]), 0.0)  # eq. 4
   dense = module.apply(variables, nodes_u, nodes_v)
-  np.testing.assert_allclose(dense, expected, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(dense, expected * (1 - np.eye(8)), rtol=1e-5, atol=1e-4)
   assert np.abs(expected).max() > 10  # raw scale: far outside the cosine form's [0, 1]
-  blocks = assemble_blocks(module, variables, nodes_u, nodes_v)
-  np.testing.assert_allclose(blocks, attention.zero_diagonal(dense), rtol=1e-5, atol=1e-4)
 
 
 def test_cosine_correspondence_starts_as_relu_cosine():
@@ -114,7 +158,7 @@ def test_cosine_correspondence_starts_as_relu_cosine():
   np.testing.assert_array_equal(variables['params']['w_intra'], 1.0)
   x = np.concatenate([nodes_u, nodes_v], 1)
   x = x / np.linalg.norm(x, axis=-1, keepdims=True)
-  expected = np.maximum(x @ x.transpose(0, 2, 1), 0.0)
+  expected = np.maximum(x @ x.transpose(0, 2, 1), 0.0) * (1 - np.eye(x.shape[1]))
   np.testing.assert_allclose(module.apply(variables, nodes_u, nodes_v), expected, atol=1e-5)
 
 
@@ -143,7 +187,7 @@ def test_projected_attention_uses_y_without_bias():
 
 
 def test_unknown_adjacency_is_rejected():
-  with pytest.raises(ValueError, match='unknown adjacency'):
+  with pytest.raises(ConfigError, match="model.adjacency='semantic' is not a registered adjacency"):
     make_adjacency('semantic', CHANNELS)
 
 
@@ -202,11 +246,10 @@ def test_relative_threshold_makes_the_operator_scale_free():
   intra_u, intra_v, cross, g_u, g_v = random_blocks(4)
   dense = 500.0 * jnp.block([[intra_u, cross], [cross.T, intra_v]])
   operator = gcn.graph_operator(dense, 'discrepancy', relative_threshold=True)
-  out_u, out_v = gcn.apply_operator_blocks(
-    'discrepancy', 500.0 * intra_u, 500.0 * intra_v, 500.0 * cross, g_u[0], g_v[0], True
-  )
+  blocks = gcn.PairBlocks(500.0 * intra_u, 500.0 * intra_v, 500.0 * cross, True)
   z = jnp.concatenate([g_u[0], g_v[0]])
-  np.testing.assert_allclose(jnp.concatenate([out_u, out_v]), operator @ z, atol=1e-4)
+  out = gcn.get_operator('discrepancy').apply(blocks, z)
+  np.testing.assert_allclose(out, operator @ z, atol=1e-4)
 
 
 def test_degree_normaliser_is_held_constant_for_gradients():
@@ -241,9 +284,9 @@ def test_blocked_operator_and_readout_match_dense_operator(kind):
   dense = jnp.block([[intra_u, cross], [cross.T, intra_v]])
   operator = gcn.graph_operator(dense, kind)
   z = jnp.concatenate([g_u[0], g_v[0]])
-  out_u, out_v = gcn.apply_operator_blocks(kind, intra_u, intra_v, cross, g_u[0], g_v[0])
-  np.testing.assert_allclose(jnp.concatenate([out_u, out_v]), operator @ z, atol=1e-5)
-  w_u, w_v = gcn.readout_weights(kind, intra_u, intra_v, cross)
+  blocks = gcn.PairBlocks(intra_u, intra_v, cross)
+  np.testing.assert_allclose(gcn.get_operator(kind).apply(blocks, z), operator @ z, atol=1e-5)
+  w_u, w_v = gcn.readout_weights(kind, blocks)
   np.testing.assert_allclose(w_u @ g_u[0] + w_v @ g_v[0], (operator @ z)[:5].mean(0), atol=1e-5)
 
 
@@ -263,9 +306,7 @@ def test_propagate_pair_matches_dense_stacked_layers(pooled):
   mix = jnp.einsum('mrc,lcs->mlrs', o, g)
   increments = gcn.propagate_pair(
     'discrepancy',
-    intra_u,
-    intra_v,
-    cross,
+    gcn.PairBlocks(intra_u, intra_v, cross),
     projections[:, :n],
     projections[:, n:],
     mix,
@@ -286,11 +327,11 @@ def test_propagate_pair_matches_dense_stacked_layers(pooled):
 
 def test_pair_gcn_starts_as_identity_and_names_layers_like_official():
   nodes = random_nodes(0, (2, 2 * N_PIX, CHANNELS))
-  operator = gcn.graph_operator(random_adjacency(0, 2 * N_PIX))
+  graph = gcn.DenseGraph(random_adjacency(0, 2 * N_PIX))
   module = gcn.PairGCN(CHANNELS, depth=2)
-  variables = module.init(jax.random.key(0, impl='rbg'), nodes, operator)
+  variables = module.init(jax.random.key(0, impl='rbg'), nodes, graph)
   assert set(variables['params']) == {'g', 'o', 'g_1', 'o_1'}
   assert variables['params']['g']['kernel'].shape == (1, 1, CHANNELS, CHANNELS // 16)
-  np.testing.assert_array_equal(module.apply(variables, nodes, operator), nodes)
+  np.testing.assert_array_equal(module.apply(variables, nodes, graph), nodes)
   params = jax.tree.map(jnp.ones_like, variables['params'])
-  assert np.abs(np.asarray(module.apply({'params': params}, nodes, operator) - nodes)).max() > 1e-3
+  assert np.abs(np.asarray(module.apply({'params': params}, nodes, graph) - nodes)).max() > 1e-3

@@ -12,7 +12,7 @@ import pytest
 
 from cace_jax import checkpoint, losses
 from cace_jax.errors import ConfigError
-from cace_jax.models import ADJACENCY_KINDS, CACENet, GeM, build_model
+from cace_jax.models import CACENet, GeM, adjacency_kinds, build_model
 
 # Test computations are tiny: skip LLVM's optimisation passes, which halves compile time.
 jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
@@ -29,6 +29,7 @@ PAIR_KEYS = {
   'pair_logits_uv',
   'pair_logits_vu',
 }
+ADJACENCY_KEYS = ('pair_intra', 'pair_cross')  # the adjacency's blocks
 
 
 def tiny(**kwargs):
@@ -82,7 +83,7 @@ def run_heads(model, variables, fmap, train):
 
 
 VARIANTS = (
-  [dict(adjacency=kind) for kind in ADJACENCY_KINDS]
+  [dict(adjacency=kind) for kind in adjacency_kinds()]
   + [dict(gcn=kind) for kind in ('discrepancy', 'normal', 'none')]
   + [dict(pooling=kind) for kind in ('avg', 'gem', 'avgmax')]
   + [
@@ -134,6 +135,7 @@ def test_output_shapes_for_every_variant(variant):
   }
   if model.gcn != 'none':
     expected.update({k: (B, B, 6 if 'logits' in k else 16) for k in PAIR_KEYS})
+    expected.update(pair_intra=(B, H * W, H * W), pair_cross=(B, B, H * W, H * W))
   assert {k: v.shape for k, v in out.items()} == expected
   assert out['embedding'].dtype == jnp.float32
 
@@ -166,7 +168,7 @@ def test_fast_pair_stage_equals_materialised_reference(variant):
   )
   # The GCN must actually change the features, or the comparison proves little.
   assert np.abs(np.asarray(out_fast['pair_pre_bn_uv'] - out_fast['pre_bn'][:, None])).max() > 1e-2
-  for key in sorted(PAIR_KEYS):
+  for key in sorted(PAIR_KEYS) + list(ADJACENCY_KEYS):
     np.testing.assert_allclose(out_fast[key], out_direct[key], rtol=1e-4, atol=1e-4, err_msg=key)
   np.testing.assert_allclose(loss_fast, loss_direct, rtol=1e-5)
   chex.assert_trees_all_close(state_fast, state_direct, rtol=1e-4, atol=1e-5)

@@ -191,3 +191,38 @@ def test_losses_jit(fn):
     (POINTS, LABELS) if fn is losses.triplet_loss else (jnp.ones((4, 3)), jnp.array([0, 1, 2, 0]))
   )
   np.testing.assert_allclose(jax.jit(fn)(*args), fn(*args), rtol=1e-6)
+
+
+def test_a_registered_loss_part_joins_the_sum_with_its_weight():
+  outputs = fake_outputs()
+  base, _ = losses.total_loss(outputs, LABELS)
+
+  @losses.register_loss('embedding_norm', needs=('embedding', 'pair_cross'))
+  def embedding_norm(outputs, labels, settings):
+    return jnp.mean(outputs['embedding'] ** 2) * settings['margin']
+
+  try:
+    _, without_input = losses.total_loss(outputs, LABELS)  # no 'pair_cross': not computed
+    assert 'embedding_norm' not in without_input
+    outputs['pair_cross'] = jnp.zeros((4, 4, 2, 2))
+    total, parts = losses.total_loss(outputs, LABELS, margin=0.5, weights={'embedding_norm': 3.0})
+    expected = jnp.mean(outputs['embedding'] ** 2) * 0.5
+    np.testing.assert_allclose(parts['embedding_norm'], expected, rtol=1e-6)
+    np.testing.assert_allclose(total, base + 3.0 * expected, rtol=1e-5)
+    assert list(parts)[-1] == 'embedding_norm'  # summed after the built-in parts
+    with pytest.raises(ValueError, match='already registered'):
+      losses.register_loss('embedding_norm', needs=())(embedding_norm)
+  finally:
+    del losses.LOSS_PARTS['embedding_norm']
+
+
+def test_a_weight_for_a_part_that_is_never_computed_is_a_config_error():
+  from cace_jax import config_check  # pylint: disable=import-outside-toplevel
+  from cace_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+
+  config = tiny.get_config()
+  with config.unlocked():  # how a config file adds a weight (the command line cannot)
+    config.loss.weights.pair_tripet = 1.0  # a typo of pair_triplet
+  with pytest.raises(ConfigError, match='loss.weights.pair_tripet: no loss part of that name'):
+    config_check.check_values(config)

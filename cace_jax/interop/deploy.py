@@ -189,6 +189,7 @@ def export_deployment(
   image_size = tuple(image_size or trained_size)
   if len(image_size) != 2:
     raise PortError(f'{workdir} holds a ported checkpoint: give --image_size=H,W')
+  onnx_graph.check_exportable(model)  # before anything is written
   stages = ('features', 'pair') if model.pair_stage else ('features',)
   out = out or os.path.join(workdir, 'export')
   os.makedirs(out, exist_ok=True)

@@ -23,14 +23,15 @@ Opset 17; the batch (pairs) axis is dynamic, image size fixed at export.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from cace_jax.augment import IMAGENET_MEAN_PIXEL, IMAGENET_STD_PIXEL
-from cace_jax.models.attention import RAW_KINDS
+from cace_jax.errors import PortError
+from cace_jax.models.attention import get_adjacency
 from cace_jax.models.gcn import DEGREE_EPS
 from cace_jax.models.resnet import RESNET_SPECS, feature_map_shape, non_local_positions
 
@@ -261,61 +262,104 @@ def feature_graph(
 # ----------------------------------------------------------------------------- pair stage
 
 
-def _adjacency(w: GraphWriter, model, params: Mapping, nodes: str, n: int) -> str:
-  """A [pairs, 2n, 2n] from nodes [pairs, 2n, C] (models.attention.ClueAttention.__call__)."""
+def _same_image(n: int) -> np.ndarray:
+  """[2n, 2n] 1 where both nodes are pixels of the same image."""
   side = np.arange(2 * n) >= n
-  same_image = (side[:, None] == side[None, :]).astype(np.float32)
-  kind = model.adjacency
-  transpose = lambda t: w.op('Transpose', t, perm=[0, 2, 1])
-  if kind in ('none', 'full', 'part'):
-    same_pixel = np.arange(2 * n)[:, None] % n == np.arange(2 * n)[None, :] % n
-    fixed = {
-      'none': np.zeros_like(same_image),
-      'full': np.ones_like(same_image),
-      'part': (same_pixel & (same_image == 0)).astype(np.float32),
-    }[kind]
-    return w.const(fixed[None], 'adjacency')
-  if kind == 'projected':
+  return (side[:, None] == side[None, :]).astype(np.float32)
+
+
+def transpose(w: GraphWriter, t: str) -> str:
+  """t [pairs, a, b] -> [pairs, b, a]."""
+  return w.op('Transpose', t, perm=[0, 2, 1])
+
+
+def _pixels(w: GraphWriter, model, params: Mapping, nodes: str) -> str:
+  """x [pairs, 2n, c]: what the adjacency compares (`ClueAttention.pixels`)."""
+  pixels = get_adjacency(model.adjacency).pixels
+  if pixels == 'projected':
     kernel = np.asarray(params['pair_attention']['y']['kernel'])[0, 0]
-    y = _l2_normalize(w, w.op('MatMul', nodes, w.const(kernel, 'y')))
-    return w.op('Relu', w.op('MatMul', y, transpose(y)))
-  x = nodes if kind in RAW_KINDS else _l2_normalize(w, nodes)
-  if kind == 'topk':
-    similarity = w.op('MatMul', x, transpose(x))
-    masked = w.op(
-      'Where', w.const(same_image.astype(bool)), w.const(np.float32(-np.inf)), similarity
-    )
-    _, index = w.op(
-      'TopK', masked, w.const(np.array([model.topk], np.int64)), axis=-1, num_outputs=2
-    )
-    ones = w.op(
-      'ConstantOfShape', w.op('Shape', index), value=numpy_helper.from_array(np.ones(1, np.float32))
-    )
-    picks = w.op(
-      'ScatterElements', w.op('Mul', similarity, w.const(np.float32(0))), index, ones, axis=-1
-    )
-    return w.op('Max', picks, transpose(picks))
-  attention = params['pair_attention']
-  s_intra = w.op(
-    'MatMul', w.op('Mul', x, w.const(np.asarray(attention['w_intra']), 'w_intra')), transpose(x)
+    return _l2_normalize(w, w.op('MatMul', nodes, w.const(kernel, 'y')))
+  return nodes if pixels == 'raw' else _l2_normalize(w, nodes)
+
+
+def _fixed(pattern: Callable[[int], np.ndarray]) -> Callable:
+  """The ONNX form of an adjacency that ignores the images: a constant [1, 2n, 2n]."""
+  return lambda w, model, params, nodes, n: w.const(pattern(n)[None], 'adjacency')
+
+
+def _part(n: int) -> np.ndarray:
+  same_pixel = np.arange(2 * n)[:, None] % n == np.arange(2 * n)[None, :] % n
+  return (same_pixel & (_same_image(n) == 0)).astype(np.float32)
+
+
+def _projected(w: GraphWriter, model, params: Mapping, nodes: str, n: int) -> str:
+  y = _pixels(w, model, params, nodes)
+  return w.op('Relu', w.op('MatMul', y, transpose(w, y)))
+
+
+def topk_picks(w: GraphWriter, model, params: Mapping, nodes: str, n: int) -> str:
+  """[pairs, 2n, 2n] 1 where node i picks node j: j among the other image's
+  `model.topk` nodes most similar to i (by the adjacency's pixels). Not symmetric."""
+  x = _pixels(w, model, params, nodes)
+  similarity = w.op('MatMul', x, transpose(w, x))
+  masked = w.op(
+    'Where', w.const(_same_image(n).astype(bool)), w.const(np.float32(-np.inf)), similarity
   )
-  if kind.endswith('intra'):
-    return w.op('Mul', w.op('Relu', s_intra), w.const(same_image, 'same_image'))
-  s_inter = w.op(
-    'MatMul', w.op('Mul', x, w.const(np.asarray(attention['w_inter']), 'w_inter')), transpose(x)
+  _, index = w.op('TopK', masked, w.const(np.array([model.topk], np.int64)), axis=-1, num_outputs=2)
+  ones = w.op(
+    'ConstantOfShape', w.op('Shape', index), value=numpy_helper.from_array(np.ones(1, np.float32))
   )
+  return w.op(
+    'ScatterElements', w.op('Mul', similarity, w.const(np.float32(0))), index, ones, axis=-1
+  )
+
+
+def _topk(w: GraphWriter, model, params: Mapping, nodes: str, n: int) -> str:
+  picks = topk_picks(w, model, params, nodes, n)
+  return w.op('Max', picks, transpose(w, picks))
+
+
+def _weighted(w: GraphWriter, x: str, params: Mapping, name: str) -> str:
+  """X diag(params[name]) X^T."""
+  weights = np.asarray(params['pair_attention'][name])
+  return w.op('MatMul', w.op('Mul', x, w.const(weights, name)), transpose(w, x))
+
+
+def _correspondence(w: GraphWriter, model, params: Mapping, nodes: str, n: int) -> str:
+  x = _pixels(w, model, params, nodes)
+  same_image = _same_image(n)
   mixed = w.op(
     'Add',
-    w.op('Mul', s_intra, w.const(same_image, 'same_image')),
-    w.op('Mul', s_inter, w.const(1.0 - same_image, 'other_image')),
+    w.op('Mul', _weighted(w, x, params, 'w_intra'), w.const(same_image, 'same_image')),
+    w.op('Mul', _weighted(w, x, params, 'w_inter'), w.const(1.0 - same_image, 'other_image')),
   )
   return w.op('Relu', mixed)
 
 
-def _graph_operator(
-  w: GraphWriter, adjacency: str, kind: str, n: int, relative_threshold: bool
-) -> str:
-  """F [pairs, 2n, 2n] (models.gcn.graph_operator): N (D - A) N or I + N A N."""
+def _intra_only(w: GraphWriter, model, params: Mapping, nodes: str, n: int) -> str:
+  x = _pixels(w, model, params, nodes)
+  intra = w.op('Relu', _weighted(w, x, params, 'w_intra'))
+  return w.op('Mul', intra, w.const(_same_image(n), 'same_image'))
+
+
+# The ONNX form of each adjacency: (writer, model, params, nodes [pairs, 2n, C],
+# n) -> A [pairs or 1, 2n, 2n] (its diagonal is ignored). An adjacency
+# registered in `models.attention` without one here cannot be exported.
+ONNX_ADJACENCIES: dict[str, Callable] = {
+  'raw_correspondence': _correspondence,
+  'cosine_correspondence': _correspondence,
+  'projected': _projected,
+  'raw_intra': _intra_only,
+  'cosine_intra': _intra_only,
+  'none': _fixed(lambda n: np.zeros((2 * n, 2 * n), np.float32)),
+  'part': _fixed(_part),
+  'topk': _topk,
+  'full': _fixed(lambda n: np.ones((2 * n, 2 * n), np.float32)),
+}
+
+
+def _degree_normaliser(w: GraphWriter, adjacency: str, n: int, relative_threshold: bool):
+  """(A with a zero diagonal, degree D [pairs, 2n, 1], N [pairs, 2n, 1]) as `gcn.DenseGraph`."""
   eye = np.eye(2 * n, dtype=np.float32)
   adjacency = w.op('Mul', adjacency, w.const(1.0 - eye, 'off_diagonal'))
   degree = w.op('ReduceSum', adjacency, w.const(np.array([-1], np.int64)), keepdims=1)
@@ -325,13 +369,62 @@ def _graph_operator(
     mean_edge = w.op('Mul', total, w.const(np.float32(1.0 / (2 * n * (2 * n - 1)))))
     threshold = w.op('Mul', mean_edge, threshold)
   safe = w.op('Where', w.op('Greater', degree, threshold), degree, w.const(np.float32(1.0)))
-  norm = w.op('Reciprocal', w.op('Sqrt', safe))  # [pairs, 2n, 1]
-  norm_t = w.op('Transpose', norm, perm=[0, 2, 1])
-  eye_name = w.const(eye, 'eye')
-  if kind == 'discrepancy':
-    laplacian = w.op('Sub', w.op('Mul', degree, eye_name), adjacency)
-    return w.op('Mul', w.op('Mul', norm, laplacian), norm_t)
-  return w.op('Add', eye_name, w.op('Mul', w.op('Mul', norm, adjacency), norm_t))
+  return adjacency, degree, w.op('Reciprocal', w.op('Sqrt', safe))
+
+
+def _discrepancy(w: GraphWriter, adjacency: str, n: int, relative_threshold: bool) -> str:
+  """F = N (D - A) N (`gcn.discrepancy`)."""
+  adjacency, degree, norm = _degree_normaliser(w, adjacency, n, relative_threshold)
+  laplacian = w.op('Sub', w.op('Mul', degree, w.const(np.eye(2 * n, dtype=np.float32))), adjacency)
+  return w.op('Mul', w.op('Mul', norm, laplacian), w.op('Transpose', norm, perm=[0, 2, 1]))
+
+
+def _normal(w: GraphWriter, adjacency: str, n: int, relative_threshold: bool) -> str:
+  """F = I + N A N (`gcn.normal`)."""
+  adjacency, _, norm = _degree_normaliser(w, adjacency, n, relative_threshold)
+  scaled = w.op('Mul', w.op('Mul', norm, adjacency), w.op('Transpose', norm, perm=[0, 2, 1]))
+  return w.op('Add', w.const(np.eye(2 * n, dtype=np.float32), 'eye'), scaled)
+
+
+# The ONNX form of each graph operator: (writer, adjacency [pairs, 2n, 2n], n,
+# relative_threshold) -> F [pairs, 2n, 2n]. An operator registered in
+# `models.gcn` without one here cannot be exported (`pair_graph` says so).
+ONNX_OPERATORS = {'discrepancy': _discrepancy, 'normal': _normal}
+
+
+def check_exportable(model) -> None:
+  """PortError naming the part of `model`'s pair stage that has no ONNX form."""
+  if not model.pair_stage:
+    return
+  for field, kind, table, register in (
+    ('adjacency', model.adjacency, ONNX_ADJACENCIES, 'register_onnx_adjacency'),
+    ('gcn', model.gcn, ONNX_OPERATORS, 'register_onnx_operator'),
+  ):
+    if kind not in table:
+      raise PortError(
+        f'model.{field}={kind!r} has no ONNX form (ONNX has: {", ".join(table)}); '
+        f'write one with onnx_graph.{register}'
+      )
+
+
+def register_onnx_operator(name: str):
+  """Decorator: the ONNX form of the registered graph operator `name` (see ONNX_OPERATORS)."""
+
+  def register(fn):
+    ONNX_OPERATORS[name] = fn
+    return fn
+
+  return register
+
+
+def register_onnx_adjacency(name: str):
+  """Decorator: the ONNX form of the registered adjacency `name` (see ONNX_ADJACENCIES)."""
+
+  def register(fn):
+    ONNX_ADJACENCIES[name] = fn
+    return fn
+
+  return register
 
 
 def pair_graph(model, variables: Mapping, fmap_shape: Sequence[int]) -> onnx.ModelProto:
@@ -345,8 +438,9 @@ def pair_graph(model, variables: Mapping, fmap_shape: Sequence[int]) -> onnx.Mod
     variables: {'params', 'batch_stats'}.
     fmap_shape: (h, w, C) of the backbone maps (the features model's `fmap`).
   """
-  if model.gcn == 'none':
+  if not model.pair_stage:
     raise ValueError('model.gcn is "none": this model has no pair stage to export')
+  check_exportable(model)
   height, width, channels = fmap_shape
   n = height * width
   params = variables['params']
@@ -357,8 +451,8 @@ def pair_graph(model, variables: Mapping, fmap_shape: Sequence[int]) -> onnx.Mod
   ]
   flat = lambda name: w.op('Reshape', name, w.const(np.array([0, n, channels], np.int64)))
   nodes = w.op('Concat', flat('fmap_query'), flat('fmap_gallery'), axis=1)  # [pairs, 2n, C]
-  adjacency = _adjacency(w, model, params, nodes, n)
-  operator = _graph_operator(w, adjacency, model.gcn, n, model.relative_threshold)
+  adjacency = ONNX_ADJACENCIES[model.adjacency](w, model, params, nodes, n)
+  operator = ONNX_OPERATORS[model.gcn](w, adjacency, n, model.relative_threshold)
   for layer in range(model.gcn_depth):
     suffix = '' if layer == 0 else f'_{layer}'
     g = np.asarray(params['pair_graph'][f'g{suffix}']['kernel'])[0, 0]  # [C, r]

@@ -3,9 +3,25 @@
 `build_model(config.model, num_classes)` is how every command makes a model.
 """
 
-from cace_jax.models.attention import ADJACENCY_KINDS, ClueAttention, cross_block, make_adjacency
+from cace_jax.models.attention import (
+  ADJACENCIES,
+  ClueAttention,
+  adjacency_kinds,
+  cross_block,
+  get_adjacency,
+  make_adjacency,
+  register_adjacency,
+)
 from cace_jax.models.cacenet import PAIR_PATHS, POOLINGS, CACENet, GeM, build_model, pool_nodes
-from cace_jax.models.gcn import GCN_KINDS, PairGCN, graph_operator, propagate_pair
+from cace_jax.models.gcn import (
+  OPERATORS,
+  PairGCN,
+  gcn_kinds,
+  get_operator,
+  graph_operator,
+  propagate_pair,
+  register_operator,
+)
 from cace_jax.models.layers import Conv1x1, l2_normalize
 from cace_jax.models.resnet import (
   RESNET_SPECS,
@@ -18,21 +34,25 @@ from cace_jax.models.resnet import (
 )
 
 __all__ = [
-  'ADJACENCY_KINDS',
+  'ADJACENCIES',
   'CACENet',
   'ClueAttention',
   'Conv1x1',
-  'GCN_KINDS',
   'GeM',
   'NonLocal',
+  'OPERATORS',
   'PAIR_PATHS',
   'POOLINGS',
   'PairGCN',
   'RESNET_SPECS',
   'ResNet',
+  'adjacency_kinds',
   'build_model',
   'cross_block',
   'feature_map_shape',
+  'gcn_kinds',
+  'get_adjacency',
+  'get_operator',
   'graph_operator',
   'l2_normalize',
   'make_adjacency',
@@ -41,4 +61,6 @@ __all__ = [
   'output_channels',
   'pool_nodes',
   'propagate_pair',
+  'register_adjacency',
+  'register_operator',
 ]

@@ -14,6 +14,13 @@ loss reads several entries, so a single flat dict keeps call sites uniform):
   'pair_embedding_vu'  [B, B, E]     [u, v] -> f(v|u)  (= pair_embedding_uv transposed)
   'pair_logits_uv'     [B, B, K]     pair classifier on f(u|v)
   'pair_logits_vu'     [B, B, K]     pair classifier on f(v|u) (its own dropout mask)
+  'pair_intra'         [B, n, n]     each image's intra block A_uu of the adjacency
+  'pair_cross'         [B, B, n, n]  [u, v] -> the cross block A_uv (A_vu is [v, u])
+
+The adjacency's blocks are there for losses on A (`losses.register_loss`)
+and diagnostics; when nothing reads them XLA does not compute them. The
+conditional maps themselves are never outputs of training (B^2 of them);
+`pair_features` returns them for given pairs.
 
 The pair stage ('fast', the default) never builds a C-wide map per pair.
 Per image, `compute_image_cache` computes once the adjacency keys and intra
@@ -63,9 +70,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cace_jax import plugins
 from cace_jax.errors import ConfigError
-from cace_jax.models.attention import RAW_KINDS, RENAMED_KINDS, ClueAttention, cross_block
-from cace_jax.models.gcn import PairGCN, graph_operator, propagate_pair
+from cace_jax.models.attention import RENAMED_KINDS, ClueAttention, cross_block, get_adjacency
+from cace_jax.models.gcn import (
+  NO_GCN,
+  DenseGraph,
+  PairBlocks,
+  PairGCN,
+  get_operator,
+  propagate_pair,
+)
 from cace_jax.models.layers import BatchNorm, Conv1x1, l2_normalize
 from cace_jax.models.resnet import make_resnet, output_channels
 from cace_jax.sharding import AXIS
@@ -109,9 +124,11 @@ class CACENet(nn.Module):
     pooling: 'avg' (the paper), 'gem' (official code) or 'avgmax'.
     embed_dim: E, width of the 1x1 embedding (768).
     num_classes: identities for the classifiers; None builds no classifier.
-    adjacency: `attention.ADJACENCY_KINDS` ('projected' is the official one).
+    adjacency: a registered adjacency (`attention.ADJACENCIES`; 'projected' is
+      the official one).
     topk: neighbours for adjacency 'topk'.
-    gcn: 'discrepancy', 'normal' or 'none' (no pair stage at all).
+    gcn: a registered graph operator (`gcn.OPERATORS`: 'discrepancy', 'normal',
+      yours) or 'none' (no pair stage at all).
     gcn_depth: stacked GCN layers.
     reduction: C / width of y, g and o (16).
     pair_path: 'fast' or 'direct' (materialised reference, in training and in
@@ -200,12 +217,34 @@ class CACENet(nn.Module):
 
   @property
   def pair_stage(self) -> bool:
-    return self.gcn != 'none'
+    return self.gcn != NO_GCN
+
+  @property
+  def readout_shortcut(self) -> bool:
+    """Average pooling of a linear operator: a pair's pooled feature without its map."""
+    return self.pooling == 'avg' and self.pair_path == 'fast' and get_operator(self.gcn).linear
+
+  def pair_stage_notes(self) -> list[str]:
+    """Where this model's kinds take a slower form than the built-in ones (for the log)."""
+    notes = []
+    if not self.pair_stage:
+      return notes
+    if self.pooling == 'avg' and self.pair_path == 'fast' and not get_operator(self.gcn).linear:
+      notes.append(
+        f"model.gcn={self.gcn!r} is not linear: average pooling builds each pair's "
+        'conditional map instead of the readout shortcut (correct, slower)'
+      )
+    if not get_adjacency(self.adjacency).symmetric:
+      notes.append(
+        f'model.adjacency={self.adjacency!r} is not symmetric: each pair computes A_vu '
+        'as well as A_uv'
+      )
+    return notes
 
   @property
   def relative_threshold(self) -> bool:
     """Whether the GCN's isolated-node threshold scales with A (raw-feature adjacencies)."""
-    return self.adjacency in RAW_KINDS
+    return get_adjacency(self.adjacency).relative_threshold
 
   def __call__(self, images, train: bool = False):
     """images [B, H, W, 3] -> output dict (module docstring)."""
@@ -225,8 +264,18 @@ class CACENet(nn.Module):
       return out
 
     dim = self.embed_dim
+    n = height * width
     if self.pair_path == 'fast':
-      pre_uv = self.embedding_conv(self.all_pair_pooled(self.compute_image_cache(fmap)))
+      cache = self.compute_image_cache(fmap)
+      pre_uv = self.embedding_conv(self.all_pair_pooled(cache))
+      # The adjacency's blocks, for losses and diagnostics (dropped by XLA when unread).
+      pair_intra = cache['intra']
+      pair_cross = cross_block(
+        self.adjacency,
+        jnp.broadcast_to(cache['query'][:, None], (batch, *cache['query'].shape)),
+        jnp.broadcast_to(cache['key'][None], (batch, *cache['key'].shape)),
+        self.topk,
+      )
       pre_vu = jnp.swapaxes(pre_uv, 0, 1)
       # f_0 and f_1 of the official head: one call, two running-average updates.
       emb_uv = self.embedding_bn(pre_uv.reshape(-1, dim), use_running_average=not train, updates=2)
@@ -235,7 +284,9 @@ class CACENet(nn.Module):
     else:
       index_u = jnp.repeat(jnp.arange(batch), batch)  # pair k = u * B + v
       index_v = jnp.tile(jnp.arange(batch), batch)
-      cond_u, cond_v, _ = self.direct_pairs(nodes[index_u], nodes[index_v])
+      cond_u, cond_v, adjacency = self.direct_pairs(nodes[index_u], nodes[index_v])
+      pair_intra = adjacency[:: batch + 1, :n, :n]  # pairs (u, u)
+      pair_cross = adjacency[:, :n, n:].reshape(batch, batch, n, n)
       pre_uv = self.embedding_conv(self.pool(cond_u)).reshape(batch, batch, dim)
       pre_vu = self.embedding_conv(self.pool(cond_v)).reshape(batch, batch, dim)
       # The official sequence literally: f(v|u) (its f_0), then f(u|v) (its f_1).
@@ -245,6 +296,8 @@ class CACENet(nn.Module):
       emb_vu = normalise(pre_vu)
       emb_uv = normalise(pre_uv)
     out.update(
+      pair_intra=pair_intra,
+      pair_cross=pair_cross,
       pair_pre_bn_uv=pre_uv,
       pair_pre_bn_vu=pre_vu,
       pair_embedding_uv=emb_uv,
@@ -312,7 +365,7 @@ class CACENet(nn.Module):
     nodes = fmap.reshape(batch, height * width, channels).astype(jnp.float32)
     cache = dict(self.pair_attention.image_keys(nodes))
     cache['g'] = self.pair_graph.project(nodes)
-    if self.pooling == 'avg' and self.pair_path == 'fast':
+    if self.readout_shortcut:
       cache['pooled'] = nodes.mean(-2)
     else:  # the map: built into conditional maps (GeM, avg||max) or a dense graph ('direct')
       cache['nodes'] = nodes
@@ -324,22 +377,17 @@ class CACENet(nn.Module):
     mix = self.pair_graph.mix() if self.gcn_depth > 1 else None
     p = self.gemp.p if self.pooling == 'gem' else None
     adjacency, gcn, pooling, topk = self.adjacency, self.gcn, self.pooling, self.topk
-    relative_threshold = self.relative_threshold
+    relative_threshold, shortcut = self.relative_threshold, self.readout_shortcut
+    symmetric = get_adjacency(adjacency).symmetric
 
     def conditional_pooled(cache_u, cache_v):
       cross = cross_block(adjacency, cache_u['query'], cache_v['key'], topk)
-      increments = propagate_pair(
-        gcn,
-        cache_u['intra'],
-        cache_v['intra'],
-        cross,
-        cache_u['g'],
-        cache_v['g'],
-        mix,
-        pooled=pooling == 'avg',
-        relative_threshold=relative_threshold,
+      cross_vu = (
+        None if symmetric else cross_block(adjacency, cache_v['query'], cache_u['key'], topk)
       )
-      if pooling == 'avg':  # increments: [L, r], already averaged over u's pixels
+      blocks = PairBlocks(cache_u['intra'], cache_v['intra'], cross, relative_threshold, cross_vu)
+      increments = propagate_pair(gcn, blocks, cache_u['g'], cache_v['g'], mix, pooled=shortcut)
+      if shortcut:  # increments: [L, r], already averaged over u's pixels
         return cache_u['pooled'] + jnp.einsum('lr,lrc->c', increments, o)
       nodes = cache_u['nodes'] + jnp.einsum('lnr,lrc->nc', increments, o)  # [n, C]
       return pool_nodes(pooling, nodes, p)
@@ -350,7 +398,7 @@ class CACENet(nn.Module):
     """Pooled conditional features of all ordered pairs: [B, B, P], [u, v] -> f(u|v)."""
     pair_fn = self._conditional_pooled_fn()
     row = lambda cache_u: jax.vmap(pair_fn, in_axes=(None, 0))(cache_u, cache)
-    if self.pooling == 'avg':
+    if self.readout_shortcut:
       return jax.vmap(row)(cache)
     # One row of conditional maps alive at a time; recomputed in the backward pass.
     return jax.lax.map(jax.checkpoint(row), cache, batch_size=self.pair_block)
@@ -390,8 +438,8 @@ class CACENet(nn.Module):
     """
     n = nodes_u.shape[-2]
     adjacency = self.pair_attention(nodes_u, nodes_v)
-    operator = graph_operator(adjacency, self.gcn, self.relative_threshold)
-    cond = self.pair_graph(jnp.concatenate([nodes_u, nodes_v], axis=-2), operator)
+    graph = DenseGraph(adjacency, self.relative_threshold)
+    cond = self.pair_graph(jnp.concatenate([nodes_u, nodes_v], axis=-2), graph)
     return cond[..., :n, :], cond[..., n:, :], adjacency
 
   def pair_features(self, fmap_u, fmap_v):
@@ -427,7 +475,8 @@ def build_model(model_config, num_classes: int | None = None, **overrides) -> CA
 
   Args:
     model_config: `config.model`, or a checkpoint record's 'model'; its keys
-      are CACENet field names. Strings are accepted where configs hold them:
+      are CACENet field names and 'plugins' (imported first,
+      `cace_jax.plugins`). Strings are accepted where configs hold them:
       depth '50' and dtype 'bfloat16'.
     num_classes: identities of the classifiers (None: the config's, if any).
     **overrides: further fields, e.g. `sync_bn=False` for evaluation.
@@ -437,6 +486,7 @@ def build_model(model_config, num_classes: int | None = None, **overrides) -> CA
       adjacency name that was renamed.
   """
   fields = {**dict(model_config), **overrides}
+  plugins.load(fields.pop('plugins', ''))  # the kinds a run was trained with
   if num_classes is not None:
     fields['num_classes'] = num_classes
   known = set(CACENet.__dataclass_fields__) - {'parent', 'name'}
@@ -445,12 +495,15 @@ def build_model(model_config, num_classes: int | None = None, **overrides) -> CA
     raise ConfigError(
       f'model.{unknown[0]} is not a CACENet field; the fields are {", ".join(sorted(known))}'
     )
-  adjacency = fields.get('adjacency')
+  adjacency = fields.get('adjacency', CACENet.adjacency)
   if adjacency in RENAMED_KINDS:
     raise ConfigError(
       f'model.adjacency={adjacency!r} was renamed: {RENAMED_KINDS[adjacency]!r} is what it meant '
       f"(pixels L2-normalised first), {'raw_' + adjacency!r} is the paper's eq. 2-4 on raw features"
     )
+  if fields.get('gcn', CACENet.gcn) != NO_GCN:  # unregistered kinds fail here, named
+    get_operator(fields.get('gcn', CACENet.gcn))
+    get_adjacency(adjacency)
   depth = fields.get('depth')
   if isinstance(depth, str) and depth.isdigit():  # configs hold depth as a string ('tiny' too)
     fields['depth'] = int(depth)
