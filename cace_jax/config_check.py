@@ -81,6 +81,11 @@ def registered(kinds: Callable[[], tuple]) -> Rule:
   return rule
 
 
+def adjacency_names() -> tuple[str, ...]:
+  """The registered adjacencies, and the old names that `build_model` explains as renamed."""
+  return (*adjacency_kinds(), *RENAMED_KINDS)
+
+
 def boolean(value) -> str | None:
   return None if isinstance(value, bool) else 'True or False'
 
@@ -127,9 +132,7 @@ RULES: dict[str, Rule | tuple[Rule, str]] = {
   'model.non_local': boolean,
   'model.pooling': one_of(*POOLINGS),
   'model.embed_dim': integer(1),
-  'model.adjacency': registered(
-    lambda: (*adjacency_kinds(), *RENAMED_KINDS)
-  ),  # renamed: build_model
+  'model.adjacency': registered(adjacency_names),
   'model.topk': integer(1),
   'model.gcn': registered(gcn_kinds),
   'model.gcn_depth': integer(1),

@@ -27,7 +27,8 @@ graph only through `graph.adjacency_times(s)` (A s), `graph.degree()` and
     'direct'`), visualisation, and the dense matrix F = op(I)
     (`graph_operator`);
   * `PairBlocks`: A as u's and v's intra blocks and the cross block A_uv
-    (A_vu = A_uv^T), node features C/16 wide; the fast pair stage. Its
+    (and A_vu, where it is not A_uv^T), node features C/16 wide; the fast
+    pair stage. Its
     readout weights (the mean of op(z) over u's nodes as weights on z, what
     average pooling needs) are derived from the same definition: op applied
     to u's indicator for operators declared symmetric, the transpose of op
