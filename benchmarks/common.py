@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import sys
 import time
 from typing import Callable
 
@@ -26,7 +28,16 @@ def median_seconds(fn: Callable, repeats: int) -> float:
 
 
 def save_report(report: dict, path: str) -> None:
-  """Writes `report` as indented JSON at `path` (creating its directory) and says where."""
+  """Writes `report` as indented JSON at `path` (creating its directory) and says where.
+
+  The report is dated (UTC) and names its command unless it already does: the
+  docs' tables show a figure's date from its JSON, never from prose.
+  """
+  report = {
+    'date': datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+    'command': ' '.join(['python', *sys.argv]),
+    **report,
+  }
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(report, f, indent=2)

@@ -107,7 +107,7 @@ def get_config(arg=None):
   config.eval = ml_collections.ConfigDict()
   config.eval.flip = True  # Flip test-time augmentation.
   # Gallery images re-ranked by conditional features; chosen with benchmarks/stage2_k.py
-  # (README: on the demo, larger K only lost mAP).
+  # (docs/evaluation.md: on the demo, larger K only lost mAP).
   config.eval.stage2_k = 5
   # Stage 2 sorts its top-K by (1 - w) d_individual + w d_conditional, w = stage2_mix
   # (1: the conditional distance alone). With data.validation_ids, K and w are

@@ -216,7 +216,7 @@ class ReidFolder(ReIDBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
     'Put the dataset in <manual_dir>/<name>/ (a folder or <name>.zip; default '
     'data/manual/) with a reid_dataset.json at its root unless it is laid out '
-    'like Market-1501; see "Your own data" in the README.'
+    'like Market-1501; see docs/datasets.md, "Your own data".'
   )
 
   def _info_extras(self) -> dict:

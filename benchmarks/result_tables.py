@@ -1,0 +1,502 @@
+"""The measured figures of the docs, each a markdown table rendered from its JSON.
+
+`benchmarks/tables.py` writes them into the pages; this module only knows how
+each one looks. Every table ends with the date and the command that produced
+its figures, read from the JSON (`benchmarks/common.save_report` records
+both), so no page carries a date in its prose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from typing import Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
+STEP_NAMES = {
+  'backbone': 'ResNet-50 backbone, train step',
+  'cacenet_gem': 'CACE-Net (GeM, non-local), train step',
+  'cacenet_avg': 'CACE-Net (average pooling, non-local), train step',
+  'stage1': 'stage-1 extraction (embeddings + cache)',
+}
+TORCH_NAMES = {
+  'backbone': 'torchvision resnet50',
+  'cacenet_gem': 'official CACENET + compute_loss',
+  'cacenet_avg': 'official CACENET (avgpool) + compute_loss',
+  'stage1': "official CACENET.eval() forward, which also builds the batch's B² pair graphs",
+}
+VARIANT_NAMES = {
+  'ynnpack': 'jaxlib default (YNNPACK convolutions)',
+  'fast': 'cace_jax default (XLA convolutions)',
+  'ynnpack_bf16': 'YNNPACK, bfloat16',
+  'fast_bf16': 'XLA convolutions, bfloat16',
+  'fast_onednn': '+ oneDNN custom call',
+  'fast_eigen1': '+ single-threaded Eigen',
+  'fast_concurrency': '+ concurrency-optimised scheduler',
+}
+
+
+def load(name: str) -> dict:
+  """The JSON report `benchmarks/results/<name>`."""
+  with open(os.path.join(RESULTS, name), encoding='utf-8') as f:
+    return json.load(f)
+
+
+def provenance(*names: str) -> str:
+  """'Measured <date>: `<command>`' for each report, the line under a table."""
+  lines = []
+  for name in names:
+    report = load(name)
+    command = report.get('command')
+    how = f': `{command}`' if command else ''
+    lines.append(f'`{name}`, measured {report.get("date", "(undated)")}{how}.')
+  return '\n\n' + '\n'.join(lines) if len(lines) == 1 else '\n\n' + '<br>\n'.join(lines)
+
+
+def header(*columns: str) -> list[str]:
+  return ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+
+
+def cell(value, digits: int = 2) -> str:
+  return '–' if value is None else f'{value:.{digits}f}'
+
+
+def rows_of(report: dict, step: str) -> dict:
+  return {k: v for k, v in report['results'][step].items() if isinstance(v, dict)}
+
+
+def cpu_speed() -> str:
+  """Step times: jaxlib's default, ours and PyTorch, with the ratios."""
+  report = load('cpu_step.json')
+  lines = header(
+    'step',
+    'images',
+    'jaxlib default, s',
+    'cace_jax default, s',
+    'PyTorch, s',
+    '× jaxlib default',
+    '× PyTorch',
+    'PyTorch runs',
+  )
+  for step in report['results']:
+    rows = rows_of(report, step)
+    images = report['shape']['stage1_batch' if step == 'stage1' else 'batch']
+    ynnpack, fast, torch = (rows.get(k, {}).get('step_s') for k in ('ynnpack', 'fast', 'torch'))
+    lines.append(
+      f'| {STEP_NAMES[step]} | {images} | {cell(ynnpack)} | {cell(fast)} | {cell(torch)} | '
+      f'{cell(ynnpack / fast if ynnpack and fast else None)} | '
+      f'{cell(torch / fast if torch and fast else None)} | {TORCH_NAMES[step]} |'
+    )
+  return '\n'.join(lines)
+
+
+def cpu_options() -> str:
+  """Every variant's speed over ours and its accuracy against the float64 reference."""
+  report = load('cpu_step_variants.json')
+  shape = report['shape']
+  lines = [
+    f'Batch {shape["batch"]} at {shape["height"]}×{shape["width"]}, ResNet-{shape["depth"]}; '
+    f'{report["date"]}, `{report["command"]}`.',
+    '',
+    *header(
+      'step',
+      'variant',
+      's/step',
+      '× cace_jax default',
+      'gradient vs float64, max',
+      'gradient vs float64, L2',
+    ),
+  ]
+  for step in report['results']:
+    rows = rows_of(report, step)
+    fast_s = rows.get('fast', {}).get('step_s')
+    for name, row in rows.items():
+      if name not in VARIANT_NAMES:
+        continue
+      if 'step_s' not in row:
+        lines.append(f'| {STEP_NAMES[step]} | {VARIANT_NAMES[name]} | failed | | | |')
+        continue
+      speed = f'{fast_s / row["step_s"]:.2f}' if fast_s else '–'
+      lines.append(
+        f'| {STEP_NAMES[step]} | {VARIANT_NAMES[name]} | {row["step_s"]:.2f} | {speed} | '
+        f'{row.get("max_relative_to_float64", float("nan")):.1e} | '
+        f'{row.get("l2_relative_to_float64", float("nan")):.1e} |'
+      )
+  return '\n'.join(lines)
+
+
+def demo_results() -> str:
+  """The demo's results table (cace_jax's default CPU settings, seed 0)."""
+  run = load('demo.json')['runs']['default']
+  k = run['stage2_k']
+  names = {
+    'individual': 'individual embeddings (stage 1)',
+    'clue_alignment': f'+ clue alignment (top-{k} re-sorted)',
+    'cacenet': f'+ conditional embeddings (CACE-Net, top-{k})',
+  }
+  lines = header('scoring', 'Rank-1', 'Rank-5', 'Rank-10', 'mAP', 'mINP')
+  for row, name in names.items():
+    m = run['results'][row]
+    lines.append(
+      f'| {name} | {m["rank1"]:.1f} | {m["rank5"]:.1f} | {m["rank10"]:.1f} | '
+      f'{m["mAP"]:.1f} | {m["mINP"]:.1f} |'
+    )
+  return '\n'.join(lines) + provenance('demo.json')
+
+
+def demo_time() -> str:
+  """The demo's wall time with jaxlib's and with cace_jax's CPU defaults."""
+  report = load('demo.json')
+  runs = report['runs']
+  names = {
+    'ynnpack': 'jaxlib default (YNNPACK convolutions)',
+    'default': 'cace_jax default (XLA convolutions)',
+    'default_again': 'cace_jax default, again',
+  }
+  lines = header(
+    'demo run (training and evaluation)', 'wall time', '× jaxlib default', 'individual mAP'
+  )
+  for name, label in names.items():
+    run = runs[name]
+    speed = runs['ynnpack']['wall_s'] / run['wall_s']
+    lines.append(
+      f'| {label} | {run["wall_s"] / 60:.1f} min | {speed:.2f} | '
+      f'{run["results"]["individual"]["mAP"]:.2f} |'
+    )
+  same = 'identical' if report['train_log_identical'] else 'NOT identical'
+  lines.append(f"\nThe two default runs' train.log: {same} ({report['logged_steps']} records).")
+  for name, note in report.get('notes', {}).items():
+    lines.append(f'{names[name]}: {note}.')
+  return '\n'.join(lines)
+
+
+def graph_conformance() -> str:
+  """Adjacency x operator: the largest gap between the pair stage's paths, and ONNX's."""
+  report = load('graph_conformance.json')
+  gaps: dict = {}
+  for key, found in report['matrix'].items():
+    adjacency, operator, _ = key.split('/')
+    paths = max(found['fast-direct embedding'], found['fast-direct gradient'], found['cache-dense'])
+    onnx = found['onnx-jax']
+    before = gaps.get((adjacency, operator), (0.0, 0.0))
+    gaps[adjacency, operator] = (
+      max(before[0], paths),
+      None if onnx is None else max(before[1], onnx),
+    )
+  operators = list(dict.fromkeys(operator for _, operator in gaps))
+  lines = header('adjacency', *operators)
+  for adjacency in dict.fromkeys(adjacency for adjacency, _ in gaps):
+    cells = []
+    for operator in operators:
+      paths, onnx = gaps[adjacency, operator]
+      cells.append(f'{paths:.0e} · ' + ('no ONNX form' if onnx is None else f'{onnx:.0e}'))
+    lines.append(f'| {adjacency} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def mean_std(values: list[float], digits: int = 2) -> str:
+  values = [v for v in values if v == v]  # NaN: a row without that quantity
+  if not values:
+    return '–'
+  std = statistics.stdev(values) if len(values) > 1 else 0.0
+  return f'{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}'
+
+
+def study_table(name: str) -> str:
+  """One line per row of a training study: its rankings and the pair-stage diagnostics.
+
+  'stage 2 − individual' is the mean ± std over seeds of each seed's own
+  difference (the same trained model scored two ways).
+  """
+  report = load(f'ablations_{name}.json')
+  lines = header(
+    'row',
+    'overrides',
+    'individual mAP',
+    'cacenet mAP',
+    'stage 2 − individual, mAP',
+    'within family mAP, individual / cacenet',
+    'selectivity',
+    'conditioning',
+  )
+  for row, found in report['rows'].items():
+    results, diagnostics = found['results'], found.get('diagnostics', {})
+    overrides = ', '.join(f'`{k}={v}`' for k, v in report['overrides'][row].items()) or 'the config'
+    individual = results['individual']['mAP']['values']
+    cacenet = results.get('cacenet', {}).get('mAP', {}).get('values')
+    gain = mean_std([c - i for c, i in zip(cacenet, individual)]) if cacenet else '–'
+    family = [
+      diagnostics.get(f'family_retrieval/{scoring}/mAP', {}).get('values', [])
+      for scoring in ('individual', 'cacenet')
+    ]
+    lines.append(
+      f'| {row} | {overrides} | {mean_std(individual)} | '
+      f'{mean_std(cacenet) if cacenet else "–"} | {gain} | '
+      f'{mean_std(family[0])} / {mean_std(family[1])} | '
+      f'{mean_std(diagnostics.get("alignment_selectivity", {}).get("values", []), 3)} | '
+      f'{mean_std(diagnostics.get("conditioning_strength", {}).get("values", []))} |'
+    )
+  seeds = ', '.join(map(str, report['seeds']))
+  return (
+    f'Study `{name}` on `{report["config"]}`, seeds {seeds}, test split (reported, never '
+    'used to choose).\n\n' + '\n'.join(lines) + provenance(f'ablations_{name}.json')
+  )
+
+
+def explorations() -> str:
+  """Single-seed changes of the demo, from their recorded summaries."""
+  report = load('explorations.json')
+  lines = header(
+    'change from the demo',
+    'individual mAP',
+    'cacenet mAP',
+    'within family, individual / cacenet',
+    'selectivity',
+    'conditioning',
+  )
+  for row in report['rows']:
+    lines.append(
+      f'| {row["change"]} | {row["individual_mAP"]:.2f} | {row["cacenet_mAP"]:.2f} | '
+      f'{row["family_individual_mAP"]:.2f} / {row["family_cacenet_mAP"]:.2f} | '
+      f'{row["selectivity"]:.3f} | {row["conditioning"]:.2f} |'
+    )
+  return '\n'.join(lines) + provenance('explorations.json')
+
+
+def stage2_k() -> str:
+  """mAP and Rank-1 of both stage-2 rows for every K, on one trained run."""
+  report = load('stage2_k.json')
+  base = report['individual']
+  lines = [
+    f'{report["num_query"]} queries, {report["num_gallery"]} gallery images; stage 1 alone: '
+    f'mAP {base["mAP"]:.2f}, Rank-1 {base["rank1"]:.1f}.',
+    '',
+    *header('K', 'cacenet mAP', 'cacenet Rank-1', 'clue_alignment mAP', 'stage 2 ms per query'),
+  ]
+  for k, found in report['rows']['cacenet'].items():
+    alignment = report['rows'].get('clue_alignment', {}).get(k, {})
+    lines.append(
+      f'| {k} | {found["mAP"]:.2f} | {found["rank1"]:.1f} | {cell(alignment.get("mAP"))} | '
+      f'{1000 * found["stage2_s_per_query"]:.2f} |'
+    )
+  return '\n'.join(lines) + provenance('stage2_k.json')
+
+
+MEMORY_RUNS = {
+  'memory_growth_4000.json': 'OCDBT store; evaluation every 280 steps, log every 10',
+  'memory_growth.json': 'OCDBT store; evaluation every 560 steps, log every 10',
+  'memory_growth_no_eval.json': 'OCDBT store; no periodic evaluation, log every 10',
+  'memory_growth_no_eval_no_log.json': 'OCDBT store; no periodic evaluation, log every 2000',
+  'memory_growth_4000_zarr.json': 'zarr per array (the default); evaluation every 280 steps',
+}
+MEMORY_PARTS = {
+  'memory_parts_pipeline.json': 'the tf.data stream alone',
+  'memory_parts_step.json': 'device transfer + jitted step alone',
+  'memory_parts_checkpoint.json': 'checkpoint saves, OCDBT store (per save)',
+  'memory_parts_checkpoint_zarr.json': 'checkpoint saves, zarr per array (per save)',
+  'memory_parts_spec_json.json': "tensorstore's `Spec.to_json()` alone (per call)",
+}
+
+
+def memory_growth() -> str:
+  """Host RSS against the step over long tiny runs: the slope of a fitted line."""
+  lines = header(
+    'run', 'steps', 'RSS over the fit, MiB', 'slope, MiB / 1000 steps', 'residual std, MiB'
+  )
+  for name, label in MEMORY_RUNS.items():
+    r = load(name)
+    lines.append(
+      f'| {label} | {r["steps"]:,} | {r["rss_mib_fit_start"]:.0f} → {r["rss_mib_fit_end"]:.0f} | '
+      f'{r["slope_mib_per_1000_steps"]:+.1f} | {r["residual_std_mib"]:.1f} |'
+    )
+  dates = sorted({load(name).get('date', '(undated)') for name in MEMORY_RUNS})
+  return '\n'.join(lines) + f'\n\n`memory_growth*.json`, measured {", ".join(dates)}.'
+
+
+def memory_parts() -> str:
+  """One part of the training loop alone: RSS slope and live Python blocks per step."""
+  lines = header('part', 'steps', 'RSS slope, MiB / 1000 steps', 'live Python blocks per step')
+  for name, label in MEMORY_PARTS.items():
+    r = load(name)
+    blocks = r.get('python_blocks_per_step')
+    lines.append(
+      f'| {label} | {r["steps"]:,} | {r["slope_mib_per_1000_steps"]:+.2f} | '
+      f'{"–" if blocks is None else f"{blocks:+.1f}"} |'
+    )
+  dates = sorted({load(name).get('date', '(undated)') for name in MEMORY_PARTS})
+  return '\n'.join(lines) + f'\n\n`memory_parts_*.json`, measured {", ".join(dates)}.'
+
+
+def eval_cost() -> str:
+  """Stage 2's cost against stage 1's at Market-1501 size, per pooling and K."""
+  report = load('eval_cost.json')
+  ks = [str(k) for k in report['ks']]
+  lines = header(
+    'pooling',
+    'stage 1, s per image',
+    'stored cache, KiB per image',
+    *(f'stage 2 / stage 1, K = {k}' for k in ks),
+    'MSMT17 cache, GB',
+  )
+  for pooling, found in report['poolings'].items():
+    ratios = ' | '.join(f'{100 * found["stage2_over_stage1_market"][k]:.1f}%' for k in ks)
+    lines.append(
+      f'| {pooling} | {found["stage1_s_per_image"]:.3f} | '
+      f'{found["stored_cache_bytes_per_image"] / 1024:.0f} | {ratios} | '
+      f'{found["stored_cache_gb_msmt17"]:.1f} |'
+    )
+  stream = report['streaming']
+  lines.append(
+    f"\nGathering a query's K = 10 cache rows: {1000 * stream['memory_s_per_query']['10']:.1f} ms "
+    f'from memory, {1000 * stream["disk_cold_s_per_query"]["10"]:.1f} ms from cold memory-mapped '
+    f'files; ranking metrics for 3,368 × 15,913: {report["metric_s_market"]:.1f} s.'
+  )
+  return '\n'.join(lines) + provenance('eval_cost.json')
+
+
+def deploy_speed() -> str:
+  """onnxruntime against JAX on the exported models."""
+  r = load('deploy_speed.json')
+  lines = header('model', 'onnxruntime, ms', 'JAX, ms', 'onnxruntime / JAX')
+  for key, label in (
+    ('features_s_per_image', f'features, per image (batch {r["batch"]})'),
+    ('pair_s_per_pair', f'pair, per pair ({r["pairs"]} pairs)'),
+  ):
+    ort, jax_s = r[key]['onnxruntime'], r[key]['jax']
+    lines.append(f'| {label} | {1000 * ort:.1f} | {1000 * jax_s:.1f} | {ort / jax_s:.2f} |')
+  size = '×'.join(map(str, r['image_size']))
+  return f'`{r["config"]}` at {size}.\n\n' + '\n'.join(lines) + provenance('deploy_speed.json')
+
+
+MULTIHOST_RUNS = {
+  'multihost_eval_resnet50.json': 'ResNet-50 at 256×128, K = 10',
+  'multihost_eval_k5.json': "the demo's model, K = 5",
+  'multihost_eval_k100.json': "the demo's model, K = 100",
+}
+
+
+def multihost_eval() -> str:
+  """eval.py in one process against two over gloo: wall time and the split of the work."""
+  lines = header(
+    'model',
+    'one process, s',
+    'two processes, s',
+    'two / one',
+    'pairs scored per process',
+    'largest metric difference',
+  )
+  for name, label in MULTIHOST_RUNS.items():
+    r = load(name)
+    pairs = r['info']['two_processes'].get('stage2_pairs_scored_by_process', [])
+    lines.append(
+      f'| {label} | {r["median_seconds"]["one_process"]:.0f} | '
+      f'{r["median_seconds"]["two_processes"]:.0f} | {r["two_over_one"]:.2f} | '
+      f'{" / ".join(map(str, pairs))} | {r["largest_metric_difference"]} |'
+    )
+  dates = sorted({load(name).get('date', '(undated)') for name in MULTIHOST_RUNS})
+  return '\n'.join(lines) + f'\n\n`multihost_eval_*.json`, measured {", ".join(dates)}.'
+
+
+def device_check_cpu() -> str:
+  """The accelerator check at full size on this CPU: step, memory and stage-2 figures."""
+  train = load('device_check_cpu_full_train.json')
+  lines = header(
+    'variant',
+    'GFLOP per step',
+    'step, s',
+    'step / backbone',
+    'program memory, GiB',
+    'compile, s',
+  )
+  for variant, r in train['train'].items():
+    lines.append(
+      f'| {variant} | {r["gflop_per_device_step"]:.0f} | {r["step_s"]:.1f} | '
+      f'{r["step_over_backbone"]:.2f} | {r["program_memory_bytes"] / 2**30:.1f} | '
+      f'{r["compile_s"]:.0f} |'
+    )
+  lines += ['', *header('pooling', 'cache, KiB per image', 'stage 2 at K = 100, ms per query')]
+  evaluation = load('device_check_cpu_full_eval.json')['eval']
+  for pooling in ('avg', 'gem'):
+    r = evaluation[pooling]
+    lines.append(
+      f'| {pooling} | {r["cache_bytes_per_image"] / 1024:.0f} | '
+      f'{r["stage2_ms_per_query_k100"]:.0f} |'
+    )
+  correctness = load('device_check_cpu_full_correctness.json')['correctness']
+  gaps = ', '.join(
+    f'{name.removeprefix("fast_vs_direct_")} {r["largest_relative_difference"]:.0e}'
+    for name, r in correctness.items()
+    if name.startswith('fast_vs_direct')
+  )
+  lines.append(f'\nFast against direct pair path, largest relative difference: {gaps}.')
+  return '\n'.join(lines) + provenance(
+    'device_check_cpu_full_train.json',
+    'device_check_cpu_full_eval.json',
+    'device_check_cpu_full_correctness.json',
+  )
+
+
+def throughput() -> str:
+  """Input pipeline, model step and end-to-end training rates on this CPU."""
+  pipeline = load('input_pipeline.json')
+  step = load('model_step.json')['results']
+  training = load('train_throughput.json')['images_per_s']
+  size = '×'.join(map(str, pipeline['image_size']))
+  lines = header('measure', 'figure')
+  lines += [
+    f'| tf.data training input at {size} | {pipeline["train_images_per_s"]:.0f} images/s |',
+    f'| tf.data evaluation input at {size} | {pipeline["eval_images_per_s"]:.0f} images/s |',
+  ]
+  for name, label in (
+    ('individual', 'individual heads only'),
+    ('full_avg', 'CACE-Net, average pooling (all B² pairs)'),
+    ('full_gem', 'CACE-Net, GeM'),
+  ):
+    lines.append(
+      f'| ResNet-50 train step, {label}, over the backbone alone | '
+      f'{step[name]["ratio_to_backbone"]:.2f}× |'
+    )
+  for name, rate in training.items():
+    lines.append(f'| end-to-end training, `{name}` | {rate:.2f} images/s |')
+  return '\n'.join(lines) + provenance(
+    'input_pipeline.json', 'model_step.json', 'train_throughput.json'
+  )
+
+
+def official_parity() -> str:
+  """One training forward of the official CACENET beside ours: every loss part."""
+  r = load('official_parity.json')
+  lines = header('loss part', 'official', 'cace_jax', 'relative difference')
+  for part, found in r['losses'].items():
+    gap = abs(found['ours'] - found['official']) / abs(found['official'])
+    lines.append(f'| `{part}` | {found["official"]:.6f} | {found["ours"]:.6f} | {gap:.0e} |')
+  lines.append(
+    f'\nBatchNorm buffers compared: {r["buffers"]}; the largest relative gap, '
+    f"{r['worst_gap']:.0e}, in `{r['worst_buffer']}`. Without the classifiers' in-place "
+    f'ReLU the triplet would be {r["unrectified_triplets"]["triplet"]:.3f}.'
+  )
+  return '\n'.join(lines) + provenance('official_parity.json')
+
+
+TABLES: dict[str, Callable[[], str]] = {
+  'cpu_speed': cpu_speed,
+  'cpu_options': cpu_options,
+  'demo_results': demo_results,
+  'demo_time': demo_time,
+  'graph_conformance': graph_conformance,
+  'study_attention': lambda: study_table('attention'),
+  'study_table1': lambda: study_table('table1'),
+  'study_table2': lambda: study_table('table2'),
+  'explorations': explorations,
+  'stage2_k': stage2_k,
+  'memory_growth': memory_growth,
+  'memory_parts': memory_parts,
+  'eval_cost': eval_cost,
+  'deploy_speed': deploy_speed,
+  'multihost_eval': multihost_eval,
+  'device_check_cpu': device_check_cpu,
+  'throughput': throughput,
+  'official_parity': official_parity,
+}
