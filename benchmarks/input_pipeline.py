@@ -24,6 +24,7 @@ from benchmarks.common import save_report  # pylint: disable=wrong-import-positi
 from cace_jax import cli  # pylint: disable=wrong-import-position
 from cace_jax import input_pipeline as ip  # pylint: disable=wrong-import-position
 from cace_jax.datasets import prepare  # pylint: disable=wrong-import-position
+from configs import default  # pylint: disable=wrong-import-position
 
 
 def time_batches(dataset: tf.data.Dataset, steps: int, warmup: int) -> float:
@@ -60,14 +61,10 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
   builder = prepare.prepare_dataset(args.dataset, args.data_dir)
   size = (args.height, args.width)
   train = ip.load_split(builder, 'train')
+  recipe = default.get_config().data
+  recipe.update(image_size=size, p=args.p, k=args.k)
   train_ds = ip.create_train_dataset(
-    train,
-    image_size=size,
-    p=args.p,
-    k=args.k,
-    seed=0,
-    num_devices=args.devices,
-    local_devices=args.devices,
+    train, recipe, seed=0, num_devices=args.devices, local_devices=args.devices
   )
   train_images = args.steps * args.devices * args.p * args.k
   train_seconds = time_batches(train_ds, args.steps, args.warmup)

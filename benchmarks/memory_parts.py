@@ -70,11 +70,8 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
   data = config.data
   splits = input_pipeline.load_training_splits(input_pipeline.prepare_datasets(config), data)
   stream = input_pipeline.iterate_numpy(
-    input_pipeline.create_train_dataset(
-      splits.train, image_size=data.image_size, p=data.p, k=data.k, seed=0, num_devices=1,
-      local_devices=1,
-    )
-  )  # fmt: skip
+    input_pipeline.create_train_dataset(splits.train, data, seed=0, num_devices=1, local_devices=1)
+  )
   if args.part in ('step', 'checkpoint'):
     mesh = sharding.make_mesh()
     model = build_model(config.model, len(np.unique(splits.train.labels)))

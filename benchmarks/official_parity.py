@@ -19,7 +19,7 @@ training-mode forward of both on the same images and prints:
 
 The official code is read, never copied: it stays in its own directory.
 The tests check the same against a PyTorch model written after it
-(`tests/test_port.py`), so they do not need this download.
+(`tests/test_port_official.py`), so they do not need this download.
 """
 
 from __future__ import annotations

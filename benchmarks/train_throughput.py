@@ -48,7 +48,7 @@ def measure(config, steps: int, warmup: int) -> dict:
     rows = [
       json.loads(line) for line in open(os.path.join(workdir, 'train.log')) if line.startswith('{')
     ]
-    num_classes = checkpoint.read_checkpoint(workdir)[2]['num_classes']  # the final step's
+    num_classes = checkpoint.read_checkpoint(workdir)[2].num_classes  # the final step's
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
   timed = [r for r in rows if r['split'] == 'train' and r['step'] == warmup + steps][-1]

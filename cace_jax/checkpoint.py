@@ -1,7 +1,7 @@
 """Orbax checkpoints of a training run (the last k, plus the best by mAP), and loading a run.
 
 A checkpoint holds the train state (step, params, batch_stats, opt_state) and
-a small JSON record (data position, RNG seed, config, metrics). Orbax writes
+a small JSON record of its run (`run_record.RunRecord`: step, seed, config). Orbax writes
 each step into a temporary directory and renames it when complete, so an
 interrupted save is never listed as a checkpoint; such leftovers are cleaned
 up when the manager is created.
@@ -13,7 +13,6 @@ benchmarks) turns a workdir into a model and its variables.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any
@@ -29,6 +28,7 @@ from cace_jax import sharding
 from cace_jax.errors import CheckpointError, ConfigError, RunFailure, is_disk_full
 from cace_jax.models import build_model, make_resnet
 from cace_jax.models.attention import RENAMED_KINDS
+from cace_jax.run_record import RunRecord
 
 BEST_METRIC = 'mAP'
 # Saves write one zarr directory per array rather than orbax's default OCDBT
@@ -87,9 +87,13 @@ def create_manager(
 
 
 def save_checkpoint(
-  manager: ocp.CheckpointManager, step: int, state: Any, record: dict, metrics: dict | None = None
+  manager: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  record: RunRecord,
+  metrics: dict | None = None,
 ) -> None:
-  """Saves `state` and the JSON-serialisable `record` at `step` (blocking).
+  """Saves `state` and its run's `record` at `step` (blocking).
 
   `metrics` (with 'mAP') makes the checkpoint a candidate for "best". The
   step appears only once it is complete: orbax writes into a temporary
@@ -102,7 +106,9 @@ def save_checkpoint(
   try:
     manager.save(
       step,
-      args=ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)),
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record.to_json())
+      ),
       metrics=metrics,
       force=True,
     )
@@ -121,7 +127,7 @@ def save_checkpoint(
 
 def restore_checkpoint(
   manager: ocp.CheckpointManager, target: Any, step: int | None = None
-) -> tuple[Any, dict, list[tuple[int, str]]] | None:
+) -> tuple[Any, RunRecord, list[tuple[int, str]]] | None:
   """Restores the newest checkpoint that can be read into the structure of `target`.
 
   A checkpoint that cannot be restored (truncated or missing files, a
@@ -157,7 +163,7 @@ def restore_checkpoint(
     except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
       skipped.append((candidate, failure_reason(e)))
       continue
-    return restored['state'], restored['record'], skipped
+    return restored['state'], RunRecord.from_json(restored['record']), skipped
   raise CheckpointError(
     f'no checkpoint in {manager.directory} can be restored: '
     + '; '.join(f'step {s}: {why}' for s, why in skipped)
@@ -211,7 +217,7 @@ def list_steps(workdir: str) -> list[int]:
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
-def read_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict, dict]:
+def read_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict, RunRecord]:
   """Reads a checkpoint without knowing its structure (evaluation, porting, tests).
 
   Works whatever topology saved it (e.g. two processes of two devices): the
@@ -259,7 +265,7 @@ def read_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict, d
       ) from e
   finally:
     manager.close()
-  return step, state, record['record']
+  return step, state, RunRecord.from_json(record['record'])
 
 
 def merge_variables(
@@ -315,14 +321,14 @@ class Run:
 
   Attributes:
     step: the checkpoint's step.
-    record: its JSON record ('config' for trained runs, 'model' for ports).
+    record: what the checkpoint says about its run (its config, or a port's model).
     model: the CACENet (or, for a bare torchvision port, the ResNet).
     variables: {'params', 'batch_stats'}.
     config: the training config the run was made with; None for ports.
   """
 
   step: int
-  record: dict
+  record: RunRecord
   model: nn.Module
   variables: dict
   config: ml_collections.ConfigDict | None
@@ -360,33 +366,33 @@ def load_run(
       config fields that differ from the checkpoint's).
   """
   step, state, record = read_checkpoint(workdir, step)
-  config = ml_collections.ConfigDict(json.loads(record['config'])) if record.get('config') else None
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
-  ported = record.get('model') or {}
-  if 'resnet_depth' in ported:  # a torchvision ImageNet network, not a CACE-Net
+  if record.is_torchvision:  # a torchvision ImageNet network, not a CACE-Net
     fc = variables['params'].get('fc')
     model = make_resnet(
-      ported['resnet_depth'], last_stride=2, num_classes=fc['kernel'].shape[-1] if fc else None
+      record.model['resnet_depth'],
+      last_stride=2,
+      num_classes=fc['kernel'].shape[-1] if fc else None,
     )
   else:
     user_model = model_config is not None
     if not user_model:
-      model_config = recorded_model(config.model if config is not None else ported)
+      model_config = recorded_model(record.model_fields)
     # Evaluation normalises with running averages: no cross-device BN statistics.
-    model = build_model(model_config, record.get('num_classes'), sync_bn=False)
+    model = build_model(model_config, record.num_classes, sync_bn=False)
     if user_model:
       check_model_fits(
         model,
         variables,
         model_config,
-        recorded_model(config.model if config else ported),
+        recorded_model(record.model_fields),
         f'checkpoint step {step} of {workdir}',
       )
   if mesh is not None:
     # Restored arrays sit on this process's devices; a mesh over several processes
     # takes host values (the same on each), never a transfer between hosts.
     variables = sharding.replicate(jax.device_get(variables), mesh)
-  return Run(step=step, record=record, model=model, variables=variables, config=config)
+  return Run(step=step, record=record, model=model, variables=variables, config=record.config)
 
 
 def check_model_fits(

@@ -392,27 +392,23 @@ def _device_batch_stream(labels, p, k, seed, sampler, num_devices, start: int):
 
 def create_train_dataset(
   data: SplitData,
+  recipe,
   *,
-  image_size,
-  p: int,
-  k: int,
   seed: int,
   num_devices: int,
   local_devices: int,
   process_index: int = 0,
   start_step: int = 0,
-  sampler: str = 'uniform',
-  flip: bool = True,
-  padding: int = 10,
-  erasing_probability: float = 0.5,
-  erasing_fill: str = 'official',
 ) -> tf.data.Dataset:
   """Endless training batches for this process, starting at global step `start_step`.
 
   Args:
     data: the training split.
-    image_size: (height, width).
-    p, k: identities per device batch and images per identity.
+    recipe: `config.data`: image_size (height, width), p and k (identities
+      per device batch, images per identity), sampler ('uniform', the
+      official recipe, or 'chunk'; see `steps_per_epoch`), and the
+      augmentation's flip, padding, erasing_probability and erasing_fill
+      (`augment`).
     seed: the run's seed; fixes batch order and augmentations.
     num_devices: devices over all processes; a global step takes that many
       device batches from the stream.
@@ -420,14 +416,13 @@ def create_train_dataset(
       [process_index·local_devices, ...) of each step.
     process_index: this process's rank.
     start_step: the global step to resume from.
-    sampler: 'uniform' (the official recipe) or 'chunk' (see `steps_per_epoch`).
-    flip, padding, erasing_probability, erasing_fill: see the recipe (`augment`).
 
   Returns:
     A dataset of dicts with 'image' [local_devices·P·K, H, W, 3] float32,
     'label', 'pid', 'camid' [local_devices·P·K] int32; rows [d·P·K, (d+1)·P·K)
     belong to this process's device d.
   """
+  p, k, sampler = recipe.p, recipe.k, recipe.sampler
   batch_size = p * k
   first_device = process_index * local_devices
 
@@ -453,11 +448,11 @@ def create_train_dataset(
     image = augment.preprocess_train(
       tf.gather(images, index),
       image_seed,
-      image_size,
-      flip=flip,
-      padding=padding,
-      erasing_probability=erasing_probability,
-      erasing_fill=erasing_fill,
+      tuple(recipe.image_size),
+      flip=recipe.flip,
+      padding=recipe.padding,
+      erasing_probability=recipe.erasing_probability,
+      erasing_fill=recipe.erasing_fill,
     )
     return {
       'image': image,

@@ -1,17 +1,18 @@
 """Where a run's train state starts: ImageNet weights, another run, or its own checkpoints.
 
-A fresh run starts from its initialisation, optionally with a torchvision
-backbone (`init.backbone`) or every variable of another checkpoint
-(`init.checkpoint`). A resumed run starts from the newest of its own
-checkpoints that can be restored: `check_resumable` first refuses a workdir
-trained with another model (not damage: the wrong config), and
-`set_aside_damaged` keeps checkpoints that could not be read where the user
-can find them and where training will not trip over them.
+`start_state` is the one call that decides it. A fresh run starts from its
+initialisation, optionally with a torchvision backbone (`init.backbone`) or
+every variable of another checkpoint (`init.checkpoint`). A resumed run
+starts from the newest of its own checkpoints that can be restored:
+`check_resumable` first refuses a workdir trained with another model (not
+damage: the wrong config), and `set_aside_damaged` keeps checkpoints that
+could not be read where the user can find them and where training will not
+trip over them.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from typing import Any
 
 import jax
@@ -20,11 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from cace_jax import checkpoint
+from cace_jax import checkpoint, sharding
 from cace_jax.errors import CheckpointError, ConfigError, PortError
 from cace_jax.interop import torch_weights
-from cace_jax.run_logger import RunLogger
-from cace_jax.train_step import PAIR_STAGE_PARAMS
+from cace_jax.run_record import RunRecord
+from cace_jax.train_step import PAIR_STAGE_PARAMS, init_state
 
 
 def with_variables(state: Any, params, batch_stats) -> Any:
@@ -126,20 +127,18 @@ def check_resumable(manager, config, num_classes: int, workdir: str) -> None:
   if step is None:
     return
   try:
-    record = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
-    recorded = ml_collections.ConfigDict(json.loads(record['record']['config']))
+    stored = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
+    record = RunRecord.from_json(stored['record'])
   except Exception:  # noqa: BLE001  (an unreadable record: restore_checkpoint reports it)
     return
-  ours, theirs = dict(config.model), checkpoint.recorded_model(recorded.model)
+  ours, theirs = dict(config.model), checkpoint.recorded_model(record.model_fields)
   differ = [
     f'model.{name}={ours[name]!r} (the checkpoints have {theirs[name]!r})'
     for name in sorted(ours)
     if name in theirs and ours[name] != theirs[name] and name not in RESUMABLE_MODEL_FIELDS
   ]
-  if record['record'].get('num_classes') not in (None, num_classes):
-    differ.append(
-      f'{num_classes} training identities (the checkpoints have {record["record"]["num_classes"]})'
-    )
+  if record.num_classes not in (None, num_classes):
+    differ.append(f'{num_classes} training identities (the checkpoints have {record.num_classes})')
   if differ:
     raise ConfigError(
       f'{workdir} holds a run of another model: {", ".join(differ)}; resume with the '
@@ -151,15 +150,90 @@ def check_resumable(manager, config, num_classes: int, workdir: str) -> None:
 RESUMABLE_MODEL_FIELDS = ('dropout_rate', 'dtype', 'sync_bn', 'pair_path', 'plugins')
 
 
-def set_aside_damaged(manager, skipped: list[tuple[int, str]], logger: RunLogger) -> None:
-  """Moves checkpoints that could not be restored out of the way (kept) and says why.
+def set_aside_damaged(manager, skipped: list[tuple[int, str]]) -> list[str]:
+  """Moves checkpoints that could not be restored out of the way (kept); returns why, per step.
 
   Training goes on from an older step and will save these steps again.
   """
+  notes = []
   if jax.process_index() == 0:
     moved = checkpoint.set_aside(manager, [step for step, _ in skipped])
     for (step, why), where in zip(skipped, moved):
-      logger.info(f'checkpoint step {step} cannot be restored ({why}); moved to {where}')
+      notes.append(f'checkpoint step {step} cannot be restored ({why}); moved to {where}')
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('set_aside_damaged')
     manager.reload()
+  return notes
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+  """Where a run starts: its train state (replicated over the mesh) and what to log about it."""
+
+  state: Any
+  step: int
+  notes: tuple[str, ...]
+
+
+def check_init_files(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Reads `init.backbone` for a run that will start fresh, before any dataset or compilation.
+
+  A file of another depth or width is then one line naming both, and the
+  workdir is left as it was. `start_state` reads the file again to load it.
+  """
+  if config.init.backbone and not checkpoint.list_steps(workdir):
+    read_backbone(config)
+
+
+def start_state(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  manager,
+  model,
+  tx,
+  num_classes: int,
+  mesh: jax.sharding.Mesh,
+) -> Start:
+  """The state a run starts from, in one place: resumed, or fresh with its initial weights.
+
+  In order: a workdir trained with another model is refused
+  (`check_resumable`); the state is initialised; a run without checkpoints
+  loads `init.backbone` or `init.checkpoint` into it; then the newest
+  checkpoint that can be restored replaces it, damaged newer ones being set
+  aside (`set_aside_damaged`).
+
+  Returns:
+    Start(state, its step, the notes the run's log should show).
+
+  Raises:
+    ConfigError: the workdir holds a run of another model, or an init file
+      does not fit.
+    CheckpointError: there are checkpoints and none can be restored.
+  """
+  check_resumable(manager, config, num_classes, workdir)
+  state = sharding.replicate(init_state(model, tx, config.data.image_size, config.seed), mesh)
+  notes = []
+  fresh_classifiers = []
+  if manager.latest_step() is None:  # on resume, the run's own checkpoint wins
+    if config.init.backbone:
+      state = init_backbone(state, config)
+    if config.init.checkpoint:
+      state, fresh_classifiers = init_from_checkpoint(state, config)
+    state = sharding.replicate(state, mesh)
+  restored = checkpoint.restore_checkpoint(manager, state)
+  if restored is not None:
+    state, record, skipped = restored
+    notes += set_aside_damaged(manager, skipped) if skipped else []
+    notes.append(f'resumed from {workdir} at step {record.step}')
+  elif config.init.checkpoint:
+    notes.append(
+      f'initialised from {config.init.checkpoint}; classifiers kept at their '
+      f'initial values: {fresh_classifiers or "none"}'
+    )
+  elif not config.init.backbone and isinstance(model.depth, int):
+    # The official recipe always starts from ImageNet; nothing here can download it.
+    notes.append(
+      'the backbone starts from random weights; the official recipe starts from '
+      'ImageNet: pass --config.init.backbone=<torchvision resnet .pth>'
+    )
+  return Start(state=state, step=int(state.step), notes=tuple(notes))

@@ -27,13 +27,8 @@ from cace_jax import (
 from cace_jax.evaluation import evaluate
 from cace_jax.models import CACENet, build_model
 from cace_jax.run_logger import RunLogger
-from cace_jax.train_step import (
-  create_optimizer,
-  init_state,
-  make_train_step,
-  total_steps,
-  variables_of,
-)
+from cace_jax.run_record import RunRecord
+from cace_jax.train_step import create_optimizer, make_train_step, total_steps, variables_of
 
 
 def check_finite(metrics: dict, step: int, last_checkpoint: int | None) -> None:
@@ -59,8 +54,9 @@ def train_and_evaluate(
   union of their training splits (disjoint identities and classes), and the
   evaluations score each test set in turn.
 
-  Resuming takes the newest checkpoint that can be restored; damaged newer
-  ones are moved to `<workdir>/damaged_checkpoints/` (`train_init`).
+  Where the state starts (fresh, from init files, or resumed past damaged
+  checkpoints, which are moved to `<workdir>/damaged_checkpoints/`) is
+  decided by `train_init.start_state`.
 
   Returns:
     The final evaluation (of the first test set), or None when
@@ -76,6 +72,7 @@ def train_and_evaluate(
   """
   # Before anything expensive: a typo must not cost a dataset build or a compilation.
   config_check.check_config(config, workdir)
+  train_init.check_init_files(config, workdir)
   with contextlib.ExitStack() as cleanup:
     mesh = sharding.make_mesh()
     num_devices = jax.device_count()
@@ -84,16 +81,12 @@ def train_and_evaluate(
     train_data = splits.train
     num_classes = len(np.unique(train_data.labels))
     config_check.check_training_data(config, num_classes)
-    backbone = None
-    if config.init.backbone and not checkpoint.list_steps(workdir):  # checked before compiling
-      backbone = train_init.read_backbone(config)
     # One run per workdir (process 0 holds it for all); taken once the datasets
     # are ready, so a failed preparation leaves nothing in the workdir.
     if jax.process_index() == 0:
       cleanup.enter_context(workdir_lock.hold(workdir, log=print))
     manager = checkpoint.create_manager(workdir, keep_last=config.train.keep_last)
     cleanup.callback(manager.close)
-    train_init.check_resumable(manager, config, num_classes, workdir)
 
     data = config.data
     images_per_step = data.p * data.k * num_devices
@@ -103,35 +96,13 @@ def train_and_evaluate(
     num_steps = total_steps(config, steps_per_epoch)
     model = build_model(config.model, num_classes)
     tx, schedule = create_optimizer(config, steps_per_epoch, images_per_step)
-    state = sharding.replicate(init_state(model, tx, data.image_size, config.seed), mesh)
+    start = train_init.start_state(config, workdir, manager, model, tx, num_classes, mesh)
+    state, start_step = start.state, start.step
 
     logger = RunLogger(workdir, num_steps, 0, images_per_step)
     cleanup.callback(logger.close)  # first to close: the bar ends before any error line
-    fresh_classifiers = []
-    if manager.latest_step() is None:  # on resume, the run's own checkpoint wins
-      if config.init.backbone:
-        state = train_init.init_backbone(state, config, backbone)
-      if config.init.checkpoint:
-        state, fresh_classifiers = train_init.init_from_checkpoint(state, config)
-      state = sharding.replicate(state, mesh)
-    restored = checkpoint.restore_checkpoint(manager, state)
-    if config.init.checkpoint and restored is None:
-      logger.info(
-        f'initialised from {config.init.checkpoint}; classifiers kept at their '
-        f'initial values: {fresh_classifiers or "none"}'
-      )
-    if restored is not None:
-      state, record, skipped = restored
-      if skipped:
-        train_init.set_aside_damaged(manager, skipped, logger)
-      logger.info(f'resumed from {workdir} at step {record["step"]}')
-    elif not (config.init.backbone or config.init.checkpoint) and isinstance(model.depth, int):
-      # The official recipe always starts from ImageNet; nothing here can download it.
-      logger.info(
-        'the backbone starts from random weights; the official recipe starts from '
-        'ImageNet: pass --config.init.backbone=<torchvision resnet .pth>'
-      )
-    start_step = int(state.step)
+    for note in start.notes:
+      logger.info(note)
     logger.advance(start_step)
     logger.info(
       f'{num_classes} identities, {len(train_data)} images, {steps_per_epoch} '
@@ -148,19 +119,12 @@ def train_and_evaluate(
     train_step = make_train_step(model, tx, schedule, config.loss, mesh)
     dataset = input_pipeline.create_train_dataset(
       train_data,
-      image_size=data.image_size,
-      p=data.p,
-      k=data.k,
+      data,
       seed=config.seed,
       num_devices=num_devices,
       local_devices=jax.local_device_count(),
       process_index=jax.process_index(),
       start_step=start_step,
-      sampler=data.sampler,
-      flip=data.flip,
-      padding=data.padding,
-      erasing_probability=data.erasing_probability,
-      erasing_fill=data.erasing_fill,
     )
     batches = sharding.prefetch_to_device(
       ({'image': b['image'], 'label': b['label']} for b in input_pipeline.iterate_numpy(dataset)),
@@ -201,13 +165,13 @@ def train_and_evaluate(
         or step % steps_per_epoch == 0
         or step == num_steps
       ):
-        record = {
-          'step': step,
-          'epoch': step / steps_per_epoch,
-          'seed': config.seed,
-          'num_classes': num_classes,
-          'config': config.to_json(),
-        }
+        record = RunRecord(
+          step=step,
+          epoch=step / steps_per_epoch,
+          seed=config.seed,
+          num_classes=num_classes,
+          config=config,
+        )
         checkpoint.save_checkpoint(manager, step, state, record, metrics_for_best)
         last_checkpoint = step
     if start_step >= num_steps and config.train.eval_at_end:  # Already trained: report again.

@@ -11,6 +11,7 @@ import atexit
 import io
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import zipfile
@@ -32,6 +33,8 @@ import cace_jax
 import numpy as np
 from PIL import Image
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_jpeg(seed: int, size=(32, 16)) -> bytes:
@@ -190,3 +193,17 @@ def trained_workdir(tiny_data_dir, tmp_path_factory):
   train_lib.train_and_evaluate(config, workdir)
   os.remove(os.path.join(workdir, 'results.json'))
   return workdir
+
+
+def run_train_cli(args, env=None, devices=4, tool='train.py'):
+  """Starts `python <tool> args` from the repository root on `devices` fake CPU devices."""
+  env = dict(os.environ, **(env or {}))
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return subprocess.Popen(
+    [sys.executable, tool, *args],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )

@@ -352,7 +352,7 @@ def test_two_datasets_train_together_and_are_each_evaluated(tiny_data_dir, tmp_p
   assert len(np.unique(train.labels)) == 2 * classes - len(union.validation_pids)
   workdir = str(tmp_path / 'run')
   train_lib.train_and_evaluate(config, workdir)
-  assert checkpoint.load_run(workdir).record['num_classes'] == 2 * classes - 3
+  assert checkpoint.load_run(workdir).record.num_classes == 2 * classes - 3
   with open(os.path.join(workdir, 'results.json')) as f:
     saved = json.load(f)
   assert list(saved['test_sets']) == ['synthetic_details/tiny', 'reid_folder/copy']

@@ -318,7 +318,7 @@ def test_training_with_validation_holds_it_out_and_chooses_stage2_on_it(
     selection['stage2_mix'],
   )
   run = checkpoint.load_run(workdir)
-  assert run.record['num_classes'] == 6  # 9 training identities, one family of 3 held out
+  assert run.record.num_classes == 6  # 9 training identities, one family of 3 held out
   # eval.py's path carves the same split and makes the same choice.
   again = evaluate.evaluate_checkpoint(config, workdir)
   assert again.info['selection'] == selection

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from cace_jax import augment
 from cace_jax import input_pipeline as ip
+from configs import default
 
 SIZE = (32, 16)
 
@@ -110,9 +111,7 @@ def test_identities_below_k_are_drawn_with_replacement(train_data, sampler):
 
 
 def test_train_batches_shape_dtype_and_identities(train_data):
-  dataset = ip.create_train_dataset(
-    train_data, image_size=SIZE, p=2, k=2, seed=1, num_devices=2, local_devices=2
-  )
+  dataset = ip.create_train_dataset(train_data, recipe(), seed=1, num_devices=2, local_devices=2)
   for batch in dataset.take(3).as_numpy_iterator():
     assert batch['image'].shape == (8, *SIZE, 3) and batch['image'].dtype == np.float32
     assert batch['label'].shape == (8,) and batch['label'].dtype == np.int32
@@ -121,15 +120,24 @@ def test_train_batches_shape_dtype_and_identities(train_data):
     assert np.abs(batch['image']).max() < 3.0  # ImageNet-normalised
 
 
+def recipe(sampler: str = 'uniform'):
+  """The default recipe's `config.data` at the tests' size, P = K = 2."""
+  data = default.get_config().data
+  data.update(image_size=SIZE, p=2, k=2, sampler=sampler)
+  return data
+
+
 def take_numpy(dataset, n):
   return list(dataset.take(n).as_numpy_iterator())
 
 
 def test_processes_read_disjoint_shares_of_the_same_stream(train_data):
-  kwargs = dict(image_size=SIZE, p=2, k=2, seed=5, num_devices=4)
-  whole = take_numpy(ip.create_train_dataset(train_data, local_devices=4, **kwargs), 3)
+  kwargs = dict(seed=5, num_devices=4)
+  whole = take_numpy(ip.create_train_dataset(train_data, recipe(), local_devices=4, **kwargs), 3)
   parts = [
-    take_numpy(ip.create_train_dataset(train_data, local_devices=2, process_index=i, **kwargs), 3)
+    take_numpy(
+      ip.create_train_dataset(train_data, recipe(), local_devices=2, process_index=i, **kwargs), 3
+    )
     for i in (0, 1)
   ]
   for step in range(3):
@@ -140,11 +148,13 @@ def test_processes_read_disjoint_shares_of_the_same_stream(train_data):
 
 @pytest.mark.parametrize('sampler', ip.SAMPLERS)
 def test_resume_replays_the_same_batches(train_data, sampler):
-  kwargs = dict(image_size=SIZE, p=2, k=2, seed=11, num_devices=2, local_devices=2, sampler=sampler)
+  kwargs = dict(seed=11, num_devices=2, local_devices=2)
   steps = ip.steps_per_epoch(train_data.labels, 2, 2, num_devices=2, sampler=sampler)
   total = steps + 3  # crosses an epoch boundary
-  uninterrupted = take_numpy(ip.create_train_dataset(train_data, **kwargs), total)
-  resumed = take_numpy(ip.create_train_dataset(train_data, start_step=steps - 1, **kwargs), 4)
+  uninterrupted = take_numpy(ip.create_train_dataset(train_data, recipe(sampler), **kwargs), total)
+  resumed = take_numpy(
+    ip.create_train_dataset(train_data, recipe(sampler), start_step=steps - 1, **kwargs), 4
+  )
   for a, b in zip(uninterrupted[steps - 1 :], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])

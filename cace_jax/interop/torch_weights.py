@@ -46,6 +46,7 @@ from cace_jax.interop.torch_keys import (
 from cace_jax.models import CACENet, ResNet, build_model, make_resnet
 from cace_jax.models.resnet import RESNET_SPECS
 from cace_jax.paths import check_directory
+from cace_jax.run_record import RunRecord
 
 
 def read_state_dict(source: str | os.PathLike | Mapping) -> dict:
@@ -374,12 +375,12 @@ def write_ported_checkpoint(
     'params': variables['params'],
     'batch_stats': variables.get('batch_stats', {}),
   }
-  record = {
-    'step': 0,
-    'ported_from': str(source),
-    'model': dict(model_config),
-    'num_classes': model_config.get('num_classes'),
-  }
+  record = RunRecord(
+    step=0,
+    num_classes=model_config.get('num_classes'),
+    model=dict(model_config),
+    ported_from=str(source),
+  )
   manager = checkpoint.create_manager(workdir, keep_best=False)
   try:
     checkpoint.save_checkpoint(manager, 0, state, record)
@@ -483,7 +484,5 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None) -> dict:
   else:
     import torch  # optional: the torch extra
 
-    torch.save(
-      {'epoch': run.record.get('epoch', 0), 'state_dict': to_torch_state_dict(exported)}, out
-    )
+    torch.save({'epoch': run.record.epoch, 'state_dict': to_torch_state_dict(exported)}, out)
   return exported
