@@ -261,6 +261,24 @@ def load_torchvision_resnet(source, depth: int, include_fc: bool = True) -> dict
   return _check_complete(merge_state_dict(state, table, target), _name(source))
 
 
+def torchvision_depth(model: ResNet) -> int:
+  """The torchvision depth (18, 34, 50 or 101) of a `make_resnet` model.
+
+  `ResNet` keeps its blocks per stage and block type, not the depth it was made from.
+
+  Raises:
+    PortError: the blocks are no torchvision ResNet's (e.g. depth 'tiny').
+  """
+  layout = (tuple(model.stage_sizes), model.block)
+  for depth, spec in RESNET_SPECS.items():
+    if isinstance(depth, int) and spec == layout:
+      return depth
+  raise PortError(
+    f'a ResNet of {layout[1]} blocks {layout[0]} per stage is no torchvision ResNet '
+    '(18, 34, 50 or 101); torchvision keys cannot express it'
+  )
+
+
 def load_backbone_into(
   params: Mapping, batch_stats: Mapping, source, depth: int
 ) -> tuple[dict, dict]:
@@ -474,7 +492,7 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None) -> dict:
   run = checkpoint.load_run(workdir, step)
   if isinstance(run.model, ResNet):
     exported = export_torchvision_resnet(
-      run.variables, run.model.depth, include_fc=run.model.num_classes is not None
+      run.variables, torchvision_depth(run.model), include_fc=run.model.num_classes is not None
     )
   else:
     exported = export_official_cacenet(run.variables, run.model)
