@@ -53,3 +53,35 @@ def test_a_torchvision_port_goes_back_to_the_same_torchvision_tensors(
   for key, value in original.items():
     assert back[key].dtype == value.dtype, key
     np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize(
+  'key,edit,problem',
+  [
+    ('layer1.0.conv1.weight', lambda state, key: state.pop(key), 'missing keys'),
+    ('bn1.running_var', lambda state, key: state.update({key: torch.ones(65)}), 'shape mismatch'),
+  ],
+)
+def test_a_file_that_does_not_fit_is_named_with_the_key(
+  key, edit, problem, resnet18_file, tmp_path, capsys
+):
+  state = torch.load(resnet18_file[0], weights_only=True)
+  edit(state, key)
+  source = str(tmp_path / 'edited.pth')
+  torch.save(state, source)
+  argv = ['torchvision', source, '--depth', '18', '--out', str(tmp_path / 'ported')]
+  assert run_tool(port_tool, argv) == 2
+  line = capsys.readouterr().err.strip().splitlines()[-1]
+  assert line.startswith(f'error: {source}: state_dict does not fit the model')
+  assert problem in line and key in line
+  assert not (tmp_path / 'ported').exists()  # nothing written
+
+
+def test_a_file_that_is_no_official_checkpoint_is_named(resnet18_file, tmp_path, capsys):
+  source = str(tmp_path / 'not_official.pth')
+  torch.save({'state_dict': torch.load(resnet18_file[0], weights_only=True)}, source)
+  assert run_tool(port_tool, ['official', source, '--out', str(tmp_path / 'ported')]) == 2
+  line = capsys.readouterr().err.strip().splitlines()[-1]
+  assert line == (
+    f'error: {source}: not an official CACE-Net state_dict: no embedding_layer.0.weight'
+  )
