@@ -15,6 +15,7 @@ import pytest
 from cace_jax import input_pipeline
 from cace_jax.datasets import folder_spec, prepare, query_split
 from cace_jax.errors import DatasetError
+from conftest import make_jpeg, write_files
 
 MARKET_FOLDERS = {'train': 'bounding_box_train', 'query': 'query', 'gallery': 'bounding_box_test'}
 NAME = re.compile(r'^(-?\d+)_c(\d+)')
@@ -233,6 +234,37 @@ def test_unreadable_image_is_named_and_prepared_data_survives(tiny_images, tmp_p
     prepared_splits(tmp_path, 'other')
   assert sorted(os.listdir(builder.data_dir)) == before
   assert not os.path.exists(tmp_path / 'data' / 'reid_folder' / 'other' / '1.0.0')
+
+
+def identity_folders(root, folders, pids, images=2, broken=None) -> None:
+  """`<folder>/<pid>/<n>.jpg` for each folder and pid, `layout: folders`; `broken` not an image."""
+  files = {
+    f'{folder}/{pid}/{n}.jpg': make_jpeg(i, size=(16, 8))
+    for i, (folder, pid, n) in enumerate(
+      (folder, pid, n) for folder in folders for pid in pids for n in range(images)
+    )
+  }
+  if broken:
+    files[broken] = b'not an image'
+  write_files(str(root), files)
+
+
+@pytest.mark.parametrize('splits', [None, {'all': 'images'}])
+def test_integer_identity_folders_keep_their_numbers_and_negative_ones_are_dropped(
+  splits, tmp_path
+):
+  root = tmp_path / 'manual' / 'mine'
+  folders = ['images'] if splits else ['train', 'query', 'gallery']
+  identity_folders(root, folders, ['-1', '3', '7', '12', '40'])  # '-1': Market's junk
+  write_spec(root, {'layout': 'folders', **({'splits': splits, 'test_ids': 2} if splits else {})})
+  _, found = prepared_splits(tmp_path)
+  seen = set()
+  for data in found.values():
+    assert [name.split('/')[1] for name in data.file_names] == [str(p) for p in data.pids]
+    seen |= set(data.pids.tolist())
+  assert seen == {3, 7, 12, 40}
+  if not splits:
+    assert sorted(found['gallery'].pids.tolist()) == [3, 3, 7, 7, 12, 12, 40, 40]
 
 
 def test_spec_errors_and_a_changed_spec_name_the_file_and_key(tiny_images, tmp_path):
