@@ -15,7 +15,8 @@ import pytest
 from cace_jax import input_pipeline
 from cace_jax.datasets import folder_spec, prepare, query_split
 from cace_jax.errors import DatasetError
-from conftest import make_jpeg, write_files
+from conftest import make_jpeg, run_tool, write_files
+from tools import prepare as prepare_tool
 
 MARKET_FOLDERS = {'train': 'bounding_box_train', 'query': 'query', 'gallery': 'bounding_box_test'}
 NAME = re.compile(r'^(-?\d+)_c(\d+)')
@@ -234,7 +235,7 @@ def test_unreadable_image_is_named_and_prepared_data_survives(tiny_images, tmp_p
     prepared_splits(tmp_path, 'other')
   assert '<_io' not in str(e.value)  # PIL's name for the bytes it was given
   assert sorted(os.listdir(builder.data_dir)) == before
-  assert not os.path.exists(tmp_path / 'data' / 'reid_folder' / 'other' / '1.0.0')
+  assert not os.path.exists(tmp_path / 'data' / 'reid_folder' / 'other')  # not even empty
 
 
 def identity_folders(root, folders, pids, images=2, broken=None) -> None:
@@ -266,6 +267,26 @@ def test_integer_identity_folders_keep_their_numbers_and_negative_ones_are_dropp
   assert seen == {3, 7, 12, 40}
   if not splits:
     assert sorted(found['gallery'].pids.tolist()) == [3, 3, 7, 7, 12, 12, 40, 40]
+
+
+def test_a_failed_preparation_leaves_no_folder_it_created(tmp_path, capsys):
+  root = tmp_path / 'manual' / 'mine'
+  identity_folders(root, ['train', 'query', 'gallery'], ['1', '2'], broken='query/2/x.jpg')
+  write_spec(root, {'layout': 'folders'})
+  kept = tmp_path / 'kept' / 'reid_folder' / 'mine'  # existed before, though empty
+  kept.mkdir(parents=True)
+  fresh = tmp_path / 'fresh' / 'data'
+  for data_dir in (fresh, tmp_path / 'kept'):
+    argv = ['--dataset=reid_folder/mine', f'--data_dir={data_dir}', f'--manual_dir={root.parent}']
+    assert run_tool(prepare_tool, argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f'error: corrupt or unreadable image {root / "query/2/x.jpg"}: ')
+    assert 'not an image format PIL can identify' in line and '<_io' not in line
+  assert not (tmp_path / 'fresh').exists()
+  assert [str(p.relative_to(tmp_path)) for p in sorted((tmp_path / 'kept').rglob('*'))] == [
+    'kept/reid_folder',
+    'kept/reid_folder/mine',
+  ]
 
 
 def test_spec_errors_and_a_changed_spec_name_the_file_and_key(tiny_images, tmp_path):
