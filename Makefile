@@ -1,6 +1,27 @@
 # The two commands of the README: `make demo` and `make test`.
-# Each creates .venv (once per change of pyproject.toml) with nothing but Python 3.11.
-PYTHON ?= python3.11
+# Each creates .venv (once per change of pyproject.toml) with nothing but Python.
+
+# The supported Python versions are written once, as requires-python in pyproject.toml
+# (">=3.A,<3.B"); PYTHON is the first of python3.A ... python3.(B-1) on PATH, oldest
+# first (3.11 is the one the pins were verified on), else python3 if its version is
+# among them. `make PYTHON=/path/to/python` chooses another.
+PYTHON_MINORS := $(shell sed -n 's/^requires-python *= *">= *3\.\([0-9][0-9]*\) *, *< *3\.\([0-9][0-9]*\) *".*/\1 \2/p' pyproject.toml)
+SUPPORTED := $(shell set -- $(PYTHON_MINORS); [ $$# -eq 2 ] || exit 0; \
+  m=$$1; while [ $$m -lt $$2 ]; do printf '3.%s ' $$m; m=$$((m + 1)); done)
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell set -- $(PYTHON_MINORS); [ $$# -eq 2 ] || exit 0; \
+  m=$$1; while [ $$m -lt $$2 ]; do \
+    command -v python3.$$m >/dev/null 2>&1 && { echo python3.$$m; exit 0; }; m=$$((m + 1)); done; \
+  m=$$(python3 -c 'import sys; print(sys.version_info[1] if sys.version_info[0] == 3 else -1)' \
+    2>/dev/null) && [ "$$m" -ge $$1 ] 2>/dev/null && [ "$$m" -lt $$2 ] && echo python3)
+endif
+# Expanded only where a recipe needs an interpreter and none was found: one line, then stop.
+comma := ,
+NO_PYTHON = $(error $(strip $(if $(SUPPORTED),no supported Python on PATH: expected \
+  $(subst $() , or ,$(strip $(addprefix python,$(SUPPORTED)))) (or python3 of one of those \
+  versions; requires-python in pyproject.toml); install one or pass make PYTHON=/path/to/python,\
+  cannot read the supported versions from requires-python in pyproject.toml (expected \
+  ">=3.A$(comma)<3.B"); pass make PYTHON=/path/to/python)))
 VENV := .venv
 BIN := $(VENV)/bin
 # Multi-device code paths run on 4 fake CPU devices in tests.
@@ -11,7 +32,7 @@ TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=4 TF_CPP_MIN_LOG_LE
 env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(or $(PYTHON),$(NO_PYTHON)) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e .
 	touch $@

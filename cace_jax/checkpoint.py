@@ -12,6 +12,7 @@ benchmarks) turns a workdir into a model and its variables.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -50,6 +51,26 @@ def _not_the_ocdbt_merge_notice(record: logging.LogRecord) -> bool:
 if not USE_OCDBT:
   logging.getLogger('absl').addFilter(_not_the_ocdbt_merge_notice)  # orbax logs through absl
 
+# Reading a run, orbax warns that the directory is read only (as it was asked to
+# be) and that the state has no metadata file of its own (the step has one): every
+# evaluation, search and export printed both, and neither is anything to act on.
+_READ_ONLY_NOTICES = ('Given directory is read only', 'Metadata file does not exist')
+
+
+def _not_a_read_only_notice(record: logging.LogRecord) -> bool:
+  return not str(record.msg).startswith(_READ_ONLY_NOTICES)
+
+
+@contextlib.contextmanager
+def _without_read_only_notices():
+  """Drops orbax's two read-only notices while a run is read, and only then."""
+  logger = logging.getLogger('absl')
+  logger.addFilter(_not_a_read_only_notice)
+  try:
+    yield
+  finally:
+    logger.removeFilter(_not_a_read_only_notice)
+
 
 def create_manager(
   workdir: str, keep_last: int = 3, keep_best: bool = True, read_only: bool = False
@@ -76,6 +97,8 @@ def create_manager(
     preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
     create=not read_only,
     read_only=read_only,
+    # Orbax sets 0 itself for a read-only manager, with a warning each time.
+    save_interval_steps=0 if read_only else 1,
     enable_async_checkpointing=False,
   )
   directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
@@ -237,6 +260,11 @@ def read_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict, R
       f'no checkpoint in {os.path.abspath(os.path.join(workdir, "checkpoints"))} '
       f'({workdir} is not a training run or a port)'
     )
+  with _without_read_only_notices():
+    return _read_checkpoint(workdir, step)
+
+
+def _read_checkpoint(workdir: str, step: int | None) -> tuple[int, dict, dict]:
   manager = create_manager(workdir, read_only=True)
   try:
     available = list(manager.all_steps())

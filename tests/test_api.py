@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 
+from absl import logging as absl_logging
 import numpy as np
 from PIL import Image
 import pytest
@@ -40,6 +42,24 @@ def config_for(data_dir):
   config = tiny.get_config()
   config.data.data_dir = data_dir
   return config
+
+
+# What orbax says when a run is read read-only: nothing a user of load or search can act on.
+ORBAX_NOTICES = (
+  'Given directory is read only',
+  'Metadata file does not exist',
+  'read_only=True, setting',
+)
+
+
+def test_loading_a_run_logs_no_orbax_notices_and_silences_nothing_else(trained_workdir, caplog):
+  with caplog.at_level(logging.INFO):
+    cace_jax.load(trained_workdir)
+    logged = caplog.text
+    # The filter holds only while the run is read.
+    absl_logging.warning('Metadata file does not exist: %s', 'elsewhere')
+  assert not [notice for notice in ORBAX_NOTICES if notice in logged]
+  assert 'Metadata file does not exist: elsewhere' in caplog.text
 
 
 def test_embeddings_are_evals_and_arrays_embed_like_their_files(
@@ -125,6 +145,7 @@ def test_search_command_writes_results_and_figures(trained_workdir, eval_files, 
     command + [f'--query={paths["query"][0]}'], capture_output=True, text=True, cwd=root
   )
   assert done.returncode == 0, done.stderr
+  assert not [notice for notice in ORBAX_NOTICES if notice in done.stdout + done.stderr]
   with open(out / 'results.json') as f:
     results = json.load(f)
   assert [len(q['hits']) for q in results['queries']] == [4]

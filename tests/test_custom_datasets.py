@@ -15,6 +15,8 @@ import pytest
 from cace_jax import input_pipeline
 from cace_jax.datasets import folder_spec, prepare, query_split
 from cace_jax.errors import DatasetError
+from conftest import make_jpeg, run_tool, write_files
+from tools import prepare as prepare_tool
 
 MARKET_FOLDERS = {'train': 'bounding_box_train', 'query': 'query', 'gallery': 'bounding_box_test'}
 NAME = re.compile(r'^(-?\d+)_c(\d+)')
@@ -229,10 +231,62 @@ def test_unreadable_image_is_named_and_prepared_data_survives(tiny_images, tmp_p
   shutil.copytree(root, broken)
   bad = broken / 'query' / os.path.basename(tiny_images['query'][0][0])
   bad.write_bytes(b'not an image')
-  with pytest.raises(DatasetError, match=re.escape(str(bad))):
+  with pytest.raises(DatasetError, match=re.escape(f'unreadable image {bad}: not an image')) as e:
     prepared_splits(tmp_path, 'other')
+  assert '<_io' not in str(e.value)  # PIL's name for the bytes it was given
   assert sorted(os.listdir(builder.data_dir)) == before
-  assert not os.path.exists(tmp_path / 'data' / 'reid_folder' / 'other' / '1.0.0')
+  assert not os.path.exists(tmp_path / 'data' / 'reid_folder' / 'other')  # not even empty
+
+
+def identity_folders(root, folders, pids, images=2, broken=None) -> None:
+  """`<folder>/<pid>/<n>.jpg` for each folder and pid, `layout: folders`; `broken` not an image."""
+  files = {
+    f'{folder}/{pid}/{n}.jpg': make_jpeg(i, size=(16, 8))
+    for i, (folder, pid, n) in enumerate(
+      (folder, pid, n) for folder in folders for pid in pids for n in range(images)
+    )
+  }
+  if broken:
+    files[broken] = b'not an image'
+  write_files(str(root), files)
+
+
+@pytest.mark.parametrize('splits', [None, {'all': 'images'}])
+def test_integer_identity_folders_keep_their_numbers_and_negative_ones_are_dropped(
+  splits, tmp_path
+):
+  root = tmp_path / 'manual' / 'mine'
+  folders = ['images'] if splits else ['train', 'query', 'gallery']
+  identity_folders(root, folders, ['-1', '3', '7', '12', '40'])  # '-1': Market's junk
+  write_spec(root, {'layout': 'folders', **({'splits': splits, 'test_ids': 2} if splits else {})})
+  _, found = prepared_splits(tmp_path)
+  seen = set()
+  for data in found.values():
+    assert [name.split('/')[1] for name in data.file_names] == [str(p) for p in data.pids]
+    seen |= set(data.pids.tolist())
+  assert seen == {3, 7, 12, 40}
+  if not splits:
+    assert sorted(found['gallery'].pids.tolist()) == [3, 3, 7, 7, 12, 12, 40, 40]
+
+
+def test_a_failed_preparation_leaves_no_folder_it_created(tmp_path, capsys):
+  root = tmp_path / 'manual' / 'mine'
+  identity_folders(root, ['train', 'query', 'gallery'], ['1', '2'], broken='query/2/x.jpg')
+  write_spec(root, {'layout': 'folders'})
+  kept = tmp_path / 'kept' / 'reid_folder' / 'mine'  # existed before, though empty
+  kept.mkdir(parents=True)
+  fresh = tmp_path / 'fresh' / 'data'
+  for data_dir in (fresh, tmp_path / 'kept'):
+    argv = ['--dataset=reid_folder/mine', f'--data_dir={data_dir}', f'--manual_dir={root.parent}']
+    assert run_tool(prepare_tool, argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f'error: corrupt or unreadable image {root / "query/2/x.jpg"}: ')
+    assert 'not an image format PIL can identify' in line and '<_io' not in line
+  assert not (tmp_path / 'fresh').exists()
+  assert [str(p.relative_to(tmp_path)) for p in sorted((tmp_path / 'kept').rglob('*'))] == [
+    'kept/reid_folder',
+    'kept/reid_folder/mine',
+  ]
 
 
 def test_spec_errors_and_a_changed_spec_name_the_file_and_key(tiny_images, tmp_path):

@@ -216,7 +216,10 @@ def number_folders(source: ManualSource, spec: dict) -> dict[str, int]:
 
   Folders named by integers keep them; otherwise names are numbered in their
   sorted order over all splits (identities from 0, cameras from 1), so a
-  query and a gallery folder of the same name are the same identity.
+  query and a gallery folder of the same name are the same identity. An
+  identity folder named by a negative integer (Market's junk `-1/`) keeps it
+  whatever the other names are, so that `read_split` drops it; it takes no
+  part in the numbering of the others.
   """
   identities, cameras = set(), set()
   for where in spec['splits'].values():
@@ -224,8 +227,9 @@ def number_folders(source: ManualSource, spec: dict) -> dict[str, int]:
       identities.add(folder.rsplit('/', 1)[-1])
       if spec['camera'] == 'subfolder':
         cameras.update(c.rsplit('/', 1)[-1] for c in source.list_folders(folder))
-  numbers = {}
-  for names, prefix, first in ((identities, '', 0), (cameras, 'camera:', 1)):
+  junk = {name for name in identities if re.fullmatch(r'-\d+', name) and int(name) < 0}
+  numbers = {name: int(name) for name in junk}
+  for names, prefix, first in ((identities - junk, '', 0), (cameras, 'camera:', 1)):
     numeric = all(re.fullmatch(r'\d+', name) for name in names)
     for index, name in enumerate(sorted(names)):
       numbers[prefix + name] = int(name) if numeric else first + index

@@ -14,7 +14,7 @@ import os
 from typing import Iterable, Sequence
 import zipfile
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from cace_jax.errors import DatasetError
 
@@ -133,16 +133,24 @@ def to_rgb_jpeg(data: bytes, where: str) -> bytes:
   re-encoded as RGB JPEG (quality 95) so the input pipeline can rely on one
   decoder and every stored image has 3 channels; RGB JPEGs are kept as they are.
   """
+  stream = io.BytesIO(data)
   try:
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(stream) as image:
       image.load()
       if image.format == 'JPEG' and image.mode == 'RGB':
         return data
       buffer = io.BytesIO()
       image.convert('RGB').save(buffer, format='JPEG', quality=95)
       return buffer.getvalue()
+  except UnidentifiedImageError as e:
+    # PIL names the in-memory stream it was given, which tells the user nothing.
+    raise DatasetError(
+      f'corrupt or unreadable image {where}: not an image format PIL can identify '
+      f'(expected JPEG or PNG; {len(data)} bytes)'
+    ) from e
   except (OSError, SyntaxError, ValueError) as e:
-    raise DatasetError(f'corrupt or unreadable image {where}: {e}') from e
+    reason = str(e).replace(repr(stream), where)
+    raise DatasetError(f'corrupt or unreadable image {where}: {reason}') from e
 
 
 # Folders of the manual directory that never hold a benchmark download.

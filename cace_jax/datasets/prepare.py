@@ -77,10 +77,7 @@ def prepare_dataset(
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DatasetError(f'unknown dataset config {name!r}: {e}') from e
   if not builder.is_prepared():
-    tfds.disable_progress_bar()  # One line per split in logs, not a bar per shard.
-    builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
-    )
+    build_records(builder, data_dir, manual_dir)
   return builder
 
 
@@ -109,9 +106,43 @@ def prepare_custom(name: str, data_dir: str, manual_dir: str) -> tfds.core.Datas
         'move the prepared folder away to prepare it again'
       )
     return builder
-  tfds.disable_progress_bar()
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  build_records(builder, data_dir, manual_dir)
   return builder
+
+
+def build_records(builder: tfds.core.DatasetBuilder, data_dir: str, manual_dir: str) -> None:
+  """Prepares `builder`'s records; a failure leaves no folder it created behind.
+
+  TFDS creates the dataset's folders (`<data_dir>/<builder>/<config>/`) and
+  its download folders before it reads a single image, and on failure
+  removes only its unfinished records: the empty folders would be taken for
+  a dataset half prepared. Only folders that did not exist before and are
+  empty again are removed (a new `data_dir` too), so nothing prepared before
+  (or written by anyone else meanwhile) is ever touched.
+  """
+  # <data_dir>/<builder>[/<config>]/<version> is where the records go.
+  parts = os.path.relpath(os.path.dirname(str(builder.data_dir)), data_dir).split(os.sep)
+  parts = [] if '..' in parts or parts == ['.'] else parts
+  folders = [os.path.join(data_dir, *parts[:n]) for n in range(len(parts), 0, -1)]
+  folders += [os.path.join(data_dir, 'downloads', 'extracted'), os.path.join(data_dir, 'downloads')]
+  folders.append(data_dir)
+  parent = os.path.dirname(os.path.abspath(data_dir))
+  while not os.path.lexists(parent):  # a new --data_dir's new parents
+    folders.append(parent)
+    parent = os.path.dirname(parent)
+  created = [f for f in folders if not os.path.lexists(f)]
+  tfds.disable_progress_bar()  # One line per split in logs, not a bar per shard.
+  try:
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+    )
+  except BaseException:
+    for folder in created:  # deepest first
+      try:
+        os.rmdir(folder)  # only ever an empty folder
+      except OSError:
+        pass  # not empty: something else wrote there, so it is kept
+    raise
 
 
 def dataset_families(name: str, pids: np.ndarray) -> np.ndarray | None:

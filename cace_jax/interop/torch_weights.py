@@ -158,7 +158,9 @@ def strip_prefix(state: Mapping, prefix: str = OFFICIAL_PREFIX) -> dict:
   return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
-def merge_state_dict(state: Mapping, table: Mapping, target: Mapping) -> dict:
+def merge_state_dict(
+  state: Mapping, table: Mapping, target: Mapping, name: str | None = None
+) -> dict:
   """Converts `state` through `table` into a copy of the initialised `target`.
 
   Args:
@@ -166,6 +168,7 @@ def merge_state_dict(state: Mapping, table: Mapping, target: Mapping) -> dict:
     table: torch key -> ((collection, *path), transform), from a key table.
     target: initialised variables {'params': ..., 'batch_stats': ...}; only
       leaves named in `table` are replaced, the rest keep their values.
+    name: the file `state` was read from, named by the error (`_file_of`).
 
   Returns:
     New variables with the same tree, shapes and dtypes as `target`.
@@ -203,7 +206,9 @@ def merge_state_dict(state: Mapping, table: Mapping, target: Mapping) -> dict:
     if items:
       problems.append(f'{len(items)} {title}:\n    ' + '\n    '.join(items))
   if problems:
-    raise PortError('state_dict does not fit the model; ' + '\n  '.join(problems))
+    # One error line for a whole port: it must say which file did not fit.
+    where = f'{name}: ' if name else ''
+    raise PortError(f'{where}state_dict does not fit the model; ' + '\n  '.join(problems))
   return merged
 
 
@@ -259,7 +264,26 @@ def load_torchvision_resnet(source, depth: int, include_fc: bool = True) -> dict
   check_resnet_fits(state, depth, 64, _name(source))
   table = resnet_key_table(depth, include_fc=include_fc)
   target = _abstract_variables(make_resnet(depth, last_stride=2, num_classes=num_classes))
-  return _check_complete(merge_state_dict(state, table, target), _name(source))
+  merged = merge_state_dict(state, table, target, _file_of(source))
+  return _check_complete(merged, _name(source))
+
+
+def torchvision_depth(model: ResNet) -> int:
+  """The torchvision depth (18, 34, 50 or 101) of a `make_resnet` model.
+
+  `ResNet` keeps its blocks per stage and block type, not the depth it was made from.
+
+  Raises:
+    PortError: the blocks are no torchvision ResNet's (e.g. depth 'tiny').
+  """
+  layout = (tuple(model.stage_sizes), model.block)
+  for depth, spec in RESNET_SPECS.items():
+    if isinstance(depth, int) and spec == layout:
+      return depth
+  raise PortError(
+    f'a ResNet of {layout[1]} blocks {layout[0]} per stage is no torchvision ResNet '
+    '(18, 34, 50 or 101); torchvision keys cannot express it'
+  )
 
 
 def load_backbone_into(
@@ -291,15 +315,20 @@ def load_backbone_into(
     key: ((path[0], 'backbone') + path[1:], how)
     for key, (path, how) in resnet_key_table(depth, include_fc=False).items()
   }
-  merged = merge_state_dict(state, table, {'params': params, 'batch_stats': batch_stats})
+  target = {'params': params, 'batch_stats': batch_stats}
+  merged = merge_state_dict(state, table, target, _file_of(source))
   return merged['params'], merged['batch_stats']
 
 
-def infer_official_config(state: Mapping) -> dict:
-  """CACENet constructor arguments matching an official state_dict (prefix stripped)."""
+def infer_official_config(state: Mapping, name: str | None = None) -> dict:
+  """CACENet constructor arguments matching an official state_dict (prefix stripped).
+
+  `name`: the file `state` was read from, named by the errors (`_file_of`).
+  """
+  where = f'{name}: ' if name else ''
   for key in ('embedding_layer.0.weight', 'pair_graph.y.weight', 'resnet.conv1.weight'):
     if key not in state:
-      raise PortError(f'not an official CACE-Net state_dict: no {key}')
+      raise PortError(f'{where}not an official CACE-Net state_dict: no {key}')
   blocks = lambda stage: len(
     {k.split('.')[2] for k in state if k.startswith(f'resnet.layer{stage}.')}
   )
@@ -312,7 +341,7 @@ def infer_official_config(state: Mapping) -> dict:
     and (kind == 'bottleneck') == any('.conv3.' in k for k in state)
   ]
   if not depths:
-    raise PortError(f'backbone with blocks per stage {stage_sizes} is no torchvision ResNet')
+    raise PortError(f'{where}backbone with blocks per stage {stage_sizes} is no torchvision ResNet')
   embed_dim, pooled_dim = state['embedding_layer.0.weight'].shape[:2]
   channels = state['pair_graph.y.weight'].shape[1]
   config = {
@@ -340,12 +369,13 @@ def load_official_cacenet(source) -> tuple[dict, dict]:
   the official network (eval mode). The optimizer state and epoch are ignored.
   """
   state = strip_prefix(read_state_dict(source))
-  config = infer_official_config(state)
+  config = infer_official_config(state, _file_of(source))
   table = cacenet_key_table(
     config['depth'], config['non_local'], config['pooling'], config['num_classes'] is not None
   )
   target = _abstract_variables(build_model(config))
-  return _check_complete(merge_state_dict(state, table, target), _name(source)), config
+  merged = merge_state_dict(state, table, target, _file_of(source))
+  return _check_complete(merged, _name(source)), config
 
 
 def write_ported_checkpoint(
@@ -390,6 +420,11 @@ def write_ported_checkpoint(
 
 def _name(source) -> str:
   return '<state_dict>' if isinstance(source, Mapping) else str(source)
+
+
+def _file_of(source) -> str | None:
+  # A state_dict handed over in memory has no file to name; callers say where it came from.
+  return None if isinstance(source, Mapping) else str(source)
 
 
 def export_state_dict(variables: Mapping, table: Mapping, prefix: str = '') -> dict:
@@ -475,7 +510,7 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None) -> dict:
   run = checkpoint.load_run(workdir, step)
   if isinstance(run.model, ResNet):
     exported = export_torchvision_resnet(
-      run.variables, run.model.depth, include_fc=run.model.num_classes is not None
+      run.variables, torchvision_depth(run.model), include_fc=run.model.num_classes is not None
     )
   else:
     exported = export_official_cacenet(run.variables, run.model)
