@@ -264,7 +264,7 @@ def read_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict, R
     return _read_checkpoint(workdir, step)
 
 
-def _read_checkpoint(workdir: str, step: int | None) -> tuple[int, dict, dict]:
+def _read_checkpoint(workdir: str, step: int | None) -> tuple[int, dict, RunRecord]:
   manager = create_manager(workdir, read_only=True)
   try:
     available = list(manager.all_steps())
