@@ -1,5 +1,6 @@
 """Porting torchvision ResNets in and out: parity, bad files, safetensors and .pth round trips."""
 
+import functools
 import os
 import pickle
 
@@ -24,6 +25,7 @@ from torch_reference import (
 )
 
 
+@functools.lru_cache(maxsize=None)
 def resnet_case(depth, last_stride):
   return torchvision_resnet(depth, last_stride)
 

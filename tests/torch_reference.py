@@ -68,7 +68,6 @@ def backbone_forward(model, images):
   return torch.nn.Sequential(*list(model.children())[:-2])(images)
 
 
-@functools.lru_cache(maxsize=None)
 def fill_abstract(abstract, seed):
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), abstract)
