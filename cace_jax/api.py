@@ -205,22 +205,14 @@ class ReID:
       if self.model.pair_stage:
         # Stage 2 only permutes each query's first K, which stay ahead of the rest: the
         # hits shown are among its first max(K, top_k) stage-1 neighbours, scored once.
-        query_index, gallery_index = stage2.top_k_pairs(individual, max(k, top_k))
         pair_distances = stage2.make_pair_distances(
           self.model, self.variables, stage2.conditional_distance, q_cache, index.caches, self.mesh
         )
-        scores = pair_distances(query_index, gallery_index)
-        first_k = stage2.within_first(len(query_index), len(individual), k)
-        ranked = stage2.resort(
-          individual,
-          query_index[first_k],
-          gallery_index[first_k],
-          scores[first_k],
-          self.config.eval.stage2_mix,
-        )
-        pairs = list(zip(query_index.tolist(), gallery_index.tolist()))
-        conditional = dict(zip(pairs, np.asarray(scores).tolist()))
-        resorted = {pair for pair, inside in zip(pairs, first_k) if inside}
+        ranker = stage2.TwoStageRanker(individual, pair_distances, max(k, top_k))
+        ranked = ranker.distances(k, self.config.eval.stage2_mix)
+        pairs = list(zip(ranker.query_index.tolist(), ranker.gallery_index.tolist()))
+        conditional = dict(zip(pairs, ranker.scores.tolist()))
+        resorted = {pair for pair, inside in zip(pairs, ranker.within(k)) if inside}
     order = np.argsort(ranked, axis=1, kind='stable')[:, :top_k]
     results = []
     for q, row in enumerate(order):

@@ -27,7 +27,7 @@ def random_distmat(seed=0, shape=(6, 20)):
 
 def test_stage2_with_k_zero_is_stage1():
   distmat = random_distmat()
-  out = stage2.rerank_top_k(distmat, 0, lambda q, g: np.zeros(len(q)))
+  out = stage2.TwoStageRanker(distmat, lambda q, g: np.zeros(len(q)), 0).distances(0)
   np.testing.assert_array_equal(out, distmat)
 
 
@@ -36,7 +36,7 @@ def test_stage2_only_reorders_within_top_k(k):
   distmat = random_distmat(1)
   rng = np.random.default_rng(2)
   table = rng.uniform(size=distmat.shape).astype(np.float32)
-  out = stage2.rerank_top_k(distmat, k, lambda q, g: table[q, g])
+  out = stage2.TwoStageRanker(distmat, lambda q, g: table[q, g], k).distances(k)
   before = np.argsort(distmat, axis=1, kind='stable')
   after = np.argsort(out, axis=1, kind='stable')
   for row in range(len(distmat)):
@@ -251,7 +251,7 @@ def test_stage2_mix_blends_the_two_distances_within_the_top_k():
   top = np.argsort(distmat, axis=1, kind='stable')[:, :k]
   # w = 0 keeps stage 1's order; w = 1 is the pair order; w = 0.5 the mean's.
   for mix, score in [(0.0, distmat), (1.0, table), (0.5, (distmat + table) / 2)]:
-    out = stage2.rerank_top_k(distmat, k, pair, mix=mix)
+    out = stage2.TwoStageRanker(distmat, pair, k).distances(k, mix)
     after = np.argsort(out, axis=1, kind='stable')[:, :k]
     for row in range(len(distmat)):
       assert set(after[row]) == set(top[row])

@@ -23,7 +23,15 @@ import numpy as np
 from cace_jax import checkpoint, config_check, input_pipeline, sharding
 from cace_jax.datasets import prepare
 from cace_jax.errors import ConfigError
-from cace_jax.evaluation import diagnostics, extract, figures, metrics, rerank, stage1, stage2
+from cace_jax.evaluation import (
+  diagnostics,
+  extract,
+  figures,
+  k_reciprocal,
+  metrics,
+  stage1,
+  stage2,
+)
 from cace_jax.models import CACENet
 from cace_jax.paths import check_directory
 
@@ -160,7 +168,7 @@ def evaluate(
     seconds = {'stage1': sharding.per_process(time.perf_counter() - start, np.float32)}
     stage1_rows = {'individual': metrics.cosine_distance(q.embeddings, g.embeddings)}
     if config.eval.rerank:  # k-reciprocal re-ranking of stage 1; stage 2 re-sorts its top-K
-      stage1_rows['individual+kr'] = rerank.k_reciprocal_rerank_features(
+      stage1_rows['individual+kr'] = k_reciprocal.rerank_features(
         q.embeddings, g.embeddings, metric='cosine'
       )
     measured = {row: measure(d, query, gallery) for row, d in stage1_rows.items()}
@@ -177,9 +185,8 @@ def evaluate(
         mix = config.eval.stage2_mix if row == 'cacenet' else 1.0
         for name, base in stage1_rows.items():
           suffix = name[len('individual') :]
-          measured[row + suffix] = measure(
-            stage2.rerank_top_k(base, k, pair_distances, mix), query, gallery
-          )
+          ranker = stage2.TwoStageRanker(base, pair_distances, k)
+          measured[row + suffix] = measure(ranker.distances(k, mix), query, gallery)
         scored_here += pair_distances.pairs_scored_here
         scoring_seconds += pair_distances.seconds_here
       seconds['stage2_pairs'] = sharding.per_process(scoring_seconds, np.float32)
@@ -239,16 +246,11 @@ def select_stage2(
     pair_distances = stage2.make_pair_distances(
       model, variables, stage2.conditional_distance, q.cache, g.cache, mesh, g.held
     )
-    query_index, gallery_index = stage2.top_k_pairs(base, k_grid[-1])
-    scores = pair_distances(query_index, gallery_index)
+    ranker = stage2.TwoStageRanker(base, pair_distances, k_grid[-1])  # scored once
     grid = []
     for k in k_grid:
-      prefix = stage2.within_first(len(query_index), len(query), k)
       for mix in mixes:
-        resorted = stage2.resort(
-          base, query_index[prefix], gallery_index[prefix], scores[prefix], mix
-        )
-        found = measure(resorted, query, gallery)[0]
+        found = measure(ranker.distances(k, mix), query, gallery)[0]
         grid.append({'k': k, 'mix': mix, 'mAP': found['mAP'], 'rank1': found['rank1']})
     best = max(grid, key=lambda row: (row['mAP'], row['rank1']))  # first of equals wins
     chosen = copy.deepcopy(config)
