@@ -56,7 +56,7 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     evaluate.check_held_out(config, run.config, args.workdir)
     query, gallery = input_pipeline.load_training_splits(builder, config.data).validation
   else:
-    query, gallery = input_pipeline.load_eval_splits(builder)
+    query, gallery = input_pipeline.load_eval_splits(builder, config.data.dataset)
   q_emb, q_cache, _ = extract.extract_features(run.model, run.variables, query, config, mesh)
   g_emb, g_cache, _ = extract.extract_features(run.model, run.variables, gallery, config, mesh)
   distmat = metrics.cosine_distance(q_emb, g_emb)

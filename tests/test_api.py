@@ -22,7 +22,7 @@ from configs import tiny
 def eval_files(tiny_data_dir, tmp_path_factory):
   """The tiny dataset's query and gallery written out as files, in split order."""
   builder = input_pipeline.prepare_on_first_process(config_for(tiny_data_dir))
-  query, gallery = input_pipeline.load_eval_splits(builder)
+  query, gallery = input_pipeline.load_eval_splits(builder, 'synthetic_details/tiny')
   root = tmp_path_factory.mktemp('files')
   paths = {}
   for name, split in (('query', query), ('gallery', gallery)):

@@ -190,7 +190,8 @@ def test_stage2_caches_stream_from_disk_with_the_same_results(
   config.eval.stage2_k = 5
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(trained_workdir, model_config=config.model, mesh=mesh)
-  query, gallery = input_pipeline.load_eval_splits(input_pipeline.prepare_on_first_process(config))
+  builder = input_pipeline.prepare_on_first_process(config)
+  query, gallery = input_pipeline.load_eval_splits(builder, config.data.dataset)
   results = {}
   for limit in (8.0, 0.0):
     config.eval.cache_memory_gb = limit
@@ -216,7 +217,8 @@ def test_model_without_pair_stage_evaluates_stage_one_only(tiny_data_dir):
   model = build_model(config.model, num_classes=4)
   mesh = sharding.make_mesh()
   variables = sharding.replicate(model.init(jax.random.key(0), jnp.zeros((1, 64, 32, 3))), mesh)
-  query, gallery = input_pipeline.load_eval_splits(input_pipeline.prepare_on_first_process(config))
+  builder = input_pipeline.prepare_on_first_process(config)
+  query, gallery = input_pipeline.load_eval_splits(builder, config.data.dataset)
   evaluation = evaluate.evaluate(model, variables, query, gallery, config, mesh)
   assert set(evaluation.metrics) == set(evaluation.rankings) == {'individual'}
   assert evaluation.info.pop('seconds_by_process').keys() == {'stage1'}

@@ -109,6 +109,18 @@ def test_the_package_has_no_import_cycle():
   assert find_cycle(graph) is None, ' -> '.join(find_cycle(graph))
 
 
+def test_evaluation_reads_datasets_only_through_the_splits():
+  """Families and cameras come with the data (`input_pipeline`), never from a dataset's name."""
+  graph = import_graph(module_files())
+  evaluation = [name for name in graph if name.startswith(f'{PACKAGE}.evaluation')]
+  assert f'{PACKAGE}.evaluation.stage2' in evaluation
+  reaching = {
+    name: sorted(t for t in graph[name] if t.startswith(f'{PACKAGE}.datasets'))
+    for name in evaluation
+  }
+  assert {name: found for name, found in reaching.items() if found} == {}
+
+
 def test_deferred_imports_are_external_and_explained():
   modules = module_files()
   problems = []

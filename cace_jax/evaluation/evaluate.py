@@ -21,7 +21,6 @@ import ml_collections
 import numpy as np
 
 from cace_jax import checkpoint, config_check, input_pipeline, sharding
-from cace_jax.datasets import prepare
 from cace_jax.errors import ConfigError
 from cace_jax.evaluation import (
   diagnostics,
@@ -293,10 +292,8 @@ def evaluate_datasets(
     config, selection = select_stage2(model, variables, validation, config, mesh, scratch_dir)
   evaluations = {}
   for name, builder in builders.items():
-    query, gallery = input_pipeline.load_eval_splits(builder)
-    test_config = copy.deepcopy(config)
-    test_config.data.dataset = name  # the diagnostics look up this test set's families
-    evaluation = evaluate(model, variables, query, gallery, test_config, mesh, scratch_dir)
+    query, gallery = input_pipeline.load_eval_splits(builder, name)
+    evaluation = evaluate(model, variables, query, gallery, config, mesh, scratch_dir)
     if selection is not None:
       evaluation.info['selection'] = selection
     note_cameras(evaluation, builder)
@@ -342,17 +339,16 @@ def diagnose(
 
   Returns:
     {'family_retrieval': {'individual'[, 'cacenet']: {'mAP', 'rank1'}},
-     'hard_pair_auc': {'individual'[, 'cacenet']: AUC}} where the dataset
-    has identity families (synthetic_details), and with a pair stage
+     'hard_pair_auc': {'individual'[, 'cacenet']: AUC}} where the splits
+    carry identity families (`SplitData.families`), and with a pair stage
     'alignment_selectivity' and 'cross_share' (on up to PROBED_MATCHES
     true-match pairs, one per query first) and 'conditioning_strength' (over each query's top
     `eval.stage2_k`, at least 2, stage-1 neighbours).
   """
   found = {}
   ids = (query.pids, gallery.pids, query.camids, gallery.camids)
-  q_families = prepare.dataset_families(config.data.dataset, query.pids)
-  g_families = prepare.dataset_families(config.data.dataset, gallery.pids)
-  if q_families is not None:
+  q_families, g_families = query.families, gallery.families
+  if q_families is not None and g_families is not None:
     pairs, is_match = diagnostics.hard_pairs(*ids, q_families, g_families)
     scored = {'individual': distmat[pairs[:, 0], pairs[:, 1]]}
     if conditional is not None:
@@ -502,7 +498,7 @@ def write_report(
     return
   first = next(iter(evaluations))
   evaluation = evaluations[first]
-  query, gallery = input_pipeline.load_eval_splits(builders[first])
+  query, gallery = input_pipeline.load_eval_splits(builders[first], first)
   row = evaluation.figure_row
   figures.write_figures(
     model,
@@ -535,7 +531,7 @@ NO_CAMERAS = 'none: query and gallery taken as different cameras (torchreid conv
 
 def note_cameras(evaluation: Evaluation, builder) -> None:
   """Records in info['cameras'] that a dataset without cameras was evaluated by convention."""
-  if not prepare.has_cameras(builder):
+  if not input_pipeline.has_cameras(builder):
     evaluation.info['cameras'] = NO_CAMERAS
 
 
