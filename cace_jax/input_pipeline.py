@@ -544,3 +544,21 @@ def create_eval_dataset(
 def iterate_numpy(dataset: tf.data.Dataset) -> Iterator[dict]:
   """The dataset as dicts of numpy arrays (what the JAX steps consume)."""
   return iter(tfds.as_numpy(dataset))
+
+
+def eval_batches(data: SplitData, data_config: ml_collections.ConfigDict) -> Iterator[dict]:
+  """This process's share of every evaluation batch of a split, as numpy (`create_eval_dataset`).
+
+  What `evaluation.stage1.embed_batches` embeds: every image once, in order,
+  at `data_config.image_size`, `data_config.eval_batch_size` per device over
+  all devices, the last batch padded.
+  """
+  dataset = create_eval_dataset(
+    data,
+    image_size=data_config.image_size,
+    batch_size=data_config.eval_batch_size,
+    num_devices=jax.device_count(),
+    local_devices=jax.local_device_count(),
+    process_index=jax.process_index(),
+  )
+  return iterate_numpy(dataset)

@@ -99,7 +99,7 @@ def test_the_package_has_no_import_cycle():
   graph = import_graph(modules)
   assert {
     'cace_jax.train_lib',
-    'cace_jax.evaluation.evaluate',
+    'cace_jax.evaluation.command',
     'cace_jax.models.cacenet',
     'cace_jax.interop.deploy',
   } <= set(graph)
