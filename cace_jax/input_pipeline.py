@@ -150,12 +150,12 @@ def hold_out_identities(
   """Carves a validation query/gallery split out of the training identities.
 
   Chooses, by a permutation seeded with `seed`, whole families when the
-  split has them (`SplitData.families`: so no held-out identity has a relative in training,
-  as test identities have none) until at least `num_ids` identities are out,
-  else `num_ids` identities. Each held-out identity gives, per camera, its
-  first image by file name to the query and the rest to the gallery (the
-  Market-1501 convention); an identity seen by one camera only has no
-  cross-camera match and is dropped from both. A training split without
+  split has them (`SplitData.families`; so no held-out identity has a
+  relative in training, as test identities have none) until at least
+  `num_ids` identities are out, else `num_ids` identities. Each held-out
+  identity gives, per camera, its first image by file name to the query and
+  the rest to the gallery (the Market-1501 convention); an identity seen by
+  one camera only has no cross-camera match and is dropped from both. A training split without
   cameras (one camera id throughout) gives each identity's first image to
   the query instead, and the query and gallery different camera ids, as the
   custom datasets without cameras do (`folder_spec`).
