@@ -15,7 +15,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cace_jax import cli
-from cace_jax.evaluation import evaluate
+from cace_jax.evaluation import command
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -33,7 +33,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 def main(args: flags.FlagValues, positional: list[str]) -> None:
   cli.expect_arguments(positional, [])
   cli.init_distributed(args.coordinator_address, args.num_processes, args.process_id)
-  evaluate.evaluate_checkpoint(args.config, args.workdir, args.checkpoint)
+  command.evaluate_checkpoint(args.config, args.workdir, args.checkpoint)
 
 
 if __name__ == '__main__':

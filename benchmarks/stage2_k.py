@@ -28,7 +28,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import save_report  # pylint: disable=wrong-import-position
 from cace_jax import checkpoint, cli, input_pipeline, sharding  # pylint: disable=wrong-import-position
-from cace_jax.evaluation import evaluate, extract, metrics, stage2  # pylint: disable=wrong-import-position
+from cace_jax.evaluation import command, metrics, ranking, stage1, stage2  # pylint: disable=wrong-import-position
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -53,14 +53,21 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
   run = checkpoint.load_run(args.workdir, None, config.model, mesh)
   builder = input_pipeline.prepare_on_first_process(config)
   if config.data.validation_ids:
-    evaluate.check_held_out(config, run.config, args.workdir)
+    command.check_held_out(config, run.config, args.workdir)
     query, gallery = input_pipeline.load_training_splits(builder, config.data).validation
   else:
-    query, gallery = input_pipeline.load_eval_splits(builder)
-  q_emb, q_cache, _ = extract.extract_features(run.model, run.variables, query, config, mesh)
-  g_emb, g_cache, _ = extract.extract_features(run.model, run.variables, gallery, config, mesh)
+    query, gallery = input_pipeline.load_eval_splits(builder, config.data.dataset)
+  embed = lambda data: stage1.embed_batches(
+    run.model,
+    run.variables,
+    input_pipeline.eval_batches(data, config.data),
+    len(data),
+    config,
+    mesh,
+  )
+  (q_emb, q_cache, _), (g_emb, g_cache, _) = embed(query), embed(gallery)
   distmat = metrics.cosine_distance(q_emb, g_emb)
-  rank = lambda d: evaluate.measure(d, query, gallery)[0]
+  rank = lambda d: ranking.measure(d, query, gallery)[0]
 
   report = {
     'workdir': args.workdir,
@@ -76,13 +83,13 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     pair_distances = stage2.make_pair_distances(
       run.model, run.variables, score, q_cache, g_cache, mesh
     )
-    stage2.rerank_top_k(distmat[:1], 1, pair_distances)  # compile, untimed
+    stage2.TwoStageRanker(distmat[:1], pair_distances, 1)  # compile, untimed
     report['rows'][row] = {}
     for k in ks:
       start = time.perf_counter()
-      reranked = stage2.rerank_top_k(distmat, k, pair_distances)
+      resorted = stage2.TwoStageRanker(distmat, pair_distances, k).distances(k)
       seconds = (time.perf_counter() - start) / len(query)
-      report['rows'][row][k] = {**rank(reranked), 'stage2_s_per_query': seconds}
+      report['rows'][row][k] = {**rank(resorted), 'stage2_s_per_query': seconds}
 
   header = f'{"":>16} {"K":>4} {"R-1":>7} {"R-5":>7} {"mAP":>7} {"mINP":>7} {"ms/query":>9}'
   print(f'{config.data.dataset} ({report["split"]}), {args.workdir} step {run.step}\n{header}')

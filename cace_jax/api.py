@@ -5,10 +5,11 @@
   index = reid.index(gallery_paths, 'runs/synthetic/gallery_index')
   hits = reid.search(['query.jpg'], index, top_k=10)
 
-Every image goes through the evaluation's own path (`extract.extract_features`
-over the eval tf.data pipeline: same resize, normalisation and flip
-averaging), so an embedding here is the embedding `eval.py` computes for the
-same file, and `search` ranks as eval's stage 2 does.
+Every image goes through the evaluation's own path (`stage1.embed_batches`
+over the eval tf.data pipeline, `input_pipeline.eval_batches`: same resize,
+normalisation and flip averaging), so an embedding here is the embedding
+`eval.py` computes for the same file, and `search` ranks as eval's stage 2
+does (`stage2.TwoStageRanker`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import tqdm
 from cace_jax import checkpoint, input_pipeline, sharding
 from cace_jax.datasets.manual_source import to_rgb_jpeg
 from cace_jax.errors import ConfigError, DatasetError
-from cace_jax.evaluation import extract, metrics, stage2
+from cace_jax.evaluation import metrics, records, stage1, stage2
 from cace_jax.models import CACENet
 
 INDEX_VERSION = 1
@@ -68,16 +69,8 @@ def chosen_stage2(config: ml_collections.ConfigDict, workdir: str) -> ml_collect
   They are read from `<workdir>/results.json` (`info.selection`); a run
   without a validation split keeps its configured values.
   """
-  path = os.path.join(workdir, 'results.json')
-  if not os.path.exists(path):
-    return config
-  with open(path, encoding='utf-8') as f:
-    selection = json.load(f).get('info', {}).get('selection')
-  if not selection:
-    return config
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.eval.stage2_k, config.eval.stage2_mix = selection['stage2_k'], selection['stage2_mix']
-  return config
+  choice = records.Stage2Choice.from_results(os.path.join(workdir, 'results.json'))
+  return config if choice is None else choice.configure(config)
 
 
 @dataclasses.dataclass
@@ -129,8 +122,9 @@ class ReID:
 
   def _extract(self, images, with_cache: bool, cache_dir: str | None = None):
     data = as_split(images)
-    return extract.extract_features(
-      self.model, self.variables, data, self.config, self.mesh, with_cache, cache_dir
+    batches = input_pipeline.eval_batches(data, self.config.data)
+    return stage1.embed_batches(
+      self.model, self.variables, batches, len(data), self.config, self.mesh, with_cache, cache_dir
     )
 
   def index(self, gallery_paths, directory: str, progress: bool = True) -> GalleryIndex:
@@ -205,22 +199,14 @@ class ReID:
       if self.model.pair_stage:
         # Stage 2 only permutes each query's first K, which stay ahead of the rest: the
         # hits shown are among its first max(K, top_k) stage-1 neighbours, scored once.
-        query_index, gallery_index = stage2.top_k_pairs(individual, max(k, top_k))
         pair_distances = stage2.make_pair_distances(
           self.model, self.variables, stage2.conditional_distance, q_cache, index.caches, self.mesh
         )
-        scores = pair_distances(query_index, gallery_index)
-        first_k = stage2.within_first(len(query_index), len(individual), k)
-        ranked = stage2.resort(
-          individual,
-          query_index[first_k],
-          gallery_index[first_k],
-          scores[first_k],
-          self.config.eval.stage2_mix,
-        )
-        pairs = list(zip(query_index.tolist(), gallery_index.tolist()))
-        conditional = dict(zip(pairs, np.asarray(scores).tolist()))
-        resorted = {pair for pair, inside in zip(pairs, first_k) if inside}
+        ranker = stage2.TwoStageRanker(individual, pair_distances, max(k, top_k))
+        ranked = ranker.distances(k, self.config.eval.stage2_mix)
+        pairs = list(zip(ranker.query_index.tolist(), ranker.gallery_index.tolist()))
+        conditional = dict(zip(pairs, ranker.scores.tolist()))
+        resorted = {pair for pair, inside in zip(pairs, ranker.within(k)) if inside}
     order = np.argsort(ranked, axis=1, kind='stable')[:, :top_k]
     results = []
     for q, row in enumerate(order):

@@ -33,13 +33,20 @@ from cace_jax.errors import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class SplitData:
-  """One split held in memory: encoded JPEGs and their metadata, in file order."""
+  """One split held in memory: encoded JPEGs and their metadata, in file order.
+
+  `families` is the family of each image's identity where the dataset has
+  identity families (synthetic_details: identities that differ only in
+  details), negative for an identity of none, and None for a dataset without
+  them: the evaluation's family diagnostics read it.
+  """
 
   images: np.ndarray  # [N] object (bytes)
   labels: np.ndarray  # [N] int32; -1 outside train
   pids: np.ndarray  # [N] int32
   camids: np.ndarray  # [N] int32
   file_names: np.ndarray  # [N] object (str)
+  families: np.ndarray | None = None  # [N] int, or None
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -103,34 +110,52 @@ def load_split(builder: tfds.core.DatasetBuilder, split: str) -> SplitData:
   )
 
 
+def with_families(data: SplitData, dataset: str) -> SplitData:
+  """`data` of dataset `dataset` (a name of `data.dataset`) with its identities' families."""
+  return dataclasses.replace(data, families=prepare.dataset_families(dataset, data.pids))
+
+
 @functools.lru_cache(maxsize=2)  # periodic evaluations read the splits once
-def _load_eval_splits(data_dir: str) -> tuple[SplitData, SplitData]:
+def _load_eval_splits(data_dir: str, dataset: str) -> tuple[SplitData, SplitData]:
   builder = tfds.builder_from_directory(data_dir)
-  return load_split(builder, 'query'), load_split(builder, 'gallery')
+  return tuple(with_families(load_split(builder, split), dataset) for split in ('query', 'gallery'))
 
 
-def load_eval_splits(builder: tfds.core.DatasetBuilder) -> tuple[SplitData, SplitData]:
-  """(query, gallery) of a prepared dataset, read once per process."""
-  return _load_eval_splits(str(builder.data_dir))
+def load_eval_splits(
+  builder: tfds.core.DatasetBuilder, dataset: str
+) -> tuple[SplitData, SplitData]:
+  """(query, gallery) of prepared dataset `dataset` (`builder`), with families, read once."""
+  return _load_eval_splits(str(builder.data_dir), dataset)
+
+
+def has_cameras(builder: tfds.core.DatasetBuilder) -> bool:
+  """False for a custom dataset prepared without cameras (`folder_spec`); True otherwise."""
+  metadata = getattr(builder.info, 'metadata', None) or {}
+  return bool(dict(metadata).get('cameras', True))
 
 
 def select(data: SplitData, keep: np.ndarray) -> SplitData:
   """The rows of `data` where the boolean mask `keep` is True."""
-  return SplitData(**{f.name: getattr(data, f.name)[keep] for f in dataclasses.fields(SplitData)})
+  return SplitData(
+    **{
+      f.name: None if getattr(data, f.name) is None else getattr(data, f.name)[keep]
+      for f in dataclasses.fields(SplitData)
+    }
+  )
 
 
 def hold_out_identities(
-  train: SplitData, num_ids: int, families: np.ndarray | None = None, seed: int = 0
+  train: SplitData, num_ids: int, seed: int = 0
 ) -> tuple[SplitData, SplitData, SplitData, np.ndarray]:
   """Carves a validation query/gallery split out of the training identities.
 
-  Chooses, by a permutation seeded with `seed`, whole families when
-  `families` is given (so no held-out identity has a relative in training,
-  as test identities have none) until at least `num_ids` identities are out,
-  else `num_ids` identities. Each held-out identity gives, per camera, its
-  first image by file name to the query and the rest to the gallery (the
-  Market-1501 convention); an identity seen by one camera only has no
-  cross-camera match and is dropped from both. A training split without
+  Chooses, by a permutation seeded with `seed`, whole families when the
+  split has them (`SplitData.families`; so no held-out identity has a
+  relative in training, as test identities have none) until at least
+  `num_ids` identities are out, else `num_ids` identities. Each held-out
+  identity gives, per camera, its first image by file name to the query and
+  the rest to the gallery (the Market-1501 convention); an identity seen by
+  one camera only has no cross-camera match and is dropped from both. A training split without
   cameras (one camera id throughout) gives each identity's first image to
   the query instead, and the query and gallery different camera ids, as the
   custom datasets without cameras do (`folder_spec`).
@@ -138,12 +163,12 @@ def hold_out_identities(
   Args:
     train: the training split.
     num_ids: identities to hold out (>= 1, leaving at least 2 for training).
-    families: [N] family of each training image's identity, or None.
     seed: the permutation's seed.
 
   Returns:
     (train without them, validation query, validation gallery, held-out pids
-    sorted). Validation rows keep their pids and get label -1, as test rows.
+    sorted). Validation rows keep their pids and families and get label -1,
+    as test rows.
   """
   pids = np.unique(train.pids)
   if not 1 <= num_ids <= len(pids) - 2:
@@ -152,10 +177,10 @@ def hold_out_identities(
       f'(the training split has {len(pids)} identities)'
     )
   rng = np.random.default_rng(seed)
-  if families is None:
+  if train.families is None:
     held = rng.permutation(pids)[:num_ids]
   else:
-    family_of = dict(zip(train.pids.tolist(), np.asarray(families).tolist()))
+    family_of = dict(zip(train.pids.tolist(), np.asarray(train.families).tolist()))
     groups = {}
     for pid in pids.tolist():
       groups.setdefault(family_of[pid], []).append(pid)
@@ -227,15 +252,14 @@ def load_training_splits(builders, data_config: ml_collections.ConfigDict) -> Tr
   """
   if not isinstance(builders, dict):
     builders = {data_config.dataset: builders}
-  parts = {}
-  for name, builder in builders.items():
-    train = load_split(builder, 'train')
-    parts[name] = (train, prepare.dataset_families(name, train.pids))
-  train, families = combine_training_splits(parts)
+  parts = {
+    name: with_families(load_split(builder, 'train'), name) for name, builder in builders.items()
+  }
+  train = combine_training_splits(parts)
   validation, held = None, np.zeros(0, np.int32)
   if data_config.validation_ids:
     train, query, gallery, held = hold_out_identities(
-      train, data_config.validation_ids, families, data_config.validation_seed
+      train, data_config.validation_ids, data_config.validation_seed
     )
     validation = (query, gallery)
   return TrainingSplits(
@@ -243,47 +267,46 @@ def load_training_splits(builders, data_config: ml_collections.ConfigDict) -> Tr
   )
 
 
-def combine_training_splits(
-  parts: dict[str, tuple[SplitData, np.ndarray | None]],
-) -> tuple[SplitData, np.ndarray | None]:
-  """One training split from several datasets' (split, families or None), in the order given.
+def combine_training_splits(parts: dict[str, SplitData]) -> SplitData:
+  """One training split from several datasets' splits {name: split}, in the order given.
 
   Each dataset's identities are shifted past the previous datasets' largest
   identity and its labels past their classes, so no two datasets share an
   identity or a class (fast-reid's multi-dataset convention); file names get
   the dataset's name in front. One dataset is returned as it is.
 
-  Returns:
-    (the union, [N] families or None): identities of a dataset without
-    families are each their own family, so held-out validation families
-    never mix datasets.
+  The union's families are None when no dataset has any; else identities of
+  a dataset without families are each their own family (negative), so
+  held-out validation families never mix datasets.
   """
   if len(parts) == 1:
     return next(iter(parts.values()))
   splits, families = [], []
   pid_offset, label_offset = 0, 0
-  any_families = any(f is not None for _, f in parts.values())
-  for name, (split, family) in parts.items():
+  any_families = any(split.families is not None for split in parts.values())
+  for name, split in parts.items():
     pids = split.pids.astype(np.int64) + pid_offset
+    if any_families:  # families of different datasets never coincide: negative for the ones without
+      families.append(
+        -1 - pids if split.families is None else np.asarray(split.families) + pid_offset
+      )
     splits.append(
       dataclasses.replace(
         split,
         pids=pids.astype(np.int32),
         labels=(split.labels + label_offset).astype(np.int32),
         file_names=np.array([f'{name}/{f}' for f in split.file_names], dtype=object),
+        families=None,
       )
     )
-    if any_families:  # families of different datasets never coincide: negative for the ones without
-      families.append(-1 - pids if family is None else np.asarray(family) + pid_offset)
     pid_offset = int(pids.max()) + 1 if len(pids) else pid_offset
     label_offset += int(split.labels.max()) + 1 if len(split.labels) else 0
-  union = SplitData(
-    **{
-      f.name: np.concatenate([getattr(s, f.name) for s in splits])
-      for f in dataclasses.fields(SplitData)
-    }
-  )
-  return union, np.concatenate(families) if any_families else None
+  arrays = {
+    f.name: np.concatenate([getattr(s, f.name) for s in splits])
+    for f in dataclasses.fields(SplitData)
+    if f.name != 'families'
+  }
+  return SplitData(**arrays, families=np.concatenate(families) if any_families else None)
 
 
 def uniform_identity_batches(
@@ -516,3 +539,21 @@ def create_eval_dataset(
 def iterate_numpy(dataset: tf.data.Dataset) -> Iterator[dict]:
   """The dataset as dicts of numpy arrays (what the JAX steps consume)."""
   return iter(tfds.as_numpy(dataset))
+
+
+def eval_batches(data: SplitData, data_config: ml_collections.ConfigDict) -> Iterator[dict]:
+  """This process's share of every evaluation batch of a split, as numpy (`create_eval_dataset`).
+
+  What `evaluation.stage1.embed_batches` embeds: every image once, in order,
+  at `data_config.image_size`, `data_config.eval_batch_size` per device over
+  all devices, the last batch padded.
+  """
+  dataset = create_eval_dataset(
+    data,
+    image_size=data_config.image_size,
+    batch_size=data_config.eval_batch_size,
+    num_devices=jax.device_count(),
+    local_devices=jax.local_device_count(),
+    process_index=jax.process_index(),
+  )
+  return iterate_numpy(dataset)

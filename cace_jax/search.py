@@ -23,7 +23,7 @@ from PIL import Image
 from cace_jax import api, cli
 from cace_jax.datasets.manual_source import IMAGE_SUFFIXES
 from cace_jax.errors import DatasetError
-from cace_jax.evaluation import plots
+from cace_jax.evaluation import figures
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -90,7 +90,7 @@ def search_folder(
   for n, (path, hits) in enumerate(zip(query_paths, found)):
     ranking = np.array([[hit['index'] for hit in hits]])
     captions = [[caption_of(hit) for hit in hits]]
-    plots.plot_ranked_lists(
+    figures.plot_ranked_lists(
       [read_rgb(path)],
       lambda g: read_rgb(index.paths[g]),
       ranking,

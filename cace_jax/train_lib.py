@@ -24,7 +24,7 @@ from cace_jax import (
   train_init,
   workdir_lock,
 )
-from cace_jax.evaluation import evaluate
+from cace_jax.evaluation import command, records, report
 from cace_jax.models import CACENet, build_model
 from cace_jax.run_logger import RunLogger
 from cace_jax.run_record import RunRecord
@@ -47,7 +47,7 @@ def check_finite(metrics: dict, step: int, last_checkpoint: int | None) -> None:
 
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str
-) -> evaluate.Evaluation | None:
+) -> records.Evaluation | None:
   """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
 
   `data.dataset` may name several datasets joined by '+': training uses the
@@ -179,7 +179,7 @@ def train_and_evaluate(
       logger.info(f'{workdir} is already trained to step {start_step}; evaluating it')
       evaluations = evaluate_now(variables_of(state), step=start_step, validation=splits.validation)
     if config.train.eval_at_end:  # the final evaluation ran, in the loop or just above
-      evaluate.write_report(
+      report.write_report(
         workdir,
         max(start_step, num_steps),
         config,
@@ -201,19 +201,19 @@ def evaluate_and_log(
   logger: RunLogger,
   step: int,
   validation: tuple[input_pipeline.SplitData, input_pipeline.SplitData] | None = None,
-) -> dict[str, evaluate.Evaluation]:
+) -> dict[str, records.Evaluation]:
   """One evaluation during training on every test set, logged as scalars and as tables.
 
   With `validation` (the final evaluation of a run with a validation split),
-  stage 2's K and w are chosen on it first (`evaluate.evaluate_datasets`).
+  stage 2's K and w are chosen on it first (`command.evaluate_datasets`).
   Scalars of a second and later test set are prefixed with its name.
   """
-  evaluations = evaluate.evaluate_datasets(
+  evaluations = command.evaluate_datasets(
     model, variables, builders, config, mesh, workdir, validation
   )
   for n, (name, evaluation) in enumerate(evaluations.items()):
     prefix = 'eval' if n == 0 else f'eval_{name.replace("/", "_")}'
-    logger.scalars(step, evaluate.flatten_metrics(evaluation), prefix=prefix)
+    logger.scalars(step, report.flatten_metrics(evaluation), prefix=prefix)
     title = f'step {step}' if len(evaluations) == 1 else f'step {step}, {name}'
-    logger.info(evaluate.format_table(evaluation, title=title))
+    logger.info(report.format_table(evaluation, title=title))
   return evaluations

@@ -16,7 +16,7 @@ import pytest
 import cace_jax
 from cace_jax import api, checkpoint, input_pipeline, sharding
 from cace_jax.errors import DatasetError
-from cace_jax.evaluation import evaluate, extract
+from cace_jax.evaluation import ranking, stage1, stage2
 from configs import tiny
 
 
@@ -24,7 +24,7 @@ from configs import tiny
 def eval_files(tiny_data_dir, tmp_path_factory):
   """The tiny dataset's query and gallery written out as files, in split order."""
   builder = input_pipeline.prepare_on_first_process(config_for(tiny_data_dir))
-  query, gallery = input_pipeline.load_eval_splits(builder)
+  query, gallery = input_pipeline.load_eval_splits(builder, 'synthetic_details/tiny')
   root = tmp_path_factory.mktemp('files')
   paths = {}
   for name, split in (('query', query), ('gallery', gallery)):
@@ -69,8 +69,10 @@ def test_embeddings_are_evals_and_arrays_embed_like_their_files(
   reid = cace_jax.load(trained_workdir)
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(trained_workdir, None, None, mesh)
-  expected = extract.extract_features(
-    run.model, run.variables, query, config_for(tiny_data_dir), mesh, False
+  config = config_for(tiny_data_dir)
+  batches = input_pipeline.eval_batches(query, config.data)
+  expected = stage1.embed_batches(
+    run.model, run.variables, batches, len(query), config, mesh, False
   ).embeddings
   found = reid.embed(paths['query'])
   expected /= np.linalg.norm(expected, axis=1, keepdims=True)
@@ -119,19 +121,33 @@ def test_search_ranks_as_evals_stage2_and_the_index_resumes(
     np.testing.assert_array_equal(index.caches[name], fresh.caches[name])
   with pytest.raises(DatasetError, match='an index of other images'):
     reid.index(paths['gallery'][:-1], directory, progress=False)
-  # The two-stage ranking is eval's.
+  # The two-stage ranking is eval's, both through the one ranker, at a w that fuses the
+  # two distances.
+  ranked = []  # the (K, w) of each ranking made
+  real_distances = stage2.TwoStageRanker.distances
+
+  def spy(self, k, mix=1.0):
+    ranked.append((k, mix))
+    return real_distances(self, k, mix)
+
+  monkeypatch.setattr(stage2.TwoStageRanker, 'distances', spy)
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(trained_workdir, None, None, mesh)
   config = config_for(tiny_data_dir)
   config.eval.diagnostics = False
-  expected = evaluate.evaluate(run.model, run.variables, query, gallery, config, mesh)
+  config.eval.stage2_mix = reid.config.eval.stage2_mix = 0.5
+  expected = ranking.evaluate(run.model, run.variables, query, gallery, config, mesh)
+  assert (5, 0.5) in ranked
+  ranked.clear()
   hits = reid.search(paths['query'], api.load_index(directory), top_k=8)
-  ranking = np.array([[hit['index'] for hit in row] for row in hits])
-  np.testing.assert_array_equal(ranking, expected.rankings['cacenet'][:, :8])
+  assert ranked == [(5, 0.5)]
+  found = np.array([[hit['index'] for hit in row] for row in hits])
+  np.testing.assert_array_equal(found, expected.rankings['cacenet'][:, :8])
   for row in hits:
     assert [hit['resorted'] for hit in row] == [True] * 5 + [False] * 3
-    conditional = [hit['conditional_distance'] for hit in row]
-    assert conditional[:5] == sorted(conditional[:5])  # stage 2 (w = 1) sorts the first K by it
+    fused = [(hit['individual_distance'] + hit['conditional_distance']) / 2 for hit in row]
+    # Stage 2 sorts the first K by the fused distance (to float32's rounding near -10).
+    assert np.all(np.diff(fused[:5]) >= -1e-5)
     assert [hit['rank'] for hit in row] == list(range(1, 9))
 
 

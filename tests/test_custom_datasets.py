@@ -53,7 +53,7 @@ def prepared_splits(tmp_path, name='mine'):
     f'reid_folder/{name}', str(tmp_path / 'data'), str(tmp_path / 'manual')
   )
   train = input_pipeline.load_split(builder, 'train')
-  query, gallery = input_pipeline.load_eval_splits(builder)
+  query, gallery = input_pipeline.load_eval_splits(builder, f'reid_folder/{name}')
   return builder, {'train': train, 'query': query, 'gallery': gallery}
 
 
@@ -83,7 +83,7 @@ def test_names_layout_with_own_pattern(tiny_images, tmp_path):
   assert sorted(set(splits['train'].labels.tolist())) == list(
     range(len(identities(tiny_images['train'])))
   )
-  assert prepare.has_cameras(builder)
+  assert input_pipeline.has_cameras(builder)
 
 
 @pytest.mark.parametrize('camera', ['name', 'subfolder', 'none'])
@@ -108,7 +108,7 @@ def test_folder_per_identity_layouts(camera, tiny_images, tmp_path):
   q, g = by_name(splits['query']), by_name(splits['gallery'])
   assert all(q[name] == g[name] for name in q)
   if camera == 'none':
-    assert not prepare.has_cameras(builder)
+    assert not input_pipeline.has_cameras(builder)
     assert set(splits['query'].camids.tolist()) == {query_split.NO_CAMERA_QUERY}
     assert set(splits['gallery'].camids.tolist()) == {query_split.NO_CAMERA_GALLERY}
   else:
@@ -131,7 +131,7 @@ def test_list_files_with_and_without_camera_column(tiny_images, tmp_path):
   write_lists({'train': True, 'query': True, 'gallery': True})
   write_spec(root, {'layout': 'lists'})
   builder, splits = prepared_splits(tmp_path, 'mine')
-  assert prepare.has_cameras(builder)
+  assert input_pipeline.has_cameras(builder)
   for split, rows in tiny_images.items():
     assert sorted(zip(splits[split].pids.tolist(), splits[split].camids.tolist())) == sorted(
       (p, c) for _, p, c in rows
@@ -144,7 +144,7 @@ def test_list_files_with_and_without_camera_column(tiny_images, tmp_path):
     prepared_splits(tmp_path)
   write_spec(root, {'layout': 'lists', 'camera': 'none'})
   builder, splits = prepared_splits(tmp_path, 'mine')
-  assert not prepare.has_cameras(builder)
+  assert not input_pipeline.has_cameras(builder)
   for split, rows in tiny_images.items():
     assert sorted(splits[split].pids.tolist()) == sorted(p for _, p, _ in rows)
 

@@ -90,7 +90,7 @@ def test_synthetic_families_follow_the_generator_layout():
 
 
 def test_probed_matches_take_every_querys_first_match_before_any_second():
-  from cace_jax.evaluation import evaluate  # pylint: disable=import-outside-toplevel
+  from cace_jax.evaluation import diagnose  # pylint: disable=import-outside-toplevel
   from cace_jax.input_pipeline import SplitData  # pylint: disable=import-outside-toplevel
 
   def split(pids, camids):
@@ -106,10 +106,10 @@ def test_probed_matches_take_every_querys_first_match_before_any_second():
   query = split([1, 2, 3], [1, 1, 1])
   # Query 0 has matches at 0 and 2 (gallery 1 is its own camera); query 1 none; query 2 at 3.
   gallery = split([1, 1, 1, 3, 0], [2, 1, 3, 2, 2])
-  pairs = evaluate.true_match_pairs(query, gallery, limit=10)
+  pairs = diagnose.true_match_pairs(query, gallery, limit=10)
   assert pairs.tolist() == [[0, 0], [2, 3], [0, 2]]
-  assert evaluate.true_match_pairs(query, gallery, limit=1).tolist() == [[0, 0]]
-  assert evaluate.true_match_pairs(query, split([5], [2]), limit=4).shape == (0, 2)
+  assert diagnose.true_match_pairs(query, gallery, limit=1).tolist() == [[0, 0]]
+  assert diagnose.true_match_pairs(query, split([5], [2]), limit=4).shape == (0, 2)
 
 
 def test_cross_share_is_the_fraction_of_each_pixels_degree_across_images():

@@ -14,7 +14,16 @@ import pytest
 
 from cace_jax import checkpoint, input_pipeline, sharding
 from cace_jax.errors import ConfigError
-from cace_jax.evaluation import diagnostics, evaluate, stage2
+from cace_jax.evaluation import (
+  command,
+  diagnostics,
+  metrics,
+  ranking,
+  records,
+  report,
+  selection,
+  stage2,
+)
 from cace_jax.models import CACENet, build_model
 from configs import tiny
 
@@ -27,7 +36,7 @@ def random_distmat(seed=0, shape=(6, 20)):
 
 def test_stage2_with_k_zero_is_stage1():
   distmat = random_distmat()
-  out = stage2.rerank_top_k(distmat, 0, lambda q, g: np.zeros(len(q)))
+  out = stage2.TwoStageRanker(distmat, lambda q, g: np.zeros(len(q)), 0).distances(0)
   np.testing.assert_array_equal(out, distmat)
 
 
@@ -36,7 +45,7 @@ def test_stage2_only_reorders_within_top_k(k):
   distmat = random_distmat(1)
   rng = np.random.default_rng(2)
   table = rng.uniform(size=distmat.shape).astype(np.float32)
-  out = stage2.rerank_top_k(distmat, k, lambda q, g: table[q, g])
+  out = stage2.TwoStageRanker(distmat, lambda q, g: table[q, g], k).distances(k)
   before = np.argsort(distmat, axis=1, kind='stable')
   after = np.argsort(out, axis=1, kind='stable')
   for row in range(len(distmat)):
@@ -45,6 +54,66 @@ def test_stage2_only_reorders_within_top_k(k):
     # Within the top-k, the order is the pair scores' order.
     scores = table[row, after[row, :k]]
     assert np.all(np.diff(scores) >= 0)
+
+
+def test_info_is_written_as_results_json_has_always_held_it(tmp_path):
+  """The record's JSON is the dict evaluation used to fill: its keys, their order, its values."""
+  stage1_only = records.EvaluationInfo(stage2_k=0, seconds_by_process={'stage1': [1.5]})
+  assert json.dumps(stage1_only.to_json()) == json.dumps(
+    {'stage2_k': 0, 'seconds_by_process': {'stage1': [1.5]}}
+  )
+  choice = records.Stage2Choice(
+    stage2_k=3,
+    stage2_mix=0.5,
+    individual={'rank1': 50.0, 'mAP': 40.0},
+    grid=[{'k': 3, 'mix': 0.5, 'mAP': 45.0, 'rank1': 55.0}],
+    num_query=2,
+    num_gallery=5,
+    pids=[1, 2],
+  )
+  full = records.EvaluationInfo(
+    stage2_k=3,
+    seconds_by_process={'stage1': [1.5], 'stage2_pairs': [0.25]},
+    stage2_mix=0.5,
+    processes=1,
+    stage2_pairs_scored_by_process=[6],
+    gallery_cache_rows_by_process=[5],
+    cache_bytes_per_image=128,
+    cache_on_disk=False,
+    selection=choice,
+    cameras=command.NO_CAMERAS,
+  )
+  expected = {
+    'stage2_k': 3,
+    'seconds_by_process': {'stage1': [1.5], 'stage2_pairs': [0.25]},
+    'stage2_mix': 0.5,
+    'processes': 1,
+    'stage2_pairs_scored_by_process': [6],
+    'gallery_cache_rows_by_process': [5],
+    'cache_bytes_per_image': 128,
+    'cache_on_disk': False,
+    'selection': {
+      'stage2_k': 3,
+      'stage2_mix': 0.5,
+      'individual': {'rank1': 50.0, 'mAP': 40.0},
+      'grid': [{'k': 3, 'mix': 0.5, 'mAP': 45.0, 'rank1': 55.0}],
+      'num_query': 2,
+      'num_gallery': 5,
+      'pids': [1, 2],
+      'diagnostics': {},
+    },
+    'cameras': command.NO_CAMERAS,
+  }
+  assert json.dumps(full.to_json()) == json.dumps(expected)
+  evaluation = records.Evaluation({'individual': {'mAP': 1.0}}, {}, {}, full, {'cross_share': 0.5})
+  assert list(evaluation.to_json()) == ['results', 'diagnostics', 'info']
+  # The API reads the choice back from results.json; a run without one has none.
+  path = tmp_path / 'results.json'
+  path.write_text(json.dumps({'step': 2, **evaluation.to_json()}))
+  assert records.Stage2Choice.from_results(str(path)) == choice
+  path.write_text(json.dumps({'info': stage1_only.to_json()}))
+  assert records.Stage2Choice.from_results(str(path)) is None
+  assert records.Stage2Choice.from_results(str(tmp_path / 'missing.json')) is None
 
 
 @pytest.mark.parametrize('pooling,adjacency', [('avg', 'projected'), ('gem', 'raw_correspondence')])
@@ -133,7 +202,18 @@ def test_eval_py_end_to_end(trained_workdir, tiny_data_dir):
     'clue_alignment+kr',
     'cacenet+kr',
   }
-  assert saved['info']['stage2_k'] == 5
+  assert list(saved['info']) == [  # the keys, in the order results.json has always had them
+    'stage2_k',
+    'seconds_by_process',
+    'stage2_mix',
+    'processes',
+    'stage2_pairs_scored_by_process',
+    'gallery_cache_rows_by_process',
+    'cache_bytes_per_image',
+    'cache_on_disk',
+  ]
+  assert saved['info']['stage2_k'] == 5 and saved['info']['stage2_mix'] == 1.0
+  assert list(saved['info']['seconds_by_process']) == ['stage1', 'stage2_pairs']
   assert saved['info']['cache_bytes_per_image'] > 0
   for figure in ('ranked_lists.png', 'correspondences.png', 'conditional_maps.png'):
     path = os.path.join(trained_workdir, figure)
@@ -190,16 +270,17 @@ def test_stage2_caches_stream_from_disk_with_the_same_results(
   config.eval.stage2_k = 5
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(trained_workdir, model_config=config.model, mesh=mesh)
-  query, gallery = input_pipeline.load_eval_splits(input_pipeline.prepare_on_first_process(config))
+  builder = input_pipeline.prepare_on_first_process(config)
+  query, gallery = input_pipeline.load_eval_splits(builder, config.data.dataset)
   results = {}
   for limit in (8.0, 0.0):
     config.eval.cache_memory_gb = limit
-    results[limit] = evaluate.evaluate(
+    results[limit] = ranking.evaluate(
       run.model, run.variables, query, gallery, config, mesh, scratch_dir=str(tmp_path)
     )
-  assert not results[8.0].info['cache_on_disk'] and results[0.0].info['cache_on_disk']
+  assert not results[8.0].info.cache_on_disk and results[0.0].info.cache_on_disk
   info = lambda r: {
-    k: v for k, v in r.info.items() if k not in ('cache_on_disk', 'seconds_by_process')
+    k: v for k, v in r.info.to_json().items() if k not in ('cache_on_disk', 'seconds_by_process')
   }
   assert info(results[8.0]) == info(results[0.0])
   for row in ('individual', 'clue_alignment', 'cacenet'):
@@ -216,30 +297,32 @@ def test_model_without_pair_stage_evaluates_stage_one_only(tiny_data_dir):
   model = build_model(config.model, num_classes=4)
   mesh = sharding.make_mesh()
   variables = sharding.replicate(model.init(jax.random.key(0), jnp.zeros((1, 64, 32, 3))), mesh)
-  query, gallery = input_pipeline.load_eval_splits(input_pipeline.prepare_on_first_process(config))
-  evaluation = evaluate.evaluate(model, variables, query, gallery, config, mesh)
+  builder = input_pipeline.prepare_on_first_process(config)
+  query, gallery = input_pipeline.load_eval_splits(builder, config.data.dataset)
+  evaluation = ranking.evaluate(model, variables, query, gallery, config, mesh)
   assert set(evaluation.metrics) == set(evaluation.rankings) == {'individual'}
-  assert evaluation.info.pop('seconds_by_process').keys() == {'stage1'}
-  assert evaluation.info == {'stage2_k': 0} and evaluation.figure_row == 'individual'
+  info = evaluation.info.to_json()
+  assert list(info) == ['stage2_k', 'seconds_by_process'] and info['stage2_k'] == 0
+  assert list(info['seconds_by_process']) == ['stage1'] and evaluation.figure_row == 'individual'
   # Family diagnostics need no pair stage; alignment and conditioning do.
   assert set(evaluation.diagnostics) == {'family_retrieval', 'hard_pair_auc'}
   assert set(evaluation.diagnostics['family_retrieval']) == {'individual'}
-  flat = evaluate.flatten_metrics(evaluation)
+  flat = report.flatten_metrics(evaluation)
   assert flat['diagnostics/family_retrieval_individual_mAP'] == pytest.approx(
     evaluation.diagnostics['family_retrieval']['individual']['mAP']
   )
   assert 0 < evaluation.metrics['individual']['mAP'] <= 100
-  assert evaluation.rankings['individual'].shape == (len(query), min(evaluate.TOP, len(gallery)))
+  assert evaluation.rankings['individual'].shape == (len(query), min(ranking.TOP, len(gallery)))
 
 
 def test_top_ranking_is_the_stable_argsort():
   rng = np.random.default_rng(0)
   distmat = rng.integers(0, 5, size=(7, 40)).astype(np.float32)  # many ties
   expected = np.argsort(distmat, axis=1, kind='stable')[:, :12]
-  np.testing.assert_array_equal(evaluate.top_ranking(distmat, 12), expected)
-  np.testing.assert_array_equal(evaluate.top_ranking(distmat, 12, chunk_elements=50), expected)
+  np.testing.assert_array_equal(metrics.top_ranking(distmat, 12), expected)
+  np.testing.assert_array_equal(metrics.top_ranking(distmat, 12, chunk_elements=50), expected)
   np.testing.assert_array_equal(
-    evaluate.top_ranking(distmat[:, :5], 12), np.argsort(distmat[:, :5], axis=1, kind='stable')
+    metrics.top_ranking(distmat[:, :5], 12), np.argsort(distmat[:, :5], axis=1, kind='stable')
   )
 
 
@@ -251,7 +334,7 @@ def test_stage2_mix_blends_the_two_distances_within_the_top_k():
   top = np.argsort(distmat, axis=1, kind='stable')[:, :k]
   # w = 0 keeps stage 1's order; w = 1 is the pair order; w = 0.5 the mean's.
   for mix, score in [(0.0, distmat), (1.0, table), (0.5, (distmat + table) / 2)]:
-    out = stage2.rerank_top_k(distmat, k, pair, mix=mix)
+    out = stage2.TwoStageRanker(distmat, pair, k).distances(k, mix)
     after = np.argsort(out, axis=1, kind='stable')[:, :k]
     for row in range(len(distmat)):
       assert set(after[row]) == set(top[row])
@@ -263,7 +346,9 @@ def test_stage2_mix_blends_the_two_distances_within_the_top_k():
   np.testing.assert_array_equal(q5, np.repeat(np.arange(len(distmat)), 5))
 
 
-def test_stage2_choice_on_validation_is_the_best_of_its_grid(trained_workdir, tiny_data_dir):
+def test_stage2_choice_on_validation_is_the_best_of_its_grid(
+  trained_workdir, tiny_data_dir, monkeypatch
+):
   config = tiny.get_config()
   config.data.data_dir = tiny_data_dir
   config.data.validation_ids = 3
@@ -273,28 +358,40 @@ def test_stage2_choice_on_validation_is_the_best_of_its_grid(trained_workdir, ti
   run = checkpoint.load_run(trained_workdir, None, config.model, mesh)
   builder = input_pipeline.prepare_on_first_process(config)
   validation = input_pipeline.load_training_splits(builder, config.data).validation
-  chosen, selection = evaluate.select_stage2(run.model, run.variables, validation, config, mesh)
-  grid = {(row['k'], row['mix']): row['mAP'] for row in selection['grid']}
-  assert set(grid) == {(k, w) for k in (2, 4) for w in (0.0, 0.5, 1.0)}
-  best = (selection['stage2_k'], selection['stage2_mix'])
+  ranked = []  # the (K, w) each ranking came from: every one through the one ranker
+  real_distances = stage2.TwoStageRanker.distances
+
+  def spy(self, k, mix=1.0):
+    ranked.append((k, mix))
+    return real_distances(self, k, mix)
+
+  monkeypatch.setattr(stage2.TwoStageRanker, 'distances', spy)
+  choice = selection.select_stage2(run.model, run.variables, validation, config, mesh)
+  grid = {(row['k'], row['mix']): row['mAP'] for row in choice.grid}
+  assert set(grid) == {(k, w) for k in (2, 4) for w in (0.0, 0.5, 1.0)} == set(ranked)
+  best = (choice.stage2_k, choice.stage2_mix)
   assert grid[best] == max(grid.values())
+  chosen = choice.configure(config)
   assert (chosen.eval.stage2_k, chosen.eval.stage2_mix) == best
   assert config.eval.stage2_k == 5 and config.eval.stage2_mix == 1.0  # the input is untouched
   # w = 0 is stage 1 whatever K; the chosen (K, w) evaluated afresh gives its grid mAP.
-  assert grid[(2, 0.0)] == grid[(4, 0.0)] == selection['individual']['mAP']
-  again = evaluate.evaluate(run.model, run.variables, *validation, chosen, mesh)
+  assert grid[(2, 0.0)] == grid[(4, 0.0)] == choice.individual['mAP']
+  ranked.clear()
+  again = ranking.evaluate(run.model, run.variables, *validation, chosen, mesh)
   assert again.metrics['cacenet']['mAP'] == pytest.approx(grid[best], abs=1e-4)
+  assert best in ranked  # the cacenet row's; clue_alignment's is at w = 1
   # The diagnostics of the validation split are those of evaluating it at the chosen K.
-  found, direct = map(diagnostics.flatten, (selection['diagnostics'], again.diagnostics))
+  found, direct = map(diagnostics.flatten, (choice.diagnostics, again.diagnostics))
   assert 'family_retrieval/cacenet/mAP' in found and 'alignment_selectivity' in found
   assert found == pytest.approx(direct, abs=1e-5)
-  logged = evaluate.flatten_metrics(
-    evaluate.Evaluation(again.metrics, {}, {}, {'selection': selection}, {})
-  )
+  info = records.EvaluationInfo(stage2_k=best[0], seconds_by_process={}, selection=choice)
+  logged = report.flatten_metrics(records.Evaluation(again.metrics, {}, {}, info, {}))
   assert logged['validation/stage2_k'] == best[0]
   assert logged['validation_diagnostics/alignment_selectivity'] == found['alignment_selectivity']
+  table = report.format_table(records.Evaluation(again.metrics, {}, {}, info))
+  assert selection.format_selection(choice) in table.splitlines()
   # Held-out identities are whole families of the training split.
-  assert len(selection['pids']) == 3
+  assert len(choice.pids) == 3
 
 
 def test_training_with_validation_holds_it_out_and_chooses_stage2_on_it(
@@ -313,6 +410,17 @@ def test_training_with_validation_holds_it_out_and_chooses_stage2_on_it(
   with open(os.path.join(workdir, 'results.json')) as f:
     saved = json.load(f)
   selection = saved['info']['selection']
+  assert list(saved['info'])[-1] == 'selection'  # after the fields of stage 2, as always
+  assert list(selection) == [
+    'stage2_k',
+    'stage2_mix',
+    'individual',
+    'grid',
+    'num_query',
+    'num_gallery',
+    'pids',
+    'diagnostics',
+  ]
   assert (saved['info']['stage2_k'], saved['info']['stage2_mix']) == (
     selection['stage2_k'],
     selection['stage2_mix'],
@@ -320,8 +428,9 @@ def test_training_with_validation_holds_it_out_and_chooses_stage2_on_it(
   run = checkpoint.load_run(workdir)
   assert run.record.num_classes == 6  # 9 training identities, one family of 3 held out
   # eval.py's path carves the same split and makes the same choice.
-  again = evaluate.evaluate_checkpoint(config, workdir)
-  assert again.info['selection'] == selection
+  again = command.evaluate_checkpoint(config, workdir)
+  assert again.info.selection == records.Stage2Choice.from_json(selection)
+  assert again.info.selection.to_json() == selection
   # A run that did not hold those identities out cannot be evaluated with them held out.
   with pytest.raises(ConfigError, match='was not trained with these identities held out'):
-    evaluate.evaluate_checkpoint(config, trained_workdir)
+    command.evaluate_checkpoint(config, trained_workdir)

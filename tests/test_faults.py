@@ -25,7 +25,7 @@ from test_bad_input import damage_checkpoint, snapshot
 
 from cace_jax import checkpoint, train_lib, workdir_lock
 from cace_jax.datasets import prepare
-from cace_jax.evaluation import evaluate
+from cace_jax.evaluation import ranking
 from conftest import pipeline_fixture_files, run_tool, write_files
 from tools import prepare as prepare_tool
 import train as train_tool
@@ -131,7 +131,7 @@ class Killed(KeyboardInterrupt):
   """A stand-in for SIGKILL inside this process: nothing after it runs."""
 
 
-REAL_EXTRACT_BOTH = evaluate.extract_both
+REAL_EXTRACT_BOTH = ranking.extract_both
 
 
 def kill_inside_evaluation(monkeypatch, calls_before_kill: int):
@@ -150,7 +150,7 @@ def kill_inside_evaluation(monkeypatch, calls_before_kill: int):
       raise Killed
     return outputs
 
-  monkeypatch.setattr(evaluate, 'extract_both', dying)
+  monkeypatch.setattr(ranking, 'extract_both', dying)
 
 
 def test_killed_anywhere_resumes_to_the_same_run(
@@ -174,7 +174,7 @@ def test_killed_anywhere_resumes_to_the_same_run(
   assert max(checkpoint.list_steps(workdir)) == 9 and not os.path.exists(
     os.path.join(workdir, 'results.json')
   )
-  monkeypatch.setattr(evaluate, 'extract_both', REAL_EXTRACT_BOTH)
+  monkeypatch.setattr(ranking, 'extract_both', REAL_EXTRACT_BOTH)
   train_lib.train_and_evaluate(config, workdir)
   assert_same_params(reference_run, workdir)
   assert results(workdir) == results(reference_run)

@@ -320,8 +320,11 @@ def test_jpeg_decoding_equals_pil():
   assert np.abs(fast - reference).max() >= 1  # the default IDCT would not match
 
 
-def labelled_split(num_ids=12, images_per_id=6, cameras_per_id=3):
-  """A hand-made training split: identity pid has its images spread over cameras."""
+def labelled_split(num_ids=12, images_per_id=6, cameras_per_id=3, families=False):
+  """A hand-made training split: identity pid has its images spread over cameras.
+
+  With `families`, identities 3f+1..3f+3 are family f.
+  """
   pids = np.repeat(np.arange(1, num_ids + 1), images_per_id).astype(np.int32)
   image = np.tile(np.arange(images_per_id), num_ids)
   camids = (image % cameras_per_id + pids) % 6
@@ -333,13 +336,13 @@ def labelled_split(num_ids=12, images_per_id=6, cameras_per_id=3):
     pids=pids,
     camids=camids,
     file_names=names,
+    families=(pids - 1) // 3 if families else None,
   )
 
 
 def test_validation_holds_out_whole_families_and_splits_them_market_style():
-  data = labelled_split()
-  families = (data.pids - 1) // 3  # 4 families of 3
-  train, query, gallery, held = ip.hold_out_identities(data, 4, families, seed=0)
+  data = labelled_split(families=True)  # 4 families of 3
+  train, query, gallery, held = ip.hold_out_identities(data, 4, seed=0)
   # 4 identities asked: two whole families (6 identities) leave training.
   assert len(held) == 6
   held_families = set(((held - 1) // 3).tolist())
@@ -361,15 +364,18 @@ def test_validation_holds_out_whole_families_and_splits_them_market_style():
   # An identity seen by one camera has no cross-camera match: it is in neither.
   kept = set(query.pids.tolist()) | set(gallery.pids.tolist())
   assert kept == set(held.tolist()) - {12}
+  # The families travel with the rows.
+  for split in (train, query, gallery):
+    np.testing.assert_array_equal(split.families, (split.pids - 1) // 3)
   # The same seed carves the same split; another seed, another one.
-  assert np.array_equal(ip.hold_out_identities(data, 4, families, seed=0)[3], held)
-  others = {tuple(ip.hold_out_identities(data, 4, families, seed=s)[3]) for s in range(1, 6)}
+  assert np.array_equal(ip.hold_out_identities(data, 4, seed=0)[3], held)
+  others = {tuple(ip.hold_out_identities(data, 4, seed=s)[3]) for s in range(1, 6)}
   assert others - {tuple(held)}
 
 
 def test_validation_without_families_holds_out_exactly_that_many_identities():
   data = labelled_split()
-  train, _, _, held = ip.hold_out_identities(data, 5, None, seed=3)
-  assert len(held) == 5 and len(np.unique(train.pids)) == 7
+  train, _, _, held = ip.hold_out_identities(data, 5, seed=3)
+  assert len(held) == 5 and len(np.unique(train.pids)) == 7 and train.families is None
   with pytest.raises(ip.ConfigError, match=r'data.validation_ids=11: expected 1..10'):
-    ip.hold_out_identities(data, 11, None)
+    ip.hold_out_identities(data, 11)

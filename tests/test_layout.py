@@ -99,7 +99,7 @@ def test_the_package_has_no_import_cycle():
   graph = import_graph(modules)
   assert {
     'cace_jax.train_lib',
-    'cace_jax.evaluation.evaluate',
+    'cace_jax.evaluation.command',
     'cace_jax.models.cacenet',
     'cace_jax.interop.deploy',
   } <= set(graph)
@@ -107,6 +107,18 @@ def test_the_package_has_no_import_cycle():
     'cace_jax.models.cacenet' in graph['cace_jax.evaluation.stage1'] | graph['cace_jax.models']
   )  # the graph sees imports through a package's face
   assert find_cycle(graph) is None, ' -> '.join(find_cycle(graph))
+
+
+def test_evaluation_reads_datasets_only_through_the_splits():
+  """Families and cameras come with the data (`input_pipeline`), never from a dataset's name."""
+  graph = import_graph(module_files())
+  evaluation = [name for name in graph if name.startswith(f'{PACKAGE}.evaluation')]
+  assert f'{PACKAGE}.evaluation.stage2' in evaluation
+  reaching = {
+    name: sorted(t for t in graph[name] if t.startswith(f'{PACKAGE}.datasets'))
+    for name in evaluation
+  }
+  assert {name: found for name, found in reaching.items() if found} == {}
 
 
 def test_deferred_imports_are_external_and_explained():

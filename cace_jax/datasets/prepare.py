@@ -155,9 +155,3 @@ def dataset_families(name: str, pids: np.ndarray) -> np.ndarray | None:
   if builder_name != 'synthetic_details':
     return None
   return synthetic.identity_families(pids, synthetic.PRESETS[preset or 'default'])
-
-
-def has_cameras(builder: tfds.core.DatasetBuilder) -> bool:
-  """False for a custom dataset prepared without cameras (`folder_spec`); True otherwise."""
-  metadata = getattr(builder.info, 'metadata', None) or {}
-  return bool(dict(metadata).get('cameras', True))

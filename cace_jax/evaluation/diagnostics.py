@@ -2,7 +2,7 @@
 
 Each function takes arrays that the evaluation already has (distances,
 identities, families, adjacency blocks, embeddings) and returns plain floats;
-`evaluate.diagnose` gathers the arrays from a model. The questions:
+`diagnose.run_diagnostics` gathers the arrays from a model. The questions:
 
   family-restricted retrieval  Each query ranks only its own family's gallery
       images, so only details separate the candidates (synthetic data, whose

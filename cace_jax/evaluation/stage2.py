@@ -169,7 +169,7 @@ class PairFunction:
 
     start = time.perf_counter()
     outputs = jax.block_until_ready(
-      score_pairs(on_rows, query_index, gallery_index, self.call_size)
+      call_in_batches(on_rows, query_index, gallery_index, self.call_size)
     )
     self.seconds_here += time.perf_counter() - start
     return outputs
@@ -245,28 +245,57 @@ def make_pair_distances(
   return PairDistances(model, variables, score, cache_q, cache_g, mesh, held_g)
 
 
-def rerank_top_k(
-  distmat: np.ndarray,
-  k: int,
-  pair_distances: Callable[[np.ndarray, np.ndarray], np.ndarray],
-  mix: float = 1.0,
-) -> np.ndarray:
-  """Stage 2: re-sorts each query's k nearest gallery images by pair distances.
+class TwoStageRanker:
+  """The two-stage ranking of a query x gallery distance matrix, its pairs scored once.
 
-  Args:
-    distmat: [Nq, Ng] stage-1 distances.
-    k: how many top gallery images per query are re-sorted; 0 returns a copy.
-    pair_distances: (query_index [M], gallery_index [M]) -> distances [M],
-      for any M (`PairDistances` calls its step in fixed-size calls).
-    mix: w of the re-sorting score (1 - w) d_stage1 + w d_pair (`fuse`);
-      1 re-sorts by pair distances alone.
+  Stage 1's distances order each query's gallery; each query's first `depth`
+  gallery images (`top_k_pairs`) are scored by `pair_distances` once, when
+  the ranker is made. `distances(k, mix)` then re-sorts each query's first
+  k <= depth of them: a grid of (K, w), or the pair scores of hits below K,
+  cost no further scoring. Evaluation, the choice of K and w, and the API's
+  search all rank through it.
 
-  Returns:
-    [Nq, Ng] distances whose ascending order is stage 2's ranking (`resort`).
+  Attributes:
+    stage1: [Nq, Ng] stage-1 distances.
+    query_index, gallery_index: [Nq * depth] the scored pairs, each query's
+      nearest first (depth is cut to Ng).
+    scores: [Nq * depth] their pair distances.
   """
-  query_index, gallery_index = top_k_pairs(distmat, k)
-  scores = pair_distances(query_index, gallery_index)
-  return resort(distmat, query_index, gallery_index, scores, mix)
+
+  def __init__(
+    self,
+    stage1: np.ndarray,
+    pair_distances: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    depth: int,
+  ):
+    """Scores each query's first `depth` stage-1 neighbours.
+
+    Args:
+      stage1: [Nq, Ng] stage-1 distances.
+      pair_distances: (query_index [M], gallery_index [M]) -> distances [M],
+        for any M (`PairDistances` calls its step in fixed-size calls).
+      depth: how many of each query's nearest gallery images are scored.
+    """
+    self.stage1 = stage1
+    self.query_index, self.gallery_index = top_k_pairs(stage1, depth)
+    self.scores = np.asarray(pair_distances(self.query_index, self.gallery_index))
+
+  def within(self, k: int) -> np.ndarray:
+    """[Nq * depth] bool: the scored pairs among their query's first k (a prefix of each)."""
+    per_query = len(self.query_index) // max(self.stage1.shape[0], 1)
+    return np.arange(len(self.query_index)) % max(per_query, 1) < k
+
+  def distances(self, k: int, mix: float = 1.0) -> np.ndarray:
+    """Stage 2 at K = k, w = mix: [Nq, Ng] distances whose ascending order is its ranking.
+
+    Each query's first k stage-1 neighbours are re-sorted by (1 - w)
+    d_stage1 + w d_pair (`fuse`) and stay ahead of the rest, which keeps its
+    stage-1 order (`resort`); k = 0 or w = 0 gives stage 1's order.
+    """
+    first = self.within(k)
+    return resort(
+      self.stage1, self.query_index[first], self.gallery_index[first], self.scores[first], mix
+    )
 
 
 def top_k_pairs(distmat: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -278,12 +307,6 @@ def top_k_pairs(distmat: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   k = max(min(k, distmat.shape[1]), 0)
   top = np.argsort(distmat, axis=1, kind='stable')[:, :k]  # [Nq, k]
   return np.repeat(np.arange(distmat.shape[0]), k), top.reshape(-1)
-
-
-def within_first(num_pairs: int, num_queries: int, k: int) -> np.ndarray:
-  """[num_pairs] mask of the `top_k_pairs` pairs among their query's first k (a prefix each)."""
-  per_query = num_pairs // max(num_queries, 1)
-  return np.arange(num_pairs) % max(per_query, 1) < k
 
 
 def fuse(stage1_distances, pair_distances, mix: float) -> np.ndarray:
@@ -320,7 +343,7 @@ def resort(
   return resorted
 
 
-def score_pairs(
+def call_in_batches(
   pair_fn: Callable, query_index: np.ndarray, gallery_index: np.ndarray, batch_size: int = 256
 ):
   """`pair_fn` over any number of pairs, in calls of `batch_size` (so it compiles once).

@@ -1,4 +1,4 @@
-"""Tests of the evaluation figures: files, layout, frame colours, chosen pairs, scales."""
+"""The evaluation figures (figures, heatmaps, drawing): files, layout, colours, pairs, scales."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from cace_jax.evaluation import plots
+from cace_jax.evaluation import drawing, figures, heatmaps
 
 H, W = 64, 32
 
@@ -64,8 +64,8 @@ def ranked_inputs():
 
 
 def test_ranked_lists_frames_are_green_for_right_and_red_for_wrong(ranked_inputs, tmp_path):
-  figure = plots.draw_ranked_lists(**ranked_inputs, query_indices=[0, 1], top=4)
-  path = plots.save_figure(figure, str(tmp_path / 'ranked.png'))
+  figure = figures.draw_ranked_lists(**ranked_inputs, query_indices=[0, 1], top=4)
+  path = drawing.save_figure(figure, str(tmp_path / 'ranked.png'))
   pixels = read_png(path)
   for row, query_pid in enumerate([7, 8]):
     for k in range(4):
@@ -83,7 +83,7 @@ def test_ranked_lists_frames_are_green_for_right_and_red_for_wrong(ranked_inputs
 def test_ranked_lists_layout_grows_with_top_and_rows(ranked_inputs, tmp_path):
   sizes = {}
   for top, queries in [(2, [0]), (5, [0]), (5, [0, 1])]:
-    path = plots.plot_ranked_lists(
+    path = figures.plot_ranked_lists(
       **ranked_inputs,
       out_path=str(tmp_path / f'{top}.png'),
       query_indices=queries,
@@ -101,11 +101,11 @@ def test_ranked_lists_skip_junk_and_honour_mask_and_lazy_images(ranked_inputs):
   gallery = ranked_inputs.pop('gallery_images')
   ranked_inputs['gallery_images'] = lambda i: calls.append(i) or gallery[i]
   ranked_inputs['gallery_camids'] = np.array([0, 0, 1, 0, 1, 0])  # item 0 is junk for query 0
-  figure = plots.draw_ranked_lists(**ranked_inputs, query_indices=[0], top=3)
+  figure = figures.draw_ranked_lists(**ranked_inputs, query_indices=[0], top=3)
   assert calls == [1, 2, 3]  # junk skipped; only shown images decoded
   assert len([ax for ax in figure.axes if ax.get_gid().startswith('gallery_')]) == 3
   calls.clear()
-  plots.draw_ranked_lists(
+  figures.draw_ranked_lists(
     **ranked_inputs, query_indices=[0], top=3, valid_mask=np.ones((2, 6), bool)
   )
   assert calls == [0, 1, 2]
@@ -113,13 +113,13 @@ def test_ranked_lists_skip_junk_and_honour_mask_and_lazy_images(ranked_inputs):
 
 def test_select_queries_includes_the_worst_and_is_distinct():
   ap = np.array([0.5, 0.9, 0.05, np.nan, 1.0, 0.3, 0.7, 0.6, 0.2, 0.8])
-  chosen = plots.select_queries(ap, num_best=2, num_worst=3, num_random=2, seed=1)
+  chosen = figures.select_queries(ap, num_best=2, num_worst=3, num_random=2, seed=1)
   assert chosen[0] == np.nanargmin(ap)
   assert list(chosen[:3]) == [2, 8, 5]
   assert set(chosen[-2:]) == {4, 1}
   assert len(set(chosen.tolist())) == len(chosen) == 7
   assert 3 not in chosen  # no-match (NaN) queries are never shown
-  small = plots.select_queries(np.array([0.2, 0.1]), num_best=2, num_worst=4, num_random=2)
+  small = figures.select_queries(np.array([0.2, 0.1]), num_best=2, num_worst=4, num_random=2)
   assert sorted(small.tolist()) == [0, 1]
 
 
@@ -130,12 +130,12 @@ def test_strongest_pairs_and_correspondence_lines(tmp_path):
   planted = [(3, 5, 0.9), (0, 7, 0.8), (6, 1, 0.7)]
   for i, j, value in planted:
     adjacency[i, j] = value
-  rows, cols, values = plots.select_strongest_pairs(adjacency, 3)
+  rows, cols, values = heatmaps.select_strongest_pairs(adjacency, 3)
   assert list(zip(rows, cols)) == [(i, j) for i, j, _ in planted]
   np.testing.assert_allclose(values, [0.9, 0.8, 0.7])
 
   image_u, image_v = grey_images(2)
-  figure = plots.draw_correspondences(image_u, image_v, adjacency, fmap, num_lines=5)
+  figure = heatmaps.draw_correspondences(image_u, image_v, adjacency, fmap, num_lines=5)
   ax = axes_by_gid(figure, 'correspondences')
   assert len(ax.lines) == 5
   # The strongest line (drawn last) joins the centres of cell 3 of u and cell 5 of v.
@@ -143,13 +143,13 @@ def test_strongest_pairs_and_correspondence_lines(tmp_path):
   gap = max(4, W // 6)
   np.testing.assert_allclose(xs, [1.5 * W / 2 - 0.5, 1.5 * W / 2 - 0.5 + W + gap])
   np.testing.assert_allclose(ys, [1.5 * H / 4 - 0.5, 2.5 * H / 4 - 0.5])
-  path = plots.plot_correspondences(
+  path = heatmaps.plot_correspondences(
     image_u, image_v, adjacency, fmap, str(tmp_path / 'corr.png'), num_lines=5, title='t'
   )
   height, width = read_png(path).shape[:2]
   assert width > height  # two images side by side
   with pytest.raises(ValueError):
-    plots.draw_correspondences(image_u, image_v, adjacency, (3, 2))
+    heatmaps.draw_correspondences(image_u, image_v, adjacency, (3, 2))
 
 
 def test_feature_norm_maps_upsample_channel_norms():
@@ -157,13 +157,13 @@ def test_feature_norm_maps_upsample_channel_norms():
   maps[0, :, :, 0] = 3.0
   maps[0, :, :, 1] = 4.0  # norm 5 everywhere
   maps[1, 0, 0] = 2.0  # norm sqrt(12) in the top-left cell only
-  norms = plots.feature_norm_maps(maps, (H, W))
+  norms = heatmaps.feature_norm_maps(maps, (H, W))
   assert norms.shape == (2, H, W)
   np.testing.assert_allclose(norms[0], 5.0, rtol=1e-5)
   assert norms[1].max() == pytest.approx(np.sqrt(12.0), rel=1e-4)
   assert norms[1, :8, :8].min() == pytest.approx(np.sqrt(12.0), rel=1e-4)
   assert norms[1, H // 2 :].max() == 0.0
-  assert plots.feature_norm_maps(maps[0], (H, W)).shape == (H, W)
+  assert heatmaps.feature_norm_maps(maps[0], (H, W)).shape == (H, W)
 
 
 def test_conditional_heatmaps_share_one_scale(tmp_path):
@@ -172,24 +172,24 @@ def test_conditional_heatmaps_share_one_scale(tmp_path):
   maps[2] *= 3.0  # one pairing much stronger: the shared scale must reach it
   individual = rng.random((4, 2, 8)).astype(np.float32)
   query, gallery = grey_images(1)[0], grey_images(3, 90)
-  figure = plots.draw_conditional_heatmaps(
+  figure = heatmaps.draw_conditional_heatmaps(
     query, gallery, maps, individual, gallery_pids=[1, 2, 1], query_pid=1
   )
   every = np.concatenate(
-    [plots.feature_norm_maps(maps, (H, W)), plots.feature_norm_maps(individual, (H, W))[None]]
+    [heatmaps.feature_norm_maps(maps, (H, W)), heatmaps.feature_norm_maps(individual, (H, W))[None]]
   )
   np.testing.assert_allclose(
     axes_by_gid(figure, 'colorbar_norm').get_ylim(), (every.min(), every.max()), rtol=1e-5
   )
   low, high = axes_by_gid(figure, 'colorbar_difference').get_ylim()
   assert low == pytest.approx(-high)
-  pixels = read_png(plots.save_figure(figure, str(tmp_path / 'heat.png')))
+  pixels = read_png(drawing.save_figure(figure, str(tmp_path / 'heat.png')))
   assert is_green(frame_pixel(pixels, figure, 'heatmap_1_1'))  # column 0 is 'individual'
   assert is_red(frame_pixel(pixels, figure, 'heatmap_1_2'))
 
   sizes = []
   for count in (2, 3):
-    path = plots.plot_conditional_heatmaps(
+    path = heatmaps.plot_conditional_heatmaps(
       query, gallery, maps[:count], str(tmp_path / f'h{count}.png')
     )
     sizes.append(read_png(path).shape[:2])
@@ -199,8 +199,8 @@ def test_conditional_heatmaps_share_one_scale(tmp_path):
 
 def test_denormalize_inverts_imagenet_normalisation():
   image = np.random.default_rng(0).integers(0, 256, (H, W, 3)).astype(np.uint8)
-  normalised = (image / 255.0 - plots.IMAGENET_MEAN) / plots.IMAGENET_STD
-  restored = plots.denormalize(normalised)
+  normalised = (image / 255.0 - drawing.IMAGENET_MEAN) / drawing.IMAGENET_STD
+  restored = drawing.denormalize(normalised)
   assert restored.dtype == np.uint8
   np.testing.assert_array_equal(restored, image)
-  assert plots.denormalize(np.full((2, 2, 3), 50.0)).max() == 255
+  assert drawing.denormalize(np.full((2, 2, 3), 50.0)).max() == 255

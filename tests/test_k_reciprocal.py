@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cace_jax.evaluation import metrics, rerank
+from cace_jax.evaluation import k_reciprocal, metrics
 from cace_jax.models import l2_normalize
 
 
@@ -76,7 +76,7 @@ def distance_blocks(query, gallery, metric='sqeuclidean'):
 )
 def test_dense_matches_reference(k1, k2, lambda_value):
   q_g, q_q, g_g = distance_blocks(*random_problem(0, num_query=12, num_gallery=40))
-  result = rerank.k_reciprocal_rerank(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lambda_value)
+  result = k_reciprocal.rerank_distances(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lambda_value)
   assert result.shape == (12, 40) and result.dtype == np.float32
   expected = reference_rerank(q_g, q_q, g_g, k1, k2, lambda_value)
   np.testing.assert_allclose(result, expected, atol=1e-5)
@@ -88,13 +88,13 @@ def test_select_nearest_matches_a_full_sort(num_cols, keep):
   dist[:, 1] -= 1.0
   dist[:, 0] = dist[:, 1]  # A tie inside the selection is broken by index.
   expected = np.argsort(dist, axis=1, kind='stable')[:, :keep]
-  np.testing.assert_array_equal(rerank.select_nearest(dist, keep), expected)
+  np.testing.assert_array_equal(k_reciprocal.select_nearest(dist, keep), expected)
 
 
 def test_small_chunks_change_nothing():
   q_g, q_q, g_g = distance_blocks(*random_problem(1))
-  whole = rerank.k_reciprocal_rerank(q_g, q_q, g_g, k1=5, k2=3)
-  chunked = rerank.k_reciprocal_rerank(q_g, q_q, g_g, k1=5, k2=3, chunk_size=7)
+  whole = k_reciprocal.rerank_distances(q_g, q_q, g_g, k1=5, k2=3)
+  chunked = k_reciprocal.rerank_distances(q_g, q_q, g_g, k1=5, k2=3, chunk_size=7)
   np.testing.assert_allclose(chunked, whole, atol=1e-6)
 
 
@@ -102,8 +102,8 @@ def test_small_chunks_change_nothing():
 def test_features_variant_matches_dense(metric):
   query, gallery = random_problem(2)
   q_g, q_q, g_g = distance_blocks(query, gallery, metric)
-  dense = rerank.k_reciprocal_rerank(q_g, q_q, g_g, k1=5, k2=3, lambda_value=0.3)
-  bounded = rerank.k_reciprocal_rerank_features(
+  dense = k_reciprocal.rerank_distances(q_g, q_q, g_g, k1=5, k2=3, lambda_value=0.3)
+  bounded = k_reciprocal.rerank_features(
     query, gallery, k1=5, k2=3, lambda_value=0.3, metric=metric, chunk_size=16
   )
   assert bounded.shape == (30, 80)
@@ -113,8 +113,8 @@ def test_features_variant_matches_dense(metric):
 def test_euclidean_metric_is_the_square_root():
   query, gallery = random_problem(3)
   q_g, q_q, g_g = distance_blocks(query, gallery)
-  dense = rerank.k_reciprocal_rerank(np.sqrt(q_g), np.sqrt(q_q), np.sqrt(g_g), k1=5, k2=3)
-  bounded = rerank.k_reciprocal_rerank_features(query, gallery, k1=5, k2=3, metric='euclidean')
+  dense = k_reciprocal.rerank_distances(np.sqrt(q_g), np.sqrt(q_q), np.sqrt(g_g), k1=5, k2=3)
+  bounded = k_reciprocal.rerank_features(query, gallery, k1=5, k2=3, metric='euclidean')
   np.testing.assert_allclose(bounded, dense, atol=1e-5)
 
 
@@ -125,25 +125,25 @@ def test_given_query_gallery_distances_replace_the_feature_ones():
   other = distance_blocks(query, gallery)[0] * 1.3 + np.random.default_rng(4).uniform(
     0, 2, size=(30, 80)
   )
-  dense = rerank.k_reciprocal_rerank(other, q_q, g_g, k1=5, k2=3)
-  bounded = rerank.k_reciprocal_rerank_features(
+  dense = k_reciprocal.rerank_distances(other, q_q, g_g, k1=5, k2=3)
+  bounded = k_reciprocal.rerank_features(
     query, gallery, k1=5, k2=3, metric='sqeuclidean', q_g_dist=other
   )
   np.testing.assert_allclose(bounded, dense, atol=1e-5)
-  plain = rerank.k_reciprocal_rerank_features(query, gallery, k1=5, k2=3, metric='sqeuclidean')
+  plain = k_reciprocal.rerank_features(query, gallery, k1=5, k2=3, metric='sqeuclidean')
   assert np.abs(plain - bounded).max() > 1e-2
 
 
 def test_lambda_one_gives_the_normalised_original():
   q_g, q_q, g_g = distance_blocks(*random_problem(5))
-  result = rerank.k_reciprocal_rerank(q_g, q_q, g_g, k1=5, k2=3, lambda_value=1.0)
+  result = k_reciprocal.rerank_distances(q_g, q_q, g_g, k1=5, k2=3, lambda_value=1.0)
   row_max = np.maximum(q_g.max(axis=1), q_q.max(axis=1))
   np.testing.assert_allclose(result, q_g / row_max[:, None], rtol=1e-6)
 
 
 def test_k2_one_skips_query_expansion():
   q_g, q_q, g_g = distance_blocks(*random_problem(6))
-  result = rerank.k_reciprocal_rerank(q_g, q_q, g_g, k1=5, k2=1, lambda_value=0.0)
+  result = k_reciprocal.rerank_distances(q_g, q_q, g_g, k1=5, k2=1, lambda_value=0.0)
   assert np.all(np.isfinite(result)) and result.min() >= 0.0 and result.max() <= 1.0
   # Without expansion a query's Jaccard distance is 1 outside R*'s reach: many exact ones.
   assert np.mean(result == 1.0) > 0.5
@@ -176,7 +176,7 @@ def test_rerank_fixes_a_lone_impostor(k2):
   raw = metrics.euclidean_distance(query, gallery)
   assert np.argmin(raw[0]) == 4  # The impostor is ranked first by raw distance.
   q_g, q_q, g_g = distance_blocks(query, gallery)
-  result = rerank.k_reciprocal_rerank(
+  result = k_reciprocal.rerank_distances(
     np.sqrt(q_g), np.sqrt(q_q), np.sqrt(g_g), k1=4, k2=k2, lambda_value=0.3
   )
   order = np.argsort(result[0], kind='stable')
@@ -193,10 +193,10 @@ def test_rerank_fixes_a_lone_impostor(k2):
 def test_bad_arguments_are_rejected():
   query, gallery = random_problem(7, num_query=3, num_gallery=5)
   with pytest.raises(ValueError, match='k2'):
-    rerank.k_reciprocal_rerank_features(query, gallery, k1=2, k2=4)
+    k_reciprocal.rerank_features(query, gallery, k1=2, k2=4)
   with pytest.raises(ValueError, match='metric'):
-    rerank.k_reciprocal_rerank_features(query, gallery, metric='manhattan')
+    k_reciprocal.rerank_features(query, gallery, metric='manhattan')
   with pytest.raises(ValueError, match='fit together'):
-    rerank.k_reciprocal_rerank(np.zeros((3, 5)), np.zeros((3, 3)), np.zeros((4, 4)))
+    k_reciprocal.rerank_distances(np.zeros((3, 5)), np.zeros((3, 3)), np.zeros((4, 4)))
   with pytest.raises(ValueError, match='q_g_dist'):
-    rerank.k_reciprocal_rerank_features(query, gallery, q_g_dist=np.zeros((5, 3)))
+    k_reciprocal.rerank_features(query, gallery, q_g_dist=np.zeros((5, 3)))

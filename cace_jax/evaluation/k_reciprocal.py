@@ -55,7 +55,7 @@ RowsFn = Callable[[int, int], np.ndarray]  # (start, stop) -> [stop - start, N] 
 PairsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (i [P], j [P]) -> [P]
 
 
-def k_reciprocal_rerank(
+def rerank_distances(
   q_g_dist: np.ndarray,
   q_q_dist: np.ndarray,
   g_g_dist: np.ndarray,
@@ -69,7 +69,7 @@ def k_reciprocal_rerank(
   The original distance is the block matrix [[q_q, q_g], [q_gᵀ, g_g]], used
   unsquared (see the module docstring) and normalised by each row's maximum.
   Rows are assembled from the blocks a chunk at a time, so beyond the inputs the
-  peak memory is that of `k_reciprocal_rerank_features`.
+  peak memory is that of `rerank_features`.
 
   Args:
     q_g_dist: [Nq, Ng] query-to-gallery distances.
@@ -118,12 +118,12 @@ def k_reciprocal_rerank(
       result[mask] = block[rows[mask], cols[mask]]
     return result
 
-  return _rerank(
+  return _rerank_rows(
     distance_rows, distance_pairs, num_query, num_gallery, k1, k2, lambda_value, chunk_size
   )
 
 
-def k_reciprocal_rerank_features(
+def rerank_features(
   query_features: np.ndarray,
   gallery_features: np.ndarray,
   k1: int = 20,
@@ -151,7 +151,7 @@ def k_reciprocal_rerank_features(
   Args:
     query_features: [Nq, D] query embeddings.
     gallery_features: [Ng, D] gallery embeddings.
-    k1, k2, lambda_value, chunk_size: as in `k_reciprocal_rerank`.
+    k1, k2, lambda_value, chunk_size: as in `rerank_distances`.
     metric: 'cosine' (1 − cosine similarity, this project's stage-1 distance),
       'sqeuclidean' (the paper's squared Euclidean distance, as fast-reid), or
       'euclidean'.
@@ -221,12 +221,12 @@ def k_reciprocal_rerank_features(
       result[backward] = q_g_dist[j[backward], i[backward] - num_query]
     return result
 
-  return _rerank(
+  return _rerank_rows(
     distance_rows, distance_pairs, num_query, num_gallery, k1, k2, lambda_value, chunk_size
   )
 
 
-def _rerank(
+def _rerank_rows(
   distance_rows: RowsFn,
   distance_pairs: PairsFn,
   num_query: int,
