@@ -14,7 +14,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from cace_jax import cli
+from cace_jax.commands import cli
 from cace_jax.evaluation import command
 
 

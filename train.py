@@ -13,7 +13,8 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from cace_jax import cli, train_lib
+from cace_jax.commands import cli
+from cace_jax.train import train_lib
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:

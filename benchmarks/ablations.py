@@ -50,7 +50,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import save_report  # pylint: disable=wrong-import-position
-from cace_jax import cli, plugins  # pylint: disable=wrong-import-position
+from cace_jax import plugins  # pylint: disable=wrong-import-position
+from cace_jax.commands import cli  # pylint: disable=wrong-import-position
 from cace_jax.errors import ConfigError, RunFailure  # pylint: disable=wrong-import-position
 from cace_jax.evaluation import diagnostics  # pylint: disable=wrong-import-position
 

@@ -12,8 +12,9 @@ from typing import Callable
 import jax
 import numpy as np
 
-from cace_jax import sharding, train_step
+from cace_jax import sharding
 from cace_jax.models import build_model
+from cace_jax.train import train_step
 
 
 def median_seconds(fn: Callable, repeats: int) -> float:

@@ -61,7 +61,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Nothing here may import cace_jax.models: the float64 child must patch jnp.float32 first.
-from cace_jax import cli, xla_flags  # noqa: E402
+from cace_jax import xla_flags  # noqa: E402
+from cace_jax.commands import cli  # noqa: E402
 from cace_jax.errors import UserError  # noqa: E402
 
 IDENTITIES, INSTANCES = 4, 4
@@ -124,8 +125,11 @@ def model_and_loss(step: str, dtype, depth: str):
   """(model, loss(params, batch_stats, images, labels) -> scalar or embeddings)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
-  from cace_jax import losses  # pylint: disable=import-outside-toplevel
-  from cace_jax.models import build_model, make_resnet  # pylint: disable=import-outside-toplevel
+  from cace_jax.models import (  # pylint: disable=import-outside-toplevel
+    build_model,
+    losses,  # pylint: disable=import-outside-toplevel
+    make_resnet,
+  )
 
   if step == 'backbone':
     resnet_depth = int(depth) if depth.isdigit() else depth

@@ -26,7 +26,8 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import save_report  # noqa: E402
-from cace_jax import cli, xla_flags  # noqa: E402
+from cace_jax import xla_flags  # noqa: E402
+from cace_jax.commands import cli  # noqa: E402
 from cace_jax.errors import RunFailure  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,9 +6,9 @@ Builds the configured CACE-Net with random weights (speed does not depend on
 them), writes its `features` and `pair` ONNX graphs (`cace_jax.interop.onnx_graph`)
 and times, at the same batch size:
   * features: images -> embedding + maps, onnxruntime vs jitted JAX
-    (`deploy.feature_function`, what the `jax.export` module runs);
+    (`deployment.feature_function`, what the `jax.export` module runs);
   * pair: maps of K (query, gallery) pairs -> distances, onnxruntime (the
-    dense 2n x 2n pair graph) vs jitted JAX (`deploy.pair_function`, the
+    dense 2n x 2n pair graph) vs jitted JAX (`deployment.pair_function`, the
     per-image-cache path).
 """
 
@@ -26,8 +26,8 @@ import onnxruntime
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import median_seconds, save_report  # pylint: disable=wrong-import-position
-from cace_jax import cli  # pylint: disable=wrong-import-position
-from cace_jax.interop import deploy, onnx_graph  # pylint: disable=wrong-import-position
+from cace_jax.commands import cli  # pylint: disable=wrong-import-position
+from cace_jax.interop import deployment, onnx_graph  # pylint: disable=wrong-import-position
 from cace_jax.models import build_model, feature_map_shape  # pylint: disable=wrong-import-position
 from configs import market  # pylint: disable=wrong-import-position
 
@@ -65,12 +65,12 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
       for name, path in paths.items()
     }
 
-    features = jax.jit(deploy.feature_function(model, variables, flip=False))
+    features = jax.jit(deployment.feature_function(model, variables, flip=False))
     _, fmap = features(images)
     fmap = np.asarray(fmap)
     index = np.arange(args.pairs) % args.batch
     query, gallery = fmap[np.zeros_like(index)], fmap[index]
-    pair = jax.jit(deploy.pair_function(model, variables))
+    pair = jax.jit(deployment.pair_function(model, variables))
     report = {
       'config': 'configs/market.py',
       'image_size': list(image_size),

@@ -57,14 +57,23 @@ from benchmarks.common import (  # noqa: E402
   save_report,
   train_step_flops,
 )
-from cace_jax import cli, sharding, train_step, xla_flags  # noqa: E402
+from benchmarks.device_check_parts import (  # noqa: E402
+  NUM_CLASSES,
+  both_pair_paths,
+  format_row,
+  largest_relative_difference,
+  perturbed_gcn_output,
+  random_batch,
+  recipe_config,
+)
+from cace_jax import sharding, xla_flags  # noqa: E402
+from cace_jax.commands import cli  # noqa: E402
 from cace_jax.errors import RunFailure, UserError  # noqa: E402
 from cace_jax.evaluation import stage1, stage2  # noqa: E402
 from cace_jax.models import CACENet, build_model, make_resnet  # noqa: E402
-from configs import market  # noqa: E402
+from cace_jax.train import train_step  # noqa: E402
 
 SECTIONS = ('correctness', 'train', 'eval')
-NUM_CLASSES = 751  # Market-1501's training identities
 STEPS_PER_EPOCH = 200  # only shapes the learning-rate schedule
 # (name, model fields, P) of the train section. K comes from the config.
 # The recipe's own forms first: a run that reaches --deadline_s skips the rest.
@@ -122,25 +131,6 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     "A directory for XLA's compiled programs, so that a second run skips compiling.",
     flag_values=flag_values,
   )
-
-
-def recipe_config(tiny: bool):
-  """The Market-1501 recipe; with `tiny`, its tiny-model stand-in at 64×32."""
-  config = market.get_config()
-  if tiny:
-    config.model.depth, config.model.width, config.model.embed_dim = 'tiny', 8, 32
-    config.data.image_size, config.data.k = (64, 32), 2
-  return config
-
-
-def random_batch(mesh, p: int, k: int, image_size, seed: int) -> dict:
-  """A global P·K-per-device batch of random images, each device's P identities × K images."""
-  rng = np.random.default_rng(seed)
-  labels = np.concatenate(
-    [np.repeat(rng.choice(NUM_CLASSES, p, replace=False), k) for _ in range(mesh.size)]
-  ).astype(np.int32)
-  images = rng.standard_normal((len(labels), *image_size, 3), np.float32)
-  return sharding.global_batch({'image': images, 'label': labels}, mesh)
 
 
 class DeviceCheck:
@@ -379,49 +369,6 @@ class DeviceCheck:
         flush=True,
       )
       self.save()
-
-
-def format_row(row: dict) -> str:
-  memory = row['program_memory_bytes']
-  return (
-    f'{row["images_per_s"]:8.1f} img/s, step {row["step_s"] * 1e3:8.1f} ms, '
-    f'compile {row["compile_s"]:5.1f} s, {row["gflop_per_device_step"]:8.1f} GFLOP, '
-    f'MFU {row["mfu"] * 100:5.1f}%, ×{row["step_over_backbone"]:.2f} backbone, '
-    f'program memory {"n/a" if memory is None else f"{memory / 2**20:,.0f} MiB"}'
-  )
-
-
-def perturbed_gcn_output(variables: dict) -> dict:
-  """`variables` with the GCN's output conv o drawn at random.
-
-  o starts at zero (the official init), which makes the pair stage the
-  identity and the comparison of its two paths empty.
-  """
-  params = dict(variables['params'])
-  graph = dict(params['pair_graph'])
-  kernel = graph['o']['kernel']
-  graph['o'] = {**graph['o'], 'kernel': 0.05 * jax.random.normal(jax.random.key(6), kernel.shape)}
-  params['pair_graph'] = graph
-  return {**variables, 'params': params}
-
-
-def both_pair_paths(fast: CACENet, direct: CACENet, variables, images) -> tuple[dict, dict]:
-  """The pair outputs of `images` by the fast and by the materialised path, in one program."""
-
-  def pair_outputs(model):
-    outputs = model.apply(variables, images, train=False)
-    return {name: value for name, value in outputs.items() if name.startswith('pair_')}
-
-  return pair_outputs(fast), pair_outputs(direct)
-
-
-def largest_relative_difference(fast: dict, direct: dict) -> float:
-  """max over outputs of max |fast - direct| / max |direct|."""
-  worst = 0.0
-  for name in direct:
-    a, b = (np.asarray(x[name], np.float32) for x in (fast, direct))
-    worst = max(worst, float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)))
-  return worst
 
 
 def main(args: flags.FlagValues, positional: list[str]) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import median_seconds, save_report  # pylint: disable=wrong-import-position
-from cace_jax import cli  # pylint: disable=wrong-import-position
+from cace_jax.commands import cli  # pylint: disable=wrong-import-position
 from cace_jax.evaluation import metrics, stage1, stage2  # pylint: disable=wrong-import-position
 from cace_jax.models import build_model  # pylint: disable=wrong-import-position
 from configs import market  # pylint: disable=wrong-import-position

@@ -32,7 +32,8 @@ import onnxruntime
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import save_report  # pylint: disable=wrong-import-position
-from cace_jax import cli, plugins  # pylint: disable=wrong-import-position
+from cace_jax import plugins  # pylint: disable=wrong-import-position
+from cace_jax.commands import cli  # pylint: disable=wrong-import-position
 from cace_jax.errors import PortError  # pylint: disable=wrong-import-position
 from cace_jax.interop import onnx_graph  # pylint: disable=wrong-import-position
 from cace_jax.models import CACENet, attention, build_model, gcn  # pylint: disable=wrong-import-position

@@ -1,12 +1,12 @@
 """Throughput of the tf.data pipelines (images/s), printed and saved as JSON.
 
-  python benchmarks/input_pipeline.py                      # synthetic_details, 384x128
-  python benchmarks/input_pipeline.py --dataset market1501 --steps 200
+  python benchmarks/pipeline.py                      # synthetic_details, 384x128
+  python benchmarks/pipeline.py --dataset market1501 --steps 200
 
 Measures the training pipeline (decode, resize, flip, pad+crop, random
 erasing, normalise, P×K sampling) and the evaluation pipeline after a
 warm-up, on whatever cores the machine has. Results go to
-benchmarks/results/input_pipeline.json.
+benchmarks/results/pipeline.json.
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import save_report  # pylint: disable=wrong-import-position
-from cace_jax import cli  # pylint: disable=wrong-import-position
-from cace_jax import input_pipeline as ip  # pylint: disable=wrong-import-position
-from cace_jax.datasets import prepare  # pylint: disable=wrong-import-position
+from cace_jax.commands import cli  # pylint: disable=wrong-import-position
+from cace_jax.data import (
+  catalog,  # pylint: disable=wrong-import-position
+  split_data,
+)
+from cace_jax.data import pipeline as ip  # pylint: disable=wrong-import-position
 from configs import default  # pylint: disable=wrong-import-position
 
 
@@ -51,16 +54,16 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_integer('steps', 100, 'Timed steps.', flag_values=flag_values)
   flags.DEFINE_integer('warmup', 10, 'Untimed steps first (compilation).', flag_values=flag_values)
   flags.DEFINE_string(
-    'out', 'benchmarks/results/input_pipeline.json', 'JSON report.', flag_values=flag_values
+    'out', 'benchmarks/results/pipeline.json', 'JSON report.', flag_values=flag_values
   )
 
 
 def main(args: flags.FlagValues, positional: list[str]) -> None:
   cli.expect_arguments(positional, [])
 
-  builder = prepare.prepare_dataset(args.dataset, args.data_dir)
+  builder = catalog.prepare_dataset(args.dataset, args.data_dir)
   size = (args.height, args.width)
-  train = ip.load_split(builder, 'train')
+  train = split_data.load_split(builder, 'train')
   recipe = default.get_config().data
   recipe.update(image_size=size, p=args.p, k=args.k)
   train_ds = ip.create_train_dataset(
@@ -69,7 +72,7 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
   train_images = args.steps * args.devices * args.p * args.k
   train_seconds = time_batches(train_ds, args.steps, args.warmup)
 
-  gallery = ip.load_split(builder, 'gallery')
+  gallery = split_data.load_split(builder, 'gallery')
   eval_batch = args.p * args.k * 4
   eval_ds = ip.create_eval_dataset(
     gallery,

@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 from absl import flags  # noqa: E402
 
 from benchmarks.common import save_report  # noqa: E402
-from cace_jax import cli  # noqa: E402
+from cace_jax.commands import cli  # noqa: E402
 from cace_jax.errors import RunFailure  # noqa: E402
 
 

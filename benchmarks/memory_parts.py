@@ -44,8 +44,15 @@ import tensorstore as ts
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import save_report  # noqa: E402
 from benchmarks.memory_growth import fit_slope, read_rss_mib  # noqa: E402
-from cace_jax import checkpoint, cli, input_pipeline, sharding, train_step  # noqa: E402
+from cace_jax import sharding  # noqa: E402
+from cace_jax.commands import cli  # noqa: E402
+from cace_jax.data import (
+  pipeline,  # noqa: E402
+  split_data,
+)
 from cace_jax.models import build_model  # noqa: E402
+from cace_jax.runs import checkpoint  # noqa: E402
+from cace_jax.train import train_step  # noqa: E402
 from configs import tiny  # noqa: E402
 
 PARTS = ('pipeline', 'step', 'checkpoint', 'spec_json')
@@ -68,9 +75,9 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
   config = tiny.get_config()
   config.data.data_dir = args.data_dir
   data = config.data
-  splits = input_pipeline.load_training_splits(input_pipeline.prepare_datasets(config), data)
-  stream = input_pipeline.iterate_numpy(
-    input_pipeline.create_train_dataset(splits.train, data, seed=0, num_devices=1, local_devices=1)
+  splits = split_data.load_training_splits(split_data.prepare_datasets(config), data)
+  stream = pipeline.iterate_numpy(
+    pipeline.create_train_dataset(splits.train, data, seed=0, num_devices=1, local_devices=1)
   )
   if args.part in ('step', 'checkpoint'):
     mesh = sharding.make_mesh()

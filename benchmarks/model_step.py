@@ -36,8 +36,12 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import flops_of, peak_tflops, save_report  # noqa: E402
-from cace_jax import cli, losses  # noqa: E402
-from cace_jax.models import build_model, make_resnet  # noqa: E402
+from cace_jax.commands import cli  # noqa: E402
+from cace_jax.models import (  # noqa: E402
+  build_model,
+  losses,  # noqa: E402
+  make_resnet,
+)
 
 CONFIGS = ('backbone', 'individual', 'full_avg', 'full_gem')
 

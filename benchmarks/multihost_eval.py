@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import save_report  # pylint: disable=wrong-import-position
-from cace_jax import cli  # pylint: disable=wrong-import-position
+from cace_jax.commands import cli  # pylint: disable=wrong-import-position
 from cace_jax.errors import RunFailure, UserError  # pylint: disable=wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

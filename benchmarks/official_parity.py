@@ -34,10 +34,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import save_report  # pylint: disable=wrong-import-position
-from cace_jax import cli, losses  # pylint: disable=wrong-import-position
+from cace_jax.commands import cli  # pylint: disable=wrong-import-position
 from cace_jax.errors import ConfigError  # pylint: disable=wrong-import-position
-from cace_jax.interop import torch_weights  # pylint: disable=wrong-import-position
-from cace_jax.models import CACENet  # pylint: disable=wrong-import-position
+from cace_jax.interop import (
+  torch_export,
+  torch_weights,  # pylint: disable=wrong-import-position
+)
+from cace_jax.models import (
+  CACENet,  # pylint: disable=wrong-import-position
+  losses,  # pylint: disable=wrong-import-position
+)
 
 # Official compute_loss names -> ours (its f_0 is f(v|u) of our pair (u, v)).
 LOSS_NAMES = {
@@ -122,7 +128,7 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
   _, parts = losses.total_loss(outputs, jnp.asarray(labels))
   _, unrectified = losses.total_loss(outputs, jnp.asarray(labels), rectified_triplets=False)
 
-  exported = torch_weights.export_official_cacenet({**variables, **updates}, model)
+  exported = torch_export.export_official_cacenet({**variables, **updates}, model)
   buffers = [k for k in exported if k.endswith(('running_mean', 'running_var'))]
   gaps = {k: float(np.abs(exported[k] - after[k]).max() / np.abs(after[k]).max()) for k in buffers}
   moved = min(float(np.abs(before[k[len('module.') :]] - after[k]).max()) for k in buffers)

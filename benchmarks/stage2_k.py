@@ -27,8 +27,14 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import save_report  # pylint: disable=wrong-import-position
-from cace_jax import checkpoint, cli, input_pipeline, sharding  # pylint: disable=wrong-import-position
+from cace_jax import sharding  # pylint: disable=wrong-import-position
+from cace_jax.commands import cli  # pylint: disable=wrong-import-position
+from cace_jax.data import (
+  pipeline,  # pylint: disable=wrong-import-position
+  split_data,
+)
 from cace_jax.evaluation import command, metrics, ranking, stage1, stage2  # pylint: disable=wrong-import-position
+from cace_jax.runs import checkpoint  # pylint: disable=wrong-import-position
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -51,16 +57,16 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
   ks = [int(k) for k in args.ks.split(',')]
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(args.workdir, None, config.model, mesh)
-  builder = input_pipeline.prepare_on_first_process(config)
+  builder = split_data.prepare_on_first_process(config)
   if config.data.validation_ids:
     command.check_held_out(config, run.config, args.workdir)
-    query, gallery = input_pipeline.load_training_splits(builder, config.data).validation
+    query, gallery = split_data.load_training_splits(builder, config.data).validation
   else:
-    query, gallery = input_pipeline.load_eval_splits(builder, config.data.dataset)
+    query, gallery = split_data.load_eval_splits(builder, config.data.dataset)
   embed = lambda data: stage1.embed_batches(
     run.model,
     run.variables,
-    input_pipeline.eval_batches(data, config.data),
+    pipeline.eval_batches(data, config.data),
     len(data),
     config,
     mesh,

@@ -10,9 +10,10 @@ them is replaced:
     ...
     <!-- /table -->
 
-`result_tables.TABLES` maps each name to the function that renders it from
-its JSON, so a figure in the docs is never typed by hand; the suite checks
-that every page matches.
+`TABLES` maps each name to the function that renders it from its JSON
+(`result_tables`: measurements; `experiment_tables`: studies and the demo),
+so a figure in the docs is never typed by hand; the suite checks that every
+page matches.
 """
 
 from __future__ import annotations
@@ -21,17 +22,37 @@ import glob
 import os
 import re
 import sys
+from typing import Callable
 
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import result_tables  # noqa: E402
-from cace_jax import cli  # noqa: E402
+from benchmarks import experiment_tables, result_tables  # noqa: E402
+from cace_jax.commands import cli  # noqa: E402
 from cace_jax.errors import RunFailure, UserError  # noqa: E402
 
 ROOT = result_tables.ROOT
 MARKER = re.compile(r'(<!-- table: (\w+) -->\n)(.*?)(<!-- /table -->)', re.DOTALL)
-TABLES = result_tables.TABLES
+TABLES: dict[str, Callable[[], str]] = {
+  'cpu_speed': result_tables.cpu_speed,
+  'cpu_options': result_tables.cpu_options,
+  'demo_results': experiment_tables.demo_results,
+  'demo_time': experiment_tables.demo_time,
+  'graph_conformance': experiment_tables.graph_conformance,
+  'study_attention': lambda: experiment_tables.study_table('attention'),
+  'study_table1': lambda: experiment_tables.study_table('table1'),
+  'study_table2': lambda: experiment_tables.study_table('table2'),
+  'explorations': experiment_tables.explorations,
+  'stage2_k': experiment_tables.stage2_k,
+  'memory_growth': result_tables.memory_growth,
+  'memory_parts': result_tables.memory_parts,
+  'eval_cost': result_tables.eval_cost,
+  'deploy_speed': result_tables.deploy_speed,
+  'multihost_eval': result_tables.multihost_eval,
+  'device_check_cpu': result_tables.device_check_cpu,
+  'throughput': result_tables.throughput,
+  'official_parity': result_tables.official_parity,
+}
 
 
 def pages() -> list[str]:

@@ -31,7 +31,10 @@ from benchmarks.common import (  # pylint: disable=wrong-import-position
   save_report,
   train_step_flops,
 )
-from cace_jax import checkpoint, cli, sharding, train_lib  # pylint: disable=wrong-import-position
+from cace_jax import sharding  # pylint: disable=wrong-import-position
+from cace_jax.commands import cli  # pylint: disable=wrong-import-position
+from cace_jax.runs import checkpoint  # pylint: disable=wrong-import-position
+from cace_jax.train import train_lib  # pylint: disable=wrong-import-position
 from configs import market, synthetic  # pylint: disable=wrong-import-position
 
 

@@ -20,10 +20,11 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
-from cace_jax import api, cli
-from cace_jax.datasets.manual_source import IMAGE_SUFFIXES
+from cace_jax.commands import cli
+from cace_jax.data.manual_source import IMAGE_SUFFIXES
 from cace_jax.errors import DatasetError
 from cace_jax.evaluation import figures
+from cace_jax.serve import api
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:

@@ -124,7 +124,7 @@ def run_tool(tool, argv) -> int:
 
   `sys.argv` is set too: ml_collections reads it to find `--config.*` overrides.
   """
-  from cace_jax import cli
+  from cace_jax.commands import cli
 
   saved, sys.argv = sys.argv, ['prog', *argv]
   try:
@@ -162,27 +162,27 @@ def pipeline_fixture_files(root: str) -> dict[str, bytes]:
 @pytest.fixture(scope='session')
 def pipeline_builder(tmp_path_factory):
   """A prepared market1501 builder over `pipeline_fixture_files`."""
-  from cace_jax.datasets import prepare
+  from cace_jax.data import catalog
 
   base = tmp_path_factory.mktemp('pipeline')
   write_files(str(base / 'manual'), pipeline_fixture_files('Market-1501-v15.09.15'))
-  return prepare.prepare_dataset('market1501', str(base / 'records'), str(base / 'manual'))
+  return catalog.prepare_dataset('market1501', str(base / 'records'), str(base / 'manual'))
 
 
 @pytest.fixture(scope='session')
 def tiny_data_dir(tmp_path_factory):
   """A data dir with synthetic_details/tiny prepared (the tiny config's dataset)."""
-  from cace_jax.datasets import prepare
+  from cace_jax.data import catalog
 
   data_dir = str(tmp_path_factory.mktemp('tiny_data'))
-  prepare.prepare_dataset('synthetic_details/tiny', data_dir)
+  catalog.prepare_dataset('synthetic_details/tiny', data_dir)
   return data_dir
 
 
 @pytest.fixture(scope='session')
 def trained_workdir(tiny_data_dir, tmp_path_factory):
   """A workdir holding a 2-step configs/tiny.py checkpoint (no results.json)."""
-  from cace_jax import train_lib
+  from cace_jax.train import train_lib
   from configs import tiny
 
   config = tiny.get_config()

@@ -14,17 +14,20 @@ from PIL import Image
 import pytest
 
 import cace_jax
-from cace_jax import api, checkpoint, input_pipeline, sharding
+from cace_jax import sharding
+from cace_jax.data import pipeline, split_data
 from cace_jax.errors import DatasetError
 from cace_jax.evaluation import ranking, stage1, stage2
+from cace_jax.runs import checkpoint
+from cace_jax.serve import api
 from configs import tiny
 
 
 @pytest.fixture(scope='module')
 def eval_files(tiny_data_dir, tmp_path_factory):
   """The tiny dataset's query and gallery written out as files, in split order."""
-  builder = input_pipeline.prepare_on_first_process(config_for(tiny_data_dir))
-  query, gallery = input_pipeline.load_eval_splits(builder, 'synthetic_details/tiny')
+  builder = split_data.prepare_on_first_process(config_for(tiny_data_dir))
+  query, gallery = split_data.load_eval_splits(builder, 'synthetic_details/tiny')
   root = tmp_path_factory.mktemp('files')
   paths = {}
   for name, split in (('query', query), ('gallery', gallery)):
@@ -70,7 +73,7 @@ def test_embeddings_are_evals_and_arrays_embed_like_their_files(
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(trained_workdir, None, None, mesh)
   config = config_for(tiny_data_dir)
-  batches = input_pipeline.eval_batches(query, config.data)
+  batches = pipeline.eval_batches(query, config.data)
   expected = stage1.embed_batches(
     run.model, run.variables, batches, len(query), config, mesh, False
   ).embeddings

@@ -22,7 +22,7 @@ import zipfile
 import pytest
 
 from bad_input_cases import CASES, ROOT, eval_args, fresh
-from cace_jax.workdir_lock import LOCK_FILE
+from cace_jax.runs.workdir_lock import LOCK_FILE
 from conftest import MARKET_NAME, make_jpeg, run_tool
 import eval as eval_tool
 

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cace_jax import checkpoint, losses
 from cace_jax.errors import ConfigError
-from cace_jax.models import CACENet, GeM, adjacency_kinds, build_model
+from cace_jax.models import CACENet, GeM, adjacency_kinds, build_model, losses
+from cace_jax.runs import checkpoint
 
 # Test computations are tiny: skip LLVM's optimisation passes, which halves compile time.
 jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})

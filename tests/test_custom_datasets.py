@@ -12,8 +12,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from cace_jax import input_pipeline
-from cace_jax.datasets import folder_spec, prepare, query_split
+from cace_jax.data import catalog, folder_spec, pipeline, query_split, split_data
 from cace_jax.errors import DatasetError
 from conftest import make_jpeg, run_tool, write_files
 from tools import prepare as prepare_tool
@@ -49,11 +48,11 @@ def copy(path: str, target: str) -> None:
 
 
 def prepared_splits(tmp_path, name='mine'):
-  builder = prepare.prepare_dataset(
+  builder = catalog.prepare_dataset(
     f'reid_folder/{name}', str(tmp_path / 'data'), str(tmp_path / 'manual')
   )
-  train = input_pipeline.load_split(builder, 'train')
-  query, gallery = input_pipeline.load_eval_splits(builder, f'reid_folder/{name}')
+  train = split_data.load_split(builder, 'train')
+  query, gallery = split_data.load_eval_splits(builder, f'reid_folder/{name}')
   return builder, {'train': train, 'query': query, 'gallery': gallery}
 
 
@@ -83,7 +82,7 @@ def test_names_layout_with_own_pattern(tiny_images, tmp_path):
   assert sorted(set(splits['train'].labels.tolist())) == list(
     range(len(identities(tiny_images['train'])))
   )
-  assert input_pipeline.has_cameras(builder)
+  assert split_data.has_cameras(builder)
 
 
 @pytest.mark.parametrize('camera', ['name', 'subfolder', 'none'])
@@ -108,7 +107,7 @@ def test_folder_per_identity_layouts(camera, tiny_images, tmp_path):
   q, g = by_name(splits['query']), by_name(splits['gallery'])
   assert all(q[name] == g[name] for name in q)
   if camera == 'none':
-    assert not input_pipeline.has_cameras(builder)
+    assert not split_data.has_cameras(builder)
     assert set(splits['query'].camids.tolist()) == {query_split.NO_CAMERA_QUERY}
     assert set(splits['gallery'].camids.tolist()) == {query_split.NO_CAMERA_GALLERY}
   else:
@@ -131,7 +130,7 @@ def test_list_files_with_and_without_camera_column(tiny_images, tmp_path):
   write_lists({'train': True, 'query': True, 'gallery': True})
   write_spec(root, {'layout': 'lists'})
   builder, splits = prepared_splits(tmp_path, 'mine')
-  assert input_pipeline.has_cameras(builder)
+  assert split_data.has_cameras(builder)
   for split, rows in tiny_images.items():
     assert sorted(zip(splits[split].pids.tolist(), splits[split].camids.tolist())) == sorted(
       (p, c) for _, p, c in rows
@@ -144,7 +143,7 @@ def test_list_files_with_and_without_camera_column(tiny_images, tmp_path):
     prepared_splits(tmp_path)
   write_spec(root, {'layout': 'lists', 'camera': 'none'})
   builder, splits = prepared_splits(tmp_path, 'mine')
-  assert not input_pipeline.has_cameras(builder)
+  assert not split_data.has_cameras(builder)
   for split, rows in tiny_images.items():
     assert sorted(splits[split].pids.tolist()) == sorted(p for _, p, _ in rows)
 
@@ -211,8 +210,8 @@ def test_png_grayscale_and_any_size_become_3_channel_images(tiny_images, tmp_pat
   for encoded in splits['train'].images:
     assert np.asarray(Image.open(io.BytesIO(encoded))).shape[-1] == 3
   batch = next(
-    input_pipeline.iterate_numpy(
-      input_pipeline.create_eval_dataset(
+    pipeline.iterate_numpy(
+      pipeline.create_eval_dataset(
         splits['train'], image_size=(32, 16), batch_size=8, num_devices=1, local_devices=1
       )
     )
@@ -313,19 +312,19 @@ def test_spec_errors_and_a_changed_spec_name_the_file_and_key(tiny_images, tmp_p
     prepared_splits(tmp_path)
   assert builder.is_prepared()
   with pytest.raises(DatasetError, match='expected reid_folder/<name>'):
-    prepare.prepare_dataset('reid_folder', str(tmp_path / 'data'), str(tmp_path / 'manual'))
+    catalog.prepare_dataset('reid_folder', str(tmp_path / 'data'), str(tmp_path / 'manual'))
 
 
 def test_validation_split_without_cameras_uses_one_query_per_identity():
   rows = 12
-  train = input_pipeline.SplitData(
+  train = split_data.SplitData(
     images=np.array([b''] * rows, dtype=object),
     labels=np.repeat(np.arange(4), 3).astype(np.int32),
     pids=np.repeat([10, 11, 12, 13], 3).astype(np.int32),
     camids=np.ones(rows, np.int32),
     file_names=np.array([f'{i:02d}.jpg' for i in range(rows)], dtype=object),
   )
-  rest, query, gallery, held = input_pipeline.hold_out_identities(train, 2, seed=0)
+  rest, query, gallery, held = split_data.hold_out_identities(train, 2, seed=0)
   assert len(held) == 2 and len(rest) == 6
   assert sorted(query.pids.tolist()) == held.tolist()  # one query per identity
   assert len(gallery) == 4
@@ -347,7 +346,7 @@ def test_choose_queries_follows_market_rule():
 
 
 def test_training_on_a_dataset_without_cameras_says_how_it_was_evaluated(tiny_images, tmp_path):
-  from cace_jax import train_lib
+  from cace_jax.train import train_lib
   from configs import tiny
 
   root = tmp_path / 'manual' / 'mine'
@@ -373,7 +372,8 @@ def test_training_on_a_dataset_without_cameras_says_how_it_was_evaluated(tiny_im
 
 
 def test_two_datasets_train_together_and_are_each_evaluated(tiny_data_dir, tmp_path):
-  from cace_jax import checkpoint, train_lib
+  from cace_jax.runs import checkpoint
+  from cace_jax.train import train_lib
   from configs import tiny
 
   # A second dataset: the tiny one's files again, as a custom dataset in Market's layout.
@@ -394,9 +394,9 @@ def test_two_datasets_train_together_and_are_each_evaluated(tiny_data_dir, tmp_p
   config.eval.stage2_k_grid = (2,)
   config.eval.diagnostics = False
   config.train.num_steps = 2
-  builders = input_pipeline.prepare_datasets(config)
-  alone = input_pipeline.load_split(builders['synthetic_details/tiny'], 'train')
-  union = input_pipeline.load_training_splits(builders, config.data)
+  builders = split_data.prepare_datasets(config)
+  alone = split_data.load_split(builders['synthetic_details/tiny'], 'train')
+  union = split_data.load_training_splits(builders, config.data)
   # Identities and classes of the two never coincide; classes are the sum less the held out.
   train = union.train
   first = np.char.startswith(train.file_names.astype(str), 'synthetic_details/tiny/')
@@ -417,4 +417,4 @@ def test_two_datasets_train_together_and_are_each_evaluated(tiny_data_dir, tmp_p
     tables['synthetic_details/tiny']['results']['individual']
   )
   with pytest.raises(Exception, match='distinct names joined by'):
-    input_pipeline.dataset_names('market1501++dukemtmc_reid')
+    split_data.dataset_names('market1501++dukemtmc_reid')

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from cace_jax.datasets import prepare
+from cace_jax.data import catalog
 from cace_jax.errors import DatasetError
 from conftest import DUKE_NAME, MARKET_NAME, market_style_files, msmt_files, write_files, write_zip
 
@@ -42,7 +42,7 @@ def summary(builder):
 
 
 def test_market_folder_drops_junk_keeps_distractors(market_manual_dir, tmp_path):
-  builder = prepare.prepare_dataset('market1501', str(tmp_path / 'records'), market_manual_dir)
+  builder = catalog.prepare_dataset('market1501', str(tmp_path / 'records'), market_manual_dir)
   rows = summary(builder)
   assert [r[1] for r in rows['train']] == [2, 2, 2, 7, 7, 7, 9, 9, 9]
   assert [r[2] for r in rows['train']] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -60,8 +60,8 @@ def test_market_zip_with_nested_root_reads_the_same(market_manual_dir, tmp_path)
     str(zip_manual / 'Market-1501-v15.09.15.zip'),
     market_style_files('Market-1501-v15.09.15', MARKET_NAME),
   )
-  from_zip = prepare.prepare_dataset('market1501', str(tmp_path / 'a'), str(zip_manual))
-  from_dir = prepare.prepare_dataset('market1501', str(tmp_path / 'b'), market_manual_dir)
+  from_zip = catalog.prepare_dataset('market1501', str(tmp_path / 'a'), str(zip_manual))
+  from_dir = catalog.prepare_dataset('market1501', str(tmp_path / 'b'), market_manual_dir)
   assert summary(from_zip) == summary(from_dir)
   zipped, extracted = read_split(from_zip, 'gallery'), read_split(from_dir, 'gallery')
   np.testing.assert_array_equal(zipped[0]['image'], extracted[0]['image'])
@@ -73,7 +73,7 @@ def test_market_zip_with_nested_root_reads_the_same(market_manual_dir, tmp_path)
 def test_duke_style_builders(name, folder, tmp_path):
   manual = tmp_path / 'manual'
   write_files(str(manual), market_style_files(folder, DUKE_NAME))
-  builder = prepare.prepare_dataset(name, str(tmp_path / 'records'), str(manual))
+  builder = catalog.prepare_dataset(name, str(tmp_path / 'records'), str(manual))
   rows = summary(builder)
   assert len(rows['train']) == 9 and len(rows['query']) == 2 and len(rows['gallery']) == 5
   assert rows['train'][0][0].endswith('_c1_f0000001.jpg') and rows['train'][0][3] == 1
@@ -86,7 +86,7 @@ def test_duke_style_builders(name, folder, tmp_path):
 def test_msmt17_layouts_and_trainval(version, train_dir, test_dir, tmp_path):
   manual = tmp_path / 'manual'
   write_files(str(manual), msmt_files(version, train_dir, test_dir))
-  builder = prepare.prepare_dataset('msmt17', str(tmp_path / 'records'), str(manual))
+  builder = catalog.prepare_dataset('msmt17', str(tmp_path / 'records'), str(manual))
   rows = summary(builder)
   assert [(r[1], r[2], r[3]) for r in rows['train']] == [
     (0, 0, 1),
@@ -97,17 +97,17 @@ def test_msmt17_layouts_and_trainval(version, train_dir, test_dir, tmp_path):
   assert [(r[1], r[3]) for r in rows['query']] == [(0, 7), (1, 8)]
   assert len(rows['gallery']) == 3
   combined = summary(
-    prepare.prepare_dataset('msmt17/trainval', str(tmp_path / 'records'), str(manual))
+    catalog.prepare_dataset('msmt17/trainval', str(tmp_path / 'records'), str(manual))
   )
   assert sorted({(r[1], r[2]) for r in combined['train']}) == [(0, 0), (1, 1), (2, 2)]
   assert len(combined['train']) == 6
   with pytest.raises(DatasetError, match='msmt17/combineall is now msmt17/trainval'):
-    prepare.prepare_dataset('msmt17/combineall', str(tmp_path / 'records'), str(manual))
+    catalog.prepare_dataset('msmt17/combineall', str(tmp_path / 'records'), str(manual))
 
 
 def test_count_mismatch_is_a_warning(market_manual_dir, tmp_path, caplog):
   with caplog.at_level('WARNING'):
-    prepare.prepare_dataset('market1501', str(tmp_path / 'records'), market_manual_dir)
+    catalog.prepare_dataset('market1501', str(tmp_path / 'records'), market_manual_dir)
   assert any('official release has 12936 / 751' in m for m in caplog.messages)
 
 
@@ -134,7 +134,7 @@ def test_market_found_wherever_users_keep_it(where, tmp_path):
     str(manual), {**market_style_files('mine', MARKET_NAME), 'mine/reid_dataset.json': b'{}'}
   )
   manual_dir = str(manual / 'reid-data') if where.startswith('reid-data') else str(manual)
-  builder = prepare.prepare_dataset('market1501', str(tmp_path / 'records'), manual_dir)
+  builder = catalog.prepare_dataset('market1501', str(tmp_path / 'records'), manual_dir)
   assert [r[1] for r in summary(builder)['train']] == [2, 2, 2, 7, 7, 7, 9, 9, 9]
 
 
@@ -143,7 +143,7 @@ def test_two_renamed_copies_are_named_not_guessed(tmp_path):
   for name in ('copy_a', 'copy_b'):
     write_files(str(manual), market_style_files(name, MARKET_NAME))
   with pytest.raises(DatasetError, match='several datasets .*copy_a.*copy_b.*point --manual_dir'):
-    prepare.prepare_dataset('market1501', str(tmp_path / 'records'), str(manual))
+    catalog.prepare_dataset('market1501', str(tmp_path / 'records'), str(manual))
 
 
 def test_missing_dataset_names_path_and_expectation(tmp_path):
@@ -151,7 +151,7 @@ def test_missing_dataset_names_path_and_expectation(tmp_path):
   manual.mkdir()
   (manual / 'unrelated.txt').write_text('x')
   with pytest.raises(DatasetError) as error:
-    prepare.prepare_dataset('dukemtmc_reid', str(tmp_path / 'records'), str(manual))
+    catalog.prepare_dataset('dukemtmc_reid', str(tmp_path / 'records'), str(manual))
   message = str(error.value)
   assert str(manual) in message and 'bounding_box_train' in message
   assert 'DukeMTMC-reID' in message and '\n' not in message
@@ -162,7 +162,7 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path):
   result = subprocess.run(
     [
       sys.executable,
-      'tools/prepare.py',
+      'tools/catalog.py',
       '--dataset',
       'market1501',
       '--data_dir',
@@ -185,12 +185,12 @@ def test_malformed_file_name_is_named(tmp_path):
   files['Market-1501-v15.09.15/query/person_one.jpg'] = next(iter(files.values()))
   write_files(str(manual), files)
   with pytest.raises(DatasetError, match='person_one.jpg'):
-    prepare.prepare_dataset('market1501', str(tmp_path / 'records'), str(manual))
+    catalog.prepare_dataset('market1501', str(tmp_path / 'records'), str(manual))
 
 
 def test_corrupt_image_is_named_and_prepared_data_survives(market_manual_dir, tmp_path):
   records = str(tmp_path / 'records')
-  builder = prepare.prepare_dataset('market1501', records, market_manual_dir)
+  builder = catalog.prepare_dataset('market1501', records, market_manual_dir)
   before = summary(builder)
   # Another dataset with a truncated image must fail naming the file, leave no partial
   # records, and leave the dataset prepared before intact.
@@ -200,17 +200,17 @@ def test_corrupt_image_is_named_and_prepared_data_survives(market_manual_dir, tm
   files[victim] = files[victim][:40]
   write_files(str(corrupt_manual), files)
   with pytest.raises(DatasetError, match=os.path.basename(victim)):
-    prepare.prepare_dataset('dukemtmc_reid', records, str(corrupt_manual))
+    catalog.prepare_dataset('dukemtmc_reid', records, str(corrupt_manual))
   assert not tfds.builder('dukemtmc_reid', data_dir=records).is_prepared()
   assert files_under(os.path.join(records, 'dukemtmc_reid')) == []
   # Preparing again is a no-op on the finished dataset, whatever the manual folder holds.
-  again = prepare.prepare_dataset('market1501', records, str(corrupt_manual))
+  again = catalog.prepare_dataset('market1501', records, str(corrupt_manual))
   assert summary(again) == before
 
 
 def test_synthetic_details_is_generated_and_read_by_the_market_code_path(tmp_path):
   manual = str(tmp_path / 'manual')
-  builder = prepare.prepare_dataset('synthetic_details/tiny', str(tmp_path / 'records'), manual)
+  builder = catalog.prepare_dataset('synthetic_details/tiny', str(tmp_path / 'records'), manual)
   rows = summary(builder)
   raw = os.path.join(manual, 'synthetic_details', 'tiny', 'bounding_box_train')
   raw_train = [n for n in os.listdir(raw) if n.endswith('.jpg') and not n.startswith('-1')]

@@ -17,9 +17,9 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from cace_jax import checkpoint
-from cace_jax.interop import deploy, onnx_graph, torch_weights
+from cace_jax.interop import deployment, onnx_graph, torch_weights
 from cace_jax.models import CACENet, feature_map_shape
+from cace_jax.runs import checkpoint
 from conftest import run_tool
 from tools import deploy as deploy_tool
 
@@ -72,7 +72,7 @@ def test_onnx_models_match_jax(case, tmp_path):
     f.write(features.SerializeToString())
   with open(pair_path, 'wb') as f:
     f.write(pair.SerializeToString())
-  gaps = deploy.verify_onnx(model, variables, IMAGE_SIZE, flip, features_path, pair_path)
+  gaps = deployment.verify_onnx(model, variables, IMAGE_SIZE, flip, features_path, pair_path)
   assert max(gaps.values()) <= TOLERANCE, gaps
 
   # The batch axis is dynamic: one image alone gives the same as within a batch.

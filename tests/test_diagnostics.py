@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from cace_jax.datasets import prepare, synthetic
+from cace_jax.data import catalog
+from cace_jax.data.synthetic_details import generator
 from cace_jax.evaluation import diagnostics
 
 
@@ -80,18 +81,18 @@ def test_conditioning_strength_is_zero_for_an_offset_that_ignores_the_gallery():
 
 
 def test_synthetic_families_follow_the_generator_layout():
-  config = synthetic.PRESETS['tiny']  # 3 identities per family
-  families = synthetic.identity_families(np.array([1, 3, 4, 9, 0, -1]), config)
+  config = generator.PRESETS['tiny']  # 3 identities per family
+  families = generator.identity_families(np.array([1, 3, 4, 9, 0, -1]), config)
   assert families.tolist() == [0, 0, 1, 2, -1, -1]
   np.testing.assert_array_equal(
-    prepare.dataset_families('synthetic_details/tiny', np.array([4])), [1]
+    catalog.dataset_families('synthetic_details/tiny', np.array([4])), [1]
   )
-  assert prepare.dataset_families('market1501', np.array([4])) is None
+  assert catalog.dataset_families('market1501', np.array([4])) is None
 
 
 def test_probed_matches_take_every_querys_first_match_before_any_second():
+  from cace_jax.data.pipeline import SplitData  # pylint: disable=import-outside-toplevel
   from cace_jax.evaluation import diagnose  # pylint: disable=import-outside-toplevel
-  from cace_jax.input_pipeline import SplitData  # pylint: disable=import-outside-toplevel
 
   def split(pids, camids):
     n = len(pids)

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cace_jax import checkpoint, input_pipeline, sharding
+from cace_jax import sharding
+from cace_jax.data import split_data
 from cace_jax.errors import ConfigError
 from cace_jax.evaluation import (
   command,
@@ -25,6 +26,7 @@ from cace_jax.evaluation import (
   stage2,
 )
 from cace_jax.models import CACENet, build_model
+from cace_jax.runs import checkpoint
 from configs import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -270,8 +272,8 @@ def test_stage2_caches_stream_from_disk_with_the_same_results(
   config.eval.stage2_k = 5
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(trained_workdir, model_config=config.model, mesh=mesh)
-  builder = input_pipeline.prepare_on_first_process(config)
-  query, gallery = input_pipeline.load_eval_splits(builder, config.data.dataset)
+  builder = split_data.prepare_on_first_process(config)
+  query, gallery = split_data.load_eval_splits(builder, config.data.dataset)
   results = {}
   for limit in (8.0, 0.0):
     config.eval.cache_memory_gb = limit
@@ -297,8 +299,8 @@ def test_model_without_pair_stage_evaluates_stage_one_only(tiny_data_dir):
   model = build_model(config.model, num_classes=4)
   mesh = sharding.make_mesh()
   variables = sharding.replicate(model.init(jax.random.key(0), jnp.zeros((1, 64, 32, 3))), mesh)
-  builder = input_pipeline.prepare_on_first_process(config)
-  query, gallery = input_pipeline.load_eval_splits(builder, config.data.dataset)
+  builder = split_data.prepare_on_first_process(config)
+  query, gallery = split_data.load_eval_splits(builder, config.data.dataset)
   evaluation = ranking.evaluate(model, variables, query, gallery, config, mesh)
   assert set(evaluation.metrics) == set(evaluation.rankings) == {'individual'}
   info = evaluation.info.to_json()
@@ -356,8 +358,8 @@ def test_stage2_choice_on_validation_is_the_best_of_its_grid(
   config.eval.stage2_mix_grid = (0.0, 0.5, 1.0)
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(trained_workdir, None, config.model, mesh)
-  builder = input_pipeline.prepare_on_first_process(config)
-  validation = input_pipeline.load_training_splits(builder, config.data).validation
+  builder = split_data.prepare_on_first_process(config)
+  validation = split_data.load_training_splits(builder, config.data).validation
   ranked = []  # the (K, w) each ranking came from: every one through the one ranker
   real_distances = stage2.TwoStageRanker.distances
 
@@ -397,7 +399,7 @@ def test_stage2_choice_on_validation_is_the_best_of_its_grid(
 def test_training_with_validation_holds_it_out_and_chooses_stage2_on_it(
   tiny_data_dir, trained_workdir, tmp_path
 ):
-  from cace_jax import train_lib
+  from cace_jax.train import train_lib
 
   config = tiny.get_config()
   config.data.data_dir = tiny_data_dir

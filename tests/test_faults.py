@@ -23,9 +23,10 @@ import orbax.checkpoint as ocp
 import pytest
 from test_bad_input import damage_checkpoint, snapshot
 
-from cace_jax import checkpoint, train_lib, workdir_lock
-from cace_jax.datasets import prepare
+from cace_jax.data import catalog
 from cace_jax.evaluation import ranking
+from cace_jax.runs import checkpoint, workdir_lock
+from cace_jax.train import train_lib
 from conftest import pipeline_fixture_files, run_tool, write_files
 from tools import prepare as prepare_tool
 import train as train_tool
@@ -267,7 +268,7 @@ class SmallDisk:
       raise OSError(errno.ENOSPC, 'No space left on device')
 
     self.monkeypatch.setattr(ocp.CheckpointManager, 'save', no_space)
-    self.monkeypatch.setattr(prepare.tfds.core.DatasetBuilder, 'download_and_prepare', no_space)
+    self.monkeypatch.setattr(catalog.tfds.core.DatasetBuilder, 'download_and_prepare', no_space)
 
   def free(self) -> None:
     if self.real:
@@ -325,17 +326,17 @@ def test_full_disk_while_preparing_keeps_prepared_data_and_reruns(
   assert capsys.readouterr().err.strip().splitlines()[-1].startswith('error: no space left')
   after = snapshot([data_dir])
   assert {path: after.get(path) for path in before} == before
-  builder = prepare.tfds.builder('market1501', data_dir=data_dir)
+  builder = catalog.tfds.builder('market1501', data_dir=data_dir)
   assert not builder.is_prepared()
   small_disk.free()
   assert run_tool(prepare_tool, args) == 0
-  assert prepare.tfds.builder('market1501', data_dir=data_dir).is_prepared()
+  assert catalog.tfds.builder('market1501', data_dir=data_dir).is_prepared()
 
 
 def test_interrupted_preparation_is_never_taken_for_a_prepared_dataset(tmp_path):
   """kill -9 at several moments of generating and preparing; then a rerun succeeds."""
   data_dir = str(tmp_path / 'data')
-  command = [sys.executable, 'tools/prepare.py', '--dataset=synthetic_details/tiny']
+  command = [sys.executable, 'tools/catalog.py', '--dataset=synthetic_details/tiny']
   command += ['--data_dir', data_dir]
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
   marks = []
@@ -347,7 +348,7 @@ def test_interrupted_preparation_is_never_taken_for_a_prepared_dataset(tmp_path)
     process.kill()
     process.wait()
     marks.append((delay, finished, sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []))
-    builder = prepare.tfds.builder('synthetic_details/tiny', data_dir=data_dir)
+    builder = catalog.tfds.builder('synthetic_details/tiny', data_dir=data_dir)
     if builder.is_prepared():  # only ever complete: every split reads in full
       assert finished or all(
         info.num_examples == len(list(builder.as_dataset(split=split)))
@@ -355,7 +356,7 @@ def test_interrupted_preparation_is_never_taken_for_a_prepared_dataset(tmp_path)
       )
   result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-2000:]
-  builder = prepare.tfds.builder('synthetic_details/tiny', data_dir=data_dir)
+  builder = catalog.tfds.builder('synthetic_details/tiny', data_dir=data_dir)
   splits = {s: len(list(builder.as_dataset(split=s))) for s in builder.info.splits}
   assert splits == {s: i.num_examples for s, i in builder.info.splits.items()}, marks
   assert all(v > 0 for v in splits.values())

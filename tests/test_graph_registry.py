@@ -36,10 +36,11 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from cace_jax import config_check, losses, plugins
+from cace_jax import plugins
+from cace_jax.commands import config_check
 from cace_jax.errors import ConfigError, PortError
 from cace_jax.interop import onnx_graph
-from cace_jax.models import CACENet, attention, build_model, gcn
+from cace_jax.models import CACENet, attention, build_model, gcn, losses
 
 # Tiny programs: skip LLVM's optimisation passes, which halves compile time.
 jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cace_jax import augment
-from cace_jax import input_pipeline as ip
+from cace_jax.data import augment, split_data
+from cace_jax.data import pipeline as ip
+from cace_jax.errors import ConfigError
 from configs import default
 
 SIZE = (32, 16)
@@ -15,7 +16,7 @@ SIZE = (32, 16)
 
 @pytest.fixture(scope='module')
 def train_data(pipeline_builder):
-  return ip.load_split(pipeline_builder, 'train')
+  return split_data.load_split(pipeline_builder, 'train')
 
 
 def check_identity_batch(labels, p, k):
@@ -86,7 +87,7 @@ def test_uniform_sampler_pools_serve_every_image_before_repeating():
 def test_small_identities_are_removed_and_labels_renumbered(train_data):
   small = train_data.labels[np.flatnonzero(train_data.labels == 3)[0]]  # pid 4: 2 images
   assert np.sum(train_data.labels == small) == 2
-  kept = ip.remove_small_identities(train_data, 3)
+  kept = split_data.remove_small_identities(train_data, 3)
   assert small not in train_data.labels[np.isin(train_data.pids, kept.pids)]
   assert set(np.unique(kept.labels)) == set(range(len(np.unique(train_data.labels)) - 1))
   assert 4 not in kept.pids and len(kept) == len(train_data) - 2
@@ -94,7 +95,7 @@ def test_small_identities_are_removed_and_labels_renumbered(train_data):
   old = {pid: label for pid, label in zip(train_data.pids, train_data.labels)}
   new = {pid: label for pid, label in zip(kept.pids, kept.labels)}
   assert sorted(new, key=new.get) == sorted(new, key=old.get)
-  everything = ip.remove_small_identities(train_data, 1)
+  everything = split_data.remove_small_identities(train_data, 1)
   np.testing.assert_array_equal(everything.labels, train_data.labels)
 
 
@@ -266,7 +267,7 @@ def test_flip_and_crop_actually_change_images():
 
 @pytest.mark.parametrize('local_devices,batch', [(1, 4), (3, 2)])
 def test_eval_yields_every_image_once_in_order(pipeline_builder, local_devices, batch):
-  gallery = ip.load_split(pipeline_builder, 'gallery')
+  gallery = split_data.load_split(pipeline_builder, 'gallery')
   seen = []
   for step in ip.create_eval_dataset(
     gallery,
@@ -285,7 +286,7 @@ def test_eval_yields_every_image_once_in_order(pipeline_builder, local_devices, 
 
 
 def test_eval_shards_across_processes(pipeline_builder):
-  query = ip.load_split(pipeline_builder, 'query')
+  query = split_data.load_split(pipeline_builder, 'query')
   kwargs = dict(image_size=SIZE, batch_size=1, num_devices=4)
   indices = [
     np.concatenate(
@@ -330,7 +331,7 @@ def labelled_split(num_ids=12, images_per_id=6, cameras_per_id=3, families=False
   camids = (image % cameras_per_id + pids) % 6
   camids = np.where(pids == num_ids, 0, camids).astype(np.int32)  # the last one: one camera
   names = np.array([f'{p:04d}_c{c}_{i:02d}.jpg' for p, c, i in zip(pids, camids, image)], object)
-  return ip.SplitData(
+  return split_data.SplitData(
     images=np.array([b''] * len(pids), dtype=object),
     labels=(pids - 1).astype(np.int32),
     pids=pids,
@@ -342,7 +343,7 @@ def labelled_split(num_ids=12, images_per_id=6, cameras_per_id=3, families=False
 
 def test_validation_holds_out_whole_families_and_splits_them_market_style():
   data = labelled_split(families=True)  # 4 families of 3
-  train, query, gallery, held = ip.hold_out_identities(data, 4, seed=0)
+  train, query, gallery, held = split_data.hold_out_identities(data, 4, seed=0)
   # 4 identities asked: two whole families (6 identities) leave training.
   assert len(held) == 6
   held_families = set(((held - 1) // 3).tolist())
@@ -368,14 +369,14 @@ def test_validation_holds_out_whole_families_and_splits_them_market_style():
   for split in (train, query, gallery):
     np.testing.assert_array_equal(split.families, (split.pids - 1) // 3)
   # The same seed carves the same split; another seed, another one.
-  assert np.array_equal(ip.hold_out_identities(data, 4, seed=0)[3], held)
-  others = {tuple(ip.hold_out_identities(data, 4, seed=s)[3]) for s in range(1, 6)}
+  assert np.array_equal(split_data.hold_out_identities(data, 4, seed=0)[3], held)
+  others = {tuple(split_data.hold_out_identities(data, 4, seed=s)[3]) for s in range(1, 6)}
   assert others - {tuple(held)}
 
 
 def test_validation_without_families_holds_out_exactly_that_many_identities():
   data = labelled_split()
-  train, _, _, held = ip.hold_out_identities(data, 5, seed=3)
+  train, _, _, held = split_data.hold_out_identities(data, 5, seed=3)
   assert len(held) == 5 and len(np.unique(train.pids)) == 7 and train.families is None
-  with pytest.raises(ip.ConfigError, match=r'data.validation_ids=11: expected 1..10'):
-    ip.hold_out_identities(data, 11)
+  with pytest.raises(ConfigError, match=r'data.validation_ids=11: expected 1..10'):
+    split_data.hold_out_identities(data, 11)

@@ -98,10 +98,10 @@ def test_the_package_has_no_import_cycle():
   modules = module_files()
   graph = import_graph(modules)
   assert {
-    'cace_jax.train_lib',
+    'cace_jax.train.train_lib',
     'cace_jax.evaluation.command',
     'cace_jax.models.cacenet',
-    'cace_jax.interop.deploy',
+    'cace_jax.interop.deployment',
   } <= set(graph)
   assert (
     'cace_jax.models.cacenet' in graph['cace_jax.evaluation.stage1'] | graph['cace_jax.models']
@@ -151,9 +151,9 @@ def test_deferred_imports_are_external_and_explained():
 # optimizer, and the evaluation steps.
 CORE = (
   'cace_jax.models',
-  'cace_jax.losses',
+  'cace_jax.models.losses',
   'cace_jax.sharding',
-  'cace_jax.train_step',
+  'cace_jax.train.train_step',
   'cace_jax.evaluation.stage1',
   'cace_jax.evaluation.stage2',
   'cace_jax.evaluation.metrics',

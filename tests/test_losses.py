@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cace_jax import losses
+from cace_jax.models import losses
 
 LABELS = jnp.array([0, 0, 1, 1])
 
@@ -217,7 +217,7 @@ def test_a_registered_loss_part_joins_the_sum_with_its_weight():
 
 
 def test_a_weight_for_a_part_that_is_never_computed_is_a_config_error():
-  from cace_jax import config_check  # pylint: disable=import-outside-toplevel
+  from cace_jax.commands import config_check  # pylint: disable=import-outside-toplevel
   from cace_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   from configs import tiny  # pylint: disable=import-outside-toplevel
 

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from cace_jax import checkpoint
 from cace_jax.evaluation import diagnostics
+from cace_jax.runs import checkpoint
 from conftest import run_train_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

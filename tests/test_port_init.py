@@ -9,15 +9,15 @@ import pytest
 import torch
 import torchvision
 
-from cace_jax import checkpoint
 from cace_jax.errors import ConfigError
 from cace_jax.models import build_model
+from cace_jax.runs import checkpoint
 
 
 def test_training_hook_loads_imagenet_backbone(tmp_path, tiny_data_dir):
   """`init.backbone` puts a torchvision file's weights into a fresh CACE-Net backbone."""
 
-  from cace_jax import train_init, train_step  # pylint: disable=import-outside-toplevel
+  from cace_jax.train import train_init, train_step  # pylint: disable=import-outside-toplevel
   from configs import tiny  # pylint: disable=import-outside-toplevel
 
   reference = torchvision.models.resnet18(weights=None)
@@ -43,7 +43,7 @@ def test_training_hook_loads_imagenet_backbone(tmp_path, tiny_data_dir):
 
 def test_training_starts_from_a_whole_checkpoint(trained_workdir, tiny_data_dir, tmp_path):
   """`init.checkpoint` loads every variable; only classifiers of another size stay fresh."""
-  from cace_jax import train_init, train_lib, train_step  # pylint: disable=import-outside-toplevel
+  from cace_jax.train import train_init, train_lib, train_step  # pylint: disable=import-outside-toplevel
   from configs import tiny  # pylint: disable=import-outside-toplevel
 
   _, source, record = checkpoint.read_checkpoint(trained_workdir)
@@ -94,7 +94,7 @@ def test_training_starts_from_a_whole_checkpoint(trained_workdir, tiny_data_dir,
 
 def test_a_model_without_pair_stage_starts_the_full_models_second_phase():
   """merge_variables(absent=...): missing pair-stage leaves keep their init; others must fit."""
-  from cace_jax import train_init  # pylint: disable=import-outside-toplevel
+  from cace_jax.train import train_init  # pylint: disable=import-outside-toplevel
 
   target = {
     'params': {

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from cace_jax import checkpoint
-from cace_jax.interop import torch_weights
+from cace_jax.interop import torch_export, torch_weights
 from cace_jax.models import CACENet
+from cace_jax.runs import checkpoint
 from conftest import run_tool
 from tools import deploy as deploy_tool
 from tools import port as port_tool
@@ -86,7 +86,7 @@ def test_official_training_forward_leaves_the_official_batchnorm_buffers():
   # Batch statistics of 2 images amplify rounding through 53 BNs: 1.6e-4 relative here.
   gap = np.abs(np.transpose(out['fmap'], (0, 3, 1, 2)) - fmap).max()
   assert gap <= 1e-3 * np.abs(fmap).max()
-  ours = torch_weights.export_official_cacenet({**variables, **updates}, CACENet(**config))
+  ours = torch_export.export_official_cacenet({**variables, **updates}, CACENet(**config))
   reference = {f'module.{k}': v for k, v in numpy_state(trained).items()}
   before = {f'module.{k}': v for k, v in numpy_state(model).items()}
   buffers = [k for k in ours if k.endswith(('running_mean', 'running_var'))]
@@ -105,7 +105,7 @@ def test_official_round_trip_and_cli(tmp_path):
     f'module.{k}': v for k, v in numpy_state(model).items() if not k.endswith('num_batches_tracked')
   }
   variables, config = torch_weights.load_official_cacenet(source)
-  exported = torch_weights.export_official_cacenet(variables, CACENet(**config))
+  exported = torch_export.export_official_cacenet(variables, CACENet(**config))
   assert exported.keys() == original.keys()
   for key in original:
     np.testing.assert_array_equal(exported[key], original[key], err_msg=key)
@@ -130,7 +130,7 @@ def test_official_checkpoint_to_onnx_matches_pytorch(tmp_path):
   """Official .pth -> port -> ONNX: onnxruntime reproduces the PyTorch model's embeddings."""
   import onnxruntime  # pylint: disable=import-outside-toplevel
 
-  from cace_jax import augment  # pylint: disable=import-outside-toplevel
+  from cace_jax.data import augment  # pylint: disable=import-outside-toplevel
 
   model, (_, f, _, f_1) = official_case()
   source, workdir = str(tmp_path / 'official.pth'), str(tmp_path / 'ported')

@@ -11,7 +11,7 @@ import torch
 import torchvision
 
 from cace_jax.errors import PortError
-from cace_jax.interop import torch_weights
+from cace_jax.interop import torch_export, torch_weights
 from cace_jax.models import CACENet, make_resnet
 from torch_reference import (
   IMAGES_NCHW,
@@ -135,9 +135,9 @@ def test_safetensors_round_trip_is_exact(tmp_path):
     if not k.endswith('num_batches_tracked')
   }
   path = str(tmp_path / 'resnet18.safetensors')
-  torch_weights.save_safetensors(state, path)
+  torch_export.save_safetensors(state, path)
   variables = torch_weights.load_torchvision_resnet(path, 18)
-  back = torch_weights.export_torchvision_resnet(variables, 18)
+  back = torch_export.export_torchvision_resnet(variables, 18)
   assert back.keys() == state.keys()
   for key in state:
     np.testing.assert_array_equal(back[key], state[key], err_msg=key)
@@ -148,9 +148,9 @@ def test_export_then_port_is_exact_and_loads_into_torchvision():
   variables = jax.tree.map(
     np.asarray, jit(lambda m, x: m.init(jax.random.key(1), x))(model, IMAGES_NHWC)
   )
-  state = torch_weights.export_torchvision_resnet(variables, 18)
+  state = torch_export.export_torchvision_resnet(variables, 18)
   torch_model = torchvision.models.resnet18(weights=None, num_classes=10)
-  torch_model.load_state_dict(torch_weights.to_torch_state_dict(state), strict=True)
+  torch_model.load_state_dict(torch_export.to_torch_state_dict(state), strict=True)
   again = torch_weights.load_torchvision_resnet(numpy_state(torch_model), 18)
   jax.tree.map(np.testing.assert_array_equal, again, variables)
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cace_jax.run_logger import RunLogger
+from cace_jax.runs.run_logger import RunLogger
 
 
 def console_lines(workdir, end_progress: bool) -> list[str]:

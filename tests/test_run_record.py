@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cace_jax.run_record import RunRecord
+from cace_jax.runs.run_record import RunRecord
 from configs import tiny
 
 

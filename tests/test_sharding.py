@@ -6,7 +6,8 @@ from absl import flags
 import jax
 import numpy as np
 
-from cace_jax import cli, sharding
+from cace_jax import sharding
+from cace_jax.commands import cli
 from cace_jax.errors import ConfigError
 
 

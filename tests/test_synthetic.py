@@ -13,11 +13,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from cace_jax.datasets import synthetic
+from cace_jax.data.synthetic_details import generator
 from conftest import run_tool
 from tools import synthetic as synthetic_tool
 
-TINY = synthetic.PRESETS['tiny']
+TINY = generator.PRESETS['tiny']
 MARKET_NAME = re.compile(r'([-\d]+)_c(\d)s(\d)_(\d+)_(\d+)\.jpg')
 
 
@@ -35,7 +35,7 @@ def read_tree(root) -> dict[str, bytes]:
 def parse_split(root, split) -> list[tuple[int, int]]:
   """(pid, camera) of every image in one split's folder, checking the name."""
   entries = []
-  for name in sorted(os.listdir(root / synthetic.SPLIT_FOLDERS[split])):
+  for name in sorted(os.listdir(root / generator.SPLIT_FOLDERS[split])):
     match = MARKET_NAME.fullmatch(name)
     assert match, name
     pid, cam, seq = int(match.group(1)), int(match.group(2)), int(match.group(3))
@@ -48,30 +48,30 @@ def parse_split(root, split) -> list[tuple[int, int]]:
 @pytest.fixture(scope='module')
 def tiny_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp('synthetic') / 'tiny'
-  counts = synthetic.generate_dataset(root, TINY)
+  counts = generator.generate_dataset(root, TINY)
   return root, counts
 
 
 def test_generation_is_deterministic_per_seed(tiny_dir, tmp_path):
   root, _ = tiny_dir
   first = read_tree(root)
-  synthetic.generate_dataset(tmp_path / 'again', TINY)
+  generator.generate_dataset(tmp_path / 'again', TINY)
   assert read_tree(tmp_path / 'again') == first
   other_seed = dataclasses.replace(TINY, seed=1)
-  synthetic.generate_dataset(tmp_path / 'seed1', other_seed)
+  generator.generate_dataset(tmp_path / 'seed1', other_seed)
   other = read_tree(tmp_path / 'seed1')
-  shared = set(other) & set(first) - {synthetic.CONFIG_FILE}
+  shared = set(other) & set(first) - {generator.CONFIG_FILE}
   assert other.keys() != first.keys() or any(other[k] != first[k] for k in shared)
 
 
 def test_layout_names_and_counts(tiny_dir):
   root, counts = tiny_dir
   assert sorted(p.name for p in root.iterdir()) == sorted(
-    [*synthetic.SPLIT_FOLDERS.values(), synthetic.CONFIG_FILE]
+    [*generator.SPLIT_FOLDERS.values(), generator.CONFIG_FILE]
   )
   num_train_ids = TINY.num_train_families * TINY.ids_per_family
   num_test_ids = TINY.num_test_families * TINY.ids_per_family
-  for split in synthetic.SPLIT_FOLDERS:
+  for split in generator.SPLIT_FOLDERS:
     entries = parse_split(root, split)
     assert counts[split]['images'] == len(entries)
     assert counts[split]['ids'] == len({pid for pid, _ in entries if pid > 0})
@@ -109,8 +109,8 @@ def test_splits_follow_the_market_protocol(tiny_dir):
 
 
 def test_families_share_main_look_and_differ_in_details():
-  people = synthetic.identity_attributes(synthetic.PRESETS['default'])
-  assert people == synthetic.identity_attributes(synthetic.PRESETS['default'])
+  people = generator.identity_attributes(generator.PRESETS['default'])
+  assert people == generator.identity_attributes(generator.PRESETS['default'])
   families = collections.defaultdict(list)
   for attrs in people.values():
     families[attrs.family].append(attrs)
@@ -127,8 +127,8 @@ def test_families_share_main_look_and_differ_in_details():
   for members in families.values():
     for a, b in itertools.combinations(members, 2):
       assert all(getattr(a, f) == getattr(b, f) for f in shared)
-      diffs = synthetic.detail_differences(a, b)
-      assert len(diffs) >= 2 and set(diffs) & set(synthetic.VISIBLE_SLOTS), (a.pid, b.pid)
+      diffs = generator.detail_differences(a, b)
+      assert len(diffs) >= 2 and set(diffs) & set(generator.VISIBLE_SLOTS), (a.pid, b.pid)
   for f, g in itertools.combinations(families, 2):
     a, b = families[f][0], families[g][0]
     gap = np.linalg.norm(np.subtract(a.torso_color, b.torso_color)) + np.linalg.norm(
@@ -139,22 +139,22 @@ def test_families_share_main_look_and_differ_in_details():
 
 def test_family_members_differ_in_few_pixels():
   """Rendered identically, family members differ only where their details are."""
-  config = synthetic.PRESETS['default']
-  people, cams = synthetic.identity_attributes(config), synthetic.camera_styles(config)
+  config = generator.PRESETS['default']
+  people, cams = generator.identity_attributes(config), generator.camera_styles(config)
   families = collections.defaultdict(list)
   for attrs in people.values():
     families[attrs.family].append(attrs)
 
   def changed_fraction(a, b, view):
     x, y = (
-      synthetic.render_person(p, view, cams[view.camera], 128, 64).astype(int) for p in (a, b)
+      generator.render_person(p, view, cams[view.camera], 128, 64).astype(int) for p in (a, b)
     )
     return float(np.mean(np.abs(x - y).max(-1) > 30))
 
   rng = np.random.default_rng(0)
   for view_name in ('front', 'back', 'side'):
     cam = int(rng.integers(config.num_cameras))
-    view = dataclasses.replace(synthetic.sample_view(rng, cam, cams[cam], 0.0), view=view_name)
+    view = dataclasses.replace(generator.sample_view(rng, cam, cams[cam], 0.0), view=view_name)
     same = [
       changed_fraction(a, b, view)
       for f in range(6)
@@ -169,22 +169,22 @@ def test_family_members_differ_in_few_pixels():
 
 
 def test_views_mirror_side_accessories():
-  config = synthetic.PRESETS['default']
-  cams = synthetic.camera_styles(config)
+  config = generator.PRESETS['default']
+  cams = generator.camera_styles(config)
   person = next(
     a
-    for a in synthetic.identity_attributes(config).values()
+    for a in generator.identity_attributes(config).values()
     if a.bag_side == 'left' and a.backpack_color is None and a.hat_style is None
   )
   rng = np.random.default_rng(1)
   view = dataclasses.replace(
-    synthetic.sample_view(rng, 0, cams[0], 0.0), center_x=0.5, arm_swing=(0.1, 0.1)
+    generator.sample_view(rng, 0, cams[0], 0.0), center_x=0.5, arm_swing=(0.1, 0.1)
   )
 
   def bag_side(view_name):
     """Which image half the bag is in: where removing it changes pixels."""
     with_bag, without = (
-      synthetic.render_person(p, dataclasses.replace(view, view=view_name), cams[0], 128, 64)
+      generator.render_person(p, dataclasses.replace(view, view=view_name), cams[0], 128, 64)
       for p in (person, dataclasses.replace(person, bag_side=None))
     )
     changed = np.abs(with_bag.astype(int) - without.astype(int)).max(-1) > 30
@@ -198,24 +198,24 @@ def test_views_mirror_side_accessories():
 
 
 def test_occluded_preset_occludes_every_query():
-  preset = synthetic.PRESETS['occluded']
+  preset = generator.PRESETS['occluded']
   assert preset.query_occlusion and 0 < preset.occlusion_prob < 0.5
   config = dataclasses.replace(TINY, query_occlusion=True, occlusion_prob=0.1)
-  records = synthetic.plan_images(config)
+  records = generator.plan_images(config)
   queries = [r for r in records if r.split == 'query']
   assert queries and all(r.view.occluded for r in queries)
-  assert not any(r.view.occluded for r in synthetic.plan_images(TINY))
+  assert not any(r.view.occluded for r in generator.plan_images(TINY))
   # Occlusion changes only the occluder: everything else about the image is the same.
   plain = {
-    r.filename: r for r in synthetic.plan_images(dataclasses.replace(config, query_occlusion=False))
+    r.filename: r for r in generator.plan_images(dataclasses.replace(config, query_occlusion=False))
   }
-  cams = synthetic.camera_styles(config)
+  cams = generator.camera_styles(config)
   for r in queries[:3]:
     assert dataclasses.replace(r.view, occluded=False) == plain[r.filename].view
     covered = (
       np.abs(
-        synthetic.render_record(r, cams, config).astype(int)
-        - synthetic.render_record(plain[r.filename], cams, config)
+        generator.render_record(r, cams, config).astype(int)
+        - generator.render_record(plain[r.filename], cams, config)
       ).max(-1)
       > 30
     )
@@ -224,9 +224,9 @@ def test_occluded_preset_occludes_every_query():
 
 def test_rerun_is_a_no_op(tmp_path):
   root = tmp_path / 'tiny'
-  counts = synthetic.generate_dataset(root, TINY)
+  counts = generator.generate_dataset(root, TINY)
   stamps = {p: p.stat().st_mtime_ns for p in root.rglob('*')}
-  assert synthetic.generate_dataset(root, TINY) == json.loads(json.dumps(counts))
+  assert generator.generate_dataset(root, TINY) == json.loads(json.dumps(counts))
   assert {p: p.stat().st_mtime_ns for p in root.rglob('*')} == stamps
 
 
@@ -235,15 +235,15 @@ def test_foreign_content_is_never_overwritten(tmp_path):
   foreign.mkdir()
   (foreign / 'notes.txt').write_text('mine')
   with pytest.raises(FileExistsError, match='not a synthetic dataset'):
-    synthetic.generate_dataset(foreign, TINY)
+    generator.generate_dataset(foreign, TINY)
   assert [p.name for p in foreign.iterdir()] == ['notes.txt']
   other = tmp_path / 'other'
-  synthetic.generate_dataset(other, TINY)
+  generator.generate_dataset(other, TINY)
   with pytest.raises(FileExistsError, match='another config'):
-    synthetic.generate_dataset(other, dataclasses.replace(TINY, seed=3))
+    generator.generate_dataset(other, dataclasses.replace(TINY, seed=3))
   # An empty folder is fine to fill.
   (tmp_path / 'empty').mkdir()
-  assert synthetic.generate_dataset(tmp_path / 'empty', TINY)['train']['images'] > 0
+  assert generator.generate_dataset(tmp_path / 'empty', TINY)['train']['images'] > 0
 
 
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
@@ -255,17 +255,17 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
       raise KeyboardInterrupt
     return np.zeros((TINY.image_height, TINY.image_width, 3), np.uint8)
 
-  monkeypatch.setattr(synthetic, 'render_record', failing_render)
+  monkeypatch.setattr(generator, 'render_record', failing_render)
   with pytest.raises(KeyboardInterrupt):
-    synthetic.generate_dataset(tmp_path / 'out', TINY)
+    generator.generate_dataset(tmp_path / 'out', TINY)
   assert list(tmp_path.iterdir()) == []
 
 
 def test_config_is_validated():
   with pytest.raises(ValueError, match='num_cameras'):
-    synthetic.SyntheticConfig(num_cameras=10)
+    generator.SyntheticConfig(num_cameras=10)
   with pytest.raises(ValueError, match='images_per_id'):
-    synthetic.SyntheticConfig(images_per_id=3)
+    generator.SyntheticConfig(images_per_id=3)
 
 
 def test_cli_and_preview(tmp_path, capsys):

@@ -13,9 +13,12 @@ import numpy as np
 import optax
 import pytest
 
-from cace_jax import checkpoint, config_check, sharding, train_lib, train_step
+from cace_jax import sharding
+from cace_jax.commands import config_check
 from cace_jax.errors import ConfigError
 from cace_jax.models import build_model
+from cace_jax.runs import checkpoint
+from cace_jax.train import train_lib, train_step
 from configs import tiny  # conftest puts the repository root on sys.path
 from configs.ablations import table2
 from conftest import run_tool, run_train_cli

@@ -1,4 +1,4 @@
-"""Deployment models of a run: python tools/deploy.py runs/market [--out DIR] [--step N]
+"""Deployment models of a run: python tools/deployment.py runs/market [--out DIR] [--step N]
 
 Writes both stages of the paper's inference, each as ONNX (opset 17) and as a
 serialized `jax.export` module, into --out (default WORKDIR/export), with
@@ -12,9 +12,9 @@ import sys
 
 from absl import flags
 
-from cace_jax import cli
+from cace_jax.commands import cli
 from cace_jax.errors import UserError
-from cace_jax.interop import deploy
+from cace_jax.interop import deployment
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -34,7 +34,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_boolean('no_verify', False, 'Skip the onnxruntime check.', flag_values=flag_values)
   flags.DEFINE_float(
     'tolerance',
-    deploy.VERIFY_TOLERANCE,
+    deployment.VERIFY_TOLERANCE,
     'Largest onnxruntime-vs-JAX difference accepted; larger exits 1.',
     flag_values=flag_values,
   )
@@ -47,7 +47,7 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     if len(args.image_size) != 2 or not all(v.isdigit() for v in args.image_size):
       raise UserError(f'--image_size={",".join(args.image_size)}: expected H,W, e.g. 384,128')
     image_size = tuple(int(v) for v in args.image_size)
-  summary = deploy.export_deployment(
+  summary = deployment.export_deployment(
     positional[0],
     args.out,
     args.step,

@@ -16,9 +16,9 @@ import sys
 
 from absl import flags
 
-from cace_jax import cli
+from cace_jax.commands import cli
 from cace_jax.errors import UserError
-from cace_jax.interop import torch_weights
+from cace_jax.interop import torch_export, torch_weights
 
 COMMANDS = ('torchvision', 'official', 'to_torch')
 
@@ -61,7 +61,7 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     variables, model = torch_weights.load_official_cacenet(source)
     torch_weights.write_ported_checkpoint(args.out, variables, model, source)
   else:
-    torch_weights.export_checkpoint(source, args.out, args.step)
+    torch_export.export_checkpoint(source, args.out, args.step)
   print(json.dumps({'command': command, 'out': args.out}))
 
 

@@ -1,4 +1,4 @@
-"""Prepare a dataset as TFDS records: python tools/prepare.py --dataset market1501
+"""Prepare a dataset as TFDS records: python tools/catalog.py --dataset market1501
 
 NAME is a builder name, optionally with its config: market1501, dukemtmc_reid,
 msmt17, msmt17/trainval, occluded_duke, synthetic_details (= /default),
@@ -13,8 +13,8 @@ import time
 
 from absl import flags
 
-from cace_jax import cli
-from cace_jax.datasets import prepare
+from cace_jax.commands import cli
+from cace_jax.data import catalog
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -22,7 +22,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     'dataset', 'synthetic_details', 'Builder name with optional /config.', flag_values=flag_values
   )
   flags.DEFINE_string(
-    'data_dir', prepare.DEFAULT_DATA_DIR, 'Where TFDS records go.', flag_values=flag_values
+    'data_dir', catalog.DEFAULT_DATA_DIR, 'Where TFDS records go.', flag_values=flag_values
   )
   flags.DEFINE_string(
     'manual_dir', None, 'Where downloads are (default: <data_dir>/manual).', flag_values=flag_values
@@ -32,7 +32,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 def main(args: flags.FlagValues, positional: list[str]) -> None:
   cli.expect_arguments(positional, [])
   start = time.time()
-  builder = prepare.prepare_dataset(args.dataset, args.data_dir, args.manual_dir)
+  builder = catalog.prepare_dataset(args.dataset, args.data_dir, args.manual_dir)
   splits = ', '.join(
     f'{split} {info.num_examples}' for split, info in sorted(builder.info.splits.items())
   )

@@ -1,4 +1,4 @@
-"""Generate the synthetic_details dataset: python tools/synthetic.py --out DIR [--preview grid.png]
+"""Generate the synthetic_details dataset: python tools/generator.py --out DIR [--preview grid.png]
 
 Writes Market-1501's layout and file names into --out (which must not hold
 anything else); `tools/prepare.py --dataset synthetic_details` and training
@@ -11,15 +11,15 @@ import time
 
 from absl import flags
 
-from cace_jax import cli
-from cace_jax.datasets import synthetic
+from cace_jax.commands import cli
+from cace_jax.data.synthetic_details import generator
 from cace_jax.errors import DatasetError
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_string('out', None, 'Output folder (Market-1501 layout).', flag_values=flag_values)
   flags.DEFINE_enum(
-    'preset', 'default', sorted(synthetic.PRESETS), 'Dataset preset.', flag_values=flag_values
+    'preset', 'default', sorted(generator.PRESETS), 'Dataset preset.', flag_values=flag_values
   )
   flags.DEFINE_integer('seed', None, "Overrides the preset's seed.", flag_values=flag_values)
   flags.DEFINE_string('preview', None, 'Also save a preview PNG here.', flag_values=flag_values)
@@ -28,12 +28,12 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 
 def main(args: flags.FlagValues, positional: list[str]) -> None:
   cli.expect_arguments(positional, [])
-  config = synthetic.PRESETS[args.preset]
+  config = generator.PRESETS[args.preset]
   if args.seed is not None:
     config = dataclasses.replace(config, seed=args.seed)
   start = time.time()
   try:
-    counts = synthetic.generate_dataset(args.out, config)
+    counts = generator.generate_dataset(args.out, config)
   except FileExistsError as e:  # something else lives there: never overwrite it
     raise DatasetError(str(e)) from e
   for split, c in counts.items():
@@ -43,7 +43,7 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     )
   print(f'{args.out} ready after {time.time() - start:.1f}s')
   if args.preview:
-    print(f'preview: {synthetic.save_preview(args.preview, config)}')
+    print(f'preview: {generator.save_preview(args.preview, config)}')
 
 
 if __name__ == '__main__':

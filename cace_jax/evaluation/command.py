@@ -12,11 +12,14 @@ import dataclasses
 import jax
 import ml_collections
 
-from cace_jax import checkpoint, config_check, input_pipeline, sharding
+from cace_jax import sharding
+from cace_jax.commands import config_check
+from cace_jax.data import split_data
 from cace_jax.errors import ConfigError
 from cace_jax.evaluation import ranking, records, report, selection
 from cace_jax.models import CACENet
 from cace_jax.paths import check_directory
+from cace_jax.runs import checkpoint
 
 NO_CAMERAS = 'none: query and gallery taken as different cameras (torchreid convention)'
 
@@ -28,7 +31,7 @@ def evaluate_datasets(
   config: ml_collections.ConfigDict,
   mesh: jax.sharding.Mesh,
   scratch_dir: str | None = None,
-  validation: tuple[input_pipeline.SplitData, input_pipeline.SplitData] | None = None,
+  validation: tuple[split_data.SplitData, split_data.SplitData] | None = None,
 ) -> dict[str, records.Evaluation]:
   """`ranking.evaluate` on the query/gallery of each prepared dataset {name: builder}, in turn.
 
@@ -44,9 +47,9 @@ def evaluate_datasets(
     config = choice.configure(config)
   evaluations = {}
   for name, builder in builders.items():
-    query, gallery = input_pipeline.load_eval_splits(builder, name)
+    query, gallery = split_data.load_eval_splits(builder, name)
     evaluation = ranking.evaluate(model, variables, query, gallery, config, mesh, scratch_dir)
-    cameras = None if input_pipeline.has_cameras(builder) else NO_CAMERAS
+    cameras = None if split_data.has_cameras(builder) else NO_CAMERAS
     info = dataclasses.replace(evaluation.info, selection=choice, cameras=cameras)
     evaluations[name] = dataclasses.replace(evaluation, info=info)
   return evaluations
@@ -93,11 +96,11 @@ def evaluate_checkpoint(
   check_directory(workdir, '--workdir', must_exist=True)
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(workdir, step, config.model, mesh)
-  builders = input_pipeline.prepare_datasets(config)
+  builders = split_data.prepare_datasets(config)
   validation = None
   if config.data.validation_ids:
     check_held_out(config, run.config, workdir)
-    validation = input_pipeline.load_training_splits(builders, config.data).validation
+    validation = split_data.load_training_splits(builders, config.data).validation
   evaluations = evaluate_datasets(
     run.model, run.variables, builders, config, mesh, workdir, validation
   )

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import ml_collections
 import numpy as np
 
-from cace_jax import input_pipeline
+from cace_jax.data import split_data
 from cace_jax.evaluation import diagnostics, metrics, stage2
 from cace_jax.models import CACENet
 
@@ -37,8 +37,8 @@ class Probe(NamedTuple):
 
 def run_diagnostics(
   model: CACENet,
-  query: input_pipeline.SplitData,
-  gallery: input_pipeline.SplitData,
+  query: split_data.SplitData,
+  gallery: split_data.SplitData,
   config: ml_collections.ConfigDict,
   distmat: np.ndarray,
   conditional: stage2.PairDistances | None,
@@ -68,8 +68,8 @@ def run_diagnostics(
 
 
 def compare_within_families(
-  query: input_pipeline.SplitData,
-  gallery: input_pipeline.SplitData,
+  query: split_data.SplitData,
+  gallery: split_data.SplitData,
   distmat: np.ndarray,
   conditional: stage2.PairDistances | None,
 ) -> dict:
@@ -96,8 +96,8 @@ def compare_within_families(
 
 def probe_pair_stage(
   model: CACENet,
-  query: input_pipeline.SplitData,
-  gallery: input_pipeline.SplitData,
+  query: split_data.SplitData,
+  gallery: split_data.SplitData,
   distmat: np.ndarray,
   stage2_k: int,
   probe: Probe,
@@ -128,7 +128,7 @@ def probe_pair_stage(
 
 
 def true_match_pairs(
-  query: input_pipeline.SplitData, gallery: input_pipeline.SplitData, limit: int
+  query: split_data.SplitData, gallery: split_data.SplitData, limit: int
 ) -> np.ndarray:
   """Up to `limit` (query, gallery) index pairs of one identity in different cameras, [M, 2].
 

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 import numpy as np
 from PIL import Image
 
-from cace_jax.augment import IMAGENET_MEAN, IMAGENET_STD
+from cace_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
 GREEN = (0, 190, 0)
 RED = (220, 0, 0)

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 import numpy as np
 from PIL import Image
 
-from cace_jax import augment, input_pipeline
+from cace_jax.data import augment, split_data
 from cace_jax.evaluation import drawing, heatmaps
 from cace_jax.models import CACENet
 
@@ -35,7 +35,7 @@ NUM_HEATMAP_GALLERY = 5
 NUM_HEATMAP_MATCHES = 2  # the other columns are wrong identities
 
 
-def decode_image(data: input_pipeline.SplitData, index: int, size) -> np.ndarray:
+def decode_image(data: split_data.SplitData, index: int, size) -> np.ndarray:
   """Image `index` of a split as uint8 [H, W, 3] at the network's input size."""
   with Image.open(io.BytesIO(data.images[index])) as image:
     return np.asarray(image.convert('RGB').resize((size[1], size[0]), Image.BILINEAR))
@@ -50,8 +50,8 @@ def _feature_maps(model: CACENet, variables, data, indices, size) -> jnp.ndarray
 def write_figures(
   model: CACENet,
   variables,
-  query: input_pipeline.SplitData,
-  gallery: input_pipeline.SplitData,
+  query: split_data.SplitData,
+  gallery: split_data.SplitData,
   ranking: np.ndarray,
   per_query_ap: np.ndarray,
   image_size,
@@ -94,8 +94,8 @@ def write_figures(
 def write_pair_figures(
   model: CACENet,
   variables,
-  query: input_pipeline.SplitData,
-  gallery: input_pipeline.SplitData,
+  query: split_data.SplitData,
+  gallery: split_data.SplitData,
   ranked: np.ndarray,
   query_index: int,
   image_size,

@@ -18,7 +18,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from cace_jax import input_pipeline, sharding
+from cace_jax import sharding
+from cace_jax.data import pipeline, split_data
 from cace_jax.evaluation import diagnose, k_reciprocal, metrics, records, stage1, stage2
 from cace_jax.models import CACENet
 
@@ -35,7 +36,7 @@ def summarize(result: dict) -> dict:
 
 
 def measure(
-  distmat: np.ndarray, query: input_pipeline.SplitData, gallery: input_pipeline.SplitData
+  distmat: np.ndarray, query: split_data.SplitData, gallery: split_data.SplitData
 ) -> tuple[dict, np.ndarray, np.ndarray]:
   """(summary metrics, top ranking [Nq, TOP], AP per query) of one row's distances."""
   result = metrics.evaluate_rank(distmat, query.pids, gallery.pids, query.camids, gallery.camids)
@@ -45,7 +46,7 @@ def measure(
 def extract_both(
   model: CACENet,
   variables: dict,
-  splits: tuple[input_pipeline.SplitData, input_pipeline.SplitData],
+  splits: tuple[split_data.SplitData, split_data.SplitData],
   config: ml_collections.ConfigDict,
   mesh: jax.sharding.Mesh,
   with_cache: bool,
@@ -53,7 +54,7 @@ def extract_both(
 ) -> tuple[stage1.SplitFeatures, stage1.SplitFeatures]:
   """Stage-1 embeddings of a (query, gallery) pair of splits, and their stage-2 caches.
 
-  Each split is read by tf.data (`input_pipeline.eval_batches`) and embedded
+  Each split is read by tf.data (`pipeline.eval_batches`) and embedded
   by `stage1.embed_batches`. The caches are empty without `with_cache`, and
   go under `cache_dir` when too large for memory. Every process holds every
   query row; with several processes, each holds only its own rows of the
@@ -61,8 +62,8 @@ def extract_both(
   gallery row is (`stage2.PairFunction`).
   """
 
-  def embed(data: input_pipeline.SplitData, name: str, gather_cache: bool):
-    batches = input_pipeline.eval_batches(data, config.data)
+  def embed(data: split_data.SplitData, name: str, gather_cache: bool):
+    batches = pipeline.eval_batches(data, config.data)
     cache_dir_of_split = os.path.join(cache_dir, name)
     return stage1.embed_batches(
       model,
@@ -93,8 +94,8 @@ def rank_stage1(q: stage1.SplitFeatures, g: stage1.SplitFeatures, rerank: bool) 
 def evaluate(
   model: CACENet,
   variables: dict,
-  query: input_pipeline.SplitData,
-  gallery: input_pipeline.SplitData,
+  query: split_data.SplitData,
+  gallery: split_data.SplitData,
   config: ml_collections.ConfigDict,
   mesh: jax.sharding.Mesh,
   scratch_dir: str | None = None,

@@ -8,7 +8,7 @@ import os
 import jax
 import ml_collections
 
-from cace_jax import input_pipeline
+from cace_jax.data import split_data
 from cace_jax.evaluation import diagnostics, figures, ranking, records, selection
 from cace_jax.models import CACENet
 
@@ -97,7 +97,7 @@ def write_report(
     return
   first = next(iter(evaluations))
   evaluation = evaluations[first]
-  query, gallery = input_pipeline.load_eval_splits(builders[first], first)
+  query, gallery = split_data.load_eval_splits(builders[first], first)
   row = evaluation.figure_row
   figures.write_figures(
     model,

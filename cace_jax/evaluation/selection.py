@@ -14,7 +14,7 @@ import tempfile
 import jax
 import ml_collections
 
-from cace_jax import input_pipeline
+from cace_jax.data import split_data
 from cace_jax.evaluation import diagnose, metrics, ranking, records, stage2
 from cace_jax.models import CACENet
 
@@ -22,7 +22,7 @@ from cace_jax.models import CACENet
 def select_stage2(
   model: CACENet,
   variables: dict,
-  validation: tuple[input_pipeline.SplitData, input_pipeline.SplitData],
+  validation: tuple[split_data.SplitData, split_data.SplitData],
   config: ml_collections.ConfigDict,
   mesh: jax.sharding.Mesh,
   scratch_dir: str | None = None,

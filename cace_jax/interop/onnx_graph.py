@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from cace_jax.augment import IMAGENET_MEAN_PIXEL, IMAGENET_STD_PIXEL
+from cace_jax.data.augment import IMAGENET_MEAN_PIXEL, IMAGENET_STD_PIXEL
 from cace_jax.errors import PortError
 from cace_jax.models.attention import get_adjacency
 from cace_jax.models.gcn import DEGREE_EPS
@@ -38,7 +38,7 @@ from cace_jax.models.resnet import RESNET_SPECS, feature_map_shape, non_local_po
 OPSET = 17
 BN_EPS = 1e-5
 L2_EPS = 1e-12
-GEM_EPS = 1e-6  # models.cacenet.GeM.eps
+GEM_EPS = 1e-6  # models.pooling.GeM.eps
 
 
 class GraphWriter:

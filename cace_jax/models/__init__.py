@@ -12,7 +12,8 @@ from cace_jax.models.attention import (
   make_adjacency,
   register_adjacency,
 )
-from cace_jax.models.cacenet import PAIR_PATHS, POOLINGS, CACENet, GeM, build_model, pool_nodes
+from cace_jax.models.build import build_model
+from cace_jax.models.cacenet import PAIR_PATHS, CACENet
 from cace_jax.models.gcn import (
   OPERATORS,
   PairGCN,
@@ -23,6 +24,7 @@ from cace_jax.models.gcn import (
   register_operator,
 )
 from cace_jax.models.layers import Conv1x1, l2_normalize
+from cace_jax.models.pooling import POOLINGS, GeM, pool_nodes
 from cace_jax.models.resnet import (
   RESNET_SPECS,
   NonLocal,

@@ -70,9 +70,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cace_jax import plugins
-from cace_jax.errors import ConfigError
-from cace_jax.models.attention import RENAMED_KINDS, ClueAttention, cross_block, get_adjacency
+from cace_jax.models.attention import ClueAttention, cross_block, get_adjacency
 from cace_jax.models.gcn import (
   NO_GCN,
   DenseGraph,
@@ -82,38 +80,11 @@ from cace_jax.models.gcn import (
   propagate_pair,
 )
 from cace_jax.models.layers import BatchNorm, Conv1x1, l2_normalize
+from cace_jax.models.pooling import POOLINGS, GeM, pool_nodes
 from cace_jax.models.resnet import make_resnet, output_channels
 from cace_jax.sharding import AXIS
 
-POOLINGS = ('avg', 'gem', 'avgmax')
 PAIR_PATHS = ('fast', 'direct')
-
-
-def pool_nodes(kind: str, nodes, p=None, eps: float = 1e-6):
-  """Pools pixels [..., n, C] -> [..., P].
-
-  'avg': mean; 'gem': (mean clamp(x, eps)^p)^(1/p); 'avgmax': [mean, max] (P = 2C).
-  """
-  if kind == 'avg':
-    return nodes.mean(-2)
-  if kind == 'gem':
-    return jnp.mean(jnp.maximum(nodes, eps) ** p, axis=-2) ** (1.0 / p)
-  if kind == 'avgmax':
-    return jnp.concatenate([nodes.mean(-2), nodes.max(-2)], axis=-1)
-  raise ValueError(f'unknown pooling {kind!r}; expected one of {POOLINGS}')
-
-
-class GeM(nn.Module):
-  """Generalised-mean pooling with a learnable exponent `p` (init 3)."""
-
-  p_init: float = 3.0
-  eps: float = 1e-6
-
-  def setup(self):
-    self.p = self.param('p', nn.initializers.constant(self.p_init), (1,), jnp.float32)
-
-  def __call__(self, nodes):  # [..., n, C] -> [..., C]
-    return pool_nodes('gem', nodes, self.p, self.eps)
 
 
 class CACENet(nn.Module):
@@ -468,48 +439,3 @@ class CACENet(nn.Module):
       'embedding_vu': emb_vu,
     }
     return jax.tree.map(lambda x: x[0], out) if single else out
-
-
-def build_model(model_config, num_classes: int | None = None, **overrides) -> CACENet:
-  """The CACENet that `model_config` describes: the one way from a config to a model.
-
-  Args:
-    model_config: `config.model`, or a checkpoint record's 'model'; its keys
-      are CACENet field names and 'plugins' (imported first,
-      `cace_jax.plugins`). Strings are accepted where configs hold them:
-      depth '50' and dtype 'bfloat16'.
-    num_classes: identities of the classifiers (None: the config's, if any).
-    **overrides: further fields, e.g. `sync_bn=False` for evaluation.
-
-  Raises:
-    ConfigError: naming an unknown field, an unsupported dtype or an
-      adjacency name that was renamed.
-  """
-  fields = {**dict(model_config), **overrides}
-  plugins.load(fields.pop('plugins', ''))  # the kinds a run was trained with
-  if num_classes is not None:
-    fields['num_classes'] = num_classes
-  known = set(CACENet.__dataclass_fields__) - {'parent', 'name'}
-  unknown = sorted(set(fields) - known)
-  if unknown:
-    raise ConfigError(
-      f'model.{unknown[0]} is not a CACENet field; the fields are {", ".join(sorted(known))}'
-    )
-  adjacency = fields.get('adjacency', CACENet.adjacency)
-  if adjacency in RENAMED_KINDS:
-    raise ConfigError(
-      f'model.adjacency={adjacency!r} was renamed: {RENAMED_KINDS[adjacency]!r} is what it meant '
-      f"(pixels L2-normalised first), {'raw_' + adjacency!r} is the paper's eq. 2-4 on raw features"
-    )
-  if fields.get('gcn', CACENet.gcn) != NO_GCN:  # unregistered kinds fail here, named
-    get_operator(fields.get('gcn', CACENet.gcn))
-    get_adjacency(adjacency)
-  depth = fields.get('depth')
-  if isinstance(depth, str) and depth.isdigit():  # configs hold depth as a string ('tiny' too)
-    fields['depth'] = int(depth)
-  dtype = fields.get('dtype', 'float32')
-  dtype = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
-  if dtype not in ('float32', 'bfloat16'):
-    raise ConfigError(f'model.dtype={dtype!r}: expected float32 or bfloat16')
-  fields['dtype'] = jnp.dtype(dtype)
-  return CACENet(**fields)

@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cace_jax import losses
-from cace_jax.models import CACENet
+from cace_jax.models import CACENet, losses
 from cace_jax.sharding import AXIS
 
 if TYPE_CHECKING:

@@ -12,9 +12,10 @@ import os
 
 import tensorflow_datasets as tfds
 
-from cace_jax.datasets import folder_spec, synthetic
-from cace_jax.datasets.manual_source import ManualSource, find_source
-from cace_jax.datasets.reid_builder import Record, ReIDBuilder, list_market_style_split
+from cace_jax.data import folder_spec
+from cace_jax.data.manual_source import ManualSource, find_source
+from cace_jax.data.reid_builder import Record, ReIDBuilder, list_market_style_split
+from cace_jax.data.synthetic_details import generator
 from cace_jax.errors import DatasetError
 
 _MARKET_STYLE_FOLDERS = {
@@ -168,7 +169,7 @@ def _read_msmt_list(source: ManualSource, list_name: str, image_dir: str) -> lis
 
 
 class SyntheticDetailsConfig(tfds.core.BuilderConfig):
-  """One preset of the procedural generator (`cace_jax.datasets.synthetic.PRESETS`)."""
+  """One preset of the procedural generator (`synthetic_details.generator.PRESETS`)."""
 
 
 class SyntheticDetails(ReIDBuilder):
@@ -177,7 +178,7 @@ class SyntheticDetails(ReIDBuilder):
   The generator writes Market-1501's layout and file names into
   `<manual_dir>/synthetic_details/<config>/`; this builder then reads it with
   the Market-1501 code path, so every demo and test exercises the real loader.
-  `cace_jax.datasets.prepare` runs the generator first.
+  `cace_jax.data.catalog` runs the generator first.
   """
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -185,7 +186,7 @@ class SyntheticDetails(ReIDBuilder):
     'synthetic_details` to generate and prepare it.'
   )
   BUILDER_CONFIGS = [
-    SyntheticDetailsConfig(name=name, description=f'preset {name!r}') for name in synthetic.PRESETS
+    SyntheticDetailsConfig(name=name, description=f'preset {name!r}') for name in generator.PRESETS
   ]
 
   def _find_records(self, manual_dir: str):

@@ -17,7 +17,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cace_jax.datasets.manual_source import ManualSource, read_jpeg
+from cace_jax.data.manual_source import ManualSource, read_jpeg
 from cace_jax.errors import DatasetError
 
 SPLITS = ('train', 'query', 'gallery')

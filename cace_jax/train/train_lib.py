@@ -16,19 +16,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from cace_jax import (
-  checkpoint,
-  config_check,
-  input_pipeline,
-  sharding,
-  train_init,
-  workdir_lock,
-)
+from cace_jax import sharding
+from cace_jax.commands import config_check
+from cace_jax.data import pipeline, split_data
 from cace_jax.evaluation import command, records, report
 from cace_jax.models import CACENet, build_model
-from cace_jax.run_logger import RunLogger
-from cace_jax.run_record import RunRecord
-from cace_jax.train_step import create_optimizer, make_train_step, total_steps, variables_of
+from cace_jax.runs import checkpoint, workdir_lock
+from cace_jax.runs.run_logger import RunLogger
+from cace_jax.runs.run_record import RunRecord
+from cace_jax.train import train_init
+from cace_jax.train.train_step import create_optimizer, make_train_step, total_steps, variables_of
 
 
 def check_finite(metrics: dict, step: int, last_checkpoint: int | None) -> None:
@@ -76,8 +73,8 @@ def train_and_evaluate(
   with contextlib.ExitStack() as cleanup:
     mesh = sharding.make_mesh()
     num_devices = jax.device_count()
-    builders = input_pipeline.prepare_datasets(config)
-    splits = input_pipeline.load_training_splits(builders, config.data)
+    builders = split_data.prepare_datasets(config)
+    splits = split_data.load_training_splits(builders, config.data)
     train_data = splits.train
     num_classes = len(np.unique(train_data.labels))
     config_check.check_training_data(config, num_classes)
@@ -90,7 +87,7 @@ def train_and_evaluate(
 
     data = config.data
     images_per_step = data.p * data.k * num_devices
-    steps_per_epoch = input_pipeline.steps_per_epoch(
+    steps_per_epoch = pipeline.steps_per_epoch(
       train_data.labels, data.p, data.k, num_devices, data.sampler
     )
     num_steps = total_steps(config, steps_per_epoch)
@@ -117,7 +114,7 @@ def train_and_evaluate(
       )
 
     train_step = make_train_step(model, tx, schedule, config.loss, mesh)
-    dataset = input_pipeline.create_train_dataset(
+    dataset = pipeline.create_train_dataset(
       train_data,
       data,
       seed=config.seed,
@@ -127,7 +124,7 @@ def train_and_evaluate(
       start_step=start_step,
     )
     batches = sharding.prefetch_to_device(
-      ({'image': b['image'], 'label': b['label']} for b in input_pipeline.iterate_numpy(dataset)),
+      ({'image': b['image'], 'label': b['label']} for b in pipeline.iterate_numpy(dataset)),
       mesh,
     )
     last_checkpoint = manager.latest_step()
@@ -200,7 +197,7 @@ def evaluate_and_log(
   workdir: str,
   logger: RunLogger,
   step: int,
-  validation: tuple[input_pipeline.SplitData, input_pipeline.SplitData] | None = None,
+  validation: tuple[split_data.SplitData, split_data.SplitData] | None = None,
 ) -> dict[str, records.Evaluation]:
   """One evaluation during training on every test set, logged as scalars and as tables.
 

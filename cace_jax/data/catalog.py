@@ -16,7 +16,8 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cace_jax.datasets import builders, folder_spec, synthetic
+from cace_jax.data import builders, folder_spec
+from cace_jax.data.synthetic_details import generator
 from cace_jax.errors import DatasetError
 from cace_jax.paths import check_directory
 
@@ -57,14 +58,14 @@ def prepare_dataset(
   check_directory(manual_dir, 'manual_dir')
   if builder_name == 'synthetic_details':
     preset = config_name or 'default'
-    if preset not in synthetic.PRESETS:
+    if preset not in generator.PRESETS:
       raise DatasetError(
         f'unknown synthetic_details preset {preset!r}: expected one of '
-        f'{", ".join(synthetic.PRESETS)}'
+        f'{", ".join(generator.PRESETS)}'
       )
     raw_dir = builders.raw_synthetic_dir(manual_dir, preset)
     try:
-      synthetic.generate_dataset(raw_dir, synthetic.PRESETS[preset])
+      generator.generate_dataset(raw_dir, generator.PRESETS[preset])
     except FileExistsError as e:  # Something else lives there: never overwrite it.
       raise DatasetError(f'cannot generate synthetic_details into {raw_dir}: {e}') from e
   elif builder_name == 'reid_folder':
@@ -149,9 +150,9 @@ def dataset_families(name: str, pids: np.ndarray) -> np.ndarray | None:
   """The family of each identity of dataset `name`, or None if it has no families.
 
   Only synthetic_details has them (its identities come in families that
-  differ in details); `synthetic.identity_families` says which is which.
+  differ in details); `generator.identity_families` says which is which.
   """
   builder_name, _, preset = name.partition('/')
   if builder_name != 'synthetic_details':
     return None
-  return synthetic.identity_families(pids, synthetic.PRESETS[preset or 'default'])
+  return generator.identity_families(pids, generator.PRESETS[preset or 'default'])

@@ -7,7 +7,7 @@ modules (for JAX serving; no Python model code needed):
   features  images [batch, H, W, 3] RGB 0-255 -> embedding [batch, E], fmap [batch, h, w, C]
   pair      fmap_query, fmap_gallery [pairs, h, w, C] -> distance [pairs] (+ f(q|g), f(g|q))
 
-(Torch weights go out through `torch_weights.export_checkpoint`.)
+(Torch weights go out through `torch_export.export_checkpoint`.)
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cace_jax import augment, checkpoint
+from cace_jax.data import augment
 from cace_jax.errors import PortError, RunFailure
 from cace_jax.evaluation.stage2 import embedding_distance
 from cace_jax.models import CACENet, ResNet, feature_map_shape, l2_normalize
+from cace_jax.runs import checkpoint
 
 try:  # the onnx extra is optional: without it, `export_deployment` says how to install it
   from cace_jax.interop import onnx_graph

@@ -6,7 +6,7 @@
   hits = reid.search(['query.jpg'], index, top_k=10)
 
 Every image goes through the evaluation's own path (`stage1.embed_batches`
-over the eval tf.data pipeline, `input_pipeline.eval_batches`: same resize,
+over the eval tf.data pipeline, `pipeline.eval_batches`: same resize,
 normalisation and flip averaging), so an embedding here is the embedding
 `eval.py` computes for the same file, and `search` ranks as eval's stage 2
 does (`stage2.TwoStageRanker`).
@@ -27,11 +27,13 @@ import numpy as np
 from PIL import Image
 import tqdm
 
-from cace_jax import checkpoint, input_pipeline, sharding
-from cace_jax.datasets.manual_source import to_rgb_jpeg
+from cace_jax import sharding
+from cace_jax.data import pipeline, split_data
+from cace_jax.data.manual_source import to_rgb_jpeg
 from cace_jax.errors import ConfigError, DatasetError
 from cace_jax.evaluation import metrics, records, stage1, stage2
 from cace_jax.models import CACENet
+from cace_jax.runs import checkpoint
 
 INDEX_VERSION = 1
 INDEX_CHUNK = 256  # images embedded (and committed to disk) per step of `index`
@@ -122,7 +124,7 @@ class ReID:
 
   def _extract(self, images, with_cache: bool, cache_dir: str | None = None):
     data = as_split(images)
-    batches = input_pipeline.eval_batches(data, self.config.data)
+    batches = pipeline.eval_batches(data, self.config.data)
     return stage1.embed_batches(
       self.model, self.variables, batches, len(data), self.config, self.mesh, with_cache, cache_dir
     )
@@ -222,7 +224,7 @@ class ReID:
     return results
 
 
-def as_split(images) -> input_pipeline.SplitData:
+def as_split(images) -> split_data.SplitData:
   """Encoded images as an evaluation split (labels -1); DatasetError naming a bad image."""
   if isinstance(images, (str, os.PathLike, np.ndarray)) and np.ndim(images) < 4:
     images = [images]
@@ -251,7 +253,7 @@ def as_split(images) -> input_pipeline.SplitData:
   if not encoded:
     raise DatasetError('no images given')
   n = len(encoded)
-  return input_pipeline.SplitData(
+  return split_data.SplitData(
     images=np.array(encoded, dtype=object),
     labels=np.full(n, -1, np.int32),
     pids=np.zeros(n, np.int32),

@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from cace_jax.datasets.synthetic_draw import NO_COLOR, CameraStyle, PersonAttributes, ViewParams
+from cace_jax.data.synthetic_details.draw import NO_COLOR, CameraStyle, PersonAttributes, ViewParams
 
 # Palettes. Main colours are what families differ in; detail palettes are few,
 # well-separated colours so a changed detail is a visible change.

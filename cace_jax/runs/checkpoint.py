@@ -29,7 +29,7 @@ from cace_jax import sharding
 from cace_jax.errors import CheckpointError, ConfigError, RunFailure, is_disk_full
 from cace_jax.models import build_model, make_resnet
 from cace_jax.models.attention import RENAMED_KINDS
-from cace_jax.run_record import RunRecord
+from cace_jax.runs.run_record import RunRecord
 
 BEST_METRIC = 'mAP'
 # Saves write one zarr directory per array rather than orbax's default OCDBT

@@ -31,13 +31,13 @@ import tempfile
 import numpy as np
 from PIL import Image
 
-from cace_jax.datasets.synthetic_draw import (
+from cace_jax.data.synthetic_details.draw import (
   CameraStyle,
   PersonAttributes,
   ViewParams,
   render_person,
 )
-from cace_jax.datasets.synthetic_sample import (
+from cace_jax.data.synthetic_details.sample import (
   DETAIL_SLOTS,
   VISIBLE_SLOTS,
   detail_differences,

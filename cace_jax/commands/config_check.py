@@ -16,9 +16,10 @@ from typing import Any, Callable
 
 import ml_collections
 
-from cace_jax import augment, input_pipeline, losses, plugins
+from cace_jax import plugins
+from cace_jax.data import augment, pipeline, split_data
 from cace_jax.errors import ConfigError
-from cace_jax.models import PAIR_PATHS, POOLINGS, RESNET_SPECS, adjacency_kinds, gcn_kinds
+from cace_jax.models import PAIR_PATHS, POOLINGS, RESNET_SPECS, adjacency_kinds, gcn_kinds, losses
 from cace_jax.models.attention import RENAMED_KINDS
 from cace_jax.paths import check_directory
 
@@ -117,7 +118,7 @@ RULES: dict[str, Rule | tuple[Rule, str]] = {
   'data.image_size': sequence_of(integer(16), length=2),
   'data.p': (integer(2), 'batch-hard triplets need P >= 2 identities per device batch'),
   'data.k': (integer(2), 'batch-hard triplets need K >= 2 images per identity'),
-  'data.sampler': one_of(*input_pipeline.SAMPLERS),
+  'data.sampler': one_of(*pipeline.SAMPLERS),
   'data.min_images_per_id': integer(1),
   'data.flip': boolean,
   'data.padding': integer(0),
@@ -215,7 +216,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         )
       if number(0.0)(weight) is not None:
         raise ConfigError(f'loss.weights.{name}={weight!r}: expected a number >= 0')
-  input_pipeline.dataset_names(config.data.dataset)
+  split_data.dataset_names(config.data.dataset)
   if config.train.num_steps == 0 and config.optim.epochs <= 0:
     raise ConfigError('optim.epochs and train.num_steps are both 0: nothing to train')
   if config.init.backbone and config.init.checkpoint:

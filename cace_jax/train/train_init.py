@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from cace_jax import checkpoint, sharding
+from cace_jax import sharding
 from cace_jax.errors import CheckpointError, ConfigError, PortError
 from cace_jax.interop import torch_weights
-from cace_jax.run_record import RunRecord
-from cace_jax.train_step import PAIR_STAGE_PARAMS, init_state
+from cace_jax.runs import checkpoint
+from cace_jax.runs.run_record import RunRecord
+from cace_jax.train.train_step import PAIR_STAGE_PARAMS, init_state
 
 
 def with_variables(state: Any, params, batch_stats) -> Any:

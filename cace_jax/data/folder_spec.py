@@ -40,9 +40,9 @@ from typing import Any
 
 import numpy as np
 
-from cace_jax.datasets import query_split
-from cace_jax.datasets.manual_source import CUSTOM_SPEC, ManualSource
-from cace_jax.datasets.reid_builder import SPLITS, Record
+from cace_jax.data import query_split
+from cace_jax.data.manual_source import CUSTOM_SPEC, ManualSource
+from cace_jax.data.reid_builder import SPLITS, Record
 from cace_jax.errors import DatasetError
 
 SPEC_FILE = CUSTOM_SPEC

@@ -1,0 +1,168 @@
+"""Figures of the training studies and the demo, as markdown tables rendered from their JSON.
+
+The study tables read `benchmarks/ablations.py` reports: each row's mean and
+std over seeds, and each seed's own stage-2 difference.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from benchmarks.result_tables import cell, header, load, provenance
+
+
+def demo_results() -> str:
+  """The demo's results table (cace_jax's default CPU settings, seed 0)."""
+  run = load('demo.json')['runs']['default']
+  k = run['stage2_k']
+  names = {
+    'individual': 'individual embeddings (stage 1)',
+    'clue_alignment': f'+ clue alignment (top-{k} re-sorted)',
+    'cacenet': f'+ conditional embeddings (CACE-Net, top-{k})',
+  }
+  lines = header('scoring', 'Rank-1', 'Rank-5', 'Rank-10', 'mAP', 'mINP')
+  for row, name in names.items():
+    m = run['results'][row]
+    lines.append(
+      f'| {name} | {m["rank1"]:.1f} | {m["rank5"]:.1f} | {m["rank10"]:.1f} | '
+      f'{m["mAP"]:.1f} | {m["mINP"]:.1f} |'
+    )
+  return '\n'.join(lines) + provenance('demo.json')
+
+
+def demo_time() -> str:
+  """The demo's wall time with jaxlib's and with cace_jax's CPU defaults."""
+  report = load('demo.json')
+  runs = report['runs']
+  names = {
+    'ynnpack': 'jaxlib default (YNNPACK convolutions)',
+    'default': 'cace_jax default (XLA convolutions)',
+    'default_again': 'cace_jax default, again',
+  }
+  lines = header(
+    'demo run (training and evaluation)', 'wall time', '× jaxlib default', 'individual mAP'
+  )
+  for name, label in names.items():
+    run = runs[name]
+    speed = runs['ynnpack']['wall_s'] / run['wall_s']
+    lines.append(
+      f'| {label} | {run["wall_s"] / 60:.1f} min | {speed:.2f} | '
+      f'{run["results"]["individual"]["mAP"]:.2f} |'
+    )
+  same = 'identical' if report['train_log_identical'] else 'NOT identical'
+  lines.append(f"\nThe two default runs' train.log: {same} ({report['logged_steps']} records).")
+  for name, note in report.get('notes', {}).items():
+    lines.append(f'{names[name]}: {note}.')
+  return '\n'.join(lines)
+
+
+def graph_conformance() -> str:
+  """Adjacency x operator: the largest gap between the pair stage's paths, and ONNX's."""
+  report = load('graph_conformance.json')
+  gaps: dict = {}
+  for key, found in report['matrix'].items():
+    adjacency, operator, _ = key.split('/')
+    paths = max(found['fast-direct embedding'], found['fast-direct gradient'], found['cache-dense'])
+    onnx = found['onnx-jax']
+    before = gaps.get((adjacency, operator), (0.0, 0.0))
+    gaps[adjacency, operator] = (
+      max(before[0], paths),
+      None if onnx is None else max(before[1], onnx),
+    )
+  operators = list(dict.fromkeys(operator for _, operator in gaps))
+  lines = header('adjacency', *operators)
+  for adjacency in dict.fromkeys(adjacency for adjacency, _ in gaps):
+    cells = []
+    for operator in operators:
+      paths, onnx = gaps[adjacency, operator]
+      cells.append(f'{paths:.0e} · ' + ('no ONNX form' if onnx is None else f'{onnx:.0e}'))
+    lines.append(f'| {adjacency} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def mean_std(values: list[float], digits: int = 2) -> str:
+  values = [v for v in values if v == v]  # NaN: a row without that quantity
+  if not values:
+    return '–'
+  std = statistics.stdev(values) if len(values) > 1 else 0.0
+  return f'{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}'
+
+
+def study_table(name: str) -> str:
+  """One line per row of a training study: its rankings and the pair-stage diagnostics.
+
+  'stage 2 − individual' is the mean ± std over seeds of each seed's own
+  difference (the same trained model scored two ways).
+  """
+  report = load(f'ablations_{name}.json')
+  lines = header(
+    'row',
+    'overrides',
+    'individual mAP',
+    'cacenet mAP',
+    'stage 2 − individual, mAP',
+    'within family mAP, individual / cacenet',
+    'selectivity',
+    'conditioning',
+  )
+  for row, found in report['rows'].items():
+    results, diagnostics = found['results'], found.get('diagnostics', {})
+    overrides = ', '.join(f'`{k}={v}`' for k, v in report['overrides'][row].items()) or 'the config'
+    individual = results['individual']['mAP']['values']
+    cacenet = results.get('cacenet', {}).get('mAP', {}).get('values')
+    gain = mean_std([c - i for c, i in zip(cacenet, individual)]) if cacenet else '–'
+    family = [
+      diagnostics.get(f'family_retrieval/{scoring}/mAP', {}).get('values', [])
+      for scoring in ('individual', 'cacenet')
+    ]
+    lines.append(
+      f'| {row} | {overrides} | {mean_std(individual)} | '
+      f'{mean_std(cacenet) if cacenet else "–"} | {gain} | '
+      f'{mean_std(family[0])} / {mean_std(family[1])} | '
+      f'{mean_std(diagnostics.get("alignment_selectivity", {}).get("values", []), 3)} | '
+      f'{mean_std(diagnostics.get("conditioning_strength", {}).get("values", []))} |'
+    )
+  seeds = ', '.join(map(str, report['seeds']))
+  return (
+    f'Study `{name}` on `{report["config"]}`, seeds {seeds}, test split (reported, never '
+    'used to choose).\n\n' + '\n'.join(lines) + provenance(f'ablations_{name}.json')
+  )
+
+
+def explorations() -> str:
+  """Single-seed changes of the demo, from their recorded summaries."""
+  report = load('explorations.json')
+  lines = header(
+    'change from the demo',
+    'individual mAP',
+    'cacenet mAP',
+    'within family, individual / cacenet',
+    'selectivity',
+    'conditioning',
+  )
+  for row in report['rows']:
+    lines.append(
+      f'| {row["change"]} | {row["individual_mAP"]:.2f} | {row["cacenet_mAP"]:.2f} | '
+      f'{row["family_individual_mAP"]:.2f} / {row["family_cacenet_mAP"]:.2f} | '
+      f'{row["selectivity"]:.3f} | {row["conditioning"]:.2f} |'
+    )
+  return '\n'.join(lines) + provenance('explorations.json')
+
+
+def stage2_k() -> str:
+  """mAP and Rank-1 of both stage-2 rows for every K, on one trained run."""
+  report = load('stage2_k.json')
+  base = report['individual']
+  lines = [
+    f'{report["num_query"]} queries, {report["num_gallery"]} gallery images; stage 1 alone: '
+    f'mAP {base["mAP"]:.2f}, Rank-1 {base["rank1"]:.1f}.',
+    '',
+    *header('K', 'cacenet mAP', 'cacenet Rank-1', 'clue_alignment mAP', 'stage 2 ms per query'),
+  ]
+  for k, found in report['rows']['cacenet'].items():
+    alignment = report['rows'].get('clue_alignment', {}).get(k, {})
+    lines.append(
+      f'| {k} | {found["mAP"]:.2f} | {found["rank1"]:.1f} | {cell(alignment.get("mAP"))} | '
+      f'{1000 * found["stage2_s_per_query"]:.2f} |'
+    )
+  return '\n'.join(lines) + provenance('stage2_k.json')

@@ -1,0 +1,1 @@
+"""Command-line plumbing: flags, one-line errors, config checks before any work."""

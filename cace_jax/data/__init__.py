@@ -1,0 +1,1 @@
+"""Data: TFDS builders, the synthetic generator, tf.data input."""

@@ -1,0 +1,1 @@
+"""The synthetic_details generator: procedural pedestrians in families."""

@@ -1,0 +1,1 @@
+"""A run's files: checkpoints and their records, the workdir lock, logs."""

@@ -1,0 +1,1 @@
+"""Training: the step, where a run starts, the loop."""
