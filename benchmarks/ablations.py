@@ -249,8 +249,7 @@ def run_once(
     print(f'  done in {time.time() - start:.0f} s', flush=True)
   with open(results, encoding='utf-8') as f:
     summary = summary_of(json.load(f), config, overrides)
-  save_report(summary, kept)
-  return summary
+  return save_report(summary, kept)  # as kept: dated, naming its command
 
 
 def config_file(config: str) -> str:

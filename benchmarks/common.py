@@ -28,8 +28,8 @@ def median_seconds(fn: Callable, repeats: int) -> float:
   return float(np.median(times))
 
 
-def save_report(report: dict, path: str) -> None:
-  """Writes `report` as indented JSON at `path` (creating its directory) and says where.
+def save_report(report: dict, path: str) -> dict:
+  """Writes `report` as indented JSON at `path` (creating its directory), says where, returns it.
 
   The report is dated (UTC) and names its command unless it already does: the
   docs' tables show a figure's date from its JSON, never from prose.
@@ -43,6 +43,7 @@ def save_report(report: dict, path: str) -> None:
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(report, f, indent=2)
   print(f'saved {path}')
+  return report
 
 
 # Peak dense matrix-product throughput per chip, TFLOP/s (no structured sparsity),

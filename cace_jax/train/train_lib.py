@@ -98,35 +98,18 @@ def train_and_evaluate(
 
     logger = RunLogger(workdir, num_steps, 0, images_per_step)
     cleanup.callback(logger.close)  # first to close: the bar ends before any error line
-    for note in start.notes:
-      logger.info(note)
     logger.advance(start_step)
-    logger.info(
+    for note in [
+      *start.notes,
       f'{num_classes} identities, {len(train_data)} images, {steps_per_epoch} '
-      f'steps/epoch, {num_steps} steps, {num_devices} devices × {data.p}×{data.k}'
-    )
-    for note in model.pair_stage_notes():
+      f'steps/epoch, {num_steps} steps, {num_devices} devices × {data.p}×{data.k}',
+      *model.pair_stage_notes(),
+      *validation_notes(splits),
+    ]:
       logger.info(note)
-    if splits.validation is not None:
-      logger.info(
-        f'validation: {len(splits.validation_pids)} training identities held out '
-        f'({len(splits.validation[0])} queries, {len(splits.validation[1])} gallery images)'
-      )
 
     train_step = make_train_step(model, tx, schedule, config.loss, mesh)
-    dataset = pipeline.create_train_dataset(
-      train_data,
-      data,
-      seed=config.seed,
-      num_devices=num_devices,
-      local_devices=jax.local_device_count(),
-      process_index=jax.process_index(),
-      start_step=start_step,
-    )
-    batches = sharding.prefetch_to_device(
-      ({'image': b['image'], 'label': b['label']} for b in pipeline.iterate_numpy(dataset)),
-      mesh,
-    )
+    batches = device_batches(train_data, config, start_step, mesh)
     last_checkpoint = manager.latest_step()
     eval_every = config.train.eval_every_epochs * steps_per_epoch
     evaluate_now = functools.partial(
@@ -186,6 +169,34 @@ def train_and_evaluate(
         builders,
       )
     return next(iter(evaluations.values())) if config.train.eval_at_end else None
+
+
+def validation_notes(splits: split_data.TrainingSplits) -> list[str]:
+  """What the log says about a validation split held out of training (nothing without one)."""
+  if splits.validation is None:
+    return []
+  query, gallery = splits.validation
+  return [
+    f'validation: {len(splits.validation_pids)} training identities held out '
+    f'({len(query)} queries, {len(gallery)} gallery images)'
+  ]
+
+
+def device_batches(train_data, config: ml_collections.ConfigDict, start_step: int, mesh):
+  """This process's training batches from `start_step` on, as arrays on the mesh's devices."""
+  dataset = pipeline.create_train_dataset(
+    train_data,
+    config.data,
+    seed=config.seed,
+    num_devices=jax.device_count(),
+    local_devices=jax.local_device_count(),
+    process_index=jax.process_index(),
+    start_step=start_step,
+  )
+  return sharding.prefetch_to_device(
+    ({'image': b['image'], 'label': b['label']} for b in pipeline.iterate_numpy(dataset)),
+    mesh,
+  )
 
 
 def evaluate_and_log(
