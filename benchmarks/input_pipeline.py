@@ -1,12 +1,12 @@
 """Throughput of the tf.data pipelines (images/s), printed and saved as JSON.
 
-  python benchmarks/pipeline.py                      # synthetic_details, 384x128
-  python benchmarks/pipeline.py --dataset market1501 --steps 200
+  python benchmarks/input_pipeline.py                      # synthetic_details, 384x128
+  python benchmarks/input_pipeline.py --dataset market1501 --steps 200
 
 Measures the training pipeline (decode, resize, flip, pad+crop, random
 erasing, normalise, P×K sampling) and the evaluation pipeline after a
 warm-up, on whatever cores the machine has. Results go to
-benchmarks/results/pipeline.json.
+benchmarks/results/input_pipeline.json.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_integer('steps', 100, 'Timed steps.', flag_values=flag_values)
   flags.DEFINE_integer('warmup', 10, 'Untimed steps first (compilation).', flag_values=flag_values)
   flags.DEFINE_string(
-    'out', 'benchmarks/results/pipeline.json', 'JSON report.', flag_values=flag_values
+    'out', 'benchmarks/results/input_pipeline.json', 'JSON report.', flag_values=flag_values
   )
 
 

@@ -162,7 +162,7 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path):
   result = subprocess.run(
     [
       sys.executable,
-      'tools/catalog.py',
+      'tools/prepare.py',
       '--dataset',
       'market1501',
       '--data_dir',

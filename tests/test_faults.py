@@ -336,7 +336,7 @@ def test_full_disk_while_preparing_keeps_prepared_data_and_reruns(
 def test_interrupted_preparation_is_never_taken_for_a_prepared_dataset(tmp_path):
   """kill -9 at several moments of generating and preparing; then a rerun succeeds."""
   data_dir = str(tmp_path / 'data')
-  command = [sys.executable, 'tools/catalog.py', '--dataset=synthetic_details/tiny']
+  command = [sys.executable, 'tools/prepare.py', '--dataset=synthetic_details/tiny']
   command += ['--data_dir', data_dir]
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
   marks = []

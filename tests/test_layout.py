@@ -110,7 +110,7 @@ def test_the_package_has_no_import_cycle():
 
 
 def test_evaluation_reads_datasets_only_through_the_splits():
-  """Families and cameras come with the data (`input_pipeline`), never from a dataset's name."""
+  """Families and cameras come with the data (`data.split_data`), never from a dataset's name."""
   graph = import_graph(module_files())
   evaluation = [name for name in graph if name.startswith(f'{PACKAGE}.evaluation')]
   assert f'{PACKAGE}.evaluation.stage2' in evaluation

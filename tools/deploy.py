@@ -1,4 +1,4 @@
-"""Deployment models of a run: python tools/deployment.py runs/market [--out DIR] [--step N]
+"""Deployment models of a run: python tools/deploy.py runs/market [--out DIR] [--step N]
 
 Writes both stages of the paper's inference, each as ONNX (opset 17) and as a
 serialized `jax.export` module, into --out (default WORKDIR/export), with

@@ -1,4 +1,4 @@
-"""Prepare a dataset as TFDS records: python tools/catalog.py --dataset market1501
+"""Prepare a dataset as TFDS records: python tools/prepare.py --dataset market1501
 
 NAME is a builder name, optionally with its config: market1501, dukemtmc_reid,
 msmt17, msmt17/trainval, occluded_duke, synthetic_details (= /default),

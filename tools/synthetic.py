@@ -1,4 +1,4 @@
-"""Generate the synthetic_details dataset: python tools/generator.py --out DIR [--preview grid.png]
+"""Generate the synthetic_details dataset: python tools/synthetic.py --out DIR [--preview grid.png]
 
 Writes Market-1501's layout and file names into --out (which must not hold
 anything else); `tools/prepare.py --dataset synthetic_details` and training

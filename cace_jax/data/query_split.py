@@ -2,7 +2,7 @@
 
 Used by the custom builder's seeded split of a single labelled set
 (`folder_spec`) and by the validation split carved out of the training
-identities (`input_pipeline.hold_out_identities`), so both follow one rule.
+identities (`split_data.hold_out_identities`), so both follow one rule.
 """
 
 from __future__ import annotations

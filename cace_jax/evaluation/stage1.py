@@ -7,7 +7,7 @@ stage needs (`CACENet.compute_image_cache`), stored on the host between the
 stages in `eval.cache_dtype`, in memory or as memory-mapped files.
 
 This module needs no TensorFlow: it takes batches from any iterator.
-`input_pipeline.eval_batches` gives it a split's images through tf.data.
+`data.pipeline.eval_batches` gives it a split's images through tf.data.
 """
 
 from __future__ import annotations
