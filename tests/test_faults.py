@@ -369,7 +369,7 @@ def test_a_second_run_is_refused_and_a_killed_runs_lock_taken_over(tmp_path):
       sys.executable,
       '-c',
       'import sys, time; sys.path.insert(0, sys.argv[1]); '
-      'from cace_jax import workdir_lock\n'
+      'from cace_jax.runs import workdir_lock\n'
       'with workdir_lock.hold(sys.argv[2]):\n  print("held", flush=True); time.sleep(600)',
       ROOT,
       workdir,
