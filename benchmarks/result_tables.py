@@ -53,6 +53,12 @@ def provenance(*names: str) -> str:
   return '\n\n' + '\n'.join(lines) if len(lines) == 1 else '\n\n' + '<br>\n'.join(lines)
 
 
+def measured(pattern: str, names) -> str:
+  """'`<pattern>`, measured <dates>.', the line under a table drawn from several reports."""
+  dates = sorted({load(name).get('date', '(undated)') for name in names})
+  return f'\n\n`{pattern}`, measured {", ".join(dates)}.'
+
+
 def header(*columns: str) -> list[str]:
   return ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
 
@@ -152,8 +158,7 @@ def memory_growth() -> str:
       f'| {label} | {r["steps"]:,} | {r["rss_mib_fit_start"]:.0f} → {r["rss_mib_fit_end"]:.0f} | '
       f'{r["slope_mib_per_1000_steps"]:+.1f} | {r["residual_std_mib"]:.1f} |'
     )
-  dates = sorted({load(name).get('date', '(undated)') for name in MEMORY_RUNS})
-  return '\n'.join(lines) + f'\n\n`memory_growth*.json`, measured {", ".join(dates)}.'
+  return '\n'.join(lines) + measured('memory_growth*.json', MEMORY_RUNS)
 
 
 def memory_parts() -> str:
@@ -166,8 +171,7 @@ def memory_parts() -> str:
       f'| {label} | {r["steps"]:,} | {r["slope_mib_per_1000_steps"]:+.2f} | '
       f'{"–" if blocks is None else f"{blocks:+.1f}"} |'
     )
-  dates = sorted({load(name).get('date', '(undated)') for name in MEMORY_PARTS})
-  return '\n'.join(lines) + f'\n\n`memory_parts_*.json`, measured {", ".join(dates)}.'
+  return '\n'.join(lines) + measured('memory_parts_*.json', MEMORY_PARTS)
 
 
 def eval_cost() -> str:
@@ -236,8 +240,7 @@ def multihost_eval() -> str:
       f'{r["median_seconds"]["two_processes"]:.0f} | {r["two_over_one"]:.2f} | '
       f'{" / ".join(map(str, pairs))} | {r["largest_metric_difference"]} |'
     )
-  dates = sorted({load(name).get('date', '(undated)') for name in MULTIHOST_RUNS})
-  return '\n'.join(lines) + f'\n\n`multihost_eval_*.json`, measured {", ".join(dates)}.'
+  return '\n'.join(lines) + measured('multihost_eval_*.json', MULTIHOST_RUNS)
 
 
 def device_check_cpu() -> str:
