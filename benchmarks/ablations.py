@@ -26,7 +26,10 @@ cut short is still balanced.
 
 The report averages every evaluation row (individual, clue_alignment,
 cacenet) and every diagnostic (`cace_jax/evaluation/diagnostics.py`) over
-the seeds of every row kept for the study: `<out>.json` and a markdown table
+the seeds of every row kept for the study, and compares every pair of rows
+seed by seed on their individual embeddings (the rows of one seed share
+batches and initial values; `benchmarks/paired.py`: mean difference and 95%
+t interval, overall and within families): `<out>.json` and a markdown table
 `<out>.md`. A report that lacks a row of the study file or a seed of a row
 is written beside them as `<out>.partial.json` / `.md`, never over them. The
 numbers are on the dataset's test split: they report, they do not choose.
@@ -49,6 +52,7 @@ from absl import flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import paired  # pylint: disable=wrong-import-position
 from benchmarks.common import save_report  # pylint: disable=wrong-import-position
 from cace_jax import plugins  # pylint: disable=wrong-import-position
 from cace_jax.commands import cli  # pylint: disable=wrong-import-position
@@ -315,10 +319,11 @@ def summarise(per_seed: dict[int, dict]) -> dict:
   found = {name: mean_std([f[name] for f in flat]) for name in sorted(shared)}
   gains = {}
   if 'cacenet' in results:  # what stage 2 adds within each trained model, seed by seed
-    gains['mAP'] = mean_std([stage2_gain(per_seed[s]['results']) for s in seeds])
-    within = 'family_retrieval/cacenet/mAP', 'family_retrieval/individual/mAP'
+    read = lambda row: [per_seed[s]['results'][row]['mAP'] for s in seeds]
+    gains['mAP'] = paired.paired_difference(read('individual'), read('cacenet'))
+    within = 'family_retrieval/individual/mAP', 'family_retrieval/cacenet/mAP'
     if all(name in shared for name in within):
-      gains['family_mAP'] = mean_std([f[within[0]] - f[within[1]] for f in flat])
+      gains['family_mAP'] = paired.paired_difference(*([f[w] for f in flat] for w in within))
   return {'results': results, 'diagnostics': found, 'gains': gains}
 
 
@@ -390,16 +395,25 @@ def markdown_table(study: str, report: dict) -> str:
   if with_gains:
     lines += [
       '',
-      '| row | cacenet − individual, mAP | within family, mAP | every seed positive |',
+      '| row | cacenet − individual, mAP [95% interval] | within family, mAP | '
+      'every seed positive |',
       '|---|---|---|---|',
     ]
     for row, gains in with_gains.items():
       cells = [
-        f'{gains[name]["mean"]:+.2f} ± {gains[name]["std"]:.2f}' if name in gains else ''
+        paired.format_difference(gains[name]) if name in gains else ''
         for name in ('mAP', 'family_mAP')
       ]
       positive = all(v > 0 for v in gains['mAP']['values'])
       lines.append(f'| {row} | ' + ' | '.join(cells) + f' | {"yes" if positive else "no"} |')
+  if report.get('paired'):
+    lines += [
+      '',
+      'Rows compared seed by seed (same batches, same shared initial values), '
+      'mean difference [95% t interval]:',
+      '',
+      *paired.markdown_lines(report['paired']),
+    ]
   if report.get('ordering'):
     lines += ['', "The paper's ordering (headline mAP: cacenet if the model has a pair stage):"]
     for check in report['ordering']:
@@ -456,6 +470,7 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     'rows': {row: summarise(found) for row, found in per_row.items()},
   }
   report['ordering'] = check_ordering(study, report)
+  report['paired'] = paired.compare(per_row)  # every pair of rows, on their own embeddings
   out = args.out or os.path.join(ROOT, 'benchmarks', 'results', f'ablations_{study.name}')
   out = os.path.abspath(out) + ('' if complete else '.partial')
   table = markdown_table(study.name, report)

@@ -6,8 +6,9 @@
 Indexes every image under --gallery (recursively; JPEG or PNG) into
 <out>/index (resumable, reused when it matches), ranks it for every query
 image in two stages (`api.ReID.search`), and writes <out>/results.json
-({'queries': [{'query', 'hits': [...]}], 'stage2_k', 'stage2_mix'}) and one
-ranked-list figure per query, <out>/ranked_<n>.png.
+({'queries': [{'query', 'stage2', 'hits': [...]}], 'stage2_k', 'stage2_mix',
+'stage2_max_similarity'}; 'stage2': whether stage 2 re-sorted that query) and
+one ranked-list figure per query, <out>/ranked_<n>.png.
 """
 
 from __future__ import annotations
@@ -83,7 +84,11 @@ def search_folder(
     'step': reid.step,
     'stage2_k': reid.config.eval.stage2_k if reid.model.pair_stage else 0,
     'stage2_mix': reid.config.eval.stage2_mix,
-    'queries': [{'query': q, 'hits': hits} for q, hits in zip(query_paths, found)],
+    'stage2_max_similarity': reid.config.eval.stage2_max_similarity,
+    'queries': [
+      {'query': q, 'stage2': any(hit.get('resorted', False) for hit in hits), 'hits': hits}
+      for q, hits in zip(query_paths, found)
+    ],
   }
   with open(os.path.join(out, 'results.json'), 'w', encoding='utf-8') as f:
     json.dump(results, f, indent=2)

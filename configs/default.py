@@ -113,8 +113,14 @@ def get_config(arg=None):
   # (1: the conditional distance alone). With data.validation_ids, K and w are
   # chosen on the validation split from these grids (best mAP; ties: smaller K, w).
   config.eval.stage2_mix = 1.0
+  # Selective stage 2: only queries whose nearest gallery image is at most this
+  # cosine-similar are re-sorted, the rest keep their stage-1 ranking (1.0: every
+  # query). With data.validation_ids it is chosen as the gate that selects the least
+  # confident fraction of the validation queries, the fraction from the grid below.
+  config.eval.stage2_max_similarity = 1.0
   config.eval.stage2_k_grid = (5, 10, 20)
   config.eval.stage2_mix_grid = (0.0, 0.25, 0.5, 0.75, 1.0)
+  config.eval.stage2_fraction_grid = (0.0, 0.1, 0.25, 0.5, 1.0)
   config.eval.cache_dtype = 'bfloat16'  # Host copy of the stage-2 caches ('float32' exact).
   # Per split; larger stage-2 caches are memory-mapped files in the workdir while
   # evaluating (deleted after); 0 always uses files.

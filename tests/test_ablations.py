@@ -1,12 +1,16 @@
-"""benchmarks/ablations.py: the study's bookkeeping (no training here)."""
+"""benchmarks/ablations.py and paired.py: study bookkeeping and statistics (no training here)."""
 
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
-from benchmarks import ablations
+from benchmarks import ablations, paired
+from cace_jax.models import build_model
+from cace_jax.train import train_step
+from configs import tiny
 
 
 def fake_results(map_value, selectivity=None):
@@ -117,7 +121,9 @@ def test_study_errors_name_the_problem(tmp_path):
   from conftest import run_tool
 
   assert run_tool(ablations, ['--study=nonsense']) == 2
-  with pytest.raises(ablations.ConfigError, match='the studies are attention, table1, table2'):
+  with pytest.raises(
+    ablations.ConfigError, match='the studies are attention, occlusion, regulariser, table1, table2'
+  ):
     ablations.load_study('nonsense')
   with pytest.raises(ablations.ConfigError, match='expected name=field=value'):
     ablations.parse_row('x=model.gcn')
@@ -161,7 +167,8 @@ def test_gains_are_per_seed_differences_within_each_run():
   table = ablations.markdown_table(
     'table1', {'config': 'c', 'seeds': [0, 1], 'rows': {'x': summary}}
   )
-  assert '| x | +1.00 ± 2.83 | +4.00 ± 2.83 | no |' in table
+  # Two seeds: t(0.975, 1) = 12.71, so the interval is wide and crosses zero.
+  assert '| x | +1.00 [-24.41, +26.41] | +4.00 [-21.41, +29.41] | no |' in table
   assert ablations.summarise({0: scored(80.0)})['gains'] == {}
 
 
@@ -197,3 +204,66 @@ def test_every_study_row_names_config_fields_that_exist():
       for path in overrides:
         section, field = path.split('.')
         assert field in fields[section], (name, row, path)
+
+
+def test_paired_difference_is_the_t_interval_of_the_per_seed_differences():
+  found = paired.paired_difference([1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 3.0, 7.0])
+  # Differences 1, 2, 0, 3: mean 1.5, s 1.291; t(0.975, 3) = 3.182; half width 2.054.
+  assert found['values'] == [1.0, 2.0, 0.0, 3.0] and found['n'] == 4
+  assert found['mean'] == pytest.approx(1.5) and found['std'] == pytest.approx(1.2910, abs=1e-4)
+  assert (found['low'], found['high']) == pytest.approx((-0.554, 3.554), abs=1e-3)
+  assert not found['excludes_zero']
+  # The same differences shifted up by 3 exclude zero; each row's own spread does not matter.
+  assert paired.paired_difference([0.0, 10.0, 20.0, 30.0], [4.0, 15.0, 23.0, 36.0])['excludes_zero']
+  one = paired.paired_difference([1.0], [2.0])
+  assert one['low'] is None and not one['excludes_zero']
+  assert paired.format_difference(one) == '+1.00'
+  with pytest.raises(ValueError, match='equal, non-zero lengths'):
+    paired.paired_difference([1.0], [1.0, 2.0])
+
+
+def test_compare_pairs_rows_on_the_seeds_both_have():
+  per_row = {
+    'individual': {0: scored(70.0, family=(60.0, 0.0)), 1: scored(72.0, family=(61.0, 0.0))},
+    'cacenet': {
+      0: scored(71.0, 80.0, (62.0, 0.0)),
+      1: scored(75.0, 80.0, (63.0, 0.0)),
+      2: scored(99.0, 99.0, (99.0, 0.0)),  # no partner seed: left out
+    },
+  }
+  per_row = {
+    row: {seed: {**found, 'diagnostics': flat(found)} for seed, found in seeds.items()}
+    for row, seeds in per_row.items()
+  }
+  (found,) = paired.compare(per_row)
+  assert (found['a'], found['b'], found['seeds']) == ('individual', 'cacenet', [0, 1])
+  assert found['mAP']['values'] == [1.0, 3.0]  # individual rows of both models
+  assert found['family_mAP']['values'] == [2.0, 2.0]
+  line = paired.markdown_lines([found])[-1]
+  assert line.startswith('| cacenet − individual (individual) | 2 | +2.00 [')
+
+
+def flat(found):
+  from cace_jax.evaluation import diagnostics
+
+  return diagnostics.flatten(found['diagnostics'])
+
+
+def test_rows_of_one_seed_start_from_the_same_shared_parameters():
+  """What makes a paired comparison paired: a row's extra modules do not move the others' init."""
+  config = tiny.get_config()
+
+  def initial(seed, **overrides):
+    model = build_model({**config.model.to_dict(), **overrides}, num_classes=9)
+    keys = jax.random.split(jax.random.key(seed), 3)
+    variables = train_step.init_variables(model, {'params': keys[0], 'dropout': keys[1]}, (64, 32))
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree.leaves_with_path(variables)}
+
+  individual, cacenet = initial(0, gcn='none'), initial(0)
+  intra = initial(0, adjacency='cosine_intra')
+  assert set(individual) < set(cacenet) and set(individual) < set(intra)
+  for name, value in individual.items():
+    np.testing.assert_array_equal(value, cacenet[name], err_msg=name)
+    np.testing.assert_array_equal(value, intra[name], err_msg=name)
+  other_seed = initial(1, gcn='none')
+  assert any(not np.array_equal(value, other_seed[name]) for name, value in individual.items())

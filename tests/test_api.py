@@ -129,9 +129,9 @@ def test_search_ranks_as_evals_stage2_and_the_index_resumes(
   ranked = []  # the (K, w) of each ranking made
   real_distances = stage2.TwoStageRanker.distances
 
-  def spy(self, k, mix=1.0):
+  def spy(self, k, mix=1.0, queries=None):
     ranked.append((k, mix))
-    return real_distances(self, k, mix)
+    return real_distances(self, k, mix, queries)
 
   monkeypatch.setattr(stage2.TwoStageRanker, 'distances', spy)
   mesh = sharding.make_mesh()
@@ -152,6 +152,22 @@ def test_search_ranks_as_evals_stage2_and_the_index_resumes(
     # Stage 2 sorts the first K by the fused distance (to float32's rounding near -10).
     assert np.all(np.diff(fused[:5]) >= -1e-5)
     assert [hit['rank'] for hit in row] == list(range(1, 9))
+  # Selective stage 2: a gate that passes about half the queries re-sorts those, as eval
+  # does, and leaves the others in their stage-1 order.
+  # (The stage-1 nearest is among the first K, so among the hits shown.)
+  similarity = np.array([1.0 - min(hit['individual_distance'] for hit in row) for row in hits])
+  gate = float(np.median(similarity))
+  config.eval.stage2_max_similarity = reid.config.eval.stage2_max_similarity = gate
+  expected = ranking.evaluate(run.model, run.variables, query, gallery, config, mesh)
+  hits = reid.search(paths['query'], api.load_index(directory), top_k=8)
+  found = np.array([[hit['index'] for hit in row] for row in hits])
+  np.testing.assert_array_equal(found, expected.rankings['cacenet'][:, :8])
+  gated = similarity <= gate
+  assert expected.info.stage2_queries == gated.sum() and 0 < gated.sum() < len(gated)
+  for row, resorted in zip(hits, gated):
+    assert [hit['resorted'] for hit in row] == [bool(resorted)] * 5 + [False] * 3
+    if not resorted:
+      assert np.all(np.diff([hit['individual_distance'] for hit in row]) >= 0)
 
 
 def test_search_command_writes_results_and_figures(trained_workdir, eval_files, tmp_path):
@@ -168,6 +184,7 @@ def test_search_command_writes_results_and_figures(trained_workdir, eval_files, 
   with open(out / 'results.json') as f:
     results = json.load(f)
   assert [len(q['hits']) for q in results['queries']] == [4]
+  assert results['stage2_max_similarity'] == 1.0 and results['queries'][0]['stage2']
   assert results['queries'][0]['hits'][0]['path'].startswith(os.path.dirname(paths['gallery'][0]))
   assert os.path.getsize(out / 'ranked_0.png') > 0
   bad = subprocess.run(

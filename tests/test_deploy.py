@@ -130,6 +130,9 @@ def test_deploy_cli_writes_models_that_agree(trained_workdir, tmp_path, capsys):
     'pair.onnx',
   ]
   assert summary['image_size'] == list(IMAGE_SIZE) and summary['step'] == 2
+  # How to rank with the two models as eval.py and the API do (no validation split here).
+  policy = {'k': 5, 'mix': 1.0, 'max_similarity': 1.0, 'chosen_on': 'config'}
+  assert summary['stage2'] == policy
   assert max(summary['max_abs_diff_onnx_vs_jax'].values()) <= TOLERANCE and summary['verified']
 
   # The jax.export modules need no model code, take any batch size and match ONNX.
@@ -182,3 +185,21 @@ def test_deploy_without_pair_stage_writes_the_features_model(tmp_path, capsys):
   assert sorted(os.listdir(out)) == ['export.json', 'features.jax_export', 'features.onnx']
   assert set(summary['max_abs_diff_onnx_vs_jax']) == {'embedding', 'fmap'}
   assert summary['flip'] and max(summary['max_abs_diff_onnx_vs_jax'].values()) <= TOLERANCE
+
+
+def test_deployment_ranks_with_what_validation_chose(tmp_path):
+  from cace_jax.evaluation import records
+  from configs import tiny
+
+  config = tiny.get_config()
+  assert deployment.stage2_policy(None, str(tmp_path)) is None  # a port has no config
+  choice = records.Stage2Choice(
+    stage2_k=10, stage2_mix=0.5, stage2_fraction=0.25, stage2_max_similarity=0.625
+  )
+  (tmp_path / 'results.json').write_text(json.dumps({'info': {'selection': choice.to_json()}}))
+  assert deployment.stage2_policy(config, str(tmp_path)) == {
+    'k': 10,
+    'mix': 0.5,
+    'max_similarity': 0.625,
+    'chosen_on': 'validation',
+  }

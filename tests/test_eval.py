@@ -77,6 +77,9 @@ def test_info_is_written_as_results_json_has_always_held_it(tmp_path):
     stage2_k=3,
     seconds_by_process={'stage1': [1.5], 'stage2_pairs': [0.25]},
     stage2_mix=0.5,
+    stage2_max_similarity=0.8,
+    stage2_queries=1,
+    num_query=2,
     processes=1,
     stage2_pairs_scored_by_process=[6],
     gallery_cache_rows_by_process=[5],
@@ -89,6 +92,9 @@ def test_info_is_written_as_results_json_has_always_held_it(tmp_path):
     'stage2_k': 3,
     'seconds_by_process': {'stage1': [1.5], 'stage2_pairs': [0.25]},
     'stage2_mix': 0.5,
+    'stage2_max_similarity': 0.8,
+    'stage2_queries': 1,
+    'num_query': 2,
     'processes': 1,
     'stage2_pairs_scored_by_process': [6],
     'gallery_cache_rows_by_process': [5],
@@ -97,6 +103,8 @@ def test_info_is_written_as_results_json_has_always_held_it(tmp_path):
     'selection': {
       'stage2_k': 3,
       'stage2_mix': 0.5,
+      'stage2_fraction': 1.0,
+      'stage2_max_similarity': 1.0,
       'individual': {'rank1': 50.0, 'mAP': 40.0},
       'grid': [{'k': 3, 'mix': 0.5, 'mAP': 45.0, 'rank1': 55.0}],
       'num_query': 2,
@@ -116,6 +124,12 @@ def test_info_is_written_as_results_json_has_always_held_it(tmp_path):
   path.write_text(json.dumps({'info': stage1_only.to_json()}))
   assert records.Stage2Choice.from_results(str(path)) is None
   assert records.Stage2Choice.from_results(str(tmp_path / 'missing.json')) is None
+  # A choice written before stage 2 could be selective re-sorted every query.
+  older = {k: v for k, v in choice.to_json().items() if not k.startswith('stage2_f')}
+  del older['stage2_max_similarity']
+  path.write_text(json.dumps({'info': {'selection': older}}))
+  assert records.Stage2Choice.from_results(str(path)) == choice
+  assert choice.configure(tiny.get_config()).eval.stage2_max_similarity == 1.0
 
 
 @pytest.mark.parametrize('pooling,adjacency', [('avg', 'projected'), ('gem', 'raw_correspondence')])
@@ -348,6 +362,35 @@ def test_stage2_mix_blends_the_two_distances_within_the_top_k():
   np.testing.assert_array_equal(q5, np.repeat(np.arange(len(distmat)), 5))
 
 
+def test_selective_stage2_resorts_only_the_least_confident_queries():
+  distmat = random_distmat(5, shape=(10, 20))
+  table = np.random.default_rng(6).uniform(size=distmat.shape).astype(np.float32)
+  ranker = stage2.TwoStageRanker(distmat, lambda q, g: table[q, g], 6)
+  similarity = stage2.top1_similarity(distmat)
+  np.testing.assert_allclose(similarity, 1.0 - distmat.min(axis=1))
+  # A fraction is carried by a gate on top-1 similarity: the least confident first.
+  for fraction, count in [(0.0, 0), (0.1, 1), (0.25, 2), (0.5, 5), (1.0, 10)]:
+    gate = stage2.gate_for_fraction(similarity, fraction)
+    chosen = stage2.least_confident(distmat, gate)
+    assert chosen.sum() == count
+    assert set(np.flatnonzero(chosen)) == set(np.argsort(similarity)[:count])
+  assert stage2.gate_for_fraction(similarity, 1.0) == 1.0
+  assert not stage2.least_confident(distmat, stage2.NO_QUERY).any()
+  # Gated queries get the full stage-2 ranking; the others keep stage 1's, row by row.
+  gate = stage2.least_confident(distmat, stage2.gate_for_fraction(similarity, 0.5))
+  order = lambda d: np.argsort(d, axis=1, kind='stable')
+  selective, everyone, none = (
+    order(ranker.distances(6, 1.0, queries)) for queries in (gate, None, np.zeros(10, bool))
+  )
+  np.testing.assert_array_equal(selective[gate], everyone[gate])
+  np.testing.assert_array_equal(selective[~gate], order(distmat)[~gate])
+  np.testing.assert_array_equal(none, order(distmat))
+  # Each query is gated on its own row: the same query alone gets the same answer.
+  np.testing.assert_array_equal(
+    stage2.least_confident(distmat[3:4], 0.5), stage2.least_confident(distmat, 0.5)[3:4]
+  )
+
+
 def test_stage2_choice_on_validation_is_the_best_of_its_grid(
   trained_workdir, tiny_data_dir, monkeypatch
 ):
@@ -356,32 +399,48 @@ def test_stage2_choice_on_validation_is_the_best_of_its_grid(
   config.data.validation_ids = 3
   config.eval.stage2_k_grid = (2, 4)
   config.eval.stage2_mix_grid = (0.0, 0.5, 1.0)
+  config.eval.stage2_fraction_grid = (0.0, 0.5, 1.0)
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(trained_workdir, None, config.model, mesh)
   builder = split_data.prepare_on_first_process(config)
   validation = split_data.load_training_splits(builder, config.data).validation
-  ranked = []  # the (K, w) each ranking came from: every one through the one ranker
+  ranked = []  # the (K, w, queries re-sorted) of each ranking: all through the one ranker
   real_distances = stage2.TwoStageRanker.distances
 
-  def spy(self, k, mix=1.0):
-    ranked.append((k, mix))
-    return real_distances(self, k, mix)
+  def spy(self, k, mix=1.0, queries=None):
+    count = len(self.stage1) if queries is None else int(np.sum(queries))
+    ranked.append((k, mix, count))
+    return real_distances(self, k, mix, queries)
 
   monkeypatch.setattr(stage2.TwoStageRanker, 'distances', spy)
   choice = selection.select_stage2(run.model, run.variables, validation, config, mesh)
-  grid = {(row['k'], row['mix']): row['mAP'] for row in choice.grid}
-  assert set(grid) == {(k, w) for k in (2, 4) for w in (0.0, 0.5, 1.0)} == set(ranked)
-  best = (choice.stage2_k, choice.stage2_mix)
+  grid = {(row['k'], row['mix'], row['fraction']): row['mAP'] for row in choice.grid}
+  fractions = (0.0, 0.5, 1.0)
+  assert set(grid) == {(k, w, f) for k in (2, 4) for w in (0.0, 0.5, 1.0) for f in fractions}
+  # Each fraction re-sorted that share of the validation queries (ties aside), least
+  # confident first; the gate that selects them is what the choice records.
+  num_query = len(validation[0])
+  assert {(k, w, round(f * num_query)) for k, w, f in grid} == set(ranked)
+  gates = {row['fraction']: row['max_similarity'] for row in choice.grid}
+  assert gates[1.0] == 1.0 and gates[0.0] == stage2.NO_QUERY
+  best = (choice.stage2_k, choice.stage2_mix, choice.stage2_fraction)
   assert grid[best] == max(grid.values())
+  assert choice.stage2_max_similarity == gates[choice.stage2_fraction]
   chosen = choice.configure(config)
-  assert (chosen.eval.stage2_k, chosen.eval.stage2_mix) == best
+  assert (chosen.eval.stage2_k, chosen.eval.stage2_mix) == best[:2]
+  assert chosen.eval.stage2_max_similarity == choice.stage2_max_similarity
   assert config.eval.stage2_k == 5 and config.eval.stage2_mix == 1.0  # the input is untouched
-  # w = 0 is stage 1 whatever K; the chosen (K, w) evaluated afresh gives its grid mAP.
-  assert grid[(2, 0.0)] == grid[(4, 0.0)] == choice.individual['mAP']
+  assert config.eval.stage2_max_similarity == 1.0
+  # w = 0 or fraction 0 is stage 1 whatever K; the chosen (K, w, gate) evaluated
+  # afresh gives its grid mAP, re-sorting the queries the fraction named.
+  individual = choice.individual['mAP']
+  assert grid[(2, 0.0, 1.0)] == grid[(4, 0.0, 0.5)] == grid[(4, 1.0, 0.0)] == individual
   ranked.clear()
   again = ranking.evaluate(run.model, run.variables, *validation, chosen, mesh)
   assert again.metrics['cacenet']['mAP'] == pytest.approx(grid[best], abs=1e-4)
-  assert best in ranked  # the cacenet row's; clue_alignment's is at w = 1
+  assert (*best[:2], again.info.stage2_queries) in ranked  # the cacenet row's
+  assert again.info.stage2_queries == round(best[2] * num_query)
+  assert again.info.num_query == num_query
   # The diagnostics of the validation split are those of evaluating it at the chosen K.
   found, direct = map(diagnostics.flatten, (choice.diagnostics, again.diagnostics))
   assert 'family_retrieval/cacenet/mAP' in found and 'alignment_selectivity' in found
@@ -416,6 +475,8 @@ def test_training_with_validation_holds_it_out_and_chooses_stage2_on_it(
   assert list(selection) == [
     'stage2_k',
     'stage2_mix',
+    'stage2_fraction',
+    'stage2_max_similarity',
     'individual',
     'grid',
     'num_query',

@@ -170,6 +170,8 @@ RULES: dict[str, Rule | tuple[Rule, str]] = {
   'eval.stage2_mix': number(0.0, 1.0),
   'eval.stage2_k_grid': sequence_of(integer(1)),
   'eval.stage2_mix_grid': sequence_of(number(0.0, 1.0)),
+  'eval.stage2_max_similarity': number(-2.0, 1.0),
+  'eval.stage2_fraction_grid': sequence_of(number(0.0, 1.0)),
   'eval.cache_dtype': one_of('float32', 'bfloat16'),
   'eval.cache_memory_gb': number(0.0),
   'eval.rerank': boolean,

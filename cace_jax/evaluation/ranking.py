@@ -108,7 +108,9 @@ def evaluate(
     'clue_alignment': adjacency-weighted similarity of aligned pixel pairs
       (Table 1's "+ visual clue alignment"; adjacencies that compare features).
     'cacenet': (1 - w) d_individual + w d(f(q|g), f(g|q)), w = `eval.stage2_mix`
-      (the full two-stage inference; w = 1 is the conditional distance alone).
+      (the full two-stage inference; w = 1 is the conditional distance alone),
+      for the queries whose top-1 individual similarity is at most
+      `eval.stage2_max_similarity` (the others keep their stage-1 ranking).
     '<row>+kr' with `config.eval.rerank`: the same after k-reciprocal re-ranking
       of stage 1 (k1 20, k2 6, lambda 0.3).
 
@@ -127,17 +129,21 @@ def evaluate(
     stage1_rows = rank_stage1(q, g, config.eval.rerank)
     measured = {row: measure(d, query, gallery) for row, d in stage1_rows.items()}
     scorers = {}  # {stage-2 row: its pair distances}
+    # The queries the 'cacenet' row re-sorts: its gate reads the individual ranking's
+    # confidence (the re-ranked rows' distances are not cosine similarities).
+    resorted = stage2.least_confident(stage1_rows['individual'], config.eval.stage2_max_similarity)
     if k > 0:
       for row, score in stage2.pair_scorers(q.cache).items():
         scorers[row] = stage2.make_pair_distances(
           model, variables, score, q.cache, g.cache, mesh, g.held
         )
-        mix = config.eval.stage2_mix if row == 'cacenet' else 1.0
+        # The mix and the gate belong to the inference; clue alignment is an ablation row.
+        mix, queries = (config.eval.stage2_mix, resorted) if row == 'cacenet' else (1.0, None)
         for name, base in stage1_rows.items():
           # Measured as they come: each row's [Nq, Ng] matrix is dropped once measured.
-          ranked = stage2.TwoStageRanker(base, scorers[row], k).distances(k, mix)
+          ranked = stage2.TwoStageRanker(base, scorers[row], k).distances(k, mix, queries)
           measured[row + name[len('individual') :]] = measure(ranked, query, gallery)
-    info = describe_measurement(k, seconds, scorers, g, len(gallery), config)
+    info = describe_measurement(k, seconds, scorers, g, len(gallery), config, resorted)
     found = {}
     if config.eval.diagnostics:
       probe = diagnose.Probe(variables, q.cache, g.cache, g.held) if k > 0 else None
@@ -160,8 +166,11 @@ def describe_measurement(
   g: stage1.SplitFeatures,
   num_gallery: int,
   config: ml_collections.ConfigDict,
+  resorted: np.ndarray,
 ) -> records.EvaluationInfo:
   """How `evaluate` measured, with the share of stage 2 when it scored pairs (`scorers`).
+
+  `resorted` marks the queries the 'cacenet' row re-sorted.
 
   Every process must call it at the same point: the per-process figures are
   gathered from all of them.
@@ -175,6 +184,9 @@ def describe_measurement(
     stage2_k=k,
     seconds_by_process=seconds,
     stage2_mix=config.eval.stage2_mix,
+    stage2_max_similarity=config.eval.stage2_max_similarity,
+    stage2_queries=int(resorted.sum()),
+    num_query=len(resorted),
     processes=jax.process_count(),
     # Each process scores the pairs whose gallery row it holds, and holds only those rows.
     stage2_pairs_scored_by_process=sharding.per_process(scored_here),

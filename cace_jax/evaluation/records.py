@@ -22,13 +22,19 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(frozen=True)
 class Stage2Choice:
-  """Stage 2's K and mix w as chosen on a validation split, and what they were chosen from.
+  """Stage 2's K, mix w and query gate as chosen on a validation split, and what they came from.
 
   Attributes:
     stage2_k: the chosen K (`eval.stage2_k`).
     stage2_mix: the chosen w (`eval.stage2_mix`).
+    stage2_fraction: the chosen fraction of queries to re-sort, least
+      confident first (1.0: every query).
+    stage2_max_similarity: the gate that selects that fraction of the
+      validation queries (`eval.stage2_max_similarity`, `stage2.gate_for_fraction`):
+      what carries the choice to other queries.
     individual: the validation split's stage-1 metrics {'rank1', ..., 'mAP', 'mINP'}.
-    grid: [{'k', 'mix', 'mAP', 'rank1'}] every (K, w) tried, in the order tried.
+    grid: [{'k', 'mix', 'fraction', 'mAP', 'rank1'}] every (K, w, fraction)
+      tried, in the order tried.
     num_query, num_gallery: the validation split's size.
     pids: its identities, sorted.
     diagnostics: `diagnose.run_diagnostics` on it at the chosen K ({} without
@@ -37,6 +43,8 @@ class Stage2Choice:
 
   stage2_k: int
   stage2_mix: float
+  stage2_fraction: float = 1.0  # results.json written before selective stage 2: every query
+  stage2_max_similarity: float = 1.0
   individual: dict = dataclasses.field(default_factory=dict)
   grid: list = dataclasses.field(default_factory=list)
   num_query: int = 0
@@ -67,10 +75,18 @@ class Stage2Choice:
     return cls.from_json(found) if found else None
 
   def configure(self, config: ConfigDict) -> ConfigDict:
-    """A copy of `config` with `eval.stage2_k` and `eval.stage2_mix` set to this choice."""
+    """A copy of `config` with `eval.stage2_k`, `stage2_mix` and `stage2_max_similarity` chosen."""
     config = copy.deepcopy(config)
     config.eval.stage2_k, config.eval.stage2_mix = self.stage2_k, self.stage2_mix
+    config.eval.stage2_max_similarity = self.stage2_max_similarity
     return config
+
+  def grid_row(self) -> dict:
+    """The grid's row of this choice (what validation measured with it)."""
+    chosen = (self.stage2_k, self.stage2_mix, self.stage2_fraction)
+    return next(
+      row for row in self.grid if (row['k'], row['mix'], row.get('fraction', 1.0)) == chosen
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +104,10 @@ class EvaluationInfo:
       [s]}: each process's wall time embedding (compiling included) and
       scoring pairs (gathers excluded).
     stage2_mix: w of stage 2's score (1 - w) d_individual + w d_pair.
+    stage2_max_similarity: the 'cacenet' row re-sorts only the queries whose
+      top-1 stage-1 similarity is at most this (1: every query).
+    stage2_queries: how many queries the 'cacenet' row re-sorted, of `num_query`.
+    num_query: the queries evaluated.
     processes: how many processes evaluated.
     stage2_pairs_scored_by_process: the pairs each process scored.
     gallery_cache_rows_by_process: the gallery-cache rows each process held.
@@ -100,6 +120,9 @@ class EvaluationInfo:
   stage2_k: int
   seconds_by_process: dict
   stage2_mix: float | None = None
+  stage2_max_similarity: float | None = None
+  stage2_queries: int | None = None
+  num_query: int | None = None
   processes: int | None = None
   stage2_pairs_scored_by_process: list | None = None
   gallery_cache_rows_by_process: list | None = None

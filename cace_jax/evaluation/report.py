@@ -27,6 +27,9 @@ def flatten_metrics(evaluation: records.Evaluation) -> dict:
     for name, value in diagnostics.flatten(choice.diagnostics, sep='_').items():
       flat[f'validation_diagnostics/{name}'] = value
     flat['validation/stage2_k'], flat['validation/stage2_mix'] = choice.stage2_k, choice.stage2_mix
+    flat['validation/stage2_fraction'] = choice.stage2_fraction
+  if evaluation.info.stage2_queries is not None:
+    flat['stage2/queries_resorted'] = evaluation.info.stage2_queries
   return flat
 
 
@@ -42,6 +45,12 @@ def format_table(evaluation: records.Evaluation, title: str = '') -> str:
     lines.append(f'{row:<{width}}  ' + '  '.join(f'{values[c]:7.2f}' for c in columns))
   if evaluation.info.cameras is not None:
     lines.append(f'cameras: {evaluation.info.cameras}')
+  info = evaluation.info
+  if info.stage2_queries is not None and info.stage2_queries < info.num_query:
+    lines.append(
+      f'cacenet: stage 2 re-sorted {info.stage2_queries} of {info.num_query} queries '
+      f'(top-1 similarity <= {info.stage2_max_similarity:.4f}), the rest kept stage 1'
+    )
   lines.extend(format_diagnostics(evaluation.diagnostics))
   choice = evaluation.info.selection
   if choice is not None:

@@ -1,4 +1,4 @@
-"""Stage 2's K and mix w, chosen on a validation split: the best mAP over their grid.
+"""Stage 2's K, mix w and query fraction, chosen on a validation split: the best mAP of the grid.
 
 The validation split is carved from the training identities
 (`data.validation_ids`), so the choice never looks at the test split. It is
@@ -27,13 +27,16 @@ def select_stage2(
   mesh: jax.sharding.Mesh,
   scratch_dir: str | None = None,
 ) -> records.Stage2Choice:
-  """Chooses stage 2's K and mix w on a validation split: the best mAP over their grids.
+  """Chooses stage 2's K, mix w and query fraction on a validation split: the best mAP.
 
   The pair distances of every query's largest-K neighbours are computed
-  once; each (K, w) of `eval.stage2_k_grid` x `eval.stage2_mix_grid` then
-  re-sorts a prefix of them (`stage2.TwoStageRanker`). Ties go to the
-  smaller K, then the smaller w (w = 0 keeps the individual ranking: stage 2
-  is not used when it does not help on validation).
+  once; each (K, w, fraction) of `eval.stage2_k_grid` x `eval.stage2_mix_grid`
+  x `eval.stage2_fraction_grid` then re-sorts a prefix of them
+  (`stage2.TwoStageRanker`) for the least confident `fraction` of the
+  queries (`stage2.gate_for_fraction`; the others keep their stage-1
+  ranking). Ties go to the smaller K, then the smaller w, then the smaller
+  fraction (w = 0 or fraction 0 keeps the individual ranking: stage 2 is not
+  used when it does not help on validation).
 
   Returns:
     The choice, with the grid it was chosen from, the validation split's
@@ -43,6 +46,7 @@ def select_stage2(
   query, gallery = validation
   k_grid = sorted({int(k) for k in config.eval.stage2_k_grid})
   mixes = sorted({float(w) for w in config.eval.stage2_mix_grid})
+  fractions = sorted({float(f) for f in config.eval.stage2_fraction_grid})
   with tempfile.TemporaryDirectory(prefix='stage2_cache_', dir=scratch_dir) as cache_dir:
     q, g = ranking.extract_both(model, variables, validation, config, mesh, True, cache_dir)
     base = metrics.cosine_distance(q.embeddings, g.embeddings)
@@ -50,13 +54,31 @@ def select_stage2(
       model, variables, stage2.conditional_distance, q.cache, g.cache, mesh, g.held
     )
     ranker = stage2.TwoStageRanker(base, pair_distances, k_grid[-1])  # scored once
+    similarities = stage2.top1_similarity(base)
+    gates = {f: stage2.gate_for_fraction(similarities, f) for f in fractions}
     grid = []
     for k in k_grid:
       for mix in mixes:
-        found = ranking.measure(ranker.distances(k, mix), query, gallery)[0]
-        grid.append({'k': k, 'mix': mix, 'mAP': found['mAP'], 'rank1': found['rank1']})
+        for fraction, gate in gates.items():
+          resorted = stage2.least_confident(base, gate)
+          found = ranking.measure(ranker.distances(k, mix, resorted), query, gallery)[0]
+          grid.append(
+            {
+              'k': k,
+              'mix': mix,
+              'fraction': fraction,
+              'max_similarity': gate,
+              'mAP': found['mAP'],
+              'rank1': found['rank1'],
+            }
+          )
     best = max(grid, key=lambda row: (row['mAP'], row['rank1']))  # first of equals wins
-    choice = records.Stage2Choice(stage2_k=best['k'], stage2_mix=best['mix'])
+    choice = records.Stage2Choice(
+      stage2_k=best['k'],
+      stage2_mix=best['mix'],
+      stage2_fraction=best['fraction'],
+      stage2_max_similarity=best['max_similarity'],
+    )
     validation_diagnostics = {}
     if config.eval.diagnostics:  # for choosing recipe knobs without looking at the test split
       probe = diagnose.Probe(variables, q.cache, g.cache, g.held)
@@ -76,11 +98,10 @@ def select_stage2(
 
 def format_selection(choice: records.Stage2Choice) -> str:
   """One line: what validation chose and the validation mAP it gave."""
-  best = next(
-    row for row in choice.grid if (row['k'], row['mix']) == (choice.stage2_k, choice.stage2_mix)
-  )
   return (
     f'validation ({choice.num_query} queries, {choice.num_gallery} gallery): '
-    f'stage2_k={choice.stage2_k}, stage2_mix={choice.stage2_mix:g} '
-    f'(mAP {best["mAP"]:.2f}; individual {choice.individual["mAP"]:.2f})'
+    f'stage2_k={choice.stage2_k}, stage2_mix={choice.stage2_mix:g}, '
+    f'stage2_fraction={choice.stage2_fraction:g} '
+    f'(stage2_max_similarity={choice.stage2_max_similarity:.4f}; '
+    f'mAP {choice.grid_row()["mAP"]:.2f}; individual {choice.individual["mAP"]:.2f})'
   )

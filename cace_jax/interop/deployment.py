@@ -7,6 +7,10 @@ modules (for JAX serving; no Python model code needed):
   features  images [batch, H, W, 3] RGB 0-255 -> embedding [batch, E], fmap [batch, h, w, C]
   pair      fmap_query, fmap_gallery [pairs, h, w, C] -> distance [pairs] (+ f(q|g), f(g|q))
 
+and export.json, whose 'stage2' says how to rank with them as eval.py and the
+API do: K, the mix w and the query gate, as the run's final evaluation chose
+them on validation (`stage2_policy`).
+
 (Torch weights go out through `torch_export.export_checkpoint`.)
 """
 
@@ -22,6 +26,7 @@ import numpy as np
 
 from cace_jax.data import augment
 from cace_jax.errors import PortError, RunFailure
+from cace_jax.evaluation import records
 from cace_jax.evaluation.stage2 import embedding_distance
 from cace_jax.models import CACENet, ResNet, feature_map_shape, l2_normalize
 from cace_jax.runs import checkpoint
@@ -141,6 +146,30 @@ def verify_onnx(
   return gaps
 
 
+def stage2_policy(config, workdir: str) -> dict | None:
+  """How a deployment ranks in two stages, as eval.py and the API do: export.json's 'stage2'.
+
+  {'k', 'mix', 'max_similarity', 'chosen_on'}: each query whose nearest
+  gallery image is at most `max_similarity` cosine-similar has its `k`
+  nearest re-sorted by (1 - mix) d_individual + mix `distance` (the pair
+  model's), ahead of the rest of its stage-1 list; other queries keep
+  stage 1. The values are those the run's final evaluation chose on its
+  validation split ('chosen_on': 'validation'), else the config's
+  ('config'); None for a port, which has no config.
+  """
+  if config is None:
+    return None
+  choice = records.Stage2Choice.from_results(os.path.join(workdir, 'results.json'))
+  if choice is not None:
+    config = choice.configure(config)
+  return {
+    'k': int(config.eval.stage2_k),
+    'mix': float(config.eval.stage2_mix),
+    'max_similarity': float(config.eval.stage2_max_similarity),
+    'chosen_on': 'config' if choice is None else 'validation',
+  }
+
+
 def export_deployment(
   workdir: str,
   out: str | None = None,
@@ -154,7 +183,8 @@ def export_deployment(
 
   Files in `out` (default `<workdir>/export`): features.onnx, pair.onnx,
   features.jax_export, pair.jax_export (no pair.* for gcn 'none') and
-  export.json (shapes, the source checkpoint and, with `verify`, the
+  export.json (shapes, the source checkpoint, the stage-2 policy
+  `stage2_policy` with a pair stage and, with `verify`, the
   onnxruntime-vs-JAX differences). Existing files of the same names are
   replaced; nothing else is touched.
 
@@ -219,6 +249,8 @@ def export_deployment(
     'embed_dim': model.embed_dim,
     'files': sorted(paths),
   }
+  if model.pair_stage:
+    summary['stage2'] = stage2_policy(run.config, workdir)
   misses = {}
   if verify:
     gaps = verify_onnx(

@@ -48,10 +48,10 @@ def load(
     workdir: a training run's directory, or a ported checkpoint's.
     step: which checkpoint; the latest if None.
     config: image size, flip and stage-2 settings (`data.image_size`,
-      `eval.flip`, `eval.stage2_k`, `eval.stage2_mix`, ...) and the model;
-      None uses the run's own config, with the stage-2 K and w its final
-      evaluation chose on validation (`chosen_stage2`). A port has none:
-      pass one.
+      `eval.flip`, `eval.stage2_k`, `eval.stage2_mix`,
+      `eval.stage2_max_similarity`, ...) and the model; None uses the run's
+      own config, with the stage-2 K, w and query gate its final evaluation
+      chose on validation (`chosen_stage2`). A port has none: pass one.
   """
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(workdir, step, config.model if config else None, mesh)
@@ -66,7 +66,7 @@ def load(
 
 
 def chosen_stage2(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """`config` with the stage-2 K and w its final evaluation chose on validation, if it did.
+  """`config` with the stage-2 K, w and gate its final evaluation chose on validation, if it did.
 
   They are read from `<workdir>/results.json` (`info.selection`); a run
   without a validation split keeps its configured values.
@@ -186,10 +186,13 @@ class ReID:
     Stage 1 ranks the whole gallery by the cosine distance of individual
     embeddings; stage 2 re-sorts each query's `eval.stage2_k` nearest by
     (1 - w) d_individual + w d_conditional (w = `eval.stage2_mix`), as eval
-    does. Returns per query its `top_k` hits, best first, each {'rank',
-    'path', 'index', 'individual_distance', 'conditional_distance' (with a
-    pair stage; hits below the re-sorted K keep their stage-1 place but are
-    scored too), 'resorted' (whether stage 2 placed it)}.
+    does, if the query's nearest image is at most `eval.stage2_max_similarity`
+    similar (each query is gated on its own, so a query's hits do not depend
+    on the others searched with it). Returns per query its `top_k` hits, best
+    first, each {'rank', 'path', 'index', 'individual_distance',
+    'conditional_distance' (with a pair stage; hits stage 2 did not re-sort
+    keep their stage-1 place but are scored too), 'resorted' (whether stage
+    2 placed it)}.
     """
     if top_k < 1:
       raise ConfigError(f'top_k={top_k}: expected >= 1')
@@ -205,10 +208,12 @@ class ReID:
           self.model, self.variables, stage2.conditional_distance, q_cache, index.caches, self.mesh
         )
         ranker = stage2.TwoStageRanker(individual, pair_distances, max(k, top_k))
-        ranked = ranker.distances(k, self.config.eval.stage2_mix)
+        gate = stage2.least_confident(individual, self.config.eval.stage2_max_similarity)
+        ranked = ranker.distances(k, self.config.eval.stage2_mix, gate)
         pairs = list(zip(ranker.query_index.tolist(), ranker.gallery_index.tolist()))
         conditional = dict(zip(pairs, ranker.scores.tolist()))
-        resorted = {pair for pair, inside in zip(pairs, ranker.within(k)) if inside}
+        placed = ranker.within(k) & gate[ranker.query_index]
+        resorted = {pair for pair, inside in zip(pairs, placed) if inside}
     order = np.argsort(ranked, axis=1, kind='stable')[:, :top_k]
     results = []
     for q, row in enumerate(order):

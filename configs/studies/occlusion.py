@@ -16,5 +16,4 @@ def get_study() -> dict:
       'individual': {'model.gcn': 'none'},
       'cacenet': {},
     },
-    'paired': (('individual', 'cacenet', 'individual'),),
   }

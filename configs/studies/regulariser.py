@@ -20,10 +20,4 @@ def get_study() -> dict:
       'individual_gcn': {'model.adjacency': 'cosine_intra'},
       'cacenet': {},
     },
-    # Paired comparisons (row a, row b, evaluation row): b − a seed by seed.
-    'paired': (
-      ('individual', 'individual_gcn', 'individual'),
-      ('individual', 'cacenet', 'individual'),
-      ('individual_gcn', 'cacenet', 'individual'),
-    ),
   }
