@@ -103,8 +103,8 @@ def format_difference(difference: dict, digits: int = 2) -> str:
   )
 
 
-def markdown_lines(comparisons: list[dict]) -> list[str]:
-  """A markdown table of `compare`'s output: one line per pair of rows."""
+def markdown_lines(comparisons: list[dict], name_eval_row: bool = True) -> list[str]:
+  """A markdown table of `compare`'s output: one line per pair of rows (and the row compared)."""
   if not comparisons:
     return []
   lines = [
@@ -116,6 +116,7 @@ def markdown_lines(comparisons: list[dict]) -> list[str]:
       format_difference(found[name]) if name in found else '–'
       for name in ('mAP', 'rank1', 'family_mAP', 'family_rank1')
     ]
-    label = f'{found["b"]} − {found["a"]} ({found["eval_row"]})'
+    label = f'{found["b"]} − {found["a"]}'
+    label += f' ({found["eval_row"]})' if name_eval_row else ''
     lines.append(f'| {label} | {len(found["seeds"])} | ' + ' | '.join(cells) + ' |')
   return lines
