@@ -1,14 +1,18 @@
 """Figures of the training studies and the demo, as markdown tables rendered from their JSON.
 
 The study tables read `benchmarks/ablations.py` reports: each row's mean and
-std over seeds, and each seed's own stage-2 difference.
+std over seeds, and each seed's own stage-2 difference; the paired studies'
+tables add `benchmarks/paired.py`'s differences with their intervals, and
+`benchmarks/stage2_policies.py` reports.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 
-from benchmarks.result_tables import cell, header, load, provenance
+from benchmarks import paired
+from benchmarks.result_tables import RESULTS, cell, header, load, provenance
 
 
 def demo_results() -> str:
@@ -166,3 +170,59 @@ def stage2_k() -> str:
       f'{1000 * found["stage2_s_per_query"]:.2f} |'
     )
   return '\n'.join(lines) + provenance('stage2_k.json')
+
+
+def study_report_name(name: str) -> str:
+  """The study's report: the full one, else the one of the seeds finished so far (`.partial`)."""
+  full = f'ablations_{name}.json'
+  return full if os.path.exists(os.path.join(RESULTS, full)) else f'ablations_{name}.partial.json'
+
+
+def paired_study(name: str) -> str:
+  """A paired study: each row's own embedding over seeds, then every pair of rows seed by seed."""
+  source = study_report_name(name)
+  report = load(source)
+  lines = header(
+    'row', 'overrides', 'seeds', 'individual mAP', 'individual R-1', 'within family mAP'
+  )
+  for row, found in report['rows'].items():
+    overrides = ', '.join(f'`{k}={v}`' for k, v in report['overrides'][row].items()) or 'the config'
+    individual = found['results']['individual']
+    family = found['diagnostics'].get('family_retrieval/individual/mAP', {}).get('values', [])
+    lines.append(
+      f'| {row} | {overrides} | {len(report["seeds_by_row"][row])} | '
+      f'{mean_std(individual["mAP"]["values"])} | {mean_std(individual["rank1"]["values"])} | '
+      f'{mean_std(family)} |'
+    )
+  return (
+    f'Study `{name}` on `{report["config"]}`, test split (reported, never used to choose); '
+    'percent, mean ± std over seeds.\n\n'
+    + '\n'.join(lines)
+    + '\n\nEach pair of rows, seed by seed (b − a: mean difference [95% t interval]):\n\n'
+    + '\n'.join(paired.markdown_lines(report['paired']))
+    + provenance(source)
+  )
+
+
+def policies_markdown(report: dict) -> str:
+  """A `stage2_policies.py` report: per test set, every (row, policy) and the paired differences."""
+  lines = []
+  for test, found in report['tests'].items():
+    lines += [f'Test split of `{test}`:', '']
+    lines += header('row / policy', 'mAP', 'R-1', 'test queries re-sorted, %')
+    for label, values in found['rows'].items():
+      share = values.get('queries_resorted')
+      share = f'{share["mean"]:.0f} ± {share["std"]:.0f}' if share else '–'
+      cells = [f'{values[m]["mean"]:.2f} ± {values[m]["std"]:.2f}' for m in ('mAP', 'rank1')]
+      lines.append(f'| {label} | ' + ' | '.join(cells) + f' | {share} |')
+    lines += ['', *paired.markdown_lines(found['paired'], name_eval_row=False), '']
+  seeds = ', '.join(map(str, report['seeds']))
+  return f'Study `{report["study"]}`, seeds {seeds}; percent.\n\n' + '\n'.join(lines).rstrip()
+
+
+def stage2_policies(name: str) -> str:
+  """The blanket and selective stage 2 of a study's runs (`stage2_policies_<study>.json`)."""
+  source = f'stage2_policies_{name}.json'
+  if not os.path.exists(os.path.join(RESULTS, source)):
+    source = f'stage2_policies_{name}.partial.json'
+  return policies_markdown(load(source)) + provenance(source)

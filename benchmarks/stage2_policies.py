@@ -41,7 +41,7 @@ from absl import flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import ablations, paired  # pylint: disable=wrong-import-position
+from benchmarks import ablations, experiment_tables, paired  # pylint: disable=wrong-import-position
 from benchmarks.common import save_report  # pylint: disable=wrong-import-position
 from cace_jax import sharding  # pylint: disable=wrong-import-position
 from cace_jax.commands import cli  # pylint: disable=wrong-import-position
@@ -204,6 +204,11 @@ def report_of(study: str, per_row: dict[str, dict[int, dict]], seeds: list[int])
       }
       for (row, policy), by_seed in scores.items()
     }
+    for (row, policy), label in zip(scores, rows):
+      if policy != 'individual':  # the share of the test queries the gate passed
+        found = [run['tests'][test][policy] for run in per_row[row].values()]
+        shares = [100.0 * f['queries_resorted'] / f['num_query'] for f in found]
+        rows[label]['queries_resorted'] = ablations.mean_std(shares)
     pairs = []
     for (row_a, policy_a), (row_b, policy_b) in itertools.combinations(scores, 2):
       same_model = row_a == row_b
@@ -226,26 +231,6 @@ def as_summary(scored: dict) -> dict:
       if f'family_{name}' in scored
     },
   }
-
-
-def markdown(report: dict, per_row: dict) -> str:
-  """Per test set: each (row, policy) as mean ± std, then the paired differences."""
-  lines = [f'Study `{report["study"]}`, seeds {report["seeds"]} (percent)', '']
-  for test, found in report['tests'].items():
-    lines += [f'### Test split of `{test}`', '', '| row / policy | mAP | R-1 | queries re-sorted |']
-    lines.append('|---|---|---|---|')
-    for label, values in found['rows'].items():
-      row, policy = label.split(' / ')
-      resorted = [
-        r['tests'][test][policy]['queries_resorted'] / r['tests'][test][policy]['num_query']
-        for r in per_row[row].values()
-        if 'queries_resorted' in r['tests'][test].get(policy, {})
-      ]
-      share = f'{100 * np.mean(resorted):.0f}% ± {100 * np.std(resorted):.0f}%' if resorted else '–'
-      cells = [f'{values[m]["mean"]:.2f} ± {values[m]["std"]:.2f}' for m in ('mAP', 'rank1')]
-      lines.append(f'| {label} | ' + ' | '.join(cells) + f' | {share} |')
-    lines += ['', *paired.markdown_lines(found['paired'], name_eval_row=False), '']
-  return '\n'.join(lines)
 
 
 def main(args: flags.FlagValues, positional: list[str]) -> None:
@@ -278,7 +263,7 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     ablations.ROOT, 'benchmarks', 'results', f'stage2_policies_{study.name}'
   )
   out = os.path.abspath(out) + ('' if complete else '.partial')
-  table = markdown(report, per_row)
+  table = experiment_tables.policies_markdown(report)
   print(table)
   save_report(report, out + '.json')
   with open(out + '.md', 'w', encoding='utf-8') as f:

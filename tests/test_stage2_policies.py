@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from benchmarks import stage2_policies
+from benchmarks import experiment_tables, stage2_policies
 from cace_jax import sharding
 from cace_jax.data import split_data
 from cace_jax.evaluation import records, stage2
@@ -93,5 +93,6 @@ def test_report_compares_policies_within_each_model_and_against_the_individual_o
   assert pairs[('individual / individual', 'cacenet / selective')] == [2.0, 2.5]
   assert pairs[('individual / individual', 'cacenet / individual')] == [1.0, 1.0]
   assert len(pairs) == 6  # 3 within cacenet, 3 against the individual-only model
-  table = stage2_policies.markdown(report, per_row)
-  assert '| cacenet / selective | 73.25 ± 1.77 | 73.25 ± 1.77 | 50% ± 0% |' in table
+  table = experiment_tables.policies_markdown(report)
+  assert '| cacenet / selective | 73.25 ± 1.77 | 73.25 ± 1.77 | 50 ± 0 |' in table
+  assert '| cacenet / individual | 72.00 ± 1.41 | 72.00 ± 1.41 | – |' in table
