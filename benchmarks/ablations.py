@@ -9,7 +9,8 @@ A study is a file (`configs/studies/<name>.py`, or any path) whose
 `get_study()` returns {'config': base config file, 'rows': {row name:
 {config field: value}}, 'ordering': ((lower row, '<' or '<=', higher row),
 ...)}. `--row name=field=value,field=value` adds a row (or replaces one) from
-the command line; `--rows` trains a subset.
+the command line; `--rows` trains a subset; `--report_only` trains nothing
+and reports what is kept (e.g. while the study runs elsewhere).
 
 Each (row, seed) trains the base config (`--config` replaces it) with the
 row's overrides and `config.seed`, by running train.py into
@@ -175,6 +176,12 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     'kept',
     '',
     "Where finished runs' summaries are kept (default benchmarks/results/studies).",
+    flag_values=flag_values,
+  )
+  flags.DEFINE_boolean(
+    'report_only',
+    False,
+    'Train nothing: report the seeds kept so far (a study still running elsewhere).',
     flag_values=flag_values,
   )
   flags.mark_flags_as_required(['study'], flag_values=flag_values)
@@ -450,7 +457,7 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     raise ConfigError(f'--seeds={args.seeds!r}: expected comma-separated integers') from e
   runs_dir = os.path.abspath(args.runs)
   kept = os.path.abspath(args.kept) if args.kept else None  # None: the repository's KEPT
-  for seed in seeds:  # seed-major: a study cut short stays balanced across rows
+  for seed in seeds if not args.report_only else ():  # seed-major: a cut-short study stays balanced
     for row in to_train:
       workdir = os.path.join(runs_dir, study.name, row, f'seed{seed}')
       run_once(study.name, row, config, rows[row], seed, workdir, kept)

@@ -115,6 +115,17 @@ def test_a_new_row_joins_the_table_without_retraining_the_others(tmp_path, monke
   partial = json.load(open(caller / 'report.partial.json'))
   assert partial['seeds_by_row'] == {'a': [0, 1], 'b': [0, 1], 'c': [0, 1, 2]}
   assert 'the report goes beside the full one' in capsys.readouterr().out
+  # --report_only trains nothing: seed 3 is simply not there yet.
+  trained.clear()
+  assert run_tool(ablations, args[:3] + ['--seeds=0,1,3', '--report_only']) == 0
+  assert not trained
+  partial = json.load(open(caller / 'report.partial.json'))
+  assert partial['seeds_by_row'] == {'a': [0, 1], 'b': [0, 1], 'c': [0, 1]}
+  assert [(p['a'], p['b'], p['seeds']) for p in partial['paired']] == [
+    ('a', 'b', [0, 1]),
+    ('a', 'c', [0, 1]),
+    ('b', 'c', [0, 1]),
+  ]
 
 
 def test_study_errors_name_the_problem(tmp_path):
