@@ -56,6 +56,7 @@ from cace_jax.evaluation import (  # pylint: disable=wrong-import-position
   stage2,
 )
 from cace_jax.runs import checkpoint  # pylint: disable=wrong-import-position
+from configs import default  # pylint: disable=wrong-import-position
 
 POLICIES = ('blanket', 'selective')
 
@@ -143,6 +144,8 @@ def evaluate_run(workdir: str, shift: str, mesh) -> dict:
   run = checkpoint.load_run(workdir, None, None, mesh)
   config = copy.deepcopy(run.config)
   config.eval.diagnostics = False
+  # Runs recorded before selective stage 2 read as fraction 1 only: score today's grid.
+  config.eval.stage2_fraction_grid = default.get_config().eval.stage2_fraction_grid
   builder = split_data.prepare_on_first_process(config)
   policies, choice = {}, None
   if run.model.pair_stage:
@@ -212,10 +215,18 @@ def report_of(study: str, per_row: dict[str, dict[int, dict]], seeds: list[int])
     pairs = []
     for (row_a, policy_a), (row_b, policy_b) in itertools.combinations(scores, 2):
       same_model = row_a == row_b
-      against_individual_only = policy_a == 'individual' and policy_b != 'individual'
+      individual_only = (row_a, 'blanket') not in scores  # a model without a pair stage
+      against_individual_only = individual_only and policy_b != 'individual'
       both_individual = policy_a == policy_b == 'individual'
       if same_model or against_individual_only or both_individual:
         pairs.append((f'{row_a} / {policy_a}', f'{row_b} / {policy_b}'))
+    # Each model's own embeddings first, then stage 2 within each model, then against
+    # the models without a pair stage.
+    order = lambda pair: (
+      not pair[0].endswith('/ individual') or not pair[1].endswith('/ individual'),
+      pair[0].split(' / ')[0] != pair[1].split(' / ')[0],
+    )
+    pairs.sort(key=order)
     named = {f'{row} / {policy}': by_seed for (row, policy), by_seed in scores.items()}
     report['tests'][test] = {'rows': rows, 'paired': paired.compare(named, pairs)}
   return report

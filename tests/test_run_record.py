@@ -34,3 +34,22 @@ def test_a_port_record_names_its_model_and_file():
   read = RunRecord.from_json(json.loads(json.dumps(port.to_json())))
   assert read == port and read.config is None and read.model_fields == {'depth': 50}
   assert RunRecord(step=0, model={'resnet_depth': 18}).is_torchvision
+
+
+def test_a_config_recorded_before_selective_stage2_reads_as_every_query():
+  """The API and export read stage-2 settings from the record: an older run keeps what it did."""
+  stored = RunRecord(step=7, config=tiny.get_config()).to_json()
+  del stored['config']['eval']['stage2_max_similarity']
+  del stored['config']['eval']['stage2_fraction_grid']
+  read = RunRecord.from_json(json.loads(json.dumps(stored)))
+  assert read.config.eval.stage2_max_similarity == 1.0
+  assert tuple(read.config.eval.stage2_fraction_grid) == (1.0,)
+  # A record that has the fields keeps its values.
+  config = tiny.get_config()
+  config.eval.stage2_max_similarity = 0.5
+  assert (
+    RunRecord.from_json(RunRecord(step=1, config=config).to_json()).config.eval[
+      'stage2_max_similarity'
+    ]
+    == 0.5
+  )

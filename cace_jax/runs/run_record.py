@@ -7,7 +7,9 @@ record is what evaluation, the API, export and a resumed run read to rebuild
 the model, so its format lives in one place.
 
 The config is stored as a JSON object. Checkpoints written before that held
-it as a JSON string inside the record; `from_json` reads both.
+it as a JSON string inside the record; `from_json` reads both, and gives a
+config written before a field existed that field with the value that keeps
+the run's behaviour (`ADDED_FIELDS`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,22 @@ import dataclasses
 import json
 
 import ml_collections
+
+
+# Config fields added after runs were recorded, with the values that mean what those
+# runs did: they re-sorted every query, and chose K and w over every query.
+ADDED_FIELDS = {
+  ('eval', 'stage2_max_similarity'): 1.0,
+  ('eval', 'stage2_fraction_grid'): (1.0,),
+}
+
+
+def with_added_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with every field of `ADDED_FIELDS` it lacks (in a section it has) set."""
+  for (section, name), value in ADDED_FIELDS.items():
+    if section in config and name not in config[section]:
+      config[section][name] = value
+  return config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +97,7 @@ class RunRecord:
       epoch=float(found.get('epoch', 0.0)),
       seed=found.get('seed'),
       num_classes=found.get('num_classes'),
-      config=ml_collections.ConfigDict(config) if config else None,
+      config=with_added_fields(ml_collections.ConfigDict(config)) if config else None,
       model=found.get('model'),
       ported_from=found.get('ported_from', ''),
     )
