@@ -221,8 +221,42 @@ def policies_markdown(report: dict) -> str:
 
 
 def stage2_policies(name: str) -> str:
-  """The blanket and selective stage 2 of a study's runs (`stage2_policies_<study>.json`)."""
+  """Stage 2 within each model of a study, per test set (`stage2_policies_<study>.json`).
+
+  The comparisons a reader of claim 2 needs: each model's selective and
+  blanket stage 2 against its own individual embedding and against each
+  other, and, on a shifted test set, the models' individual embeddings
+  against each other. The script's own .md has every row and comparison.
+  """
   source = f'stage2_policies_{name}.json'
   if not os.path.exists(os.path.join(RESULTS, source)):
     source = f'stage2_policies_{name}.partial.json'
-  return policies_markdown(load(source)) + provenance(source)
+  report = load(source)
+  lines = header(
+    'test split', 'b − a (same seeds)', 'seeds', 'mAP', 'R-1', 'within family mAP',
+    'test queries re-sorted by b, %',
+  )  # fmt: skip
+  own_test = next(iter(report['tests']))
+  for test, found in report['tests'].items():
+    for comparison in found['paired']:
+      (row_a, policy_a), (row_b, policy_b) = (comparison[s].split(' / ') for s in ('a', 'b'))
+      within_model = row_a == row_b and policy_b != 'individual'
+      across_models = test != own_test and policy_a == policy_b == 'individual'
+      if not (within_model or across_models):
+        continue
+      label = f'{row_b}: {policy_b} − {policy_a}' if within_model else f'{row_b} − {row_a}'
+      share = found['rows'][comparison['b']].get('queries_resorted')
+      cells = [
+        paired.format_difference(comparison[m]) if m in comparison else '–'
+        for m in ('mAP', 'rank1', 'family_mAP')
+      ]
+      share = f'{share["mean"]:.0f} ± {share["std"]:.0f}' if share else '–'
+      lines.append(
+        f'| `{test}` | {label} | {len(comparison["seeds"])} | '
+        + ' | '.join(cells)
+        + f' | {share} |'
+      )
+  return (
+    'Mean paired difference [95% t interval], percent; "individual" is a model\'s own '
+    'embedding (stage 1).\n\n' + '\n'.join(lines) + provenance(source)
+  )

@@ -218,10 +218,13 @@ def test_eval_py_end_to_end(trained_workdir, tiny_data_dir):
     'clue_alignment+kr',
     'cacenet+kr',
   }
-  assert list(saved['info']) == [  # the keys, in the order results.json has always had them
+  assert list(saved['info']) == [  # the keys, in results.json's order
     'stage2_k',
     'seconds_by_process',
     'stage2_mix',
+    'stage2_max_similarity',
+    'stage2_queries',
+    'num_query',
     'processes',
     'stage2_pairs_scored_by_process',
     'gallery_cache_rows_by_process',
@@ -229,6 +232,8 @@ def test_eval_py_end_to_end(trained_workdir, tiny_data_dir):
     'cache_on_disk',
   ]
   assert saved['info']['stage2_k'] == 5 and saved['info']['stage2_mix'] == 1.0
+  # Stage 2 re-sorted every query (the default gate passes all).
+  assert saved['info']['stage2_queries'] == saved['info']['num_query'] > 0
   assert list(saved['info']['seconds_by_process']) == ['stage1', 'stage2_pairs']
   assert saved['info']['cache_bytes_per_image'] > 0
   for figure in ('ranked_lists.png', 'correspondences.png', 'conditional_maps.png'):
