@@ -133,7 +133,7 @@ def score_test_set(run, splits, config, mesh, policies: dict[str, dict]) -> dict
         found[name] = {
           **rank_metrics(ranked, query, gallery),
           **{key: policy[key] for key in ('k', 'mix', 'fraction', 'max_similarity')},
-          'queries_resorted': int(gate.sum()),
+          'queries_resorted': int(gate.sum()) if policy['mix'] > 0 else 0,  # w = 0: none
           'num_query': len(gate),
         }
   return found

@@ -185,7 +185,8 @@ def describe_measurement(
     seconds_by_process=seconds,
     stage2_mix=config.eval.stage2_mix,
     stage2_max_similarity=config.eval.stage2_max_similarity,
-    stage2_queries=int(resorted.sum()),
+    # w = 0 sorts the top K by the individual distance again: no query is changed.
+    stage2_queries=int(resorted.sum()) if config.eval.stage2_mix > 0 else 0,
     num_query=len(resorted),
     processes=jax.process_count(),
     # Each process scores the pairs whose gallery row it holds, and holds only those rows.

@@ -106,7 +106,8 @@ class EvaluationInfo:
     stage2_mix: w of stage 2's score (1 - w) d_individual + w d_pair.
     stage2_max_similarity: the 'cacenet' row re-sorts only the queries whose
       top-1 stage-1 similarity is at most this (1: every query).
-    stage2_queries: how many queries the 'cacenet' row re-sorted, of `num_query`.
+    stage2_queries: how many queries the 'cacenet' row re-sorted, of `num_query`
+      (none at w = 0, which keeps the individual order).
     num_query: the queries evaluated.
     processes: how many processes evaluated.
     stage2_pairs_scored_by_process: the pairs each process scored.
