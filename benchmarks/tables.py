@@ -44,6 +44,8 @@ TABLES: dict[str, Callable[[], str]] = {
   'study_table2': lambda: experiment_tables.study_table('table2'),
   'study_regulariser': lambda: experiment_tables.paired_study('regulariser'),
   'policies_regulariser': lambda: experiment_tables.stage2_policies('regulariser'),
+  'study_occlusion': lambda: experiment_tables.paired_study('occlusion'),
+  'policies_occlusion': lambda: experiment_tables.stage2_policies('occlusion'),
   'explorations': experiment_tables.explorations,
   'stage2_k': experiment_tables.stage2_k,
   'memory_growth': result_tables.memory_growth,
