@@ -236,7 +236,7 @@ def stage2_policies(name: str) -> str:
     'test split', 'b − a (same seeds)', 'seeds', 'mAP', 'R-1', 'within family mAP',
     'test queries re-sorted by b, %',
   )  # fmt: skip
-  own_test = next(iter(report['tests']))
+  own_test = next(iter(report['tests']))  # the runs' own test set comes first
   for test, found in report['tests'].items():
     for comparison in found['paired']:
       (row_a, policy_a), (row_b, policy_b) = (comparison[s].split(' / ') for s in ('a', 'b'))

@@ -163,7 +163,7 @@ def evaluate_run(workdir: str, shift: str, mesh) -> dict:
     'step': run.step,
     'validation': {
       'individual': choice.individual if choice else None,
-      **{name: {k: v for k, v in row.items()} for name, row in policies.items()},
+      **{name: dict(row) for name, row in policies.items()},
     },
     'tests': {
       name: score_test_set(run, splits, config, mesh, policies) for name, splits in tests.items()
@@ -190,7 +190,10 @@ def policy_rows(found: dict) -> list[str]:
 
 def report_of(study: str, per_row: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
   """Mean ± std of each (row, test set, policy), and the paired differences that matter."""
-  tests = sorted({name for runs in per_row.values() for r in runs.values() for name in r['tests']})
+  # In the order the runs hold them: each run's own test set first, then the shift.
+  tests = dict.fromkeys(
+    name for runs in per_row.values() for r in runs.values() for name in r['tests']
+  )
   report = {'study': study, 'seeds': seeds, 'tests': {}}
   for test in tests:
     scores = {  # {(row, policy): {seed: {'results': {'individual': metrics}, 'diagnostics': ...}}}
