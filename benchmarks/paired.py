@@ -3,10 +3,11 @@
 Two rows of a study trained with seed k see the same batches in the same
 order and start from the same values of every parameter they share (the
 backbone, the embedding head, the classifier: `tests/test_ablations.py`
-checks it). Their difference on seed k is then free of the seed's own luck
-(which initialisation, which batches), and the spread of the differences
+checks it). Their difference on seed k is then free of the luck they share
+(which batches, which initial values), and the spread of the differences
 over seeds is what decides whether a row is better, not the spread of
-either row. For n seeds, the 95% interval of the mean difference d̄ is
+either row. With few seeds, equal differences give an interval of width
+zero: arithmetic, not evidence. For n seeds, the 95% interval of the mean difference d̄ is
 
     d̄ ± t_{0.975, n−1} · s_d / √n,
 
