@@ -40,6 +40,10 @@ def test_family_restriction_removes_the_other_families_impostors():
   # Distractors (family -1) never count as family members.
   pushed = diagnostics.restrict_to_families(distmat, fam_q, np.array([-1, 0, 0]))
   assert pushed[0, 0] > pushed[0, 2]
+  # Far-negative entries (stage 2's re-sorted ones) are pushed behind the family too.
+  shifted = np.array([[-10.0 + 0.1, 1.9, -10.0 + 0.3]])
+  pushed = diagnostics.restrict_to_families(shifted, fam_q, fam_g)
+  assert pushed[0, 0] > max(pushed[0, 1], pushed[0, 2])
 
 
 def test_hard_pairs_are_same_family_and_skip_the_same_view():

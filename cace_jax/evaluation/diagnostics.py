@@ -57,12 +57,13 @@ def restrict_to_families(
   """distmat with every other-family gallery entry pushed behind all same-family ones.
 
   Entries of another family (and gallery images of no family, family < 0)
-  get a distance above every real one. They are never true matches, so they
-  then change no metric of `metrics.evaluate_rank`: ranking the pushed matrix
-  equals ranking each query's own family alone.
+  get a distance above every real one, whatever the real ones' sign (stage
+  2's re-sorted entries lie far below zero). They are never true matches, so
+  they then change no metric of `metrics.evaluate_rank`: ranking the pushed
+  matrix equals ranking each query's own family alone.
   """
   distmat = np.asarray(distmat, np.float64)
-  beyond = np.abs(distmat).max() + 1.0
+  beyond = distmat.max() - distmat.min() + 1.0  # + the smallest entry exceeds the largest
   return np.where(same_family(query_families, gallery_families), distmat, beyond + distmat)
 
 
