@@ -84,9 +84,8 @@ def blanket_and_selective(choice: records.Stage2Choice) -> dict[str, dict]:
   Both by validation mAP then R-1, the first of equals in grid order (smaller
   K, w, fraction), as `select_stage2` chooses.
   """
-  key = lambda row: (row['mAP'], row['rank1'])
   every_query = [row for row in choice.grid if row['fraction'] == 1.0]
-  return {'blanket': max(every_query, key=key), 'selective': choice.grid_row()}
+  return {'blanket': selection.best_row(every_query), 'selective': choice.grid_row()}
 
 
 def rank_metrics(distmat, query, gallery) -> dict:

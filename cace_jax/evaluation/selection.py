@@ -72,7 +72,7 @@ def select_stage2(
               'rank1': found['rank1'],
             }
           )
-    best = max(grid, key=lambda row: (row['mAP'], row['rank1']))  # first of equals wins
+    best = best_row(grid)
     choice = records.Stage2Choice(
       stage2_k=best['k'],
       stage2_mix=best['mix'],
@@ -94,6 +94,11 @@ def select_stage2(
     pids=sorted({int(p) for p in gallery.pids}),
     diagnostics=validation_diagnostics,
   )
+
+
+def best_row(grid: list[dict]) -> dict:
+  """The grid row with the best validation mAP, then R-1; the first of equals in grid order."""
+  return max(grid, key=lambda row: (row['mAP'], row['rank1']))
 
 
 def format_selection(choice: records.Stage2Choice) -> str:
