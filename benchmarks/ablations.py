@@ -187,6 +187,14 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.mark_flags_as_required(['study'], flag_values=flag_values)
 
 
+def parse_seeds(text: str) -> list[int]:
+  """'0,1,2' -> [0, 1, 2]; ConfigError naming --seeds otherwise."""
+  try:
+    return [int(s) for s in text.split(',')]
+  except ValueError as e:
+    raise ConfigError(f'--seeds={text!r}: expected comma-separated integers') from e
+
+
 def train_command(config: str, overrides: dict, seed: int, workdir: str) -> list[str]:
   """The train.py command line of one (row, seed)."""
   command = [sys.executable, os.path.join(ROOT, 'train.py'), f'--config={config}']
@@ -334,11 +342,6 @@ def summarise(per_seed: dict[int, dict]) -> dict:
   return {'results': results, 'diagnostics': found, 'gains': gains}
 
 
-def stage2_gain(results: dict) -> float:
-  """mAP of the cacenet row minus the individual row of the same run."""
-  return results['cacenet']['mAP'] - results['individual']['mAP']
-
-
 def headline_row(summary: dict) -> str:
   """The row a model is scored by: stage 2 ('cacenet', its K and w chosen on
   validation) when it has one, else 'individual'. Never the best row on the test split."""
@@ -451,10 +454,7 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     raise ConfigError(
       f'--rows: {unknown[0]!r} is not a row of {study.name}; rows: {", ".join(rows)}'
     )
-  try:
-    seeds = [int(s) for s in args.seeds.split(',')]
-  except ValueError as e:
-    raise ConfigError(f'--seeds={args.seeds!r}: expected comma-separated integers') from e
+  seeds = parse_seeds(args.seeds)
   runs_dir = os.path.abspath(args.runs)
   kept = os.path.abspath(args.kept) if args.kept else None  # None: the repository's KEPT
   for seed in seeds if not args.report_only else ():  # seed-major: a cut-short study stays balanced

@@ -172,15 +172,15 @@ def stage2_k() -> str:
   return '\n'.join(lines) + provenance('stage2_k.json')
 
 
-def study_report_name(name: str) -> str:
-  """The study's report: the full one, else the one of the seeds finished so far (`.partial`)."""
-  full = f'ablations_{name}.json'
-  return full if os.path.exists(os.path.join(RESULTS, full)) else f'ablations_{name}.partial.json'
+def full_or_partial(stem: str) -> str:
+  """A report's file: `<stem>.json`, else the one of the seeds finished so far (`.partial`)."""
+  full = f'{stem}.json'
+  return full if os.path.exists(os.path.join(RESULTS, full)) else f'{stem}.partial.json'
 
 
 def paired_study(name: str) -> str:
   """A paired study: each row's own embedding over seeds, then every pair of rows seed by seed."""
-  source = study_report_name(name)
+  source = full_or_partial(f'ablations_{name}')
   report = load(source)
   lines = header(
     'row', 'overrides', 'seeds', 'individual mAP', 'individual R-1', 'within family mAP'
@@ -228,9 +228,7 @@ def stage2_policies(name: str) -> str:
   other, and, on a shifted test set, the models' individual embeddings
   against each other. The script's own .md has every row and comparison.
   """
-  source = f'stage2_policies_{name}.json'
-  if not os.path.exists(os.path.join(RESULTS, source)):
-    source = f'stage2_policies_{name}.partial.json'
+  source = full_or_partial(f'stage2_policies_{name}')
   report = load(source)
   lines = header(
     'test split', 'b − a (same seeds)', 'seeds', 'mAP', 'R-1', 'within family mAP',

@@ -245,10 +245,7 @@ def as_summary(scored: dict) -> dict:
 def main(args: flags.FlagValues, positional: list[str]) -> None:
   cli.expect_arguments(positional, [])
   study = ablations.load_study(args.study)
-  try:
-    seeds = [int(s) for s in args.seeds.split(',')]
-  except ValueError as e:
-    raise ConfigError(f'--seeds={args.seeds!r}: expected comma-separated integers') from e
+  seeds = ablations.parse_seeds(args.seeds)
   kept = os.path.abspath(args.kept) if args.kept else None
   mesh = sharding.make_mesh()
   per_row = {}
