@@ -89,6 +89,16 @@ class Stage2Choice:
     )
 
 
+def chosen_stage2(config: ConfigDict, workdir: str) -> tuple[ConfigDict, Stage2Choice | None]:
+  """(`config` with the stage-2 K, w and gate a run chose on validation, that choice).
+
+  Read from `<workdir>/results.json` (`info.selection`); a run without a
+  validation split keeps its configured values, and the choice is None.
+  """
+  choice = Stage2Choice.from_results(os.path.join(workdir, 'results.json'))
+  return (config, None) if choice is None else (choice.configure(config), choice)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvaluationInfo:
   """How an evaluation was measured: results.json's `info`, which leaves out fields that are None.

@@ -159,9 +159,7 @@ def stage2_policy(config, workdir: str) -> dict | None:
   """
   if config is None:
     return None
-  choice = records.Stage2Choice.from_results(os.path.join(workdir, 'results.json'))
-  if choice is not None:
-    config = choice.configure(config)
+  config, choice = records.chosen_stage2(config, workdir)
   return {
     'k': int(config.eval.stage2_k),
     'mix': float(config.eval.stage2_mix),

@@ -51,7 +51,7 @@ def load(
       `eval.flip`, `eval.stage2_k`, `eval.stage2_mix`,
       `eval.stage2_max_similarity`, ...) and the model; None uses the run's
       own config, with the stage-2 K, w and query gate its final evaluation
-      chose on validation (`chosen_stage2`). A port has none: pass one.
+      chose on validation (`records.chosen_stage2`). A port has none: pass one.
   """
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(workdir, step, config.model if config else None, mesh)
@@ -61,18 +61,8 @@ def load(
         f'{workdir} is a port without a training config: pass load(workdir, config=...), '
         'e.g. configs/market.py get_config()'
       )
-    config = chosen_stage2(run.config, workdir)
+    config, _ = records.chosen_stage2(run.config, workdir)
   return ReID(run.model, run.variables, config, mesh, workdir, run.step)
-
-
-def chosen_stage2(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """`config` with the stage-2 K, w and gate its final evaluation chose on validation, if it did.
-
-  They are read from `<workdir>/results.json` (`info.selection`); a run
-  without a validation split keeps its configured values.
-  """
-  choice = records.Stage2Choice.from_results(os.path.join(workdir, 'results.json'))
-  return config if choice is None else choice.configure(config)
 
 
 @dataclasses.dataclass
