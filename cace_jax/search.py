@@ -5,10 +5,12 @@
 
 Indexes every image under --gallery (recursively; JPEG or PNG) into
 <out>/index (resumable, reused when it matches), ranks it for every query
-image in two stages (`api.ReID.search`), and writes <out>/results.json
+image (`api.ReID.search`), and writes <out>/results.json
 ({'queries': [{'query', 'stage2', 'hits': [...]}], 'stage2_k', 'stage2_mix',
-'stage2_max_similarity'}; 'stage2': whether stage 2 re-sorted that query) and
-one ranked-list figure per query, <out>/ranked_<n>.png.
+'stage2_max_similarity', 'stage2_from'}; 'stage2': whether stage 2 re-sorted
+that query) and one ranked-list figure per query, <out>/ranked_<n>.png.
+Stage 2 is the one the run chose on its validation split, and none without
+one; --stage2=config uses the run's configured stage 2 instead.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from PIL import Image
 from cace_jax.commands import cli
 from cace_jax.data.manual_source import IMAGE_SUFFIXES
 from cace_jax.errors import DatasetError
-from cace_jax.evaluation import figures
+from cace_jax.evaluation import figures, records
 from cace_jax.serve import api
 
 
@@ -35,6 +37,14 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_string('out', None, 'Where results and figures go.', flag_values=flag_values)
   flags.DEFINE_integer('top_k', 10, 'Hits per query.', flag_values=flag_values)
   flags.DEFINE_integer('checkpoint', None, 'Step (default: latest).', flag_values=flag_values)
+  flags.DEFINE_enum(
+    'stage2',
+    'validation',
+    records.SERVING_POLICIES,
+    "Stage 2 as the run chose it on validation, else none ('validation'), or as its config "
+    "sets it ('config').",
+    flag_values=flag_values,
+  )
   flags.mark_flags_as_required(['workdir', 'gallery', 'query', 'out'], flag_values=flag_values)
 
 
@@ -70,10 +80,20 @@ def caption_of(hit: dict) -> str:
 
 
 def search_folder(
-  workdir: str, gallery: str, query: str, out: str, top_k: int = 10, step: int | None = None
+  workdir: str,
+  gallery: str,
+  query: str,
+  out: str,
+  top_k: int = 10,
+  step: int | None = None,
+  stage2: str = 'validation',
 ) -> dict:
-  """Indexes `gallery`, searches it for each image of `query`, writes results and figures."""
-  reid = api.load(workdir, step)
+  """Indexes `gallery`, searches it for each image of `query`, writes results and figures.
+
+  `stage2` is `api.load`'s: the run's validation choice, else stage 1 alone
+  ('validation'), or its configured stage 2 ('config').
+  """
+  reid = api.load(workdir, step, stage2=stage2)
   gallery_paths, query_paths = list_images(gallery, 'gallery'), list_images(query, 'query')
   os.makedirs(out, exist_ok=True)
   index = reid.index(gallery_paths, os.path.join(out, 'index'))
@@ -85,6 +105,7 @@ def search_folder(
     'stage2_k': reid.config.eval.stage2_k if reid.model.pair_stage else 0,
     'stage2_mix': reid.config.eval.stage2_mix,
     'stage2_max_similarity': reid.config.eval.stage2_max_similarity,
+    'stage2_from': reid.stage2_from,
     'queries': [
       {'query': q, 'stage2': any(hit.get('resorted', False) for hit in hits), 'hits': hits}
       for q, hits in zip(query_paths, found)
@@ -118,7 +139,7 @@ def search_folder(
 def main(args: flags.FlagValues, positional: list[str]) -> None:
   cli.expect_arguments(positional, [])
   results = search_folder(
-    args.workdir, args.gallery, args.query, args.out, args.top_k, args.checkpoint
+    args.workdir, args.gallery, args.query, args.out, args.top_k, args.checkpoint, args.stage2
   )
   for entry in results['queries']:
     best = ', '.join(os.path.basename(hit['path']) for hit in entry['hits'][:3])

@@ -17,7 +17,7 @@ import cace_jax
 from cace_jax import sharding
 from cace_jax.data import pipeline, split_data
 from cace_jax.errors import DatasetError
-from cace_jax.evaluation import ranking, stage1, stage2
+from cace_jax.evaluation import ranking, records, stage1, stage2
 from cace_jax.runs import checkpoint
 from cace_jax.serve import api
 from configs import tiny
@@ -95,8 +95,9 @@ def test_search_ranks_as_evals_stage2_and_the_index_resumes(
   trained_workdir, tiny_data_dir, eval_files, tmp_path, monkeypatch
 ):
   query, gallery, paths = eval_files
-  reid = api.load(trained_workdir)
+  reid = api.load(trained_workdir, stage2='config')  # the run has no validation choice
   assert reid.model.pair_stage and reid.config.eval.stage2_k == 5
+  assert reid.stage2_from == 'config'
   # An index built in chunks and interrupted resumes where it stopped.
   monkeypatch.setattr(api, 'INDEX_CHUNK', 7)
   calls = {'n': 0}
@@ -168,6 +169,15 @@ def test_search_ranks_as_evals_stage2_and_the_index_resumes(
     assert [hit['resorted'] for hit in row] == [bool(resorted)] * 5 + [False] * 3
     if not resorted:
       assert np.all(np.diff([hit['individual_distance'] for hit in row]) >= 0)
+  # By default a run without a validation choice is searched by stage 1 alone: eval's
+  # individual ranking, conditional distances still shown.
+  default = api.load(trained_workdir)
+  assert default.stage2_from == records.STAGE1_ONLY
+  hits = default.search(paths['query'], api.load_index(directory), top_k=8)
+  found = np.array([[hit['index'] for hit in row] for row in hits])
+  np.testing.assert_array_equal(found, expected.rankings['individual'][:, :8])
+  assert not any(hit['resorted'] for row in hits for hit in row)
+  assert all('conditional_distance' in hit for row in hits for hit in row)
 
 
 def test_search_command_writes_results_and_figures(trained_workdir, eval_files, tmp_path):
@@ -177,14 +187,20 @@ def test_search_command_writes_results_and_figures(trained_workdir, eval_files, 
   command += [f'--gallery={os.path.dirname(paths["gallery"][0])}', f'--out={out}', '--top_k=4']
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   done = subprocess.run(
-    command + [f'--query={paths["query"][0]}'], capture_output=True, text=True, cwd=root
+    command + [f'--query={paths["query"][0]}', '--stage2=config'],
+    capture_output=True,
+    text=True,
+    cwd=root,
   )
   assert done.returncode == 0, done.stderr
   assert not [notice for notice in ORBAX_NOTICES if notice in done.stdout + done.stderr]
   with open(out / 'results.json') as f:
     results = json.load(f)
   assert [len(q['hits']) for q in results['queries']] == [4]
-  assert results['stage2_max_similarity'] == 1.0 and results['queries'][0]['stage2']
+  # The run has no validation choice (it would search by stage 1 alone): the config's
+  # stage 2, asked for, re-sorts every query.
+  assert results['stage2_max_similarity'] == 1.0 and results['stage2_from'] == 'config'
+  assert results['queries'][0]['stage2']
   assert results['queries'][0]['hits'][0]['path'].startswith(os.path.dirname(paths['gallery'][0]))
   assert os.path.getsize(out / 'ranked_0.png') > 0
   bad = subprocess.run(

@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime
 import pytest
 
+from cace_jax.errors import ConfigError
 from cace_jax.interop import deployment, onnx_graph, torch_weights
 from cace_jax.models import CACENet, feature_map_shape
 from cace_jax.runs import checkpoint
@@ -120,7 +121,7 @@ def test_deploy_fails_when_an_exported_model_computes_another_model(
 
 def test_deploy_cli_writes_models_that_agree(trained_workdir, tmp_path, capsys):
   out = str(tmp_path / 'export')
-  assert run_tool(deploy_tool, [trained_workdir, '--out', out]) == 0
+  assert run_tool(deploy_tool, [trained_workdir, '--out', out, '--stage2=config']) == 0
   summary = json.loads(capsys.readouterr().out)
   assert sorted(os.listdir(out)) == [
     'export.json',
@@ -130,8 +131,9 @@ def test_deploy_cli_writes_models_that_agree(trained_workdir, tmp_path, capsys):
     'pair.onnx',
   ]
   assert summary['image_size'] == list(IMAGE_SIZE) and summary['step'] == 2
-  # How to rank with the two models as eval.py and the API do (no validation split here).
-  policy = {'k': 5, 'mix': 1.0, 'max_similarity': 1.0, 'chosen_on': 'config'}
+  # How to rank with the two models as eval.py and the API do: here the configured stage 2,
+  # asked for (the run has no validation split, so by default it would have none).
+  policy = {'k': 5, 'mix': 1.0, 'max_similarity': 1.0, 'from': 'config'}
   assert summary['stage2'] == policy
   assert max(summary['max_abs_diff_onnx_vs_jax'].values()) <= TOLERANCE and summary['verified']
 
@@ -187,12 +189,20 @@ def test_deploy_without_pair_stage_writes_the_features_model(tmp_path, capsys):
   assert summary['flip'] and max(summary['max_abs_diff_onnx_vs_jax'].values()) <= TOLERANCE
 
 
-def test_deployment_ranks_with_what_validation_chose(tmp_path):
+def test_deployment_ranks_with_what_validation_chose_else_by_stage_1(tmp_path):
   from cace_jax.evaluation import records
   from configs import tiny
 
   config = tiny.get_config()
   assert deployment.stage2_policy(None, str(tmp_path)) is None  # a port has no config
+  # No validation choice: no query is re-sorted, unless the config's stage 2 is asked for.
+  assert deployment.stage2_policy(config, str(tmp_path)) == {
+    'k': 5,
+    'mix': 1.0,
+    'max_similarity': records.NO_QUERY,
+    'from': records.STAGE1_ONLY,
+  }
+  assert deployment.stage2_policy(config, str(tmp_path), 'config')['max_similarity'] == 1.0
   choice = records.Stage2Choice(
     stage2_k=10, stage2_mix=0.5, stage2_fraction=0.25, stage2_max_similarity=0.625
   )
@@ -201,5 +211,7 @@ def test_deployment_ranks_with_what_validation_chose(tmp_path):
     'k': 10,
     'mix': 0.5,
     'max_similarity': 0.625,
-    'chosen_on': 'validation',
+    'from': 'validation',
   }
+  with pytest.raises(ConfigError, match=r"stage2='best': expected one of validation, config"):
+    deployment.stage2_policy(config, str(tmp_path), 'best')

@@ -14,6 +14,7 @@ from absl import flags
 
 from cace_jax.commands import cli
 from cace_jax.errors import UserError
+from cace_jax.evaluation import records
 from cace_jax.interop import deployment
 
 
@@ -29,6 +30,14 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     'no_flip',
     False,
     "No flip averaging (default: the config's eval.flip).",
+    flag_values=flag_values,
+  )
+  flags.DEFINE_enum(
+    'stage2',
+    'validation',
+    records.SERVING_POLICIES,
+    "export.json's stage 2: the run's choice on validation, else none ('validation'), or "
+    "its config's ('config').",
     flag_values=flag_values,
   )
   flags.DEFINE_boolean('no_verify', False, 'Skip the onnxruntime check.', flag_values=flag_values)
@@ -55,6 +64,7 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     flip=False if args.no_flip else None,
     verify=not args.no_verify,
     tolerance=args.tolerance,
+    stage2=args.stage2,
   )
   print(json.dumps(summary, indent=2))
 

@@ -16,8 +16,13 @@ import json
 import os
 from typing import TYPE_CHECKING
 
+from cace_jax.errors import ConfigError
+
 if TYPE_CHECKING:
   from ml_collections import ConfigDict
+
+# The query gate of stage 2 on no query: below every cosine similarity.
+NO_QUERY = -2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +102,39 @@ def chosen_stage2(config: ConfigDict, workdir: str) -> tuple[ConfigDict, Stage2C
   """
   choice = Stage2Choice.from_results(os.path.join(workdir, 'results.json'))
   return (config, None) if choice is None else (choice.configure(config), choice)
+
+
+# How a search or a deployment decides on stage 2 (`served_stage2`).
+SERVING_POLICIES = ('validation', 'config')
+# Where the served stage 2 came from when the run chose none: stage 1 alone.
+STAGE1_ONLY = 'stage 1 (no validation choice)'
+
+
+def served_stage2(
+  config: ConfigDict, workdir: str, policy: str = 'validation'
+) -> tuple[ConfigDict, str]:
+  """(`config` with the stage 2 a search or a deployment applies, where it came from).
+
+  'validation' (the default): the K, w and query gate the run's final
+  evaluation chose on its validation split ('validation'), else no stage 2
+  at all: the gate is `NO_QUERY`, every query keeps its stage-1 ranking
+  (`STAGE1_ONLY`). Stage 2 is an option because the official code never
+  ranks by conditional embeddings at inference, and on the data here paired
+  seeds find no gain from it (docs/experiments.md). 'config': the config's
+  `eval.stage2_k`, `stage2_mix` and `stage2_max_similarity` as they are
+  ('config'), the stage 2 its evaluation's 'cacenet' row measured without
+  a validation split.
+  """
+  if policy not in SERVING_POLICIES:
+    raise ConfigError(f'stage2={policy!r}: expected one of {", ".join(SERVING_POLICIES)}')
+  if policy == 'config':
+    return config, 'config'
+  chosen, choice = chosen_stage2(config, workdir)
+  if choice is not None:
+    return chosen, 'validation'
+  config = copy.deepcopy(config)
+  config.eval.stage2_max_similarity = NO_QUERY
+  return config, STAGE1_ONLY
 
 
 @dataclasses.dataclass(frozen=True)

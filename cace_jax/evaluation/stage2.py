@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cace_jax import sharding
+from cace_jax.evaluation.records import NO_QUERY  # the gate of a fraction of 0
 from cace_jax.models import CACENet, cross_block, l2_normalize
 
 # Re-sorted entries are moved below every stage-1 distance (cosine distances
@@ -328,10 +329,6 @@ def least_confident(stage1: np.ndarray, max_similarity: float) -> np.ndarray:
   if max_similarity >= 1.0:
     return np.ones(np.shape(stage1)[0], bool)
   return top1_similarity(stage1) <= max_similarity
-
-
-# The gate of a fraction of 0: below every cosine similarity, so no query is re-sorted.
-NO_QUERY = -2.0
 
 
 def gate_for_fraction(similarities: np.ndarray, fraction: float) -> float:

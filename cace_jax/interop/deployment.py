@@ -146,25 +146,26 @@ def verify_onnx(
   return gaps
 
 
-def stage2_policy(config, workdir: str) -> dict | None:
+def stage2_policy(config, workdir: str, stage2: str = 'validation') -> dict | None:
   """How a deployment ranks in two stages, as eval.py and the API do: export.json's 'stage2'.
 
-  {'k', 'mix', 'max_similarity', 'chosen_on'}: each query whose nearest
-  gallery image is at most `max_similarity` cosine-similar has its `k`
-  nearest re-sorted by (1 - mix) d_individual + mix `distance` (the pair
-  model's), ahead of the rest of its stage-1 list; other queries keep
-  stage 1. The values are those the run's final evaluation chose on its
-  validation split ('chosen_on': 'validation'), else the config's
-  ('config'); None for a port, which has no config.
+  {'k', 'mix', 'max_similarity', 'from'}: each query whose nearest gallery
+  image is at most `max_similarity` cosine-similar has its `k` nearest
+  re-sorted by (1 - mix) d_individual + mix `distance` (the pair model's),
+  ahead of the rest of its stage-1 list; other queries keep stage 1.
+  `stage2` and 'from' are `records.served_stage2`'s: the choice the run's
+  final evaluation made on its validation split, else none (`max_similarity`
+  `records.NO_QUERY`: stage 1 alone), or with 'config' the config's values.
+  None for a port, which has no config.
   """
   if config is None:
     return None
-  config, choice = records.chosen_stage2(config, workdir)
+  config, stage2_from = records.served_stage2(config, workdir, stage2)
   return {
     'k': int(config.eval.stage2_k),
     'mix': float(config.eval.stage2_mix),
     'max_similarity': float(config.eval.stage2_max_similarity),
-    'chosen_on': 'config' if choice is None else 'validation',
+    'from': stage2_from,
   }
 
 
@@ -176,6 +177,7 @@ def export_deployment(
   flip: bool | None = None,
   verify: bool = True,
   tolerance: float = VERIFY_TOLERANCE,
+  stage2: str = 'validation',
 ) -> dict:
   """Writes features/pair models of a checkpoint as ONNX and `jax.export` files.
 
@@ -190,6 +192,8 @@ def export_deployment(
     image_size: (H, W); needed for ported checkpoints, else the training config's.
     flip: flip-average the embedding; None: the config's `eval.flip` (True for ports).
     tolerance: the largest onnxruntime-vs-JAX difference `verify` accepts.
+    stage2: which stage 2 export.json prescribes (`stage2_policy`):
+      'validation' (the run's choice, else none) or 'config'.
 
   Raises:
     RunFailure: when an ONNX model misses JAX's outputs by more than `tolerance`
@@ -248,7 +252,7 @@ def export_deployment(
     'files': sorted(paths),
   }
   if model.pair_stage:
-    summary['stage2'] = stage2_policy(run.config, workdir)
+    summary['stage2'] = stage2_policy(run.config, workdir, stage2)
   misses = {}
   if verify:
     gaps = verify_onnx(

@@ -8,8 +8,9 @@
 Every image goes through the evaluation's own path (`stage1.embed_batches`
 over the eval tf.data pipeline, `pipeline.eval_batches`: same resize,
 normalisation and flip averaging), so an embedding here is the embedding
-`eval.py` computes for the same file, and `search` ranks as eval's stage 2
-does (`stage2.TwoStageRanker`).
+`eval.py` computes for the same file, and `search` ranks as one of eval's
+rows: its `cacenet` row (`stage2.TwoStageRanker`) where the run chose stage
+2 on validation, else its `individual` row (`load`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ INDEX_CHUNK = 256  # images embedded (and committed to disk) per step of `index`
 
 
 def load(
-  workdir: str, step: int | None = None, config: ml_collections.ConfigDict | None = None
+  workdir: str,
+  step: int | None = None,
+  config: ml_collections.ConfigDict | None = None,
+  stage2: str = 'validation',
 ) -> ReID:
   """The model of a training run (or a port) ready to embed and search.
 
@@ -49,9 +53,13 @@ def load(
     step: which checkpoint; the latest if None.
     config: image size, flip and stage-2 settings (`data.image_size`,
       `eval.flip`, `eval.stage2_k`, `eval.stage2_mix`,
-      `eval.stage2_max_similarity`, ...) and the model; None uses the run's
-      own config, with the stage-2 K, w and query gate its final evaluation
-      chose on validation (`records.chosen_stage2`). A port has none: pass one.
+      `eval.stage2_max_similarity`, ...) and the model, used as given; None
+      uses the run's own config with the stage 2 that `stage2` says. A port
+      has none: pass one.
+    stage2: with the run's own config, 'validation' (the default) searches
+      with the stage-2 K, w and query gate its final evaluation chose on
+      validation, and by stage 1 alone if it chose none; 'config' with the
+      run's configured ones (`records.served_stage2`).
   """
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(workdir, step, config.model if config else None, mesh)
@@ -61,8 +69,10 @@ def load(
         f'{workdir} is a port without a training config: pass load(workdir, config=...), '
         'e.g. configs/market.py get_config()'
       )
-    config, _ = records.chosen_stage2(run.config, workdir)
-  return ReID(run.model, run.variables, config, mesh, workdir, run.step)
+    config, stage2_from = records.served_stage2(run.config, workdir, stage2)
+  else:
+    stage2_from = 'config'
+  return ReID(run.model, run.variables, config, mesh, workdir, run.step, stage2_from)
 
 
 @dataclasses.dataclass
@@ -94,6 +104,8 @@ class ReID:
     model, variables: the network and its variables (replicated over `mesh`).
     config: the settings `embed` and `search` use (image size, flip, stage 2).
     workdir, step: where the checkpoint came from (an index records both).
+    stage2_from: where `config`'s stage 2 came from: 'validation', 'config',
+      or `records.STAGE1_ONLY` (none: stage 1 alone).
   """
 
   model: CACENet
@@ -102,6 +114,7 @@ class ReID:
   mesh: jax.sharding.Mesh
   workdir: str
   step: int
+  stage2_from: str = 'config'
 
   def embed(self, images) -> np.ndarray:
     """L2-normalised individual embeddings [N, E] of file paths or uint8 [H, W, 3] arrays.
