@@ -329,6 +329,13 @@ CASES = [
     'manual directory',
   ),
   (
+    'prepare-reid-folder-manual-missing',
+    prepare_tool,
+    lambda p: ['--dataset=reid_folder/mine', '--data_dir', fresh(p)],
+    2,
+    'no dataset found in',
+  ),
+  (
     'prepare-zip-escapes',
     prepare_tool,
     lambda p: [

@@ -268,6 +268,15 @@ def test_integer_identity_folders_keep_their_numbers_and_negative_ones_are_dropp
     assert sorted(found['gallery'].pids.tolist()) == [3, 3, 7, 7, 12, 12, 40, 40]
 
 
+def test_two_folders_of_one_number_are_refused_not_merged(tmp_path):
+  root = tmp_path / 'manual' / 'mine'
+  identity_folders(root, ['train', 'query', 'gallery'], ['3', '12', '0012'])
+  write_spec(root, {'layout': 'folders'})
+  with pytest.raises(DatasetError, match="identity folders '0012' and '12' are both number 12"):
+    prepared_splits(tmp_path)
+  assert not (tmp_path / 'data' / 'reid_folder').exists()
+
+
 def test_a_failed_preparation_leaves_no_folder_it_created(tmp_path, capsys):
   root = tmp_path / 'manual' / 'mine'
   identity_folders(root, ['train', 'query', 'gallery'], ['1', '2'], broken='query/2/x.jpg')

@@ -107,6 +107,8 @@ def prepare_custom(name: str, data_dir: str, manual_dir: str) -> tfds.core.Datas
         'move the prepared folder away to prepare it again'
       )
     return builder
+  # Found (or named as missing, in one line) before TFDS asserts on an empty manual_dir.
+  builders.find_custom_source(manual_dir, name)
   build_records(builder, data_dir, manual_dir)
   return builder
 

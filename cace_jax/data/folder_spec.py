@@ -219,7 +219,8 @@ def number_folders(source: ManualSource, spec: dict) -> dict[str, int]:
   query and a gallery folder of the same name are the same identity. An
   identity folder named by a negative integer (Market's junk `-1/`) keeps it
   whatever the other names are, so that `read_split` drops it; it takes no
-  part in the numbering of the others.
+  part in the numbering of the others. Two integer names of one number ('12'
+  and '0012') are an error, not one identity.
   """
   identities, cameras = set(), set()
   for where in spec['splits'].values():
@@ -233,6 +234,16 @@ def number_folders(source: ManualSource, spec: dict) -> dict[str, int]:
     numeric = all(re.fullmatch(r'\d+', name) for name in names)
     for index, name in enumerate(sorted(names)):
       numbers[prefix + name] = int(name) if numeric else first + index
+  named = {}
+  for key, number in sorted(numbers.items()):
+    kind = 'camera' if key.startswith('camera:') else 'identity'
+    name = key.removeprefix('camera:')
+    if (kind, number) in named:
+      raise DatasetError(
+        f'{source.describe()}: {kind} folders {named[kind, number]!r} and {name!r} are both '
+        f'number {number}: rename one (integer names are kept as numbers)'
+      )
+    named[kind, number] = name
   return numbers
 
 
