@@ -7,9 +7,9 @@ modules (for JAX serving; no Python model code needed):
   features  images [batch, H, W, 3] RGB 0-255 -> embedding [batch, E], fmap [batch, h, w, C]
   pair      fmap_query, fmap_gallery [pairs, h, w, C] -> distance [pairs] (+ f(q|g), f(g|q))
 
-and export.json, whose 'stage2' says how to rank with them as eval.py and the
-API do: K, the mix w and the query gate, as the run's final evaluation chose
-them on validation (`stage2_policy`).
+and export.json, whose 'stage2' says how to rank with them as the search API
+does: K, the mix w and the query gate, as the run's final evaluation chose
+them on validation, else a gate that re-sorts no query (`stage2_policy`).
 
 (Torch weights go out through `torch_export.export_checkpoint`.)
 """
@@ -147,7 +147,7 @@ def verify_onnx(
 
 
 def stage2_policy(config, workdir: str, stage2: str = 'validation') -> dict | None:
-  """How a deployment ranks in two stages, as eval.py and the API do: export.json's 'stage2'.
+  """How a deployment ranks in two stages, as the search API does: export.json's 'stage2'.
 
   {'k', 'mix', 'max_similarity', 'from'}: each query whose nearest gallery
   image is at most `max_similarity` cosine-similar has its `k` nearest
