@@ -258,3 +258,81 @@ def stage2_policies(name: str) -> str:
     'Mean paired difference [95% t interval], percent; "individual" is a model\'s own '
     'embedding (stage 1).\n\n' + '\n'.join(lines) + provenance(source)
   )
+
+
+# The comparisons that answer the two claims (docs/experiments.md): (claim, what it
+# asks, report stem, test split, a, b), for b − a. `ablations.py` reports hold the
+# study's own test split only; `stage2_policies.py` reports hold each split they scored.
+CLAIM_COMPARISONS = (
+  ('1', 'pair branch vs none', 'ablations_regulariser', 'synthetic_details',
+   'individual', 'cacenet'),
+  ('1', 'intra-image GCN vs none', 'ablations_regulariser', 'synthetic_details',
+   'individual', 'individual_gcn'),
+  ('1', 'pair branch vs intra-image GCN', 'ablations_regulariser', 'synthetic_details',
+   'individual_gcn', 'cacenet'),
+  ('1', 'pair branch vs none, shifted to occlusion', 'stage2_policies_regulariser',
+   'synthetic_details/occluded', 'individual / individual', 'cacenet / individual'),
+  ('1', 'pair branch vs none, trained on occlusion', 'ablations_occlusion',
+   'synthetic_details/occluded', 'individual', 'cacenet'),
+  ('2', 'selective stage 2 vs stage 1', 'stage2_policies_regulariser', 'synthetic_details',
+   'cacenet / individual', 'cacenet / selective'),
+  ('2', 'selective vs blanket stage 2', 'stage2_policies_regulariser', 'synthetic_details',
+   'cacenet / blanket', 'cacenet / selective'),
+  ('2', 'selective stage 2 vs stage 1, shifted to occlusion', 'stage2_policies_regulariser',
+   'synthetic_details/occluded', 'cacenet / individual', 'cacenet / selective'),
+  ('2', 'selective vs blanket, shifted to occlusion', 'stage2_policies_regulariser',
+   'synthetic_details/occluded', 'cacenet / blanket', 'cacenet / selective'),
+  ('2', 'selective stage 2 vs stage 1, trained on occlusion', 'stage2_policies_occlusion',
+   'synthetic_details/occluded', 'cacenet / individual', 'cacenet / selective'),
+  ('2', 'selective vs blanket, trained on occlusion', 'stage2_policies_occlusion',
+   'synthetic_details/occluded', 'cacenet / blanket', 'cacenet / selective'),
+)  # fmt: skip
+
+
+def verdict(difference: dict) -> str:
+  """What a paired mAP difference's interval says: above zero, below zero, or either."""
+  if difference['low'] is None:
+    return 'one seed: no interval'
+  if not any(difference['values']):
+    return 'the same ranking quality on every seed'
+  if difference['low'] > 0:
+    return '**b better** (interval above 0)'
+  if difference['high'] < 0:
+    return '**b worse** (interval below 0)'
+  return 'undecided (interval contains 0)'
+
+
+def ranking_label(name: str) -> str:
+  """'cacenet / selective' as 'cacenet, selective stage 2'; a bare row: its model's stage 1."""
+  if ' / ' not in name:
+    return f'{name}, stage 1'
+  row, policy = name.split(' / ')
+  return f'{row}, ' + ('stage 1' if policy == 'individual' else f'{policy} stage 2')
+
+
+def claims() -> str:
+  """The answer to each claim: every comparison that tests it, its interval and what it says.
+
+  Claim 1 compares models by their individual embeddings; claim 2 compares
+  rankings of one CACE-Net model ('individual' there is its stage 1). The
+  verdict reads the mAP interval.
+  """
+  lines = header('claim', 'question', 'a → b', 'test split', 'seeds', 'mAP', 'R-1', 'the seeds say')
+  sources = []
+  for claim, question, stem, test, a, b in CLAIM_COMPARISONS:
+    source = full_or_partial(stem)
+    report = load(source)
+    sources += [source] if source not in sources else []
+    found = report['tests'][test]['paired'] if 'tests' in report else report['paired']
+    comparison = next(c for c in found if (c['a'], c['b']) == (a, b))
+    lines.append(
+      f'| {claim} | {question} | {ranking_label(a)} → {ranking_label(b)} | `{test}` | '
+      f'{len(comparison["seeds"])} | '
+      f'{paired.format_difference(comparison["mAP"])} | '
+      f'{paired.format_difference(comparison["rank1"])} | {verdict(comparison["mAP"])} |'
+    )
+  return (
+    'Mean paired difference b − a [95% t interval], percent.\n\n'
+    + '\n'.join(lines)
+    + provenance(*sources)
+  )

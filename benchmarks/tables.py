@@ -42,6 +42,7 @@ TABLES: dict[str, Callable[[], str]] = {
   'study_attention': lambda: experiment_tables.study_table('attention'),
   'study_table1': lambda: experiment_tables.study_table('table1'),
   'study_table2': lambda: experiment_tables.study_table('table2'),
+  'claims': experiment_tables.claims,
   'study_regulariser': lambda: experiment_tables.paired_study('regulariser'),
   'policies_regulariser': lambda: experiment_tables.stage2_policies('regulariser'),
   'study_occlusion': lambda: experiment_tables.paired_study('occlusion'),

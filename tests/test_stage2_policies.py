@@ -96,3 +96,19 @@ def test_report_compares_policies_within_each_model_and_against_the_individual_o
   table = experiment_tables.policies_markdown(report)
   assert '| cacenet / selective | 73.25 ± 1.77 | 73.25 ± 1.77 | 50 ± 0 |' in table
   assert '| cacenet / individual | 72.00 ± 1.41 | 72.00 ± 1.41 | – |' in table
+
+
+def test_the_claims_verdict_reads_the_interval_and_names_rankings():
+  from benchmarks import paired
+
+  def verdict(a, b):
+    return experiment_tables.verdict(paired.paired_difference(a, b))
+
+  assert verdict([1, 2, 3], [2, 3, 4.5]).startswith('**b better**')
+  assert verdict([2, 3, 4.5], [1, 2, 3]).startswith('**b worse**')
+  assert verdict([1, 2, 3], [2, 1, 3.5]).startswith('undecided')
+  assert verdict([1, 2, 3], [1, 2, 3]) == 'the same ranking quality on every seed'
+  assert verdict([1], [2]) == 'one seed: no interval'
+  assert experiment_tables.ranking_label('cacenet / selective') == 'cacenet, selective stage 2'
+  assert experiment_tables.ranking_label('cacenet / individual') == 'cacenet, stage 1'
+  assert experiment_tables.ranking_label('individual') == 'individual, stage 1'
