@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from benchmarks import experiment_tables, stage2_policies
+from benchmarks import experiment_tables, paired, stage2_policies
 from cace_jax import sharding
 from cace_jax.data import split_data
 from cace_jax.evaluation import records, stage2
@@ -99,8 +99,6 @@ def test_report_compares_policies_within_each_model_and_against_the_individual_o
 
 
 def test_the_claims_verdict_reads_the_interval_and_names_rankings():
-  from benchmarks import paired
-
   def verdict(a, b):
     return experiment_tables.verdict(paired.paired_difference(a, b))
 
