@@ -173,6 +173,11 @@ def test_search_ranks_as_evals_stage2_and_the_index_resumes(
   # individual ranking, conditional distances still shown.
   default = api.load(trained_workdir)
   assert default.stage2_from == records.STAGE1_ONLY
+  # A config passed in (as a port needs) follows the same rule.
+  given = api.load(trained_workdir, config=config)
+  assert given.stage2_from == records.STAGE1_ONLY
+  assert given.config.eval.stage2_max_similarity == records.NO_QUERY
+  assert api.load(trained_workdir, config=config, stage2='config').stage2_from == 'config'
   hits = default.search(paths['query'], api.load_index(directory), top_k=8)
   found = np.array([[hit['index'] for hit in row] for row in hits])
   np.testing.assert_array_equal(found, expected.rankings['individual'][:, :8])

@@ -53,13 +53,12 @@ def load(
     step: which checkpoint; the latest if None.
     config: image size, flip and stage-2 settings (`data.image_size`,
       `eval.flip`, `eval.stage2_k`, `eval.stage2_mix`,
-      `eval.stage2_max_similarity`, ...) and the model, used as given; None
-      uses the run's own config with the stage 2 that `stage2` says. A port
-      has none: pass one.
-    stage2: with the run's own config, 'validation' (the default) searches
-      with the stage-2 K, w and query gate its final evaluation chose on
-      validation, and by stage 1 alone if it chose none; 'config' with the
-      run's configured ones (`records.served_stage2`).
+      `eval.stage2_max_similarity`, ...) and the model; None uses the run's
+      own. A port has none: pass one.
+    stage2: 'validation' (the default) searches with the stage-2 K, w and
+      query gate the run's final evaluation chose on validation, and by
+      stage 1 alone if it chose none (a port never has); 'config' with the
+      config's own (`records.served_stage2`).
   """
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(workdir, step, config.model if config else None, mesh)
@@ -69,9 +68,8 @@ def load(
         f'{workdir} is a port without a training config: pass load(workdir, config=...), '
         'e.g. configs/market.py get_config()'
       )
-    config, stage2_from = records.served_stage2(run.config, workdir, stage2)
-  else:
-    stage2_from = 'config'
+    config = run.config
+  config, stage2_from = records.served_stage2(config, workdir, stage2)
   return ReID(run.model, run.variables, config, mesh, workdir, run.step, stage2_from)
 
 
