@@ -318,11 +318,12 @@ def claims() -> str:
   verdict reads the mAP interval.
   """
   lines = header('claim', 'question', 'a → b', 'test split', 'seeds', 'mAP', 'R-1', 'the seeds say')
-  sources = []
+  reports = {}  # {source file: its report}, each read once
   for claim, question, stem, test, a, b in CLAIM_COMPARISONS:
     source = full_or_partial(stem)
-    report = load(source)
-    sources += [source] if source not in sources else []
+    if source not in reports:
+      reports[source] = load(source)
+    report = reports[source]
     found = report['tests'][test]['paired'] if 'tests' in report else report['paired']
     comparison = next(c for c in found if (c['a'], c['b']) == (a, b))
     lines.append(
@@ -334,5 +335,5 @@ def claims() -> str:
   return (
     'Mean paired difference b − a [95% t interval], percent.\n\n'
     + '\n'.join(lines)
-    + provenance(*sources)
+    + provenance(*reports)
   )

@@ -94,16 +94,6 @@ class Stage2Choice:
     )
 
 
-def chosen_stage2(config: ConfigDict, workdir: str) -> tuple[ConfigDict, Stage2Choice | None]:
-  """(`config` with the stage-2 K, w and gate a run chose on validation, that choice).
-
-  Read from `<workdir>/results.json` (`info.selection`); a run without a
-  validation split keeps its configured values, and the choice is None.
-  """
-  choice = Stage2Choice.from_results(os.path.join(workdir, 'results.json'))
-  return (config, None) if choice is None else (choice.configure(config), choice)
-
-
 # How a search or a deployment decides on stage 2 (`served_stage2`).
 SERVING_POLICIES = ('validation', 'config')
 # Where the served stage 2 came from when the run chose none: stage 1 alone.
@@ -129,9 +119,10 @@ def served_stage2(
     raise ConfigError(f'stage2={policy!r}: expected one of {", ".join(SERVING_POLICIES)}')
   if policy == 'config':
     return config, 'config'
-  chosen, choice = chosen_stage2(config, workdir)
+  # results.json's `info.selection`: none without a validation split.
+  choice = Stage2Choice.from_results(os.path.join(workdir, 'results.json'))
   if choice is not None:
-    return chosen, 'validation'
+    return choice.configure(config), 'validation'
   config = copy.deepcopy(config)
   config.eval.stage2_max_similarity = NO_QUERY
   return config, STAGE1_ONLY
