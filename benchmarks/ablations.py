@@ -25,14 +25,15 @@ last checkpoint). A kept summary whose overrides or base config differ from
 the row's is an error, not a silent reuse. Runs go seed by seed, so a study
 cut short is still balanced.
 
-The report averages every evaluation row (individual, clue_alignment,
-cacenet) and every diagnostic (`cace_jax/evaluation/diagnostics.py`) over
-the seeds of every row kept for the study, and compares every pair of rows
-seed by seed on their individual embeddings (the rows of one seed share
-batches and initial values; `benchmarks/paired.py`: mean difference and 95%
-t interval, overall and within families): `<out>.json` and a markdown table
-`<out>.md`. A report that lacks a row of the study file or a seed of a row
-is written beside them as `<out>.partial.json` / `.md`, never over them. The
+The report (`benchmarks/study_report.py`) averages every evaluation row
+(individual, clue_alignment, cacenet) and every diagnostic
+(`cace_jax/evaluation/diagnostics.py`) over the seeds of every row kept for
+the study, and compares every pair of rows seed by seed on their individual
+embeddings (the rows of one seed share batches and initial values;
+`benchmarks/paired.py`: mean difference and 95% t interval, overall and
+within families): `<out>.json` and a markdown table `<out>.md`. A report
+that lacks a row of the study file or a seed of a row is written beside them
+as `<out>.partial.json` / `.md`, never over them. The
 numbers are on the dataset's test split: they report, they do not choose.
 Relative paths are the caller's: `--runs`, `--out`, `--kept`, `--config`
 and a study file are resolved against the directory the command runs in.
@@ -50,10 +51,9 @@ import sys
 import time
 
 from absl import flags
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import paired  # pylint: disable=wrong-import-position
+from benchmarks import paired, study_report  # pylint: disable=wrong-import-position
 from benchmarks.common import save_report  # pylint: disable=wrong-import-position
 from cace_jax import plugins  # pylint: disable=wrong-import-position
 from cace_jax.commands import cli  # pylint: disable=wrong-import-position
@@ -143,9 +143,6 @@ def studies_help() -> str:
       continue
     lines.append(f'  {name} (on {study.config}): ' + ', '.join(study.rows))
   return '\n'.join(lines)
-
-
-METRICS = ('rank1', 'mAP', 'mINP')
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -311,132 +308,6 @@ def kept_seeds(study: str, row: str, seeds: list[int], kept: str | None = None) 
   return found
 
 
-def mean_std(values: list[float]) -> dict:
-  """{'mean', 'std' (ddof 1; 0 for one value), 'values'}."""
-  spread = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-  return {'mean': float(np.mean(values)), 'std': spread, 'values': [float(v) for v in values]}
-
-
-def summarise(per_seed: dict[int, dict]) -> dict:
-  """Mean ± std over the seeds of every evaluation row's metrics (percent) and every diagnostic.
-
-  Returns:
-    {'results': {eval row: {metric: mean_std}}, 'diagnostics': {name: mean_std}}
-    (diagnostics that some seed lacks are left out).
-  """
-  seeds = sorted(per_seed)
-  results = {
-    row: {m: mean_std([per_seed[s]['results'][row][m] for s in seeds]) for m in METRICS}
-    for row in per_seed[seeds[0]]['results']
-  }
-  flat = [diagnostics.flatten(per_seed[s].get('diagnostics', {})) for s in seeds]
-  shared = set.intersection(*(set(f) for f in flat))
-  found = {name: mean_std([f[name] for f in flat]) for name in sorted(shared)}
-  gains = {}
-  if 'cacenet' in results:  # what stage 2 adds within each trained model, seed by seed
-    read = lambda row: [per_seed[s]['results'][row]['mAP'] for s in seeds]
-    gains['mAP'] = paired.paired_difference(read('individual'), read('cacenet'))
-    within = 'family_retrieval/individual/mAP', 'family_retrieval/cacenet/mAP'
-    if all(name in shared for name in within):
-      gains['family_mAP'] = paired.paired_difference(*([f[w] for f in flat] for w in within))
-  return {'results': results, 'diagnostics': found, 'gains': gains}
-
-
-def headline_row(summary: dict) -> str:
-  """The row a model is scored by: stage 2 ('cacenet', its K and w chosen on
-  validation) when it has one, else 'individual'. Never the best row on the test split."""
-  return 'cacenet' if 'cacenet' in summary['results'] else 'individual'
-
-
-def check_ordering(study: Study, report: dict) -> list[dict]:
-  """The paper's claims about the rows, each compared on headline mAP means.
-
-  Returns:
-    [{'claim', 'lower', 'higher' (mean_std of mAP), 'holds', 'margin_over_std'}]
-    for the claims whose rows were run. 'margin_over_std' is the difference
-    of the means over the larger of the two seed spreads (> 1: clear).
-  """
-  rows = report['rows']
-  checks = []
-  for lower, relation, higher in study.ordering:
-    if lower not in rows or higher not in rows:
-      continue
-    a = rows[lower]['results'][headline_row(rows[lower])]['mAP']
-    b = rows[higher]['results'][headline_row(rows[higher])]['mAP']
-    difference = b['mean'] - a['mean']
-    holds = difference > 0 if relation == '<' else difference >= 0
-    spread = max(a['std'], b['std'], 1e-9)
-    checks.append(
-      {
-        'claim': f'{lower} {relation} {higher}',
-        'lower': a,
-        'higher': b,
-        'holds': bool(holds),
-        'margin_over_std': difference / spread,
-      }
-    )
-  return checks
-
-
-def markdown_table(study: str, report: dict) -> str:
-  """Rows: study row x evaluation row; columns: R-1, mAP, mINP as mean ± std (percent)."""
-  lines = [
-    f'Study `{study}` on {report["config"]}, seeds {report["seeds"]} (test split, percent)',
-    '',
-    '| row | scored by | R-1 | mAP | mINP |',
-    '|---|---|---|---|---|',
-  ]
-  for row, summary in report['rows'].items():
-    for scored_by, values in summary['results'].items():
-      cells = [f'{values[m]["mean"]:.2f} ± {values[m]["std"]:.2f}' for m in METRICS]
-      lines.append(f'| {row} | {scored_by} | ' + ' | '.join(cells) + ' |')
-  names = sorted({n for summary in report['rows'].values() for n in summary['diagnostics']})
-  if names:
-    lines += ['', '| row | ' + ' | '.join(names) + ' |', '|---|' + '---|' * len(names)]
-    for row, summary in report['rows'].items():
-      found = summary['diagnostics']
-      cells = [
-        f'{found[n]["mean"]:.3f} ± {found[n]["std"]:.3f}' if n in found else '' for n in names
-      ]
-      lines.append(f'| {row} | ' + ' | '.join(cells) + ' |')
-  with_gains = {
-    row: summary['gains'] for row, summary in report['rows'].items() if summary.get('gains')
-  }
-  if with_gains:
-    lines += [
-      '',
-      '| row | cacenet − individual, mAP [95% interval] | within family, mAP | '
-      'every seed positive |',
-      '|---|---|---|---|',
-    ]
-    for row, gains in with_gains.items():
-      cells = [
-        paired.format_difference(gains[name]) if name in gains else ''
-        for name in ('mAP', 'family_mAP')
-      ]
-      positive = all(v > 0 for v in gains['mAP']['values'])
-      lines.append(f'| {row} | ' + ' | '.join(cells) + f' | {"yes" if positive else "no"} |')
-  if report.get('paired'):
-    lines += [
-      '',
-      'Rows compared seed by seed (same batches, same shared initial values), '
-      'mean difference [95% t interval]:',
-      '',
-      *paired.markdown_lines(report['paired']),
-    ]
-  if report.get('ordering'):
-    lines += ['', "The paper's ordering (headline mAP: cacenet if the model has a pair stage):"]
-    for check in report['ordering']:
-      lower, higher = check['lower'], check['higher']
-      verdict = 'holds' if check['holds'] else 'does not hold'
-      lines.append(
-        f'- {check["claim"]}: {lower["mean"]:.2f} ± {lower["std"]:.2f} vs '
-        f'{higher["mean"]:.2f} ± {higher["std"]:.2f}: {verdict} '
-        f'(difference / spread {check["margin_over_std"]:+.1f})'
-      )
-  return '\n'.join(lines) + '\n'
-
-
 def main(args: flags.FlagValues, positional: list[str]) -> None:
   cli.expect_arguments(positional, [])
   study = load_study(args.study)
@@ -474,13 +345,13 @@ def main(args: flags.FlagValues, positional: list[str]) -> None:
     'seeds': seeds,
     'overrides': {row: next(iter(found.values()))['overrides'] for row, found in per_row.items()},
     'seeds_by_row': {row: sorted(found) for row, found in per_row.items()},
-    'rows': {row: summarise(found) for row, found in per_row.items()},
+    'rows': {row: study_report.summarise(found) for row, found in per_row.items()},
   }
-  report['ordering'] = check_ordering(study, report)
+  report['ordering'] = study_report.check_ordering(study.ordering, report)
   report['paired'] = paired.compare(per_row)  # every pair of rows, on their own embeddings
   out = args.out or os.path.join(ROOT, 'benchmarks', 'results', f'ablations_{study.name}')
   out = os.path.abspath(out) + ('' if complete else '.partial')
-  table = markdown_table(study.name, report)
+  table = study_report.markdown_table(study.name, report)
   print(table)
   if not complete:
     print(f'not every row of {study.name} has every seed: the report goes beside the full one')

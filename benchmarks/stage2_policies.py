@@ -40,7 +40,7 @@ import tempfile
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import ablations, experiment_tables, paired  # pylint: disable=wrong-import-position
+from benchmarks import ablations, experiment_tables, paired, study_report  # pylint: disable=wrong-import-position
 from benchmarks.common import save_report  # pylint: disable=wrong-import-position
 from cace_jax import sharding  # pylint: disable=wrong-import-position
 from cace_jax.commands import cli  # pylint: disable=wrong-import-position
@@ -53,6 +53,7 @@ from cace_jax.evaluation import (  # pylint: disable=wrong-import-position
   records,
   selection,
   stage2,
+  two_stage,
 )
 from cace_jax.runs import checkpoint  # pylint: disable=wrong-import-position
 from configs import default  # pylint: disable=wrong-import-position
@@ -121,9 +122,11 @@ def score_test_set(run, splits, config, mesh, policies: dict[str, dict]) -> dict
       pair_distances = stage2.make_pair_distances(
         run.model, run.variables, stage2.conditional_distance, q.cache, g.cache, mesh, g.held
       )
-      ranker = stage2.TwoStageRanker(base, pair_distances, max(p['k'] for p in policies.values()))
+      ranker = two_stage.TwoStageRanker(
+        base, pair_distances, max(p['k'] for p in policies.values())
+      )
       for name, policy in policies.items():
-        gate = stage2.least_confident(base, policy['max_similarity'])
+        gate = two_stage.least_confident(base, policy['max_similarity'])
         ranked = ranker.distances(policy['k'], policy['mix'], gate)
         found[name] = {
           **rank_metrics(ranked, query, gallery),
@@ -200,7 +203,7 @@ def report_of(study: str, per_row: dict[str, dict[int, dict]], seeds: list[int])
     }
     rows = {
       f'{row} / {policy}': {
-        name: ablations.mean_std([s['results']['individual'][name] for s in by_seed.values()])
+        name: study_report.mean_std([s['results']['individual'][name] for s in by_seed.values()])
         for name in ('mAP', 'rank1')
       }
       for (row, policy), by_seed in scores.items()
@@ -209,7 +212,7 @@ def report_of(study: str, per_row: dict[str, dict[int, dict]], seeds: list[int])
       if policy != 'individual':  # the share of the test queries the gate passed
         found = [run['tests'][test][policy] for run in per_row[row].values()]
         shares = [100.0 * f['queries_resorted'] / f['num_query'] for f in found]
-        rows[label]['queries_resorted'] = ablations.mean_std(shares)
+        rows[label]['queries_resorted'] = study_report.mean_std(shares)
     pairs = []
     for (row_a, policy_a), (row_b, policy_b) in itertools.combinations(scores, 2):
       same_model = row_a == row_b

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import ablations, paired
+from benchmarks import ablations, paired, study_report
 from cace_jax.models import build_model
 from cace_jax.train import train_step
 from configs import tiny
@@ -22,13 +22,13 @@ def fake_results(map_value, selectivity=None):
 
 
 def test_summary_is_mean_and_sample_std_over_seeds_with_shared_diagnostics():
-  summary = ablations.summarise({0: fake_results(80.0, 0.5), 1: fake_results(84.0)})
+  summary = study_report.summarise({0: fake_results(80.0, 0.5), 1: fake_results(84.0)})
   entry = summary['results']['cacenet']['mAP']
   assert entry['mean'] == 82.0 and entry['std'] == pytest.approx(np.std([80, 84], ddof=1))
   assert entry['values'] == [80.0, 84.0]
   # alignment_selectivity is missing for seed 1: left out rather than averaged over one seed.
   assert set(summary['diagnostics']) == {'hard_pair_auc/individual'}
-  table = ablations.markdown_table(
+  table = study_report.markdown_table(
     'attention', {'config': 'c.py', 'seeds': [0, 1], 'rows': {'projected': summary}}
   )
   assert '| projected | cacenet | 87.00 ± 2.83 | 82.00 ± 2.83 | 50.00 ± 0.00 |' in table
@@ -170,27 +170,27 @@ def scored(individual, cacenet=None, family=None):
 
 
 def test_gains_are_per_seed_differences_within_each_run():
-  summary = ablations.summarise(
+  summary = study_report.summarise(
     {0: scored(80.0, 83.0, (70.0, 76.0)), 1: scored(82.0, 81.0, (72.0, 74.0))}
   )
   assert summary['gains']['mAP']['values'] == [3.0, -1.0]
   assert summary['gains']['family_mAP']['values'] == [6.0, 2.0]
-  table = ablations.markdown_table(
+  table = study_report.markdown_table(
     'table1', {'config': 'c', 'seeds': [0, 1], 'rows': {'x': summary}}
   )
   # Two seeds: t(0.975, 1) = 12.71, so the interval is wide and crosses zero.
   assert '| x | +1.00 [-24.41, +26.41] | +4.00 [-21.41, +29.41] | no |' in table
-  assert ablations.summarise({0: scored(80.0)})['gains'] == {}
+  assert study_report.summarise({0: scored(80.0)})['gains'] == {}
 
 
 def test_ordering_compares_headline_rows_and_says_whether_each_claim_holds():
   rows = {
-    'individual': ablations.summarise({0: scored(80.0), 1: scored(82.0)}),
+    'individual': study_report.summarise({0: scored(80.0), 1: scored(82.0)}),
     # Its individual row is higher, but a pair model is scored by its cacenet row.
-    'individual_gcn': ablations.summarise({0: scored(95.0, 81.0), 1: scored(95.0, 83.0)}),
-    'normal_gcn': ablations.summarise({0: scored(80.0, 79.0), 1: scored(80.0, 81.0)}),
+    'individual_gcn': study_report.summarise({0: scored(95.0, 81.0), 1: scored(95.0, 83.0)}),
+    'normal_gcn': study_report.summarise({0: scored(80.0, 79.0), 1: scored(80.0, 81.0)}),
   }
-  checks = ablations.check_ordering(ablations.load_study('table1'), {'rows': rows})
+  checks = study_report.check_ordering(ablations.load_study('table1').ordering, {'rows': rows})
   assert [c['claim'] for c in checks] == [
     'individual < individual_gcn',
     'individual_gcn <= normal_gcn',
@@ -199,7 +199,7 @@ def test_ordering_compares_headline_rows_and_says_whether_each_claim_holds():
   assert checks[0]['higher']['mean'] == 82.0
   assert not checks[1]['holds']
   report = {'config': 'c', 'seeds': [0, 1], 'rows': rows, 'ordering': checks}
-  table = ablations.markdown_table('table1', report)
+  table = study_report.markdown_table('table1', report)
   assert '- individual < individual_gcn: 81.00 ± 1.41 vs 82.00 ± 1.41: holds' in table
   assert 'individual_gcn <= normal_gcn: 82.00 ± 1.41 vs 80.00 ± 1.41: does not hold' in table
 

@@ -17,7 +17,7 @@ import cace_jax
 from cace_jax import sharding
 from cace_jax.data import pipeline, split_data
 from cace_jax.errors import DatasetError
-from cace_jax.evaluation import ranking, records, stage1, stage2
+from cace_jax.evaluation import ranking, records, stage1, two_stage
 from cace_jax.runs import checkpoint
 from cace_jax.serve import api
 from configs import tiny
@@ -128,13 +128,13 @@ def test_search_ranks_as_evals_stage2_and_the_index_resumes(
   # The two-stage ranking is eval's, both through the one ranker, at a w that fuses the
   # two distances.
   ranked = []  # the (K, w) of each ranking made
-  real_distances = stage2.TwoStageRanker.distances
+  real_distances = two_stage.TwoStageRanker.distances
 
   def spy(self, k, mix=1.0, queries=None):
     ranked.append((k, mix))
     return real_distances(self, k, mix, queries)
 
-  monkeypatch.setattr(stage2.TwoStageRanker, 'distances', spy)
+  monkeypatch.setattr(two_stage.TwoStageRanker, 'distances', spy)
   mesh = sharding.make_mesh()
   run = checkpoint.load_run(trained_workdir, None, None, mesh)
   config = config_for(tiny_data_dir)

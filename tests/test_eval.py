@@ -23,6 +23,7 @@ from cace_jax.evaluation import (
   report,
   selection,
   stage2,
+  two_stage,
 )
 from cace_jax.models import CACENet, build_model
 from cace_jax.runs import checkpoint
@@ -323,14 +324,14 @@ def test_stage2_choice_on_validation_is_the_best_of_its_grid(
   builder = split_data.prepare_on_first_process(config)
   validation = split_data.load_training_splits(builder, config.data).validation
   ranked = []  # the (K, w, queries re-sorted) of each ranking: all through the one ranker
-  real_distances = stage2.TwoStageRanker.distances
+  real_distances = two_stage.TwoStageRanker.distances
 
   def spy(self, k, mix=1.0, queries=None):
     count = len(self.stage1) if queries is None else int(np.sum(queries))
     ranked.append((k, mix, count))
     return real_distances(self, k, mix, queries)
 
-  monkeypatch.setattr(stage2.TwoStageRanker, 'distances', spy)
+  monkeypatch.setattr(two_stage.TwoStageRanker, 'distances', spy)
   choice = selection.select_stage2(run.model, run.variables, validation, config, mesh)
   grid = {(row['k'], row['mix'], row['fraction']): row['mAP'] for row in choice.grid}
   fractions = (0.0, 0.5, 1.0)
@@ -340,7 +341,7 @@ def test_stage2_choice_on_validation_is_the_best_of_its_grid(
   num_query = len(validation[0])
   assert {(k, w, round(f * num_query)) for k, w, f in grid} == set(ranked)
   gates = {row['fraction']: row['max_similarity'] for row in choice.grid}
-  assert gates[1.0] == 1.0 and gates[0.0] == stage2.NO_QUERY
+  assert gates[1.0] == 1.0 and gates[0.0] == two_stage.NO_QUERY
   best = (choice.stage2_k, choice.stage2_mix, choice.stage2_fraction)
   assert grid[best] == max(grid.values())
   assert choice.stage2_max_similarity == gates[choice.stage2_fraction]

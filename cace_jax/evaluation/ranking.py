@@ -20,7 +20,7 @@ import numpy as np
 
 from cace_jax import sharding
 from cace_jax.data import pipeline, split_data
-from cace_jax.evaluation import diagnose, k_reciprocal, metrics, records, stage1, stage2
+from cace_jax.evaluation import diagnose, k_reciprocal, metrics, records, stage1, stage2, two_stage
 from cace_jax.models import CACENet
 
 RANKS = (1, 5, 10)
@@ -131,7 +131,9 @@ def evaluate(
     scorers = {}  # {stage-2 row: its pair distances}
     # The queries the 'cacenet' row re-sorts: its gate reads the individual ranking's
     # confidence (the re-ranked rows' distances are not cosine similarities).
-    resorted = stage2.least_confident(stage1_rows['individual'], config.eval.stage2_max_similarity)
+    resorted = two_stage.least_confident(
+      stage1_rows['individual'], config.eval.stage2_max_similarity
+    )
     if k > 0:
       for row, score in stage2.pair_scorers(q.cache).items():
         scorers[row] = stage2.make_pair_distances(
@@ -141,7 +143,7 @@ def evaluate(
         mix, queries = (config.eval.stage2_mix, resorted) if row == 'cacenet' else (1.0, None)
         for name, base in stage1_rows.items():
           # Measured as they come: each row's [Nq, Ng] matrix is dropped once measured.
-          ranked = stage2.TwoStageRanker(base, scorers[row], k).distances(k, mix, queries)
+          ranked = two_stage.TwoStageRanker(base, scorers[row], k).distances(k, mix, queries)
           measured[row + name[len('individual') :]] = measure(ranked, query, gallery)
     info = describe_measurement(k, seconds, scorers, g, len(gallery), config, resorted)
     found = {}

@@ -35,7 +35,7 @@ class Stage2Choice:
     stage2_fraction: the chosen fraction of queries to re-sort, least
       confident first (1.0: every query).
     stage2_max_similarity: the gate that selects that fraction of the
-      validation queries (`eval.stage2_max_similarity`, `stage2.gate_for_fraction`):
+      validation queries (`eval.stage2_max_similarity`, `two_stage.gate_for_fraction`):
       what carries the choice to other queries.
     individual: the validation split's stage-1 metrics {'rank1', ..., 'mAP', 'mINP'}.
     grid: [{'k', 'mix', 'fraction', 'mAP', 'rank1'}] every (K, w, fraction)

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from cace_jax.data import split_data
-from cace_jax.evaluation import diagnose, metrics, ranking, records, stage2
+from cace_jax.evaluation import diagnose, metrics, ranking, records, stage2, two_stage
 from cace_jax.models import CACENet
 
 
@@ -32,8 +32,8 @@ def select_stage2(
   The pair distances of every query's largest-K neighbours are computed
   once; each (K, w, fraction) of `eval.stage2_k_grid` x `eval.stage2_mix_grid`
   x `eval.stage2_fraction_grid` then re-sorts a prefix of them
-  (`stage2.TwoStageRanker`) for the least confident `fraction` of the
-  queries (`stage2.gate_for_fraction`; the others keep their stage-1
+  (`two_stage.TwoStageRanker`) for the least confident `fraction` of the
+  queries (`two_stage.gate_for_fraction`; the others keep their stage-1
   ranking). Ties go to the smaller K, then the smaller w, then the smaller
   fraction (w = 0 or fraction 0 keeps the individual ranking: stage 2 is not
   used when it does not help on validation).
@@ -53,14 +53,14 @@ def select_stage2(
     pair_distances = stage2.make_pair_distances(
       model, variables, stage2.conditional_distance, q.cache, g.cache, mesh, g.held
     )
-    ranker = stage2.TwoStageRanker(base, pair_distances, k_grid[-1])  # scored once
-    similarities = stage2.top1_similarity(base)
-    gates = {f: stage2.gate_for_fraction(similarities, f) for f in fractions}
+    ranker = two_stage.TwoStageRanker(base, pair_distances, k_grid[-1])  # scored once
+    similarities = two_stage.top1_similarity(base)
+    gates = {f: two_stage.gate_for_fraction(similarities, f) for f in fractions}
     grid = []
     for k in k_grid:
       for mix in mixes:
         for fraction, gate in gates.items():
-          resorted = stage2.least_confident(base, gate)
+          resorted = two_stage.least_confident(base, gate)
           found = ranking.measure(ranker.distances(k, mix, resorted), query, gallery)[0]
           grid.append(
             {

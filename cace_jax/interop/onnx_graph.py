@@ -18,6 +18,7 @@ what `CACENet.features` and `evaluation.stage2.conditional_distance`
 compute, in float32, with BatchNorm folded into the preceding convolution or
 projection; tests compare them with JAX through onnxruntime.
 
+`onnx_writer` holds the writer and the layers both graphs share.
 Opset 17; the batch (pairs) axis is dynamic, image size fixed at export.
 """
 
@@ -31,125 +32,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cace_jax.data.augment import IMAGENET_MEAN_PIXEL, IMAGENET_STD_PIXEL
 from cace_jax.errors import PortError
+from cace_jax.interop.onnx_writer import GraphWriter, conv, embed, l2_normalize, pool
 from cace_jax.models.attention import get_adjacency
 from cace_jax.models.gcn import DEGREE_EPS
 from cace_jax.models.resnet import RESNET_SPECS, feature_map_shape, non_local_positions
-
-OPSET = 17
-BN_EPS = 1e-5
-L2_EPS = 1e-12
-GEM_EPS = 1e-6  # models.pooling.GeM.eps
-
-
-class GraphWriter:
-  """Accumulates nodes and constants; every op returns the name of its one output."""
-
-  def __init__(self):
-    self.nodes, self.initializers, self._count = [], [], 0
-
-  def _name(self, hint: str) -> str:
-    self._count += 1
-    return f'{hint}_{self._count}'
-
-  def const(self, value, hint: str = 'c') -> str:
-    name = self._name(hint)
-    array = np.asarray(value)
-    array = array.astype(np.float32) if array.dtype.kind == 'f' else array
-    self.initializers.append(numpy_helper.from_array(array, name))
-    return name
-
-  def op(
-    self, op_type: str, *inputs: str, output: str | None = None, num_outputs: int = 1, **attrs
-  ):
-    """Appends a node; returns its output name (a tuple of names if `num_outputs` > 1)."""
-    outputs = [output] if output else [self._name(op_type.lower()) for _ in range(num_outputs)]
-    self.nodes.append(helper.make_node(op_type, list(inputs), outputs, **attrs))
-    return outputs[0] if num_outputs == 1 else tuple(outputs)
-
-  def model(self, inputs: Sequence, outputs: Mapping[str, tuple], doc: str) -> onnx.ModelProto:
-    """inputs: value infos; outputs: {graph output name: (tensor name, shape)}."""
-    outs = []
-    for name, (tensor, shape) in outputs.items():
-      self.op('Identity', tensor, output=name)
-      outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
-    graph = helper.make_graph(self.nodes, 'cace_net', list(inputs), outs, self.initializers)
-    model = helper.make_model(
-      graph,
-      opset_imports=[helper.make_opsetid('', OPSET)],
-      producer_name='cace_jax',
-      doc_string=doc,
-    )
-    onnx.checker.check_model(model)
-    return model
-
-
-# ----------------------------------------------------------------------------- shared pieces
-
-
-def _fold_bn(bn_params: Mapping, bn_stats: Mapping):
-  """(scale, shift) with BN(x) = x * scale + shift, computed in float64."""
-  scale = np.asarray(bn_params['scale'], np.float64) / np.sqrt(
-    np.asarray(bn_stats['var'], np.float64) + BN_EPS
-  )
-  shift = (
-    np.asarray(bn_params['bias'], np.float64) - np.asarray(bn_stats['mean'], np.float64) * scale
-  )
-  return scale, shift
-
-
-def _conv(w: GraphWriter, x: str, kernel, bias=None, stride: int = 1, bn=None) -> str:
-  """NCHW conv from a Flax HWIO kernel (same-size padding, as the ResNet); `bn`: (params, stats)."""
-  kernel = np.asarray(kernel, np.float64)
-  bias = np.zeros(kernel.shape[-1]) if bias is None else np.asarray(bias, np.float64)
-  if bn is not None:
-    scale, shift = _fold_bn(*bn)
-    kernel, bias = kernel * scale, bias * scale + shift
-  size = kernel.shape[0]
-  pad = size // 2
-  return w.op(
-    'Conv',
-    x,
-    w.const(kernel.transpose(3, 2, 0, 1), 'kernel'),
-    w.const(bias, 'bias'),
-    kernel_shape=[size, size],
-    strides=[stride, stride],
-    pads=[pad] * 4,
-  )
-
-
-def _l2_normalize(w: GraphWriter, x: str) -> str:
-  """x / (||x|| + 1e-12) over the last axis (losses.l2_normalize)."""
-  norm = w.op('ReduceL2', x, axes=[-1], keepdims=1)
-  return w.op('Div', x, w.op('Add', norm, w.const(np.float32(L2_EPS))))
-
-
-def _pool(w: GraphWriter, x: str, pooling: str, params: Mapping, axis) -> str:
-  """Pools pixels away: axis (2, 3) of NCHW maps or axis 1 of nodes [N, n, C] -> [N, P]."""
-  axes = [axis] if isinstance(axis, int) else list(axis)
-  if pooling == 'avg':
-    return w.op('ReduceMean', x, axes=axes, keepdims=0)
-  if pooling == 'gem':
-    p = np.asarray(params['gemp']['p'], np.float32).reshape(())
-    clamped = w.op('Max', x, w.const(np.float32(GEM_EPS)))
-    mean = w.op('ReduceMean', w.op('Pow', clamped, w.const(p, 'p')), axes=axes, keepdims=0)
-    return w.op('Pow', mean, w.const(np.float32(1.0) / p, 'inv_p'))
-  if pooling == 'avgmax':
-    return w.op(
-      'Concat',
-      w.op('ReduceMean', x, axes=axes, keepdims=0),
-      w.op('ReduceMax', x, axes=axes, keepdims=0),
-      axis=-1,
-    )
-  raise ValueError(f'unknown pooling {pooling!r}')
-
-
-def _embed(w: GraphWriter, pooled: str, variables: Mapping) -> str:
-  """Pooled [N, P] -> eval-mode embedding [N, E]: 1x1 conv and BN folded into one Gemm."""
-  params, stats = variables['params'], variables['batch_stats']
-  kernel = np.asarray(params['embedding_conv']['kernel'], np.float64)[0, 0]  # [P, E]
-  scale, shift = _fold_bn(params['embedding_bn'], stats['embedding_bn'])
-  return w.op('Gemm', pooled, w.const(kernel * scale, 'embed'), w.const(shift, 'embed_bias'))
-
 
 # ----------------------------------------------------------------------------- features
 
@@ -159,7 +45,7 @@ def _non_local(w: GraphWriter, x: str, params: Mapping) -> str:
   inner = np.asarray(params['g']['kernel']).shape[-1]
   flat = lambda name: w.op(
     'Reshape',
-    _conv(w, x, params[name]['kernel'], params[name]['bias']),
+    conv(w, x, params[name]['kernel'], params[name]['bias']),
     w.const(np.array([0, inner, -1], np.int64)),
   )  # [B, r, hw]
   g, theta, phi = flat('g'), flat('theta'), flat('phi')
@@ -167,21 +53,21 @@ def _non_local(w: GraphWriter, x: str, params: Mapping) -> str:
   attention = w.op('Softmax', logits, axis=-1)
   y = w.op('MatMul', g, w.op('Transpose', attention, perm=[0, 2, 1]))  # [B, r, hw_i]
   y = w.op('Reshape', y, w.op('Concat', w.op('Shape', g, end=2), w.op('Shape', x, start=2), axis=0))
-  return w.op('Add', x, _conv(w, y, params['W']['kernel'], params['W']['bias']))
+  return w.op('Add', x, conv(w, y, params['W']['kernel'], params['W']['bias']))
 
 
 def _block(w: GraphWriter, x: str, kind: str, stride: int, params: Mapping, stats: Mapping) -> str:
   """A torchvision BasicBlock / Bottleneck (models.resnet) with BN folded."""
   bn = lambda name: (params[name], stats[name])
   if kind == 'basic':
-    out = w.op('Relu', _conv(w, x, params['conv1']['kernel'], stride=stride, bn=bn('bn1')))
-    out = _conv(w, out, params['conv2']['kernel'], bn=bn('bn2'))
+    out = w.op('Relu', conv(w, x, params['conv1']['kernel'], stride=stride, bn=bn('bn1')))
+    out = conv(w, out, params['conv2']['kernel'], bn=bn('bn2'))
   else:
-    out = w.op('Relu', _conv(w, x, params['conv1']['kernel'], bn=bn('bn1')))
-    out = w.op('Relu', _conv(w, out, params['conv2']['kernel'], stride=stride, bn=bn('bn2')))
-    out = _conv(w, out, params['conv3']['kernel'], bn=bn('bn3'))
+    out = w.op('Relu', conv(w, x, params['conv1']['kernel'], bn=bn('bn1')))
+    out = w.op('Relu', conv(w, out, params['conv2']['kernel'], stride=stride, bn=bn('bn2')))
+    out = conv(w, out, params['conv3']['kernel'], bn=bn('bn3'))
   if 'downsample_conv' in params:
-    x = _conv(w, x, params['downsample_conv']['kernel'], stride=stride, bn=bn('downsample_bn'))
+    x = conv(w, x, params['downsample_conv']['kernel'], stride=stride, bn=bn('downsample_bn'))
   return w.op('Relu', w.op('Add', out, x))
 
 
@@ -189,7 +75,7 @@ def _backbone(w: GraphWriter, x: str, model, params: Mapping, stats: Mapping) ->
   """models.resnet.ResNet on NCHW input -> layer4 maps [B, C, h, w]."""
   stage_sizes, kind = RESNET_SPECS[model.depth]
   x = w.op(
-    'Relu', _conv(w, x, params['conv1']['kernel'], stride=2, bn=(params['bn1'], stats['bn1']))
+    'Relu', conv(w, x, params['conv1']['kernel'], stride=2, bn=(params['bn1'], stats['bn1']))
   )
   x = w.op('MaxPool', x, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
   non_local_after = non_local_positions(stage_sizes) if model.non_local else ()
@@ -237,11 +123,11 @@ def feature_graph(
   fmap = _backbone(
     w, w.op('Transpose', x, perm=[0, 3, 1, 2]), model, params['backbone'], stats['backbone']
   )
-  embedding = _l2_normalize(w, _embed(w, _pool(w, fmap, model.pooling, params, (2, 3)), variables))
+  embedding = l2_normalize(w, embed(w, pool(w, fmap, model.pooling, params, (2, 3)), variables))
   if flip:
     first = lambda t: w.op('Slice', t, w.const(np.array([0])), batch, w.const(np.array([0])))
     second = w.op('Slice', embedding, batch, w.const(np.array([2**62])), w.const(np.array([0])))
-    embedding = _l2_normalize(w, w.op('Add', first(embedding), second))
+    embedding = l2_normalize(w, w.op('Add', first(embedding), second))
     fmap = first(fmap)
   fmap_nhwc = w.op('Transpose', fmap, perm=[0, 2, 3, 1])
   outputs = {
@@ -278,8 +164,8 @@ def _pixels(w: GraphWriter, model, params: Mapping, nodes: str) -> str:
   pixels = get_adjacency(model.adjacency).pixels
   if pixels == 'projected':
     kernel = np.asarray(params['pair_attention']['y']['kernel'])[0, 0]
-    return _l2_normalize(w, w.op('MatMul', nodes, w.const(kernel, 'y')))
-  return nodes if pixels == 'raw' else _l2_normalize(w, nodes)
+    return l2_normalize(w, w.op('MatMul', nodes, w.const(kernel, 'y')))
+  return nodes if pixels == 'raw' else l2_normalize(w, nodes)
 
 
 def _fixed(pattern: Callable[[int], np.ndarray]) -> Callable:
@@ -466,11 +352,11 @@ def pair_graph(model, variables: Mapping, fmap_shape: Sequence[int]) -> onnx.Mod
     w.const(np.array([start + n])),
     w.const(np.array([1])),
   )
-  embed = lambda cond: _embed(w, _pool(w, cond, model.pooling, params, 1), variables)
-  emb_qg, emb_gq = embed(half(0)), embed(half(n))
+  conditional = lambda cond: embed(w, pool(w, cond, model.pooling, params, 1), variables)
+  emb_qg, emb_gq = conditional(half(0)), conditional(half(n))
   cosine = w.op(
     'ReduceSum',
-    w.op('Mul', _l2_normalize(w, emb_qg), _l2_normalize(w, emb_gq)),
+    w.op('Mul', l2_normalize(w, emb_qg), l2_normalize(w, emb_gq)),
     w.const(np.array([-1], np.int64)),
     keepdims=0,
   )

@@ -9,7 +9,7 @@ Every image goes through the evaluation's own path (`stage1.embed_batches`
 over the eval tf.data pipeline, `pipeline.eval_batches`: same resize,
 normalisation and flip averaging), so an embedding here is the embedding
 `eval.py` computes for the same file, and `search` ranks as one of eval's
-rows: its `cacenet` row (`stage2.TwoStageRanker`) where the run chose stage
+rows: its `cacenet` row (`two_stage.TwoStageRanker`) where the run chose stage
 2 on validation, else its `individual` row (`load`).
 """
 
@@ -32,7 +32,7 @@ from cace_jax import sharding
 from cace_jax.data import pipeline, split_data
 from cace_jax.data.manual_source import to_rgb_jpeg
 from cace_jax.errors import ConfigError, DatasetError
-from cace_jax.evaluation import metrics, records, stage1, stage2
+from cace_jax.evaluation import metrics, records, stage1, stage2, two_stage
 from cace_jax.models import CACENet
 from cace_jax.runs import checkpoint
 
@@ -208,8 +208,8 @@ class ReID:
         pair_distances = stage2.make_pair_distances(
           self.model, self.variables, stage2.conditional_distance, q_cache, index.caches, self.mesh
         )
-        ranker = stage2.TwoStageRanker(individual, pair_distances, max(k, top_k))
-        gate = stage2.least_confident(individual, self.config.eval.stage2_max_similarity)
+        ranker = two_stage.TwoStageRanker(individual, pair_distances, max(k, top_k))
+        gate = two_stage.least_confident(individual, self.config.eval.stage2_max_similarity)
         ranked = ranker.distances(k, self.config.eval.stage2_mix, gate)
         pairs = list(zip(ranker.query_index.tolist(), ranker.gallery_index.tolist()))
         conditional = dict(zip(pairs, ranker.scores.tolist()))
