@@ -26,6 +26,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Multi-device code paths run on 4 fake CPU devices in tests.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=4 TF_CPP_MIN_LOG_LEVEL=2
+# pytest-xdist worker processes. Much of the suite waits on one thread (subprocesses,
+# Python-side set-up), so two workers keep two cores busy; more cores: make test TEST_WORKERS=8.
+# loadfile: the tests of one file run in one worker and share its module fixtures.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test env clean-env
 
@@ -51,7 +55,7 @@ demo: env
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(TEST_ENV) $(BIN)/python -m pytest -q
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean-env:
 	rm -rf $(VENV)
