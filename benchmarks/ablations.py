@@ -33,10 +33,10 @@ embeddings (the rows of one seed share batches and initial values;
 `benchmarks/paired.py`: mean difference and 95% t interval, overall and
 within families): `<out>.json` and a markdown table `<out>.md`. A report
 that lacks a row of the study file or a seed of a row is written beside them
-as `<out>.partial.json` / `.md`, never over them. The
-numbers are on the dataset's test split: they report, they do not choose.
-Relative paths are the caller's: `--runs`, `--out`, `--kept`, `--config`
-and a study file are resolved against the directory the command runs in.
+as `<out>.partial.json` / `.md`, never over them. The numbers are on the
+dataset's test split: they report, they do not choose. Relative paths are
+the caller's: `--runs`, `--out`, `--kept`, `--config` and a study file are
+resolved against the directory the command runs in.
 """
 
 from __future__ import annotations
