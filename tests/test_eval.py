@@ -341,7 +341,7 @@ def test_stage2_choice_on_validation_is_the_best_of_its_grid(
   num_query = len(validation[0])
   assert {(k, w, round(f * num_query)) for k, w, f in grid} == set(ranked)
   gates = {row['fraction']: row['max_similarity'] for row in choice.grid}
-  assert gates[1.0] == 1.0 and gates[0.0] == two_stage.NO_QUERY
+  assert gates[1.0] == 1.0 and gates[0.0] == records.NO_QUERY
   best = (choice.stage2_k, choice.stage2_mix, choice.stage2_fraction)
   assert grid[best] == max(grid.values())
   assert choice.stage2_max_similarity == gates[choice.stage2_fraction]

@@ -119,3 +119,14 @@ def test_distances():
     g / np.linalg.norm(g, axis=1, keepdims=True)
   ).T
   np.testing.assert_allclose(metrics.cosine_distance(q, g), 1 - cos, atol=1e-6)
+
+
+def test_top_ranking_is_the_stable_argsort():
+  rng = np.random.default_rng(0)
+  distmat = rng.integers(0, 5, size=(7, 40)).astype(np.float32)  # many ties
+  expected = np.argsort(distmat, axis=1, kind='stable')[:, :12]
+  np.testing.assert_array_equal(metrics.top_ranking(distmat, 12), expected)
+  np.testing.assert_array_equal(metrics.top_ranking(distmat, 12, chunk_elements=50), expected)
+  np.testing.assert_array_equal(
+    metrics.top_ranking(distmat[:, :5], 12), np.argsort(distmat[:, :5], axis=1, kind='stable')
+  )

@@ -6,7 +6,7 @@ import pytest
 from benchmarks import experiment_tables, paired, stage2_policies
 from cace_jax import sharding
 from cace_jax.data import split_data
-from cace_jax.evaluation import records, two_stage
+from cace_jax.evaluation import records
 from cace_jax.runs import checkpoint
 from configs import tiny
 
@@ -61,7 +61,7 @@ def test_policies_rank_the_test_set_as_their_gates_say(trained_workdir, tiny_dat
   builder = split_data.prepare_on_first_process(config)
   splits = split_data.load_eval_splits(builder, 'synthetic_details/tiny')
   policies = {'blanket': grid_row(3, 1.0, 1.0, 0.0), 'selective': grid_row(3, 1.0, 0.5, 0.0)}
-  policies['none'] = {**grid_row(3, 1.0, 0.0, 0.0), 'max_similarity': two_stage.NO_QUERY}
+  policies['none'] = {**grid_row(3, 1.0, 0.0, 0.0), 'max_similarity': records.NO_QUERY}
   found = stage2_policies.score_test_set(run, splits, config, mesh, policies)
   num_query = len(splits[0])
   assert found['blanket']['queries_resorted'] == found['blanket']['num_query'] == num_query

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cace_jax.evaluation import metrics, two_stage
+from cace_jax.evaluation import records, two_stage
 
 
 def random_distmat(seed=0, shape=(6, 20)):
@@ -32,17 +32,6 @@ def test_stage2_only_reorders_within_top_k(k):
     # Within the top-k, the order is the pair scores' order.
     scores = table[row, after[row, :k]]
     assert np.all(np.diff(scores) >= 0)
-
-
-def test_top_ranking_is_the_stable_argsort():
-  rng = np.random.default_rng(0)
-  distmat = rng.integers(0, 5, size=(7, 40)).astype(np.float32)  # many ties
-  expected = np.argsort(distmat, axis=1, kind='stable')[:, :12]
-  np.testing.assert_array_equal(metrics.top_ranking(distmat, 12), expected)
-  np.testing.assert_array_equal(metrics.top_ranking(distmat, 12, chunk_elements=50), expected)
-  np.testing.assert_array_equal(
-    metrics.top_ranking(distmat[:, :5], 12), np.argsort(distmat[:, :5], axis=1, kind='stable')
-  )
 
 
 def test_stage2_mix_blends_the_two_distances_within_the_top_k():
@@ -78,7 +67,7 @@ def test_selective_stage2_resorts_only_the_least_confident_queries():
     assert chosen.sum() == count
     assert set(np.flatnonzero(chosen)) == set(np.argsort(similarity)[:count])
   assert two_stage.gate_for_fraction(similarity, 1.0) == 1.0
-  assert not two_stage.least_confident(distmat, two_stage.NO_QUERY).any()
+  assert not two_stage.least_confident(distmat, records.NO_QUERY).any()
   # Gated queries get the full stage-2 ranking; the others keep stage 1's, row by row.
   gate = two_stage.least_confident(distmat, two_stage.gate_for_fraction(similarity, 0.5))
   order = lambda d: np.argsort(d, axis=1, kind='stable')
